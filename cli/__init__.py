@@ -1,0 +1,1 @@
+"""The ``ressl`` command line (installed as ``ressl.cli``)."""

@@ -1,0 +1,200 @@
+"""The ``ressl`` command line: ``ressl train``, ``ressl info``.
+
+The CLI owns the terminal: progress bars and summary lines go to stderr,
+results to stdout. Every user error becomes one line on stderr and a non-zero
+exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+app = typer.Typer(
+    name="ressl",
+    help="ReSSL: relational self-supervised pre-training of image encoders.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line, exit status 2."""
+
+
+def fail(message: str) -> NoReturn:
+    raise UserError(message)
+
+
+class Backbone(str, Enum):
+    small = "small"
+    resnet18 = "resnet18"
+    resnet50 = "resnet50"
+
+
+class MomentumSchedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class TeacherView(str, Enum):
+    weak = "weak"
+    strong = "strong"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+def _parse_scale(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        fail(f"--crop-scale must be two numbers like 0.2,1.0, got {text!r}")
+    return lo, hi
+
+
+@app.command("train")
+def train_cmd(
+    dataset: Annotated[str, typer.Option(help="fashion-mnist, cifar10, cifar100, stl10 or folder:PATH")] = "fashion-mnist",
+    epochs: Annotated[int | None, typer.Option(help="Total epochs (also when resuming). [default: per dataset]")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 256,
+    backbone: Annotated[Backbone, typer.Option(help="Encoder; 'small' is a fast CNN for CPU runs.")] = Backbone.resnet18,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder. [default: runs/DATASET]")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Run folder or checkpoint to continue.")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed (model init, data order, augmentations).")] = 0,
+    subset: Annotated[int | None, typer.Option(help="Train on the first N images only (quick runs).")] = None,
+    queue_size: Annotated[int | None, typer.Option(help="Relation queue length K. [default: per dataset]")] = None,
+    ema_momentum: Annotated[float | None, typer.Option(help="Teacher EMA momentum m. [default: per dataset]")] = None,
+    momentum_schedule: Annotated[MomentumSchedule, typer.Option(help="Constant m, or cosine from m to 1.")] = MomentumSchedule.constant,
+    student_temperature: Annotated[float, typer.Option(help="tau_s.")] = 0.1,
+    teacher_temperature: Annotated[float, typer.Option(help="tau_t (sharper than tau_s).")] = 0.04,
+    lr: Annotated[float | None, typer.Option(help="SGD learning rate per 256 images. [default: per dataset]")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay (not on BN/bias). [default: per dataset]")] = None,
+    warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs before the cosine decay.")] = 5,
+    crop_scale: Annotated[str | None, typer.Option(help="RandomResizedCrop area range, e.g. 0.2,1.0.")] = None,
+    teacher_view: Annotated[TeacherView, typer.Option(help="Teacher augmentation (the paper: weak).")] = TeacherView.weak,
+    blur: Annotated[float, typer.Option(help="Gaussian blur probability on the strong view.")] = 0.0,
+    width: Annotated[int, typer.Option(help="Width of the small CNN's first stage.")] = 32,
+    hidden_dim: Annotated[int, typer.Option(help="Projection head hidden width.")] = 512,
+    embed_dim: Annotated[int, typer.Option(help="Embedding dimension D.")] = 128,
+    image_size: Annotated[int | None, typer.Option(help="Image side for folder data. [default: per dataset]")] = None,
+    knn_every: Annotated[int, typer.Option(help="kNN monitor every N epochs (0: only at the end).")] = 5,
+    precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast where supported.")] = Precision.auto,
+    data_root: Annotated[Path | None, typer.Option(help="Where datasets are looked for / downloaded.")] = None,
+    num_workers: Annotated[int, typer.Option(help="DataLoader workers for streamed folders.")] = 4,
+) -> None:
+    """Pre-train an encoder with ReSSL; writes RUN/last.safetensors and RUN/metrics.jsonl."""
+    from ressl.train import train
+
+    from .progress import TrainProgress
+
+    explicit = _explicit_options()
+    settings: dict[str, Any] = dict(
+        dataset=dataset, epochs=epochs, batch_size=batch_size, backbone=backbone.value, out=out, device=device,
+        seed=seed, subset=subset, queue_size=queue_size, ema_momentum=ema_momentum,
+        momentum_schedule=momentum_schedule.value, student_temperature=student_temperature,
+        teacher_temperature=teacher_temperature, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+        crop_scale=_parse_scale(crop_scale), teacher_view=teacher_view.value, blur=blur, width=width,
+        hidden_dim=hidden_dim, embed_dim=embed_dim, image_size=image_size, knn_every=knn_every,
+        precision=precision.value, data_root=data_root, num_workers=num_workers,
+    )
+    if resume is not None:
+        # Only what the user typed may override (and must agree with) the saved settings.
+        settings = {k: v for k, v in settings.items() if k in explicit}
+        if not resume.exists():
+            fail(f"--resume {resume}: no such file or folder")
+    with TrainProgress() as progress:
+        path = train(resume=resume, callback=progress, **settings)
+    typer.echo(str(path))
+
+
+def _explicit_options() -> set[str]:
+    """Names of the options the user actually typed (vs. defaults)."""
+    ctx = typer.get_current_context()
+    out = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and getattr(source, "name", "") not in ("DEFAULT", "DEFAULT_MAP"):
+            out.add(name)
+    return out
+
+
+@app.command("info")
+def info_cmd(
+    path: Annotated[Path, typer.Argument(help="A ressl checkpoint (.safetensors) or run folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
+) -> None:
+    """Describe a checkpoint: format, versions, progress, metrics and training settings."""
+    from ressl.checkpoint import read_metadata
+
+    if not path.exists():
+        fail(f"{path}: no such file or folder")
+    meta = read_metadata(path)
+    settings = json.loads(meta.get("settings", "{}"))
+    metrics = json.loads(meta.get("metrics", "{}") or "{}")
+    if as_json:
+        typer.echo(json.dumps({"metadata": {k: v for k, v in meta.items() if k not in ("settings", "optimizer", "metrics")},
+                               "settings": settings, "metrics": metrics}, indent=2))
+        return
+    lines = [
+        f"checkpoint     {path}",
+        f"format         {meta['format']} v{meta['format_version']} (ressl {meta.get('ressl_version', '?')})",
+        f"progress       epoch {meta.get('epoch')}/{settings.get('epochs')}, step {meta.get('step')}"
+        + (f" (mid-epoch, batch {meta['batch_in_epoch']})" if meta.get("batch_in_epoch", "0") != "0" else ""),
+    ]
+    if metrics:
+        lines.append("last metrics   " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+    lines.append("settings")
+    width = max((len(k) for k in settings), default=0)
+    lines += [f"  {k:<{width}}  {json.dumps(v)}" for k, v in settings.items()]
+    typer.echo("\n".join(lines))
+
+
+def _is_usage_error(e: BaseException) -> bool:
+    # click's (or typer's vendored click's) UsageError / BadParameter / NoSuchOption.
+    return any(c.__name__ in ("UsageError", "ClickException") for c in type(e).__mro__)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point: run the app, turn user errors into one line and an exit status."""
+    from ressl.checkpoint import CheckpointError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("ressl").setLevel(logging.WARNING)
+    try:
+        code = app(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except (UserError, CheckpointError) as e:
+        _die(str(e))
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        _die(str(e) or type(e).__name__)
+    except KeyboardInterrupt:
+        _die("interrupted", code=130)
+    except OSError as e:
+        _die(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
+    except Exception as e:
+        if _is_usage_error(e):
+            _die(e.format_message() if hasattr(e, "format_message") else str(e))  # type: ignore[attr-defined]
+        if type(e).__name__ == "Abort":
+            _die("aborted", code=130)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _die(message: str, code: int = 2) -> NoReturn:
+    first = message.strip().splitlines()[0] if message.strip() else "error"
+    print(f"ressl: error: {first}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,1 @@
+"""ONNX export and onnxruntime serving (installed as ``ressl.export``)."""

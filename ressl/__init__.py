@@ -1,0 +1,70 @@
+"""ressl: ReSSL (Relational Self-Supervised Learning with Weak Augmentation) for PyTorch.
+
+Composable pure pieces (relation, sharpen, relation loss, queue and EMA
+updates, weak/strong views), a minimal trainer built from them, safetensors
+checkpoints, and evaluation protocols. ONNX export and serving live in
+``ressl.export``; the command line in ``ressl.cli``.
+"""
+
+from ._version import __version__
+from .checkpoint import CheckpointError, load_checkpoint, load_encoder, read_metadata, save_checkpoint
+from .data import ImageData, ImageSource, dataset_names, load_dataset
+from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe
+from .functional import (
+    cosine_lr,
+    ema_update_,
+    momentum_schedule,
+    queue_push_,
+    random_queue,
+    relation,
+    relation_loss,
+    sharpen,
+)
+from .model import BACKBONES, Encoder, ProjectionHead, ReSSL, SmallCNN, build_backbone
+from .train import DATASET_DEFAULTS, TrainEvent, resolve_settings, train
+from .views import random_resized_crop, strong_view, weak_view
+
+__all__ = [
+    "__version__",
+    # functional
+    "sharpen",
+    "relation",
+    "relation_loss",
+    "queue_push_",
+    "ema_update_",
+    "momentum_schedule",
+    "cosine_lr",
+    "random_queue",
+    # views
+    "weak_view",
+    "strong_view",
+    "random_resized_crop",
+    # data
+    "ImageData",
+    "ImageSource",
+    "load_dataset",
+    "dataset_names",
+    # model
+    "BACKBONES",
+    "SmallCNN",
+    "ProjectionHead",
+    "Encoder",
+    "ReSSL",
+    "build_backbone",
+    # training
+    "train",
+    "resolve_settings",
+    "TrainEvent",
+    "DATASET_DEFAULTS",
+    # evaluation
+    "extract_features",
+    "knn_predict",
+    "knn_accuracy",
+    "linear_probe",
+    # checkpoints
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_metadata",
+    "load_encoder",
+    "CheckpointError",
+]
