@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny image folders the tests write themselves (no network, no real data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_image_folder(root: Path, *, classes: int = 3, per_class: int = 12, size: int = 20, seed: int = 0) -> Path:
+    """``root/{train,test}/class_k/*.png``: each class a distinct colour with noise, so kNN can separate them."""
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 256, size=(classes, 3))
+    for split, n in (("train", per_class), ("test", max(per_class // 3, 2))):
+        for c in range(classes):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                noise = rng.integers(-40, 40, size=(size, size, 3))
+                pixels = np.clip(palette[c] + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture
+def tiny_settings(image_folder: Path) -> dict:
+    """Settings for a seconds-long CPU run: small CNN, 16 px, batch 8, queue 32."""
+    return dict(
+        dataset=f"folder:{image_folder}", backbone="small", width=4, hidden_dim=16, embed_dim=8,
+        image_size=16, batch_size=8, queue_size=32, epochs=2, warmup_epochs=1, knn_every=1, knn_k=5,
+        device="cpu", seed=0, num_workers=0, progress_every=1,
+    )

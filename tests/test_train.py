@@ -1,0 +1,129 @@
+import json
+import signal
+
+import pytest
+import torch
+
+from ressl import load_checkpoint, load_encoder, resolve_settings, train
+from ressl.checkpoint import CheckpointError
+
+TIMING = {"images_per_second", "epoch_seconds"}
+
+
+def metrics(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def state(path):
+    tensors, meta = load_checkpoint(path)
+    return {k: v for k, v in tensors.items() if not k.startswith("rng.")}, meta
+
+
+def assert_same_state(a, b):
+    ta, ma = state(a)
+    tb, mb = state(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    assert ma["step"] == mb["step"] and ma["epoch"] == mb["epoch"]
+
+
+def test_run_writes_checkpoint_and_metrics(tmp_path, tiny_settings):
+    path = train(out=tmp_path / "run", **tiny_settings)
+    assert path == tmp_path / "run" / "last.safetensors"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert {"epoch", "step", "loss", "lr", "images_per_second", "knn_top1"} <= r.keys()
+        assert r["loss"] > 0 and r["images_per_second"] > 0
+    assert rows[-1]["step"] == 2 * (36 // 8)
+    _, meta = load_checkpoint(path)
+    settings = json.loads(meta["settings"])
+    assert settings["queue_size"] == 32 and settings["channels"] == 3 and settings["image_size"] == 16
+
+
+def test_train_learns_colour_classes(tmp_path, tiny_settings):
+    # Three classes of distinct colours: a few epochs must beat chance (33%) by far under kNN.
+    s = dict(tiny_settings, epochs=4, knn_every=4)
+    train(out=tmp_path / "run", **s)
+    assert metrics(tmp_path / "run")[-1]["knn_top1"] >= 75.0
+
+
+def test_resume_is_bitwise_exact(tmp_path, tiny_settings):
+    straight = train(out=tmp_path / "a", **tiny_settings)
+    train(out=tmp_path / "b", **dict(tiny_settings, epochs=1))
+    resumed = train(resume=tmp_path / "b", epochs=2)
+    assert_same_state(straight, resumed)
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+
+
+def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path, tiny_settings):
+    straight = train(out=tmp_path / "a", **tiny_settings)
+
+    def interrupt_at_step_6(event):
+        if event.kind == "step" and event.step == 6:  # epoch 2, batch 2 of 4
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(out=tmp_path / "b", callback=interrupt_at_step_6, **tiny_settings)
+    _, meta = load_checkpoint(tmp_path / "b" / "last.safetensors")
+    assert (meta["epoch"], meta["batch_in_epoch"]) == ("1", "2")
+    resumed = train(resume=tmp_path / "b" / "last.safetensors")
+    assert_same_state(straight, resumed)
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+
+
+def test_load_encoder_reproduces_student_features(tmp_path, tiny_settings):
+    path = train(out=tmp_path / "run", **dict(tiny_settings, epochs=1))
+    encoder, settings = load_encoder(path)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        z = encoder(x)
+    assert z.shape == (2, 8) and settings["backbone"] == "small"
+    teacher, _ = load_encoder(path, weights="teacher")
+    assert not torch.equal(teacher(x), z)  # EMA weights differ from the student's
+
+
+def test_existing_run_is_never_overwritten(tmp_path, tiny_settings):
+    path = train(out=tmp_path / "run", **dict(tiny_settings, epochs=1))
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(out=tmp_path / "run", **tiny_settings)
+    assert path.read_bytes() == before
+
+
+def test_batch_larger_than_dataset(tmp_path, tiny_settings):
+    with pytest.raises(ValueError, match=r"batch_size 64 is larger than the training set \(36 images\)"):
+        train(out=tmp_path / "run", **dict(tiny_settings, batch_size=64, queue_size=64))
+
+
+def test_resume_rejects_conflicting_settings_and_non_checkpoints(tmp_path, tiny_settings):
+    train(out=tmp_path / "run", **dict(tiny_settings, epochs=1))
+    with pytest.raises(ValueError, match="queue_size=64 differs from the checkpoint's queue_size=32"):
+        train(resume=tmp_path / "run", queue_size=64)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError):
+        train(resume=junk)
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [("epochs", 0, "epochs must be an integer >= 1"), ("queue_size", 4, "queue_size must be >= batch_size"),
+     ("teacher_temperature", -0.1, "teacher_temperature must be a number > 0"),
+     ("crop_scale", (0.5, 0.2), "crop_scale must be two numbers"), ("dataset", "mnist", "dataset must be one of"),
+     ("backbone", "vit", "backbone must be one of"), ("ema_momentum", 1.5, "ema_momentum must be in")],
+)
+def test_settings_validation(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_settings(**{key: value})
+
+
+def test_per_dataset_defaults_follow_the_paper():
+    assert resolve_settings(dataset="cifar10")["queue_size"] == 4096
+    assert resolve_settings(dataset="cifar10")["ema_momentum"] == 0.99
+    stl = resolve_settings(dataset="stl10")
+    assert (stl["queue_size"], stl["ema_momentum"]) == (16384, 0.996)
+    with pytest.raises(ValueError, match="unknown setting"):
+        resolve_settings(queue=3)
