@@ -68,6 +68,7 @@ def _parse_scale(text: str | None) -> tuple[float, float] | None:
 
 @app.command("train")
 def train_cmd(
+    ctx: typer.Context,
     dataset: Annotated[str, typer.Option(help="fashion-mnist, cifar10, cifar100, stl10 or folder:PATH")] = "fashion-mnist",
     epochs: Annotated[int | None, typer.Option(help="Total epochs (also when resuming). [default: per dataset]")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 256,
@@ -102,7 +103,7 @@ def train_cmd(
 
     from .progress import TrainProgress
 
-    explicit = _explicit_options()
+    explicit = _explicit_options(ctx)
     settings: dict[str, Any] = dict(
         dataset=dataset, epochs=epochs, batch_size=batch_size, backbone=backbone.value, out=out, device=device,
         seed=seed, subset=subset, queue_size=queue_size, ema_momentum=ema_momentum,
@@ -122,9 +123,8 @@ def train_cmd(
     typer.echo(str(path))
 
 
-def _explicit_options() -> set[str]:
+def _explicit_options(ctx: typer.Context) -> set[str]:
     """Names of the options the user actually typed (vs. defaults)."""
-    ctx = typer.get_current_context()
     out = set()
     for name in ctx.params:
         source = ctx.get_parameter_source(name)
