@@ -1,0 +1,174 @@
+"""Training throughput: ressl's pipeline vs. a reference-style pipeline, in one run.
+
+ressl: the real trainer (``ressl.train``) on CIFAR-shaped data held whole in
+memory as uint8, batched views on the training device, bf16 autocast where
+supported, channels-last.
+
+reference: what the paper's code does — torchvision PIL transforms per sample
+in DataLoader workers, fp32 eager, NCHW — around the same ReSSL model and loss.
+
+Both train ResNet-18 (small-image stem) on 32 px RGB images at the same batch
+size. The images are synthetic (random uint8; CIFAR cannot be downloaded here):
+throughput does not depend on their content. Prints a markdown table and, with
+``--write``, puts it in docs/benchmarks.md.
+
+    python benchmarks/throughput.py --steps 10 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from ressl import ReSSL, ema_update_, relation_loss, train
+from ressl.data import load_dataset
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+def write_fake_cifar10(root: Path, n: int, seed: int = 0) -> Path:
+    """A CIFAR-10 folder in the official python-batch format, with random pixels."""
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True, exist_ok=True)
+    per = -(-n // 5)
+    for i in range(5):
+        data = rng.integers(0, 256, size=(per, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=per).tolist()
+        with open(d / f"data_batch_{i + 1}", "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+    with open(d / "test_batch", "wb") as f:
+        pickle.dump({b"data": rng.integers(0, 256, size=(512, 3072), dtype=np.uint8),
+                     b"labels": rng.integers(0, 10, size=512).tolist()}, f)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    return root
+
+
+def bench_ressl(root: Path, batch: int, steps: int, backbone: str, out: Path) -> float:
+    """Images/s of the real trainer over one epoch of ``steps`` steps (after a warm-up epoch)."""
+    common = dict(dataset="cifar10", data_root=str(root), backbone=backbone, batch_size=batch,
+                  subset=batch * steps, device="cpu", knn_every=1000, epochs=2, queue_size=4096,
+                  download=False, progress_every=steps)
+    # knn_every is large, but the monitor still runs once at the very end; epoch 1 warms up the allocator.
+    train(out=str(out), **common)
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    import json
+
+    return float(json.loads(rows[-1])["images_per_second"])
+
+
+class _PairDataset(torch.utils.data.Dataset):
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images  # (N, 32, 32, 3) uint8
+        normalize = T.Normalize(CIFAR_MEAN, CIFAR_STD)
+        self.weak = T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
+                               T.ToTensor(), normalize])
+        self.strong = T.Compose([
+            T.RandomResizedCrop(32, scale=(0.2, 1.0)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = Image.fromarray(self.images[i])
+        return self.strong(img), self.weak(img)
+
+
+def bench_reference(images: np.ndarray, batch: int, steps: int, backbone: str, workers: int) -> float:
+    """Images/s of a reference-style loop: PIL transforms in DataLoader workers, fp32 eager."""
+    torch.manual_seed(0)
+    model = ReSSL(backbone, in_channels=3, image_size=32, queue_size=4096)
+    opt = torch.optim.SGD(model.student.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
+    loader = torch.utils.data.DataLoader(_PairDataset(images), batch_size=batch, shuffle=True,
+                                         num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+    model.train()
+
+    def epoch() -> tuple[int, float]:
+        seen, t0 = 0, time.perf_counter()
+        for x_s, x_t in loader:
+            z_s = model.student(x_s)
+            with torch.no_grad():
+                ema_update_(model.teacher, model.student, 0.99)
+                z_t = model.teacher(x_t)
+            loss = relation_loss(z_s, z_t, model.queue)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            model.enqueue_(z_t)
+            seen += x_s.shape[0]
+        return seen, time.perf_counter() - t0
+
+    epoch()  # warm-up (starts the workers)
+    seen, elapsed = epoch()
+    return seen / elapsed
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per pipeline")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the reference pipeline")
+    p.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_fake_cifar10(Path(tmp), args.batch_size * args.steps)
+        images = load_dataset("cifar10", root=root, download=False, subset=args.batch_size * args.steps)
+        hwc = images.train.images.permute(0, 2, 3, 1).contiguous().numpy()  # type: ignore[attr-defined]
+        ref = bench_reference(hwc, args.batch_size, args.steps, args.backbone, args.workers)
+        ours = bench_ressl(root, args.batch_size, args.steps, args.backbone, Path(tmp) / "run")
+
+    device = f"{cpu_name()}, {torch.get_num_threads()} threads"
+    bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    cmd = f"python benchmarks/throughput.py --steps {args.steps} --batch-size {args.batch_size}"
+    table = "\n".join([
+        f"Training throughput, {args.backbone} at 32 px, batch {args.batch_size}, {args.steps} timed steps; "
+        f"{device}; torch {torch.__version__}.",
+        "",
+        "| pipeline | images/s | vs reference |",
+        "|---|---:|---:|",
+        f"| reference-style (PIL transforms in {args.workers} DataLoader workers, fp32, NCHW) | {ref:,.1f} | 1.00x |",
+        f"| ressl (uint8 in memory, batched views, {'bf16 autocast' if bf16 else 'fp32'}, channels-last) "
+        f"| {ours:,.1f} | {ours / ref:.2f}x |",
+        "",
+        f"Command: `{cmd}`",
+    ])
+    print(table)
+    if args.write:
+        doc = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+        start, end = "<!-- throughput:start -->", "<!-- throughput:end -->"
+        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+        block = f"{start}\n{table}\n{end}"
+        if start in text:
+            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        else:
+            text = text.rstrip() + "\n\n## Training throughput (CPU)\n\n" + block + "\n"
+        doc.parent.mkdir(exist_ok=True)
+        doc.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
