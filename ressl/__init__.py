@@ -7,7 +7,13 @@ checkpoints, and evaluation protocols. ONNX export and serving live in
 """
 
 from ._version import __version__
-from .checkpoint import CheckpointError, load_checkpoint, load_encoder, read_metadata, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_encoder,
+    read_metadata,
+    save_checkpoint,
+)
 from .data import ImageData, ImageSource, dataset_names, load_dataset
 from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe
 from .functional import (

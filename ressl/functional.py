@@ -236,8 +236,8 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     """
     if not (0.0 <= float(momentum) <= 1.0):
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    t_params = list(teacher.parameters())
-    s_params = list(student.parameters())
+    t_params: list[Tensor] = list(teacher.parameters())
+    s_params: list[Tensor] = list(student.parameters())
     if len(t_params) != len(s_params):
         raise ValueError(
             f"teacher has {len(t_params)} parameters but student has {len(s_params)}; "

@@ -160,7 +160,8 @@ class ReSSL(nn.Module):
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         net = build_backbone(backbone, in_channels, image_size, width)
-        self.student = Encoder(net, ProjectionHead(int(net.out_dim), hidden_dim, embed_dim))
+        feat_dim: int = net.out_dim  # type: ignore[assignment]
+        self.student = Encoder(net, ProjectionHead(feat_dim, hidden_dim, embed_dim))
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
         self.register_buffer("queue", random_queue(queue_size, embed_dim, generator=generator))
@@ -168,7 +169,8 @@ class ReSSL(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        return int(self.student.backbone.out_dim)  # type: ignore[arg-type]
+        out_dim: int = self.student.backbone.out_dim  # type: ignore[assignment]
+        return out_dim
 
     @torch.no_grad()
     def enqueue_(self, keys: Tensor) -> None:
