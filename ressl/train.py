@@ -387,7 +387,12 @@ def train(
     if resume is not None:
         model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         load_optimizer_tensors(optimizer, state, meta["optimizer"])
-        view_gen.set_state(state["rng.views"])
+        if meta.get("rng_device", "cpu") == device.type:
+            view_gen.set_state(state["rng.views"])
+        else:  # a generator's state does not carry across device types
+            log.warning("checkpoint was written on %s, resuming on %s: augmentations are reseeded, so the "
+                        "run continues correctly but not bitwise-identically", meta.get("rng_device"), device.type)
+            view_gen.manual_seed(s["seed"] + 2 + int(meta["step"]))
         torch.set_rng_state(state["rng.torch"])
         if "rng.cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng.cuda"])
@@ -412,7 +417,7 @@ def train(
             "settings": json.dumps(s), "optimizer": opt_blob, "epoch": str(epoch),
             "batch_in_epoch": str(batch_in_epoch), "step": str(step),
             "epoch_loss_sum": repr(loss_sum), "epoch_loss_count": str(loss_count),
-            "metrics": json.dumps(rows[-1] if rows else {}),
+            "metrics": json.dumps(rows[-1] if rows else {}), "rng_device": device.type,
         })
 
     def step_fn(images: Tensor, lr: float, momentum: float) -> Tensor:
