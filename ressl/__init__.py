@@ -14,7 +14,7 @@ from .checkpoint import (
     read_metadata,
     save_checkpoint,
 )
-from .data import ImageData, ImageSource, dataset_names, load_dataset
+from .data import FolderImages, ImageData, ImageSource, TensorImages, dataset_names, load_dataset
 from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe
 from .functional import (
     cosine_lr,
@@ -48,6 +48,8 @@ __all__ = [
     # data
     "ImageData",
     "ImageSource",
+    "TensorImages",
+    "FolderImages",
     "load_dataset",
     "dataset_names",
     # model
