@@ -85,7 +85,7 @@ def train_cmd(
     teacher_temperature: Annotated[float, typer.Option(help="tau_t (sharper than tau_s).")] = 0.04,
     lr: Annotated[float | None, typer.Option(help="SGD learning rate per 256 images. [default: per dataset]")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay (not on BN/bias). [default: per dataset]")] = None,
-    warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs before the cosine decay.")] = 5,
+    warmup_epochs: Annotated[int | None, typer.Option(help="Linear warm-up epochs before the cosine decay. [default: per dataset]")] = None,
     crop_scale: Annotated[str | None, typer.Option(help="RandomResizedCrop area range, e.g. 0.2,1.0.")] = None,
     teacher_view: Annotated[TeacherView, typer.Option(help="Teacher augmentation (the paper: weak).")] = TeacherView.weak,
     blur: Annotated[float, typer.Option(help="Gaussian blur probability on the strong view.")] = 0.0,

@@ -41,12 +41,16 @@ __all__ = ["train", "resolve_settings", "DATASET_DEFAULTS", "TrainEvent", "selec
 log = logging.getLogger("ressl")
 
 # Per-dataset recipe (RESSL.md; Fashion-MNIST tuned here, see docs/results.md).
+# Fashion-MNIST is not in the paper: lr 0.15 and 1 warm-up epoch won a search over crop
+# scale, lr, queue size, tau_t and blur (docs/results.md); the rest is the CIFAR recipe.
+_PAPER = {"lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 5, "epochs": 200}
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "fashion-mnist": dict(queue_size=4096, ema_momentum=0.99, lr=0.06, weight_decay=5e-4, epochs=200),
-    "cifar10": dict(queue_size=4096, ema_momentum=0.99, lr=0.06, weight_decay=5e-4, epochs=200),
-    "cifar100": dict(queue_size=4096, ema_momentum=0.99, lr=0.06, weight_decay=5e-4, epochs=200),
-    "stl10": dict(queue_size=16384, ema_momentum=0.996, lr=0.06, weight_decay=5e-4, epochs=200),
-    "folder": dict(queue_size=16384, ema_momentum=0.996, lr=0.06, weight_decay=5e-4, epochs=200),
+    "fashion-mnist": {**_PAPER, "queue_size": 4096, "ema_momentum": 0.99, "lr": 0.15, "warmup_epochs": 1,
+                      "epochs": 50},
+    "cifar10": {**_PAPER, "queue_size": 4096, "ema_momentum": 0.99},
+    "cifar100": {**_PAPER, "queue_size": 4096, "ema_momentum": 0.99},
+    "stl10": {**_PAPER, "queue_size": 16384, "ema_momentum": 0.996},
+    "folder": {**_PAPER, "queue_size": 16384, "ema_momentum": 0.996},
 }
 
 # Settings a resumed run may change; everything else comes from the checkpoint.
@@ -70,7 +74,7 @@ _DEFAULTS: dict[str, Any] = dict(
     lr=None,
     weight_decay=None,
     sgd_momentum=0.9,
-    warmup_epochs=5,
+    warmup_epochs=None,
     crop_scale=(0.2, 1.0),
     teacher_view="weak",
     blur=0.0,
