@@ -130,3 +130,22 @@ def test_per_dataset_defaults_follow_the_paper():
     assert resolve_settings(dataset="cifar100")["warmup_epochs"] == 5
     with pytest.raises(ValueError, match="unknown setting"):
         resolve_settings(queue=3)
+
+
+def test_streamed_folder_trains_like_the_in_memory_one(tmp_path, tiny_settings, monkeypatch):
+    in_memory = train(out=tmp_path / "a", **dict(tiny_settings, epochs=1))
+    monkeypatch.setattr("ressl.data.MAX_IN_MEMORY_BYTES", 0)  # force the DataLoader path
+    streamed = train(out=tmp_path / "b", **dict(tiny_settings, epochs=1))
+    assert_same_state(in_memory, streamed)  # same pixels, same order, same result
+
+
+def test_unlabelled_flat_folder_trains_without_monitor(tmp_path, tiny_settings, image_folder):
+    import shutil
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(sorted((image_folder / "train").rglob("*.png"))):
+        shutil.copy(f, flat / f"{i}.png")
+    train(out=tmp_path / "run", **dict(tiny_settings, dataset=f"folder:{flat}", epochs=1))
+    (row,) = metrics(tmp_path / "run")
+    assert "knn_top1" not in row and row["loss"] > 0
