@@ -173,7 +173,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: run the app, turn user errors into one line and an exit status."""
     from ressl.checkpoint import CheckpointError
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("ressl").setLevel(logging.WARNING)
     try:
         code = app(args=list(argv) if argv is not None else None, standalone_mode=False)
@@ -192,6 +194,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             _die("aborted", code=130)
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is now, so log lines go above a live progress bar."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 def _die(message: str, code: int = 2) -> NoReturn:

@@ -497,8 +497,8 @@ def train(
                               row["loss"], row["images_per_second"], row))
         if flag.stop and epoch < s["epochs"]:
             path = checkpoint()
-            log.warning("interrupted: saved %s at epoch %d, batch %d; continue with --resume %s",
-                        path, epoch, batch_in_epoch, run_dir)
+            log.warning("interrupted: saved %s in epoch %d after batch %d of %d; continue with --resume %s",
+                        path, epoch + 1, batch_in_epoch, steps_per_epoch, run_dir)
             notify(TrainEvent("end", epoch, epoch * steps_per_epoch + batch_in_epoch, steps_per_epoch,
                               s["epochs"], batch_in_epoch, metrics={"interrupted": True}))
             raise KeyboardInterrupt
