@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -38,6 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from common import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from ressl import extract_features, knn_accuracy, linear_probe, load_dataset, load_encoder, train  # noqa: E402
 from ressl.model import ReSSL  # noqa: E402
@@ -71,16 +72,6 @@ def cli_command(recipe: dict[str, Any], epochs: int, out: str, seed: int) -> str
         parts += [flag, str(value)]
     parts += ["--epochs", str(epochs), "--seed", str(seed), "--out", out]
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def calibrate(recipe: dict[str, Any], seed: int) -> float:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms as T
+from common import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from PIL import Image
 
 from ressl import ReSSL, TrainEvent, ema_update_, relation_loss, train
@@ -111,16 +111,6 @@ def bench_reference(images: np.ndarray, batch: int, steps: int, backbone: str, w
     return batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, default=256)
@@ -149,7 +139,7 @@ def main() -> None:
             print(f"{rows[-1][0]}: {ips:.1f} images/s", flush=True)
 
     ref = max(ips for name, ips in rows if name.startswith("reference"))
-    device = f"{cpu_name()}, {torch.get_num_threads()} threads"
+    device = f"{cpu_model()}, {torch.get_num_threads()} threads"
     workers = ",".join(str(w) for w in args.workers)
     cmd = f"python benchmarks/throughput.py --steps {args.steps} --batch-size {args.batch_size} --workers {workers}"
     lines = [
