@@ -56,14 +56,16 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
-def _parse_scale(text: str | None) -> tuple[float, float] | None:
+def _parse_numbers(option: str, text: str | None, count: int, example: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
-        lo, hi = (float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        fail(f"--crop-scale must be two numbers like 0.2,1.0, got {text!r}")
-    return lo, hi
+        values = ()
+    if len(values) != count:
+        fail(f"{option} must be {count} comma-separated numbers like {example}, got {text!r}")
+    return values
 
 
 @app.command("train")
@@ -88,6 +90,9 @@ def train_cmd(
     warmup_epochs: Annotated[int | None, typer.Option(help="Linear warm-up epochs before the cosine decay. [default: per dataset]")] = None,
     crop_scale: Annotated[str | None, typer.Option(help="RandomResizedCrop area range, e.g. 0.2,1.0.")] = None,
     teacher_view: Annotated[TeacherView, typer.Option(help="Teacher augmentation (the paper: weak).")] = TeacherView.weak,
+    jitter: Annotated[str | None, typer.Option(help="Strong view colour jitter: brightness,contrast,saturation,hue. [default: 0.4,0.4,0.4,0.1]")] = None,
+    jitter_p: Annotated[float, typer.Option(help="Probability of colour jitter on the strong view.")] = 0.8,
+    grayscale_p: Annotated[float, typer.Option(help="Probability of grayscale on the strong view.")] = 0.2,
     blur: Annotated[float, typer.Option(help="Gaussian blur probability on the strong view.")] = 0.0,
     width: Annotated[int, typer.Option(help="Width of the small CNN's first stage.")] = 32,
     hidden_dim: Annotated[int, typer.Option(help="Projection head hidden width.")] = 512,
@@ -109,7 +114,9 @@ def train_cmd(
         seed=seed, subset=subset, queue_size=queue_size, ema_momentum=ema_momentum,
         momentum_schedule=momentum_schedule.value, student_temperature=student_temperature,
         teacher_temperature=teacher_temperature, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-        crop_scale=_parse_scale(crop_scale), teacher_view=teacher_view.value, blur=blur, width=width,
+        crop_scale=_parse_numbers("--crop-scale", crop_scale, 2, "0.2,1.0"), teacher_view=teacher_view.value,
+        jitter=_parse_numbers("--jitter", jitter, 4, "0.4,0.4,0.4,0.1"), jitter_p=jitter_p,
+        grayscale_p=grayscale_p, blur=blur, width=width,
         hidden_dim=hidden_dim, embed_dim=embed_dim, image_size=image_size, knn_every=knn_every,
         precision=precision.value, data_root=data_root, num_workers=num_workers,
     )

@@ -77,6 +77,9 @@ _DEFAULTS: dict[str, Any] = dict(
     warmup_epochs=None,
     crop_scale=(0.2, 1.0),
     teacher_view="weak",
+    jitter=(0.4, 0.4, 0.4, 0.1),
+    jitter_p=0.8,
+    grayscale_p=0.2,
     blur=0.0,
     image_size=None,
     subset=None,
@@ -171,6 +174,7 @@ def resolve_settings(**overrides: Any) -> dict[str, Any]:
         if s.get(key) is None:
             s[key] = value
     s["crop_scale"] = tuple(float(v) for v in s["crop_scale"])
+    s["jitter"] = tuple(float(v) for v in s["jitter"])
     _check("epochs", isinstance(s["epochs"], int) and s["epochs"] >= 1, "an integer >= 1", s["epochs"])
     _check("batch_size", isinstance(s["batch_size"], int) and s["batch_size"] >= 2, "an integer >= 2", s["batch_size"])
     _check("backbone", s["backbone"] in BACKBONES, f"one of {', '.join(BACKBONES)}", s["backbone"])
@@ -189,7 +193,10 @@ def resolve_settings(**overrides: Any) -> dict[str, Any]:
     lo, hi = s["crop_scale"] if len(s["crop_scale"]) == 2 else (-1.0, -1.0)
     _check("crop_scale", len(s["crop_scale"]) == 2 and 0 < lo <= hi <= 1, "two numbers 0 < lo <= hi <= 1", s["crop_scale"])
     _check("teacher_view", s["teacher_view"] in ("weak", "strong"), "'weak' or 'strong'", s["teacher_view"])
-    _check("blur", 0 <= s["blur"] <= 1, "a probability in [0, 1]", s["blur"])
+    _check("jitter", len(s["jitter"]) == 4 and all(0 <= v < math.inf for v in s["jitter"]) and s["jitter"][3] <= 0.5,
+           "four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)", s["jitter"])
+    for key in ("jitter_p", "grayscale_p", "blur"):
+        _check(key, 0 <= s[key] <= 1, "a probability in [0, 1]", s[key])
     _check("precision", s["precision"] in ("auto", "bf16", "fp32"), "'auto', 'bf16' or 'fp32'", s["precision"])
     if s["subset"] is not None:
         _check("subset", isinstance(s["subset"], int) and s["subset"] >= 1, "an integer >= 1", s["subset"])
@@ -409,7 +416,8 @@ def train(
 
     view_kw: dict[str, Any] = dict(size=data.image_size, mean=data.mean, std=data.std, generator=view_gen,
                                    scale=s["crop_scale"])
-    strong_kw: dict[str, Any] = dict(view_kw, blur_p=s["blur"])
+    strong_kw: dict[str, Any] = dict(view_kw, jitter=s["jitter"], jitter_p=s["jitter_p"],
+                                     grayscale_p=s["grayscale_p"], blur_p=s["blur"])
 
     def checkpoint() -> Path:
         opt_tensors, opt_blob = optimizer_tensors(optimizer)

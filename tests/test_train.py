@@ -113,7 +113,8 @@ def test_resume_rejects_conflicting_settings_and_non_checkpoints(tmp_path, tiny_
     [("epochs", 0, "epochs must be an integer >= 1"), ("queue_size", 4, "queue_size must be >= batch_size"),
      ("teacher_temperature", -0.1, "teacher_temperature must be a number > 0"),
      ("crop_scale", (0.5, 0.2), "crop_scale must be two numbers"), ("dataset", "mnist", "dataset must be one of"),
-     ("backbone", "vit", "backbone must be one of"), ("ema_momentum", 1.5, "ema_momentum must be in")],
+     ("backbone", "vit", "backbone must be one of"), ("ema_momentum", 1.5, "ema_momentum must be in"),
+     ("jitter", (0.4, 0.4, 0.4, 0.9), "jitter must be four numbers"), ("grayscale_p", -0.1, "grayscale_p must be")],
 )
 def test_settings_validation(key, value, message):
     with pytest.raises(ValueError, match=message):
@@ -149,3 +150,22 @@ def test_unlabelled_flat_folder_trains_without_monitor(tmp_path, tiny_settings, 
     train(out=tmp_path / "run", **dict(tiny_settings, dataset=f"folder:{flat}", epochs=1))
     (row,) = metrics(tmp_path / "run")
     assert "knn_top1" not in row and row["loss"] > 0
+
+
+def test_strong_view_options_reach_the_augmentation(tmp_path, tiny_settings, monkeypatch):
+    import sys
+
+    seen = []
+    train_module = sys.modules["ressl.train"]  # the name ressl.train is the function
+
+    real = train_module.strong_view
+
+    def spy(images, **kw):
+        seen.append({k: kw[k] for k in ("jitter", "jitter_p", "grayscale_p", "blur_p", "scale")})
+        return real(images, **kw)
+
+    monkeypatch.setattr(train_module, "strong_view", spy)
+    train(out=tmp_path / "run", **dict(tiny_settings, epochs=1, jitter=(0.8, 0.8, 0.0, 0.0), jitter_p=1.0,
+                                       grayscale_p=0.0, blur=0.5, crop_scale=(0.3, 0.9)))
+    assert seen and all(k == {"jitter": (0.8, 0.8, 0.0, 0.0), "jitter_p": 1.0, "grayscale_p": 0.0,
+                              "blur_p": 0.5, "scale": (0.3, 0.9)} for k in seen)
