@@ -50,6 +50,7 @@ RECIPE: dict[str, Any] = dict(
     width=32,
     batch_size=256,
     crop_scale=(0.2, 1.0),
+    jitter=(0.8, 0.8, 0.4, 0.1),
     teacher_temperature=0.04,
     student_temperature=0.1,
     lr=0.15,

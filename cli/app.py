@@ -90,7 +90,7 @@ def train_cmd(
     warmup_epochs: Annotated[int | None, typer.Option(help="Linear warm-up epochs before the cosine decay. [default: per dataset]")] = None,
     crop_scale: Annotated[str | None, typer.Option(help="RandomResizedCrop area range, e.g. 0.2,1.0.")] = None,
     teacher_view: Annotated[TeacherView, typer.Option(help="Teacher augmentation (the paper: weak).")] = TeacherView.weak,
-    jitter: Annotated[str | None, typer.Option(help="Strong view colour jitter: brightness,contrast,saturation,hue. [default: 0.4,0.4,0.4,0.1]")] = None,
+    jitter: Annotated[str | None, typer.Option(help="Strong view colour jitter: brightness,contrast,saturation,hue. [default: per dataset]")] = None,
     jitter_p: Annotated[float, typer.Option(help="Probability of colour jitter on the strong view.")] = 0.8,
     grayscale_p: Annotated[float, typer.Option(help="Probability of grayscale on the strong view.")] = 0.2,
     blur: Annotated[float, typer.Option(help="Gaussian blur probability on the strong view.")] = 0.0,

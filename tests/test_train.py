@@ -128,6 +128,8 @@ def test_per_dataset_defaults_follow_the_paper():
     assert (stl["queue_size"], stl["ema_momentum"]) == (16384, 0.996)
     fm = resolve_settings(dataset="fashion-mnist")
     assert (fm["lr"], fm["warmup_epochs"], fm["queue_size"]) == (0.15, 1, 4096)  # tuned here, docs/results.md
+    assert fm["jitter"] == (0.8, 0.8, 0.4, 0.1)
+    assert resolve_settings(dataset="cifar10")["jitter"] == (0.4, 0.4, 0.4, 0.1)
     assert resolve_settings(dataset="cifar100")["warmup_epochs"] == 5
     with pytest.raises(ValueError, match="unknown setting"):
         resolve_settings(queue=3)
