@@ -500,14 +500,24 @@ def adjust_colors(
 
 
 def _adjust_colors_(
-    x: Tensor, factors: Tensor, order: Tensor, apply: Tensor | None, enabled: Sequence[bool]
+    x: Tensor,
+    factors: Tensor,
+    order: Tensor,
+    apply: Tensor | None,
+    enabled: Sequence[bool],
+    *,
+    gather_hue: bool | None = None,
 ) -> Tensor:
     # At each of the 4 steps every image has one op due. Brightness, contrast and
     # saturation are all blends, so one in-place blend over the whole batch serves them
     # (factor 1, an exact identity, for images whose op is another); hue runs only on the
     # images whose hue is due, gathered. Same results as a loop over images, with no
     # batch-sized temporaries (on CPU each costs page faults, more than the arithmetic).
+    # Gathering needs the per-step counts on the host, a sync; on accelerators hue runs
+    # instead on the whole batch at every step and is kept only where due (no sync).
     b, device = x.shape[0], x.device
+    if gather_hue is None:
+        gather_hue = device.type == "cpu"
     order = order.to(device=device, dtype=torch.int64)
     factors = factors.to(device=device, dtype=x.dtype)
     todo = torch.ones(b, dtype=torch.bool, device=device) if apply is None else apply.to(device)
@@ -519,8 +529,9 @@ def _adjust_colors_(
     hue_counts = [0] * 5  # images whose hue is due at step 0, 1, 2, 3, never
     if on[3]:
         hue_step = torch.where(todo, (order == 3).to(torch.uint8).argmax(dim=1), 4)  # (B,)
-        by_step = torch.argsort(hue_step, stable=True)
-        hue_counts = torch.bincount(hue_step, minlength=5).tolist()  # the one host sync
+        if gather_hue:
+            by_step = torch.argsort(hue_step, stable=True)
+            hue_counts = torch.bincount(hue_step, minlength=5).tolist()  # the one host sync
     for step in range(4):
         op = order[:, step]  # (B,)
         if blends:
@@ -529,7 +540,10 @@ def _adjust_colors_(
             contrast = due & (op == 1) if 1 in blends else None
             saturation = due & (op == 2) if 2 in blends else None
             _blend_(x, f, contrast=contrast, saturation=saturation)
-        if hue_counts[step]:
+        if on[3] and not gather_hue:
+            due_hue = _per_image((hue_step == step).to(x.dtype))  # (B, 1, 1, 1)
+            x.lerp_(_hue_(x.clone(), factors[:, 3]), due_hue)  # exactly x where not due
+        elif hue_counts[step]:
             start = sum(hue_counts[:step])
             idx = by_step[start : start + hue_counts[step]]
             x.index_copy_(0, idx, _hue_(x.index_select(0, idx), factors[idx, 3]))

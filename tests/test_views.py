@@ -526,3 +526,17 @@ def test_cuda_building_blocks_equal_cpu():
         resized_crop(x.cuda(), boxes.cuda(), 12, flip=flip.cuda()), factors.cuda(), order.cuda()
     )
     torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-5, rtol=0)
+
+
+def test_sync_free_hue_path_matches_the_gathered_one():
+    # Accelerators run hue densely (no host sync); CPU gathers the due images. Same result.
+    from ressl.views import _adjust_colors_, sample_jitter_params
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(64, 3, 16, 16, generator=g)
+    factors, order = sample_jitter_params(64, generator=g)
+    apply = torch.rand(64, generator=g) < 0.8
+    gathered = _adjust_colors_(x.clone(), factors, order, apply, [True] * 4, gather_hue=True)
+    dense = _adjust_colors_(x.clone(), factors, order, apply, [True] * 4, gather_hue=False)
+    torch.testing.assert_close(dense, gathered, atol=1e-6, rtol=0)
+    assert not torch.equal(gathered, x)
