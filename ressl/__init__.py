@@ -14,6 +14,7 @@ from .checkpoint import (
     read_metadata,
     save_checkpoint,
 )
+from .crops import CropPlan
 from .data import FolderImages, ImageData, ImageSource, TensorImages, dataset_names, load_dataset
 from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe
 from .functional import (
@@ -25,10 +26,11 @@ from .functional import (
     relation,
     relation_loss,
     sharpen,
+    symmetric_relation_loss,
 )
 from .model import BACKBONES, Encoder, ProjectionHead, ReSSL, SmallCNN, build_backbone
 from .train import DATASET_DEFAULTS, TrainEvent, resolve_settings, train
-from .views import random_resized_crop, strong_view, weak_view
+from .views import multicrop_scales, random_resized_crop, strong_view, weak_view
 
 __all__ = [
     "__version__",
@@ -36,6 +38,7 @@ __all__ = [
     "sharpen",
     "relation",
     "relation_loss",
+    "symmetric_relation_loss",
     "queue_push_",
     "ema_update_",
     "momentum_schedule",
@@ -45,6 +48,8 @@ __all__ = [
     "weak_view",
     "strong_view",
     "random_resized_crop",
+    "multicrop_scales",
+    "CropPlan",
     # data
     "ImageData",
     "ImageSource",

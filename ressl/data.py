@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .folders import (
     IMAGE_EXTENSIONS,
+    decode_crops,
     decode_image,
     decode_images,
     readable_images,
@@ -74,6 +75,8 @@ MAX_IN_MEMORY_BYTES = 2 * 1024**3
 SYSTEM_DATA_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets"),)
 #: Default stored side for image folders (shorter side resized, then centre-cropped).
 FOLDER_IMAGE_SIZE = 64
+#: Default side for ``imagenet:PATH`` folders (the ImageNet recipe's 224 px crops).
+IMAGENET_IMAGE_SIZE = 224
 #: Default stored side for STL-10 (downsized from 96, as in the paper).
 STL10_IMAGE_SIZE = 64
 
@@ -94,7 +97,7 @@ STL10_CLASSES = [
     "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
 ]  # fmt: skip
 
-_NAMES = ["fashion-mnist", "cifar10", "cifar100", "stl10", "folder:PATH"]
+_NAMES = ["fashion-mnist", "cifar10", "cifar100", "stl10", "folder:PATH", "imagenet:PATH"]
 _ALIASES = {
     "fashion-mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
     "cifar10": "cifar10", "cifar-10": "cifar10",
@@ -324,6 +327,62 @@ class FolderImages(ImageSource, Dataset):
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
+    def crop_batches(
+        self,
+        batch_size: int,
+        crops: Sequence[tuple[int, tuple[float, float]]],
+        *,
+        epoch: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+        start: int = 0,
+        num_workers: int = 0,
+    ) -> Iterator[tuple[list[Tensor], Tensor]]:
+        """One shuffled epoch of random crops cut in the DataLoader workers.
+
+        Each file is decoded at full resolution and ``crops`` are cut from it
+        (:func:`ressl.folders.decode_crops`), so small-scale crops keep their
+        detail and the device only flips, colours and normalises. The boxes come
+        from a generator seeded by ``(seed, epoch, index)``: the same crops for any
+        number of workers, and after a resume.
+
+        Yields:
+            ``([crop_1 (B, 3, s_1, s_1) uint8, ...], labels (B,))`` on ``device``.
+        """
+        device = torch.device(device)
+        order, todo = self._plan(
+            batch_size, epoch=epoch, seed=seed, shuffle=True, drop_last=True, start=start
+        )
+        sampler = [order[b * batch_size : (b + 1) * batch_size].tolist() for b in todo]
+        dataset = _CroppedFiles(self, [(int(s), (float(a), float(b))) for s, (a, b) in crops], seed, epoch)
+        loader = DataLoader(
+            dataset, batch_sampler=sampler, num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        )  # fmt: skip
+        for views, y in loader:
+            yield [v.to(device, non_blocking=True) for v in views], y.to(device, non_blocking=True)
+
+
+class _CroppedFiles(Dataset):
+    def __init__(
+        self, source: FolderImages, crops: list[tuple[int, tuple[float, float]]], seed: int, epoch: int
+    ) -> None:
+        self.files, self.labels, self.crops, self.seed, self.epoch = (
+            source.files, source.labels, crops, seed, epoch,
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[list[Tensor], int]:
+        key = (self.seed * 1_000_003 + self.epoch) * 2**31 + i
+        generator = torch.Generator().manual_seed(key % (2**63 - 1))
+        views = decode_crops(self.files[i], self.crops, generator)
+        if views is None:
+            logger.warning("could not decode %s; using black crops", self.files[i])
+            views = [torch.zeros(3, s, s, dtype=torch.uint8) for s, _ in self.crops]
+        return views, int(self.labels[i])
+
 
 # --------------------------------------------------------------------------- the result
 
@@ -379,11 +438,14 @@ def load_dataset(
     Args:
         spec: One of :func:`dataset_names`: ``"fashion-mnist"`` (1 channel, 28 px),
             ``"cifar10"`` / ``"cifar100"`` (32 px), ``"stl10"`` (100,000 unlabelled +
-            5,000 labelled train images, stored at 64 px), or ``"folder:PATH"``.
+            5,000 labelled train images, stored at 64 px), ``"folder:PATH"`` or
+            ``"imagenet:PATH"`` (an image folder at 224 px, e.g. ImageNet's
+            ``train/`` + ``val/`` class folders).
         root: Directory holding the dataset files (checked first). Ignored for folders.
         download: Download missing built-in datasets with torchvision into
             :func:`cache_dir` (needs internet).
-        image_size: Side of the stored images; default 28 / 32 / 64 / 64 (folders).
+        image_size: Side of the stored images; default 28 / 32 / 64 / 64 (folders) /
+            224 (imagenet:PATH).
             Built-in datasets are resized with antialiased bilinear interpolation.
         subset: Keep only the first ``subset`` training images (for folders: the first
             ``subset`` files in sorted order, which are grouped by class). Larger than
@@ -406,11 +468,14 @@ def load_dataset(
         raise TypeError(f"spec must be a string, one of {_NAMES}, got {spec!r}")
     t0 = time.perf_counter()
     spec = spec.strip()
-    if spec.lower().startswith("folder:"):
-        path = spec[len("folder:") :]
+    kind, _, path = spec.partition(":")
+    if kind.lower() in ("folder", "imagenet") and _:
         if not path:
-            raise ValueError("spec 'folder:' needs a path, e.g. 'folder:/data/images'")
-        data = _load_folder(Path(path).expanduser(), image_size or FOLDER_IMAGE_SIZE, subset)
+            raise ValueError(f"spec '{kind}:' needs a path, e.g. '{kind}:/data/images'")
+        default = IMAGENET_IMAGE_SIZE if kind.lower() == "imagenet" else FOLDER_IMAGE_SIZE
+        data = _load_folder(Path(path).expanduser(), image_size or default, subset)
+        if kind.lower() == "imagenet":
+            data.name = "imagenet:" + data.name[len("folder:") :]
     else:
         name = _ALIASES.get(spec.lower().replace("_", "-"))
         if name is None:

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "decode_crops",
     "decode_image",
     "decode_images",
     "readable_images",
@@ -65,6 +66,41 @@ def decode_image(path: str | Path, size: int) -> Tensor | None:
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         return None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def decode_crops(
+    path: str | Path, crops: Sequence[tuple[int, tuple[float, float]]], generator: torch.Generator
+) -> list[Tensor] | None:
+    """Decode one file at full resolution and cut RandomResizedCrops from it.
+
+    The standard ImageNet pipeline: each crop's box is drawn on the original image
+    (area fraction in its scale range, aspect ratio in [3/4, 4/3], as
+    ``RandomResizedCrop.get_params``), then resized to its side with PIL's
+    antialiased bilinear filter. Flips and colour ops are left to the device.
+
+    Args:
+        path: The image file.
+        crops: ``(side, (scale_lo, scale_hi))`` per crop.
+        generator: CPU generator the boxes are drawn from.
+
+    Returns:
+        One ``(3, side, side)`` uint8 tensor per crop, or None when the file cannot
+        be decoded.
+    """
+    from .views import sample_crop_boxes  # views imports nothing from here
+
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+        w, h = rgb.size
+        out = []
+        for side, scale in crops:
+            top, left, bh, bw = sample_crop_boxes(1, h, w, generator=generator, scale=scale)[0].tolist()
+            crop = rgb.resize((side, side), Image.Resampling.BILINEAR, box=(left, top, left + bw, top + bh))
+            out.append(torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous())
+    except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        return None
+    return out
 
 
 def _can_open(path: str | Path) -> bool:

@@ -23,6 +23,7 @@ __all__ = [
     "sharpen",
     "relation",
     "relation_loss",
+    "symmetric_relation_loss",
     "queue_push_",
     "ema_update_",
     "momentum_schedule",
@@ -173,6 +174,45 @@ def relation_loss(
         log_p_student = relation(z, queue, student_temperature, log=True)  # (B, K)
         total = total - (p_teacher * log_p_student).sum(dim=1).mean()
     return total / len(views)
+
+
+def symmetric_relation_loss(
+    z_student: Sequence[Tensor],
+    z_teacher: Sequence[Tensor],
+    queue: Tensor,
+    student_temperature: float = 0.1,
+    teacher_temperature: float = 0.04,
+) -> Tensor:
+    """The paper's "2x backprop" loss over two crops ``a`` and ``b`` of every image.
+
+    ``1/2 [L(z_s_a, z_t_b) + L(z_s_b, z_t_a)]`` with ``L = relation_loss``: the
+    student's embedding of each crop's strong view learns the teacher's relation
+    for the *other* crop's weak view. Both halves use the same (pre-enqueue)
+    queue; afterwards enqueue both teacher batches.
+
+    Args:
+        z_student: ``(z_s_a, z_s_b)``, each ``(B, D)``, with grad.
+        z_teacher: ``(z_t_a, z_t_b)``, each ``(B, D)``.
+        queue: ``(K, D)`` L2-normalised queue.
+        student_temperature: tau_s.
+        teacher_temperature: tau_t.
+
+    Returns:
+        Scalar float32 loss.
+
+    Raises:
+        ValueError: unless exactly two student and two teacher embeddings are given,
+            or on the checks of ``relation_loss``.
+    """
+    if len(z_student) != 2 or len(z_teacher) != 2:
+        raise ValueError(
+            f"symmetric_relation_loss takes two crops per side, (a, b); got {len(z_student)} student and "
+            f"{len(z_teacher)} teacher embeddings"
+        )
+    (s_a, s_b), (t_a, t_b) = z_student, z_teacher
+    loss_ab = relation_loss(s_a, t_b, queue, student_temperature, teacher_temperature)
+    loss_ba = relation_loss(s_b, t_a, queue, student_temperature, teacher_temperature)
+    return 0.5 * (loss_ab + loss_ba)
 
 
 def queue_push_(queue: Tensor, ptr: _Ptr, keys: Tensor) -> _Ptr:

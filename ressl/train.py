@@ -30,11 +30,17 @@ from .checkpoint import (
     optimizer_tensors,
     save_checkpoint,
 )
-from .data import ImageData, load_dataset
+from .crops import CropPlan
+from .data import FolderImages, ImageData, load_dataset
 from .evaluate import extract_features, knn_accuracy
-from .functional import cosine_lr, ema_update_, momentum_schedule, relation_loss
+from .functional import (
+    cosine_lr,
+    ema_update_,
+    momentum_schedule,
+    relation_loss,
+    symmetric_relation_loss,
+)
 from .model import BACKBONES, ReSSL
-from .views import strong_view, weak_view
 
 __all__ = ["train", "resolve_settings", "DATASET_DEFAULTS", "TrainEvent", "select_device"]
 
@@ -44,7 +50,8 @@ log = logging.getLogger("ressl")
 # Fashion-MNIST is not in the paper: lr 0.15, 1 warm-up epoch and stronger brightness /
 # contrast jitter (the only colour ops that act on grayscale) won a search over crop
 # scale, lr, queue size, tau_t, blur and jitter (docs/results.md); the rest is the CIFAR recipe.
-_PAPER = {"lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 5, "epochs": 200, "jitter": (0.4, 0.4, 0.4, 0.1)}
+_PAPER = {"lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 5, "epochs": 200, "jitter": (0.4, 0.4, 0.4, 0.1),
+          "backbone": "resnet18", "hidden_dim": 512, "embed_dim": 128, "blur": 0.0}
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "fashion-mnist": {**_PAPER, "queue_size": 4096, "ema_momentum": 0.99, "lr": 0.15, "warmup_epochs": 1,
                       "epochs": 50, "jitter": (0.8, 0.8, 0.4, 0.1)},
@@ -52,7 +59,13 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar100": {**_PAPER, "queue_size": 4096, "ema_momentum": 0.99},
     "stl10": {**_PAPER, "queue_size": 16384, "ema_momentum": 0.996},
     "folder": {**_PAPER, "queue_size": 16384, "ema_momentum": 0.996},
+    # The paper's ImageNet recipe: for imagenet:PATH, and folders at 224 px or more.
+    "imagenet": {"backbone": "resnet50", "hidden_dim": 4096, "embed_dim": 512, "queue_size": 131072,
+                 "ema_momentum": 0.999, "lr": 0.05, "weight_decay": 1e-4, "warmup_epochs": 5, "epochs": 200,
+                 "jitter": (0.4, 0.4, 0.4, 0.1), "blur": 0.5},
 }
+#: Folder data at this side or more is ImageNet-like and gets the "imagenet" recipe.
+IMAGENET_LIKE_SIZE = 224
 
 # Settings a resumed run may change; everything else comes from the checkpoint.
 _RESUMABLE_OVERRIDES = ("epochs", "device", "num_workers", "progress_every", "knn_every")
@@ -63,10 +76,10 @@ _DEFAULTS: dict[str, Any] = dict(
     out=None,
     epochs=None,
     batch_size=256,
-    backbone="resnet18",
+    backbone=None,
     width=32,
-    hidden_dim=512,
-    embed_dim=128,
+    hidden_dim=None,
+    embed_dim=None,
     queue_size=None,
     ema_momentum=None,
     momentum_schedule="constant",
@@ -77,11 +90,14 @@ _DEFAULTS: dict[str, Any] = dict(
     sgd_momentum=0.9,
     warmup_epochs=None,
     crop_scale=(0.2, 1.0),
+    crops=None,
+    crop_scales=None,
+    symmetric=False,
     teacher_view="weak",
     jitter=None,
     jitter_p=0.8,
     grayscale_p=0.2,
-    blur=0.0,
+    blur=None,
     image_size=None,
     subset=None,
     knn_every=5,
@@ -139,8 +155,12 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if supported else None
 
 
-def _family(dataset: str) -> str:
-    return "folder" if dataset.startswith("folder:") else dataset
+def _family(dataset: str, image_size: int | None = None) -> str:
+    """The ``DATASET_DEFAULTS`` entry of a dataset spec."""
+    kind = dataset.split(":", 1)[0].lower() if ":" in dataset else dataset
+    if kind == "imagenet" or (kind == "folder" and (image_size or 0) >= IMAGENET_LIKE_SIZE):
+        return "imagenet"
+    return kind
 
 
 def _check(name: str, ok: bool, expect: str, value: Any) -> None:
@@ -165,11 +185,11 @@ def resolve_settings(**overrides: Any) -> dict[str, Any]:
         raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}; valid: {', '.join(_DEFAULTS)}")
     s = dict(_DEFAULTS)
     s.update({k: v for k, v in overrides.items() if v is not None})
-    fam = _family(str(s["dataset"]))
-    if fam not in DATASET_DEFAULTS:
+    fam = _family(str(s["dataset"]), s["image_size"] if isinstance(s["image_size"], int) else None)
+    if fam not in DATASET_DEFAULTS or (fam in ("folder", "imagenet") and ":" not in str(s["dataset"])):
         raise ValueError(
-            f"dataset must be one of {', '.join(k for k in DATASET_DEFAULTS if k != 'folder')} or folder:PATH, "
-            f"got {s['dataset']!r}"
+            f"dataset must be one of {', '.join(k for k in DATASET_DEFAULTS if k not in ('folder', 'imagenet'))}, "
+            f"folder:PATH or imagenet:PATH, got {s['dataset']!r}"
         )
     for key, value in DATASET_DEFAULTS[fam].items():
         if s.get(key) is None:
@@ -182,7 +202,11 @@ def resolve_settings(**overrides: Any) -> dict[str, Any]:
     for key in ("width", "hidden_dim", "embed_dim", "queue_size", "knn_k", "progress_every"):
         _check(key, isinstance(s[key], int) and s[key] >= 1, "an integer >= 1", s[key])
     _check("knn_every", isinstance(s["knn_every"], int) and s["knn_every"] >= 0, "an integer >= 0 (0: only at the end)", s["knn_every"])
-    _check("queue_size", s["queue_size"] >= s["batch_size"], f">= batch_size ({s['batch_size']})", s["queue_size"])
+    _check("symmetric", isinstance(s["symmetric"], bool), "True or False", s["symmetric"])
+    per_step = s["batch_size"] * (2 if s["symmetric"] else 1)  # teacher embeddings enqueued per step
+    _check("queue_size", s["queue_size"] >= per_step,
+           f">= 2 x batch_size ({per_step}: symmetric enqueues both crops' teacher embeddings)"
+           if s["symmetric"] else f">= batch_size ({per_step})", s["queue_size"])
     _check("ema_momentum", 0.0 <= s["ema_momentum"] <= 1.0, "in [0, 1]", s["ema_momentum"])
     _check("momentum_schedule", s["momentum_schedule"] in ("constant", "cosine"), "'constant' or 'cosine'", s["momentum_schedule"])
     for key in ("student_temperature", "teacher_temperature", "knn_temperature"):
@@ -194,6 +218,18 @@ def resolve_settings(**overrides: Any) -> dict[str, Any]:
     lo, hi = s["crop_scale"] if len(s["crop_scale"]) == 2 else (-1.0, -1.0)
     _check("crop_scale", len(s["crop_scale"]) == 2 and 0 < lo <= hi <= 1, "two numbers 0 < lo <= hi <= 1", s["crop_scale"])
     _check("teacher_view", s["teacher_view"] in ("weak", "strong"), "'weak' or 'strong'", s["teacher_view"])
+    if s["crops"] is not None:
+        s["crops"] = tuple(s["crops"])
+        _check("crops", len(s["crops"]) >= 1 and all(isinstance(v, int) and v >= 8 for v in s["crops"]),
+               "crop sides >= 8 like (32, 28, 24, 20, 16)", s["crops"])
+    if s["crop_scales"] is not None:
+        s["crop_scales"] = tuple(tuple(float(v) for v in r) for r in s["crop_scales"])
+        _check("crop_scales", s["crops"] is not None and len(s["crop_scales"]) == len(s["crops"]),
+               "one (lo, hi) range per crop in crops", s["crop_scales"])
+        _check("crop_scales", all(len(r) == 2 and 0 < r[0] <= r[1] <= 1 for r in s["crop_scales"]),
+               "(lo, hi) ranges with 0 < lo <= hi <= 1", s["crop_scales"])
+    if s["symmetric"] and s["crops"] is not None and len(s["crops"]) > 1:
+        raise ValueError("symmetric (2x backprop) and multi-crop cannot be combined; drop crops or symmetric")
     _check("jitter", len(s["jitter"]) == 4 and all(0 <= v < math.inf for v in s["jitter"]) and s["jitter"][3] <= 0.5,
            "four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)", s["jitter"])
     for key in ("jitter_p", "grayscale_p", "blur"):
@@ -293,11 +329,7 @@ def _resume_settings(resume: str | Path, given: dict[str, Any]) -> tuple[dict[st
         if value is None or key in _RESUMABLE_OVERRIDES or key in ("out", "progress"):
             continue
         saved = settings.get(key)
-        if isinstance(saved, list):
-            saved = tuple(saved)
-        if isinstance(value, list):
-            value = tuple(value)
-        if saved != value and not (key == "data_root" and str(value) == str(saved)):
+        if json.loads(json.dumps(saved)) != json.loads(json.dumps(value, default=str)) and not (key == "data_root" and str(value) == str(saved)):
             raise ValueError(
                 f"--resume continues a run with its saved settings, but {key}={value!r} differs from the "
                 f"checkpoint's {key}={saved!r}; drop the option or start a new run"
@@ -415,10 +447,12 @@ def train(
     rows = _read_metrics(metrics_path, epoch)
     _write_metrics(metrics_path, rows)
 
-    view_kw: dict[str, Any] = dict(size=data.image_size, mean=data.mean, std=data.std, generator=view_gen,
-                                   scale=s["crop_scale"])
-    strong_kw: dict[str, Any] = dict(view_kw, jitter=s["jitter"], jitter_p=s["jitter_p"],
-                                     grayscale_p=s["grayscale_p"], blur_p=s["blur"])
+    plan = CropPlan.build(data.image_size, s["crop_scale"], s["crops"], s["crop_scales"], s["symmetric"])
+    strong_kw: dict[str, Any] = dict(jitter=s["jitter"], jitter_p=s["jitter_p"], grayscale_p=s["grayscale_p"],
+                                     blur_p=s["blur"])
+    view_kw: dict[str, Any] = dict(generator=view_gen, mean=data.mean, std=data.std, strong=strong_kw,
+                                   teacher_view=s["teacher_view"])
+    # Streamed folders (FolderImages) are cropped in the DataLoader workers from the full-resolution files.
 
     def checkpoint() -> Path:
         opt_tensors, opt_blob = optimizer_tensors(optimizer)
@@ -433,25 +467,31 @@ def train(
             "metrics": json.dumps(rows[-1] if rows else {}), "rng_device": device.type,
         })
 
-    def step_fn(images: Tensor, lr: float, momentum: float) -> Tensor:
-        x_s = strong_view(images, **strong_kw)
-        x_t = (strong_view(images, **strong_kw) if s["teacher_view"] == "strong" else weak_view(images, **view_kw))
+    def step_fn(batch: Tensor | list[Tensor], lr: float, momentum: float) -> Tensor:
+        if isinstance(batch, Tensor):
+            x_t, x_s = plan.views(batch, **view_kw)
+        else:
+            x_t, x_s = plan.views_of_crops(batch, **view_kw)
         if s["channels_last"]:
-            x_s = x_s.contiguous(memory_format=torch.channels_last)
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
+            x_t = [x.contiguous(memory_format=torch.channels_last) for x in x_t]
+            x_s = [x.contiguous(memory_format=torch.channels_last) for x in x_s]
         for group in optimizer.param_groups:
             group["lr"] = lr
         ctx = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         with ctx:
-            z_s = model.student(x_s)  # (B, D)
+            z_s = [model.student(x) for x in x_s]  # one (B, D) per student crop
             with torch.no_grad():
                 ema_update_(model.teacher, model.student, momentum)  # official order: EMA before the teacher forward
-                z_t = model.teacher(x_t)  # (B, D)
-            loss = relation_loss(z_s, z_t, model.queue, s["student_temperature"], s["teacher_temperature"])
+                z_t = [model.teacher(x) for x in x_t]  # (B, D); two with symmetric
+            tau = (s["student_temperature"], s["teacher_temperature"])
+            if plan.symmetric:
+                loss = symmetric_relation_loss(z_s, z_t, model.queue, *tau)
+            else:  # one crop, or multi-crop sharing the teacher relation
+                loss = relation_loss(z_s, z_t[0], model.queue, *tau)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        model.enqueue_(z_t)  # after the loss: the batch never meets itself in the queue
+        model.enqueue_(z_t[0] if len(z_t) == 1 else torch.cat(z_t))  # after the loss: never compared with itself
         return loss.detach()
 
     notify(TrainEvent("start", epoch, epoch * steps_per_epoch + batch_in_epoch, steps_per_epoch, s["epochs"],
@@ -461,20 +501,26 @@ def train(
     with _StopFlag() as flag:
         while epoch < s["epochs"] and not flag.stop:
             model.train()
-            batches: Iterator[tuple[Tensor, Tensor]] = train_source.batches(
-                s["batch_size"], epoch=epoch, seed=s["seed"], device=device, start=batch_in_epoch,
-                num_workers=s["num_workers"])
+            batches: Iterator[tuple[Tensor | list[Tensor], Tensor]]
+            if isinstance(train_source, FolderImages):
+                batches = train_source.crop_batches(
+                    s["batch_size"], plan.worker_crops, epoch=epoch, seed=s["seed"], device=device,
+                    start=batch_in_epoch, num_workers=s["num_workers"])
+            else:
+                batches = train_source.batches(
+                    s["batch_size"], epoch=epoch, seed=s["seed"], device=device, start=batch_in_epoch,
+                    num_workers=s["num_workers"])
             t_epoch = time.perf_counter()
             seen, t_window, seen_window = 0, time.perf_counter(), 0
             pending: list[Tensor] = []
-            for images, _ in batches:
+            for images, labels in batches:
                 step = epoch * steps_per_epoch + batch_in_epoch
                 lr = cosine_lr(step, total_steps, base_lr, warmup_steps)
                 m = momentum_schedule(step, total_steps, s["ema_momentum"], s["momentum_schedule"])
                 pending.append(step_fn(images, lr, m))
                 batch_in_epoch += 1
-                seen += images.shape[0]
-                seen_window += images.shape[0]
+                seen += labels.shape[0]
+                seen_window += labels.shape[0]
                 if len(pending) >= s["progress_every"] or batch_in_epoch == steps_per_epoch or flag.stop:
                     losses = torch.stack(pending).tolist()  # the one host sync per window
                     pending.clear()

@@ -45,6 +45,7 @@ __all__ = [
     "blur_kernel_size",
     "color_jitter",
     "gaussian_blur",
+    "multicrop_scales",
     "normalize",
     "random_grayscale",
     "random_resized_crop",
@@ -331,6 +332,52 @@ def random_resized_crop(
 
 def _coin(batch: int, p: float, generator: torch.Generator, device: torch.device) -> Tensor:
     return torch.rand(batch, generator=generator, device=device) < p  # (B,) bool
+
+
+def _flipped(images: Tensor, size: int, flip: Tensor) -> Tensor:
+    """Pre-cropped ``(B, C, size, size)`` images as float32 in [0, 1], flipped where ``flip``."""
+    if images.shape[2:] != (size, size):
+        raise ValueError(
+            f"with crop=False the images must already be {size}x{size} (cropped elsewhere, e.g. in "
+            f"DataLoader workers), got {tuple(images.shape[2:])}; pass crop=True to crop here"
+        )
+    x = images.float()
+    if images.dtype == torch.uint8:
+        x = x.mul_(1.0 / 255.0)
+    return torch.where(_per_image(flip.to(x.device)), x.flip(3), x)
+
+
+def multicrop_scales(
+    sizes: Sequence[int], full_size: int, scale: tuple[float, float] = (0.2, 1.0)
+) -> list[tuple[float, float]]:
+    """RandomResizedCrop area ranges for multi-crop, as in the paper: ``scale * size / full_size``.
+
+    The paper's ImageNet crops 224, 192, 160, 128, 96 get (0.2, 1), (0.171, 0.857),
+    (0.143, 0.714), (0.114, 0.571), (0.086, 0.429): each range shrinks with the crop's
+    side, so smaller crops see smaller parts of the image.
+
+    Args:
+        sizes: Crop sides, each in ``[1, full_size]``.
+        full_size: The full (teacher) crop side.
+        scale: The full-size crop's area range.
+
+    Returns:
+        One ``(lo, hi)`` range per size.
+
+    Raises:
+        ValueError: On an empty ``sizes``, a size outside ``[1, full_size]`` or a bad ``scale``.
+    """
+    full_size = _check_size(full_size)
+    scale = _check_range("scale", scale, high=1.0)
+    if not sizes:
+        raise ValueError("sizes must hold at least one crop size")
+    out: list[tuple[float, float]] = []
+    for size in sizes:
+        if not isinstance(size, numbers.Integral) or not 1 <= size <= full_size:
+            raise ValueError(f"each crop size must be an int in [1, {full_size}], got {size!r}")
+        r = int(size) / full_size
+        out.append((scale[0] * r, scale[1] * r))
+    return out
 
 
 # --------------------------------------------------------------------------- colour ops
@@ -761,6 +808,7 @@ def weak_view(
     generator: torch.Generator,
     scale: tuple[float, float] = (0.2, 1.0),
     flip_p: float = 0.5,
+    crop: bool = True,
 ) -> Tensor:
     """ReSSL's teacher view: RandomResizedCrop, RandomHorizontalFlip, Normalize.
 
@@ -772,6 +820,9 @@ def weak_view(
         generator: Source of randomness, on the device of ``images``.
         scale: Crop area fraction range, ``0 < a <= b <= 1``; aspect ratio in [3/4, 4/3].
         flip_p: Probability of a horizontal flip.
+        crop: ``False`` when the images were already randomly cropped to ``size``
+            (e.g. in DataLoader workers, from the full-resolution files): only
+            flip and normalise here; ``scale`` is then unused.
 
     Returns:
         float32 (B, C, size, size), normalised.
@@ -787,6 +838,9 @@ def weak_view(
     _check_channel_stats("mean", mean, images.shape[1])
     _check_channel_stats("std", std, images.shape[1])
     b, _, height, width = images.shape
+    if not crop:
+        flip = _coin(b, flip_p, generator, images.device)
+        return _normalize_(_flipped(images, size, flip), mean, std)
     boxes = sample_crop_boxes(b, height, width, generator=generator, scale=scale)
     flip = _coin(b, flip_p, generator, images.device)
     input_scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
@@ -807,6 +861,7 @@ def strong_view(
     blur_p: float = 0.0,
     blur_sigma: tuple[float, float] = (0.1, 2.0),
     flip_p: float = 0.5,
+    crop: bool = True,
 ) -> Tensor:
     """ReSSL's student view (MoCo v2): crop, jitter, grayscale, blur, flip, normalise.
 
@@ -829,6 +884,8 @@ def strong_view(
         blur_p: Probability of Gaussian blur.
         blur_sigma: Range of the blur's sigma, ``0 < a <= b``.
         flip_p: Probability of a horizontal flip.
+        crop: ``False`` when the images were already randomly cropped to ``size``
+            (e.g. in DataLoader workers): no crop here, the rest as above.
 
     Returns:
         float32 (B, C, size, size), normalised.
@@ -852,9 +909,12 @@ def strong_view(
     b, _, height, width = images.shape
     device = images.device
 
-    boxes = sample_crop_boxes(b, height, width, generator=generator, scale=scale)
-    flip = _coin(b, flip_p, generator, device)
-    x = resized_crop(images, boxes, size, flip=flip)  # the flip commutes with all below
+    if crop:
+        boxes = sample_crop_boxes(b, height, width, generator=generator, scale=scale)
+        flip = _coin(b, flip_p, generator, device)
+        x = resized_crop(images, boxes, size, flip=flip)  # the flip commutes with all below
+    else:
+        x = _flipped(images, size, _coin(b, flip_p, generator, device))
     factors, order = sample_jitter_params(b, generator=generator, jitter=jitter)
     apply = _coin(b, jitter_p, generator, device)
     if jitter_p > 0:

@@ -83,3 +83,18 @@ def test_console_entry_point_reports_errors_without_traceback(tmp_path):
     help_proc = subprocess.run([sys.executable, "-m", "ressl", "train", "--help"],
                                capture_output=True, text=True, timeout=120)
     assert help_proc.returncode == 0 and "--queue-size" in help_proc.stdout
+
+
+def test_multicrop_and_symmetric_options(capsys, tmp_path, image_folder):
+    args = tiny_args(image_folder, tmp_path / "run")
+    code, _, err = run_cli(capsys, *args, "--epochs", "1", "--crops", "16,12", "--crop-scales", "0.2:1,0.1:0.5")
+    assert code == 0, err
+    code, out, _ = run_cli(capsys, "info", tmp_path / "run", "--json")
+    settings = json.loads(out)["settings"]
+    assert settings["crops"] == [16, 12] and settings["crop_scales"] == [[0.2, 1.0], [0.1, 0.5]]
+    code, _, err = run_cli(capsys, *tiny_args(image_folder, tmp_path / "sym"), "--symmetric", "--queue-size", "12")
+    assert_one_line_error(code, err, "queue_size must be >= 2 x batch_size")
+    code, _, err = run_cli(capsys, *tiny_args(image_folder, tmp_path / "x"), "--crops", "16,big")
+    assert_one_line_error(code, err, "--crops must be comma-separated crop sides")
+    code, _, err = run_cli(capsys, *tiny_args(image_folder, tmp_path / "y"), "--crops", "16,8", "--crop-scales", "0.2")
+    assert_one_line_error(code, err, "--crop-scales must be comma-separated lo:hi ranges")

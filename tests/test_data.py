@@ -45,7 +45,7 @@ def _pixels(source: data.ImageSource | None) -> torch.Tensor:
 
 
 def test_dataset_names() -> None:
-    assert dataset_names() == ["fashion-mnist", "cifar10", "cifar100", "stl10", "folder:PATH"]
+    assert dataset_names() == ["fashion-mnist", "cifar10", "cifar100", "stl10", "folder:PATH", "imagenet:PATH"]
 
 
 def test_unknown_spec_lists_valid_names() -> None:
@@ -418,6 +418,62 @@ def test_folder_streaming_matches_in_memory(
         assert len(got) == len(want) == 3
         for (xs, ys), (xk, yk) in zip(got, want):
             assert xs.dtype == torch.uint8 and torch.equal(xs, xk) and torch.equal(ys, yk)
+
+
+def test_imagenet_spec_is_a_folder_at_224_px(tmp_path: Path) -> None:
+    _class_tree(tmp_path)
+    d = load_dataset(f"imagenet:{tmp_path}")
+    assert d.name == f"imagenet:{tmp_path.resolve()}" and d.image_size == 224 == data.IMAGENET_IMAGE_SIZE
+    assert d.classes == ["cat", "dog", "emu"] and _pixels(d.train).shape == (4, 3, 224, 224)
+    with pytest.raises(ValueError, match="'imagenet:' needs a path"):
+        load_dataset("imagenet:")
+
+
+def test_decode_crops_cuts_boxes_from_the_full_resolution_file(tmp_path: Path) -> None:
+    from ressl.folders import decode_crops
+
+    left_red = np.zeros((60, 200, 3), dtype=np.uint8)
+    left_red[:, :100, 0] = 255
+    left_red[:, 100:, 2] = 255
+    Image.fromarray(left_red).save(tmp_path / "a.png")
+    crops = [(32, (0.2, 1.0)), (16, (0.05, 0.1))]
+    got = decode_crops(tmp_path / "a.png", crops, torch.Generator().manual_seed(0))
+    assert got is not None and [tuple(c.shape) for c in got] == [(3, 32, 32), (3, 16, 16)]
+    again = decode_crops(tmp_path / "a.png", crops, torch.Generator().manual_seed(0))
+    assert again is not None and all(torch.equal(a, b) for a, b in zip(got, again))
+    # small crops of a 200 px wide image are mostly one colour; over many draws both colours occur
+    colours = set()
+    for seed in range(20):
+        small = decode_crops(tmp_path / "a.png", [(16, (0.02, 0.03))], torch.Generator().manual_seed(seed))
+        assert small is not None
+        red, blue = small[0][0].float().mean(), small[0][2].float().mean()
+        colours.add("red" if red > blue else "blue")
+    assert colours == {"red", "blue"}
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    assert decode_crops(tmp_path / "bad.jpg", crops, torch.Generator()) is None
+
+
+def test_crop_batches_follow_the_epoch_order_and_are_worker_independent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _class_tree(tmp_path)
+    for i in range(5):
+        _solid(tmp_path / "dog" / f"more{i}.png", (i * 40, 10, 200), size=(30 + i, 20))
+    monkeypatch.setattr(data, "MAX_IN_MEMORY_BYTES", 0)
+    train = load_dataset(f"folder:{tmp_path}", image_size=8).train
+    assert isinstance(train, FolderImages)
+    crops = [(8, (0.2, 1.0)), (6, (0.1, 0.5))]
+    args: dict[str, Any] = {"epoch": 2, "seed": 1}
+    plain = [y for _, y in train.batches(3, **args)]
+    runs = [list(train.crop_batches(3, crops, num_workers=w, **args)) for w in (0, 2)]
+    for (views0, y0), (views2, y2), y in zip(*runs, plain):
+        assert torch.equal(y0, y) and torch.equal(y2, y)
+        assert [tuple(v.shape) for v in views0] == [(3, 3, 8, 8), (3, 3, 6, 6)]
+        assert all(torch.equal(a, b) for a, b in zip(views0, views2))
+    tail = list(train.crop_batches(3, crops, start=1, **args))
+    assert len(tail) == len(runs[0]) - 1 and torch.equal(tail[0][0][1], runs[0][1][0][1])
+    other_epoch = next(iter(train.crop_batches(3, crops, epoch=3, seed=1)))
+    assert not torch.equal(other_epoch[0][0], runs[0][0][0][0])
 
 
 def test_folder_parallel_decode_matches_sequential(

@@ -14,6 +14,7 @@ from ressl import (
     relation,
     relation_loss,
     sharpen,
+    symmetric_relation_loss,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -114,6 +115,29 @@ def test_multi_view_loss_is_mean_of_single_views():
         relation_loss([unit(3, 8)], zt, q)
     with pytest.raises(ValueError, match="at least one view"):
         relation_loss([], zt, q)
+
+
+def test_multicrop_loss_reuses_one_teacher_relation_with_gradients_per_crop():
+    crops = [unit(4, 8, seed=s).requires_grad_() for s in (1, 2, 3, 4, 5)]
+    zt, q = unit(4, 8, seed=9), unit(16, 8, seed=10)
+    loss = relation_loss(crops, zt, q, 0.1, 0.04)
+    separately = sum(reference_loss(c.detach(), zt, q, 0.1, 0.04) for c in crops) / len(crops)
+    torch.testing.assert_close(loss.double(), separately, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in crops)
+
+
+def test_symmetric_loss_is_the_mean_of_its_crossed_halves():
+    s_a, s_b, t_a, t_b = (unit(6, 8, seed=s) for s in (1, 2, 3, 4))
+    q = unit(32, 8, seed=5)
+    halves = 0.5 * (reference_loss(s_a, t_b, q, 0.1, 0.04) + reference_loss(s_b, t_a, q, 0.1, 0.04))
+    torch.testing.assert_close(symmetric_relation_loss((s_a, s_b), (t_a, t_b), q).double(), halves,
+                               rtol=1e-5, atol=1e-6)
+    # crossed, not matched: pairing a with a gives another value
+    matched = 0.5 * (reference_loss(s_a, t_a, q, 0.1, 0.04) + reference_loss(s_b, t_b, q, 0.1, 0.04))
+    assert not torch.isclose(halves, matched)
+    with pytest.raises(ValueError, match="two crops per side"):
+        symmetric_relation_loss((s_a,), (t_a, t_b), q)
 
 
 def test_relation_loss_under_bf16_autocast_is_close_and_fp32():

@@ -58,3 +58,15 @@ def test_queue_and_pointer_are_saved_with_the_weights():
     m2 = ReSSL("small", in_channels=1, image_size=28, hidden_dim=8, embed_dim=4, queue_size=8, width=2)
     m2.load_state_dict(state)
     assert torch.equal(m2.queue, m.queue) and int(m2.queue_ptr) == 3
+
+
+@pytest.mark.parametrize(
+    "name,image_size,crops,dim",
+    [("small", 32, (32, 28, 24, 20, 16), 64), ("resnet18", 32, (32, 28, 24, 20, 16), 512),
+     ("resnet50", 224, (224, 192, 160, 128, 96), 2048)],
+)
+def test_every_multicrop_size_goes_through_the_backbone(name, image_size, crops, dim):
+    net = build_backbone(name, 3, image_size, width=8).eval()
+    with torch.no_grad():
+        for side in crops:
+            assert net(torch.randn(2, 3, side, side)).shape == (2, dim), side

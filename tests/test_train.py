@@ -135,11 +135,19 @@ def test_per_dataset_defaults_follow_the_paper():
         resolve_settings(queue=3)
 
 
-def test_streamed_folder_trains_like_the_in_memory_one(tmp_path, tiny_settings, monkeypatch):
-    in_memory = train(out=tmp_path / "a", **dict(tiny_settings, epochs=1))
+def test_streamed_folder_crops_in_workers_reproducibly(tmp_path, tiny_settings, monkeypatch):
     monkeypatch.setattr("ressl.data.MAX_IN_MEMORY_BYTES", 0)  # force the DataLoader path
-    streamed = train(out=tmp_path / "b", **dict(tiny_settings, epochs=1))
-    assert_same_state(in_memory, streamed)  # same pixels, same order, same result
+    in_process = train(out=tmp_path / "a", **dict(tiny_settings, epochs=1, num_workers=0))
+    workers = train(out=tmp_path / "b", **dict(tiny_settings, epochs=1, num_workers=2))
+    assert_same_state(in_process, workers)  # crops seeded per (seed, epoch, image), not per worker
+    assert metrics(tmp_path / "a")[0]["loss"] > 0
+
+
+def test_streamed_folder_resumes_bitwise(tmp_path, tiny_settings, monkeypatch):
+    monkeypatch.setattr("ressl.data.MAX_IN_MEMORY_BYTES", 0)
+    straight = train(out=tmp_path / "a", **tiny_settings)
+    train(out=tmp_path / "b", **dict(tiny_settings, epochs=1))
+    assert_same_state(straight, train(resume=tmp_path / "b", epochs=2))
 
 
 def test_unlabelled_flat_folder_trains_without_monitor(tmp_path, tiny_settings, image_folder):
@@ -158,7 +166,7 @@ def test_strong_view_options_reach_the_augmentation(tmp_path, tiny_settings, mon
     import sys
 
     seen = []
-    train_module = sys.modules["ressl.train"]  # the name ressl.train is the function
+    train_module = sys.modules["ressl.crops"]  # where the trainer's views are drawn
 
     real = train_module.strong_view
 
@@ -171,3 +179,74 @@ def test_strong_view_options_reach_the_augmentation(tmp_path, tiny_settings, mon
                                        grayscale_p=0.0, blur=0.5, crop_scale=(0.3, 0.9)))
     assert seen and all(k == {"jitter": (0.8, 0.8, 0.0, 0.0), "jitter_p": 1.0, "grayscale_p": 0.0,
                               "blur_p": 0.5, "scale": (0.3, 0.9)} for k in seen)
+
+
+def test_multicrop_and_symmetric_runs_train_and_resume(tmp_path, tiny_settings):
+    for name, extra in (("multi", dict(crops=(16, 12, 8))), ("sym", dict(symmetric=True))):
+        s = dict(tiny_settings, **extra)
+        straight = train(out=tmp_path / f"{name}-a", **s)
+        train(out=tmp_path / f"{name}-b", **dict(s, epochs=1))
+        assert_same_state(straight, train(resume=tmp_path / f"{name}-b", epochs=2))
+        rows = metrics(tmp_path / f"{name}-a")
+        assert all(r["loss"] > 0 for r in rows)
+        _, meta = load_checkpoint(straight)
+        assert json.loads(meta["settings"])["symmetric"] is (name == "sym")
+
+
+def test_symmetric_enqueues_both_teacher_batches(tmp_path, tiny_settings):
+    s = dict(tiny_settings, symmetric=True, queue_size=48, epochs=1)
+    tensors, _ = load_checkpoint(train(out=tmp_path / "run", **s))
+    steps = 36 // 8
+    assert int(tensors["model.queue_ptr"]) == (steps * 2 * 8) % 48
+
+
+def test_multicrop_student_sees_every_crop_size(tmp_path, tiny_settings, monkeypatch):
+    import sys
+
+    crops_module = sys.modules["ressl.crops"]
+    sizes, scales = [], []
+    real = crops_module.strong_view
+
+    def spy(images, **kw):
+        sizes.append(kw["size"])
+        scales.append(kw["scale"])
+        return real(images, **kw)
+
+    monkeypatch.setattr(crops_module, "strong_view", spy)
+    train(out=tmp_path / "run", **dict(tiny_settings, epochs=1, crops=(16, 12, 8)))
+    assert sizes[:3] == [16, 12, 8]
+    assert [v for r in scales[:3] for v in r] == pytest.approx([0.2, 1.0, 0.15, 0.75, 0.1, 0.5])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (dict(symmetric=True, queue_size=12), "queue_size must be >= 2 x batch_size (16"),
+        (dict(symmetric=True, crops=(16, 8)), "cannot be combined"),
+        (dict(crops=(16, 4)), "crops must be"),
+        (dict(crops=(16, 8), crop_scales=((0.2, 1.0),)), "crop_scales must be one (lo, hi) range per crop"),
+    ],
+)
+def test_crop_settings_validation(extra, message, tiny_settings):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_settings(**dict(tiny_settings, **extra))
+
+
+def test_crop_larger_than_image_is_refused_at_start(tmp_path, tiny_settings):
+    with pytest.raises(ValueError, match=r"crops must be sides in \[8, 16\]"):
+        train(out=tmp_path / "run", **dict(tiny_settings, crops=(24, 16)))
+
+
+def test_imagenet_recipe_defaults():
+    s = resolve_settings(dataset="imagenet:/data/imagenet")
+    expected = dict(backbone="resnet50", hidden_dim=4096, embed_dim=512, queue_size=131072, ema_momentum=0.999,
+                    lr=0.05, weight_decay=1e-4, warmup_epochs=5, epochs=200, blur=0.5,
+                    jitter=(0.4, 0.4, 0.4, 0.1), student_temperature=0.1, teacher_temperature=0.04,
+                    batch_size=256, crop_scale=(0.2, 1.0), sgd_momentum=0.9)
+    assert {k: s[k] for k in expected} == expected
+    # a folder at 224 px or more is ImageNet-like; at the default 64 px it is not
+    assert resolve_settings(dataset="folder:/x", image_size=224)["queue_size"] == 131072
+    small = resolve_settings(dataset="folder:/x")
+    assert (small["backbone"], small["queue_size"], small["blur"]) == ("resnet18", 16384, 0.0)
+    with pytest.raises(ValueError, match="imagenet:PATH"):
+        resolve_settings(dataset="imagenet")

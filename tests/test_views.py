@@ -20,6 +20,7 @@ from ressl.views import (
     blur_kernel_size,
     color_jitter,
     gaussian_blur,
+    multicrop_scales,
     normalize,
     random_grayscale,
     random_resized_crop,
@@ -155,6 +156,34 @@ def test_strong_view_without_colour_ops_is_the_weak_view():
         x, size=16, mean=mean, std=std, generator=gen(9), jitter_p=0.0, grayscale_p=0.0
     )
     torch.testing.assert_close(strong, weak, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("c", CHANNELS)
+def test_precropped_input_is_only_flipped_then_coloured(view, c):
+    x = uint8_images(64, c, 12, 12)
+    mean, std = IDENTITY[c]
+    kw = dict(mean=mean, std=std, crop=False)
+    if view is strong_view:
+        kw.update(jitter_p=0.0, grayscale_p=0.0)
+    out = view(x, size=12, generator=gen(3), **kw)
+    pixels = x.float() / 255
+    flipped = torch.isclose(out, pixels.flip(3), atol=1e-6).flatten(1).all(1)
+    same = torch.isclose(out, pixels, atol=1e-6).flatten(1).all(1)
+    assert bool((flipped | same).all()) and 16 < int((flipped & ~same).sum()) < 48
+    with pytest.raises(ValueError, match="already be 8x8"):
+        view(x, size=8, generator=gen(0), **kw)
+
+
+def test_multicrop_scales_are_the_papers():
+    paper = [(0.2, 1), (0.172, 0.86), (0.143, 0.715), (0.114, 0.571), (0.086, 0.429)]  # RESSL.md, ImageNet
+    got = multicrop_scales([224, 192, 160, 128, 96], 224, (0.2, 1.0))
+    assert [v for r in got for v in r] == pytest.approx([v for r in paper for v in r], abs=5e-3)  # paper rounds
+    assert multicrop_scales([32, 16], 32, (0.3, 0.9)) == [(0.3, 0.9), (0.15, 0.45)]
+    with pytest.raises(ValueError, match=r"each crop size must be an int in \[1, 32\]"):
+        multicrop_scales([48], 32)
+    with pytest.raises(ValueError, match="at least one"):
+        multicrop_scales([], 32)
 
 
 # --------------------------------------------------------------------------- crops
