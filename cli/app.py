@@ -122,7 +122,7 @@ def train_cmd(
     hidden_dim: Annotated[int | None, typer.Option(help="Projection head hidden width. [default: per dataset: 512, ImageNet 4096]")] = None,
     embed_dim: Annotated[int | None, typer.Option(help="Embedding dimension D. [default: per dataset: 128, ImageNet 512]")] = None,
     image_size: Annotated[int | None, typer.Option(help="Image side for folder data. [default: per dataset]")] = None,
-    knn_every: Annotated[int, typer.Option(help="kNN monitor every N epochs (0: only at the end).")] = 5,
+    knn_every: Annotated[int, typer.Option(help="kNN monitor every N epochs (0: only at the end, -1: never, e.g. for ImageNet-size data).")] = 5,
     precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast where supported.")] = Precision.auto,
     data_root: Annotated[Path | None, typer.Option(help="Where datasets are looked for / downloaded.")] = None,
     num_workers: Annotated[int, typer.Option(help="DataLoader workers for streamed folders.")] = 4,

@@ -201,7 +201,8 @@ def resolve_settings(**overrides: Any) -> dict[str, Any]:
     _check("backbone", s["backbone"] in BACKBONES, f"one of {', '.join(BACKBONES)}", s["backbone"])
     for key in ("width", "hidden_dim", "embed_dim", "queue_size", "knn_k", "progress_every"):
         _check(key, isinstance(s[key], int) and s[key] >= 1, "an integer >= 1", s[key])
-    _check("knn_every", isinstance(s["knn_every"], int) and s["knn_every"] >= 0, "an integer >= 0 (0: only at the end)", s["knn_every"])
+    _check("knn_every", isinstance(s["knn_every"], int) and s["knn_every"] >= -1,
+           "an integer >= -1 (0: only at the end, -1: never)", s["knn_every"])
     _check("symmetric", isinstance(s["symmetric"], bool), "True or False", s["symmetric"])
     per_step = s["batch_size"] * (2 if s["symmetric"] else 1)  # teacher embeddings enqueued per step
     _check("queue_size", s["queue_size"] >= per_step,
@@ -542,7 +543,8 @@ def train(
                 "lr": lr, "ema_momentum": m, "images_per_second": round(seen / max(elapsed, 1e-9), 2),
                 "epoch_seconds": round(elapsed, 3),
             }
-            if (s["knn_every"] and epoch % s["knn_every"] == 0) or epoch == s["epochs"]:
+            every = s["knn_every"]
+            if every >= 0 and ((every and epoch % every == 0) or epoch == s["epochs"]):
                 row.update(_knn_monitor(model, data, s, device, amp))
             rows.append(row)
             batch_in_epoch, loss_sum, loss_count = 0, 0.0, 0

@@ -150,6 +150,13 @@ def test_streamed_folder_resumes_bitwise(tmp_path, tiny_settings, monkeypatch):
     assert_same_state(straight, train(resume=tmp_path / "b", epochs=2))
 
 
+def test_knn_every_minus_one_never_runs_the_monitor(tmp_path, tiny_settings):
+    train(out=tmp_path / "run", **dict(tiny_settings, knn_every=-1))
+    assert all("knn_top1" not in row for row in metrics(tmp_path / "run"))
+    with pytest.raises(ValueError, match="knn_every must be an integer >= -1"):
+        resolve_settings(**dict(tiny_settings, knn_every=-2))
+
+
 def test_unlabelled_flat_folder_trains_without_monitor(tmp_path, tiny_settings, image_folder):
     import shutil
 
