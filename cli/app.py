@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from enum import Enum
@@ -151,9 +152,20 @@ def train_cmd(
         settings = {k: v for k, v in settings.items() if k in explicit}
         if not resume.exists():
             fail(f"--resume {resume}: no such file or folder")
+    if _launch_rank() != 0:  # under torchrun, rank 0 alone draws progress and prints
+        logging.getLogger("ressl").setLevel(logging.ERROR)
+        train(resume=resume, **settings)
+        return
     with TrainProgress() as progress:
         path = train(resume=resume, callback=progress, **settings)
     typer.echo(str(path))
+
+
+def _launch_rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _explicit_options(ctx: typer.Context) -> set[str]:

@@ -16,6 +16,7 @@ from .checkpoint import (
 )
 from .crops import CropPlan
 from .data import FolderImages, ImageData, ImageSource, TensorImages, dataset_names, load_dataset
+from .distributed import CrossRankBatchNorm, all_gather_cat, convert_batchnorm
 from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe
 from .functional import (
     cosine_lr,
@@ -29,6 +30,7 @@ from .functional import (
     symmetric_relation_loss,
 )
 from .model import BACKBONES, Encoder, ProjectionHead, ReSSL, SmallCNN, build_backbone
+from .step import EncodeCrops, training_step
 from .train import DATASET_DEFAULTS, TrainEvent, resolve_settings, train
 from .views import multicrop_scales, random_resized_crop, strong_view, weak_view
 
@@ -66,6 +68,12 @@ __all__ = [
     "build_backbone",
     # training
     "train",
+    "training_step",
+    "EncodeCrops",
+    # distributed
+    "CrossRankBatchNorm",
+    "convert_batchnorm",
+    "all_gather_cat",
     "resolve_settings",
     "TrainEvent",
     "DATASET_DEFAULTS",

@@ -168,6 +168,7 @@ class ImageSource(ABC):
         drop_last: bool = True,
         start: int = 0,
         num_workers: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield one epoch of ``(images (B, C, H, W) uint8, labels (B,) int64)`` on ``device``.
 
@@ -181,6 +182,9 @@ class ImageSource(ABC):
             start: Skip the first ``start`` batches of the epoch without decoding them
                 (mid-epoch resume); ``0 <= start <= num_batches``.
             num_workers: DataLoader decode workers (FolderImages only).
+            shard: ``(rank, world_size)``: yield only this rank's slice of every
+                batch (``batch_size / world_size`` images; distributed training).
+                The ranks' slices are disjoint and together are the whole batch.
         """
 
     def _plan(
@@ -190,6 +194,21 @@ class ImageSource(ABC):
         if not 0 <= start <= nb:
             raise ValueError(f"start must be in [0, {nb}] (batches per epoch), got {start}")
         return epoch_order(len(self), seed=seed, epoch=epoch, shuffle=shuffle), range(start, nb)
+
+    @staticmethod
+    def _slice(order: Tensor, b: int, batch_size: int, shard: tuple[int, int]) -> Tensor:
+        """Indices of batch ``b`` (this rank's part of it, with ``shard``)."""
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        rank, world = shard
+        if world == 1:
+            return idx
+        if not 0 <= rank < world or batch_size % world:
+            raise ValueError(
+                f"shard must be (rank, world_size) with 0 <= rank < world_size dividing batch_size "
+                f"{batch_size}, got {shard}"
+            )
+        per = batch_size // world
+        return idx[rank * per : (rank + 1) * per]
 
 
 class TensorImages(ImageSource):
@@ -241,6 +260,7 @@ class TensorImages(ImageSource):
         drop_last: bool = True,
         start: int = 0,
         num_workers: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """See :meth:`ImageSource.batches`; ``num_workers`` is ignored (nothing to decode).
 
@@ -253,7 +273,7 @@ class TensorImages(ImageSource):
         )
         order = order.to(self.images.device)
         for b in todo:
-            idx = order[b * batch_size : (b + 1) * batch_size]
+            idx = self._slice(order, b, batch_size, shard)
             x = self.images.index_select(0, idx)  # (B, C, H, W)
             y = self._device_labels.index_select(0, idx)  # (B,)
             yield x.to(device), y.to(device)  # no-op when already there
@@ -313,13 +333,14 @@ class FolderImages(ImageSource, Dataset):
         drop_last: bool = True,
         start: int = 0,
         num_workers: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """See :meth:`ImageSource.batches`: decodes in a DataLoader with ``num_workers``."""
         device = torch.device(device)
         order, todo = self._plan(
             batch_size, epoch=epoch, seed=seed, shuffle=shuffle, drop_last=drop_last, start=start
         )
-        sampler = [order[b * batch_size : (b + 1) * batch_size].tolist() for b in todo]
+        sampler = [self._slice(order, b, batch_size, shard).tolist() for b in todo]
         loader = DataLoader(
             self, batch_sampler=sampler, num_workers=num_workers,
             pin_memory=device.type == "cuda",
@@ -337,6 +358,7 @@ class FolderImages(ImageSource, Dataset):
         device: torch.device | str = "cpu",
         start: int = 0,
         num_workers: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[list[Tensor], Tensor]]:
         """One shuffled epoch of random crops cut in the DataLoader workers.
 
@@ -344,7 +366,7 @@ class FolderImages(ImageSource, Dataset):
         (:func:`ressl.folders.decode_crops`), so small-scale crops keep their
         detail and the device only flips, colours and normalises. The boxes come
         from a generator seeded by ``(seed, epoch, index)``: the same crops for any
-        number of workers, and after a resume.
+        number of workers, and after a resume. ``shard`` as in :meth:`batches`.
 
         Yields:
             ``([crop_1 (B, 3, s_1, s_1) uint8, ...], labels (B,))`` on ``device``.
@@ -353,7 +375,7 @@ class FolderImages(ImageSource, Dataset):
         order, todo = self._plan(
             batch_size, epoch=epoch, seed=seed, shuffle=True, drop_last=True, start=start
         )
-        sampler = [order[b * batch_size : (b + 1) * batch_size].tolist() for b in todo]
+        sampler = [self._slice(order, b, batch_size, shard).tolist() for b in todo]
         dataset = _CroppedFiles(self, [(int(s), (float(a), float(b))) for s, (a, b) in crops], seed, epoch)
         loader = DataLoader(
             dataset, batch_sampler=sampler, num_workers=num_workers,

@@ -9,7 +9,6 @@ checkpoint, so ``train(resume=run_dir)`` needs nothing else.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -32,15 +31,11 @@ from .checkpoint import (
 )
 from .crops import CropPlan
 from .data import FolderImages, ImageData, load_dataset
+from .distributed import World, all_gather_cat, any_rank, convert_batchnorm, wrap_ddp
 from .evaluate import extract_features, knn_accuracy
-from .functional import (
-    cosine_lr,
-    ema_update_,
-    momentum_schedule,
-    relation_loss,
-    symmetric_relation_loss,
-)
+from .functional import cosine_lr, momentum_schedule
 from .model import BACKBONES, ReSSL
+from .step import EncodeCrops, training_step
 
 __all__ = ["train", "resolve_settings", "DATASET_DEFAULTS", "TrainEvent", "select_device"]
 
@@ -257,26 +252,30 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 class _StopFlag:
     """First Ctrl-C asks the loop to stop after the current step (and save); a second one aborts."""
 
-    def __init__(self) -> None:
+    def __init__(self, also_sigterm: bool = False) -> None:
         self.stop = False
-        self._previous: Any = None
+        # torchrun answers Ctrl-C by sending SIGTERM to its workers: treat it as the first Ctrl-C
+        self._signals = [signal.SIGINT, signal.SIGTERM] if also_sigterm else [signal.SIGINT]
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in self._signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not in the main thread: leave signals alone
-            self._previous = None
+            pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.stop:
             raise KeyboardInterrupt
         self.stop = True
-        log.warning("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+        log.warning("interrupt: stopping after this step (distributed: at the next progress window) and "
+                    "saving a checkpoint (Ctrl-C again to abort)")
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _knn_monitor(model: ReSSL, data: ImageData, s: dict[str, Any], device: torch.device, amp: torch.dtype | None) -> dict[str, float]:
@@ -294,8 +293,13 @@ def _knn_monitor(model: ReSSL, data: ImageData, s: dict[str, Any], device: torch
     return {f"knn_{k}": round(v, 4) for k, v in acc.items()}
 
 
-def _rng_tensors(view_gen: torch.Generator) -> dict[str, Tensor]:
+def _rng_tensors(view_gen: torch.Generator, world: World) -> dict[str, Tensor]:
+    """The generators' states; distributed, every rank's view generator (a collective)."""
     out = {"rng.views": view_gen.get_state(), "rng.torch": torch.get_rng_state()}
+    if world.distributed:
+        states: list[Any] = [None] * world.size
+        torch.distributed.all_gather_object(states, view_gen.get_state())
+        out.update({f"rng.views.rank{r}": state for r, state in enumerate(states) if r > 0})
     if torch.cuda.is_available():
         out["rng.cuda"] = torch.cuda.get_rng_state()
     return out
@@ -394,7 +398,22 @@ def train(
             )
         s["out"] = str(run_dir)
 
-    device = select_device(s["device"])
+    world = World.join(s["device"])
+    try:
+        return _run(world, s, state, meta, run_dir, resume is not None, notify)
+    finally:
+        world.leave()
+
+
+def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[str, str], run_dir: Path,
+         resuming: bool, notify: Callable[[TrainEvent], None]) -> Path:
+    if s["batch_size"] % world.size:
+        raise ValueError(
+            f"batch_size is the global batch and must be divisible by the {world.size} processes, "
+            f"got {s['batch_size']}; use a multiple of {world.size}"
+        )
+    per_rank = s["batch_size"] // world.size
+    device = select_device(world.device(s["device"]))
     amp = _autocast_dtype(s["precision"], device)
     data = load_dataset(
         s["dataset"], root=s["data_root"], download=s["download"], image_size=s["image_size"], subset=s["subset"]
@@ -415,7 +434,7 @@ def train(
     warmup_steps = min(s["warmup_epochs"] * steps_per_epoch, total_steps)
     base_lr = s["lr"] * s["batch_size"] / 256
 
-    torch.manual_seed(s["seed"])
+    torch.manual_seed(s["seed"])  # the same initial weights and queue on every rank
     model = ReSSL(
         s["backbone"], in_channels=data.channels, image_size=data.image_size, hidden_dim=s["hidden_dim"],
         embed_dim=s["embed_dim"], queue_size=s["queue_size"], width=s["width"],
@@ -423,30 +442,41 @@ def train(
     ).to(device)
     if s["channels_last"]:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
+    student: nn.Module = EncodeCrops(model.student)
+    if world.distributed:
+        convert_batchnorm(model)  # batch statistics over the global batch, student and teacher
+        student = wrap_ddp(student, device)
     optimizer = torch.optim.SGD(_param_groups(model.student, s["weight_decay"]), lr=base_lr,
                                 momentum=s["sgd_momentum"])
-    view_gen = torch.Generator(device=device).manual_seed(s["seed"] + 2)
+    # each rank draws its own augmentations; rank 0's stream is the single-process one
+    view_gen = torch.Generator(device=device).manual_seed(s["seed"] + 2 + 1_000_003 * world.rank)
 
     epoch, batch_in_epoch, loss_sum, loss_count = 0, 0, 0.0, 0
     metrics_path = run_dir / "metrics.jsonl"
-    if resume is not None:
+    if resuming:
         model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         load_optimizer_tensors(optimizer, state, meta["optimizer"])
-        if meta.get("rng_device", "cpu") == device.type:
-            view_gen.set_state(state["rng.views"])
-        else:  # a generator's state does not carry across device types
-            log.warning("checkpoint was written on %s, resuming on %s: augmentations are reseeded, so the "
-                        "run continues correctly but not bitwise-identically", meta.get("rng_device"), device.type)
-            view_gen.manual_seed(s["seed"] + 2 + int(meta["step"]))
+        rng_key = "rng.views" if world.rank == 0 else f"rng.views.rank{world.rank}"
+        saved_world = int(meta.get("world_size", "1"))
+        if meta.get("rng_device", "cpu") == device.type and saved_world == world.size and rng_key in state:
+            view_gen.set_state(state[rng_key])
+        else:  # a generator's state does not carry across device types or world sizes
+            if world.main:
+                log.warning("checkpoint was written by %d process(es) on %s, resuming with %d on %s: "
+                            "augmentations are reseeded, so the run continues correctly but not "
+                            "bitwise-identically", saved_world, meta.get("rng_device"), world.size, device.type)
+            view_gen.manual_seed(s["seed"] + 2 + 1_000_003 * world.rank + int(meta["step"]))
         torch.set_rng_state(state["rng.torch"])
         if "rng.cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng.cuda"])
         epoch, batch_in_epoch = int(meta["epoch"]), int(meta["batch_in_epoch"])
         loss_sum, loss_count = float(meta["epoch_loss_sum"]), int(meta["epoch_loss_count"])
-        log.info("resuming %s at epoch %d, batch %d", run_dir, epoch, batch_in_epoch)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        if world.main:
+            log.info("resuming %s at epoch %d, batch %d", run_dir, epoch, batch_in_epoch)
     rows = _read_metrics(metrics_path, epoch)
-    _write_metrics(metrics_path, rows)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_metrics(metrics_path, rows)
 
     plan = CropPlan.build(data.image_size, s["crop_scale"], s["crops"], s["crop_scales"], s["symmetric"])
     strong_kw: dict[str, Any] = dict(jitter=s["jitter"], jitter_p=s["jitter_p"], grayscale_p=s["grayscale_p"],
@@ -456,12 +486,16 @@ def train(
     # Streamed folders (FolderImages) are cropped in the DataLoader workers from the full-resolution files.
 
     def checkpoint() -> Path:
+        rng = _rng_tensors(view_gen, world)  # a collective when distributed: every rank calls checkpoint()
+        path = run_dir / "last.safetensors"
+        if not world.main:
+            return path
         opt_tensors, opt_blob = optimizer_tensors(optimizer)
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update(opt_tensors)
-        tensors.update(_rng_tensors(view_gen))
+        tensors.update(rng)
         step = epoch * steps_per_epoch + batch_in_epoch
-        return save_checkpoint(run_dir / "last.safetensors", tensors, {
+        return save_checkpoint(path, tensors, {"world_size": str(world.size),
             "settings": json.dumps(s), "optimizer": opt_blob, "epoch": str(epoch),
             "batch_in_epoch": str(batch_in_epoch), "step": str(step),
             "epoch_loss_sum": repr(loss_sum), "epoch_loss_count": str(loss_count),
@@ -478,39 +512,30 @@ def train(
             x_s = [x.contiguous(memory_format=torch.channels_last) for x in x_s]
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ctx = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-        with ctx:
-            z_s = [model.student(x) for x in x_s]  # one (B, D) per student crop
-            with torch.no_grad():
-                ema_update_(model.teacher, model.student, momentum)  # official order: EMA before the teacher forward
-                z_t = [model.teacher(x) for x in x_t]  # (B, D); two with symmetric
-            tau = (s["student_temperature"], s["teacher_temperature"])
-            if plan.symmetric:
-                loss = symmetric_relation_loss(z_s, z_t, model.queue, *tau)
-            else:  # one crop, or multi-crop sharing the teacher relation
-                loss = relation_loss(z_s, z_t[0], model.queue, *tau)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.enqueue_(z_t[0] if len(z_t) == 1 else torch.cat(z_t))  # after the loss: never compared with itself
-        return loss.detach()
+        return training_step(
+            model, optimizer, x_t, x_s, momentum=momentum, student_temperature=s["student_temperature"],
+            teacher_temperature=s["teacher_temperature"], symmetric=plan.symmetric, autocast_dtype=amp,
+            student=student, gather=all_gather_cat if world.distributed else None)
 
     notify(TrainEvent("start", epoch, epoch * steps_per_epoch + batch_in_epoch, steps_per_epoch, s["epochs"],
                       batch_in_epoch))
-    log.info("training %s on %s (%d images, %d steps/epoch) on %s%s", s["backbone"], s["dataset"], n_train,
-             steps_per_epoch, device, " with bf16 autocast" if amp else "")
-    with _StopFlag() as flag:
+    if world.main:
+        log.info("training %s on %s (%d images, %d steps/epoch) on %s%s%s", s["backbone"], s["dataset"], n_train,
+                 steps_per_epoch, device, " with bf16 autocast" if amp else "",
+                 f", {world.size} processes of {per_rank} images per step" if world.distributed else "")
+    saved = False
+    with _StopFlag(also_sigterm=world.distributed) as flag:
         while epoch < s["epochs"] and not flag.stop:
             model.train()
             batches: Iterator[tuple[Tensor | list[Tensor], Tensor]]
             if isinstance(train_source, FolderImages):
                 batches = train_source.crop_batches(
                     s["batch_size"], plan.worker_crops, epoch=epoch, seed=s["seed"], device=device,
-                    start=batch_in_epoch, num_workers=s["num_workers"])
+                    start=batch_in_epoch, num_workers=s["num_workers"], shard=(world.rank, world.size))
             else:
                 batches = train_source.batches(
                     s["batch_size"], epoch=epoch, seed=s["seed"], device=device, start=batch_in_epoch,
-                    num_workers=s["num_workers"])
+                    num_workers=s["num_workers"], shard=(world.rank, world.size))
             t_epoch = time.perf_counter()
             seen, t_window, seen_window = 0, time.perf_counter(), 0
             pending: list[Tensor] = []
@@ -520,9 +545,13 @@ def train(
                 m = momentum_schedule(step, total_steps, s["ema_momentum"], s["momentum_schedule"])
                 pending.append(step_fn(images, lr, m))
                 batch_in_epoch += 1
-                seen += labels.shape[0]
-                seen_window += labels.shape[0]
-                if len(pending) >= s["progress_every"] or batch_in_epoch == steps_per_epoch or flag.stop:
+                seen += labels.shape[0] * world.size  # images of the global batch
+                seen_window += labels.shape[0] * world.size
+                # Distributed ranks must agree on when to stop: they check together, at window ends.
+                stop_now = flag.stop and not world.distributed
+                if len(pending) >= s["progress_every"] or batch_in_epoch == steps_per_epoch or stop_now:
+                    if world.distributed:
+                        flag.stop = any_rank(flag.stop, device)
                     losses = torch.stack(pending).tolist()  # the one host sync per window
                     pending.clear()
                     loss_sum += sum(losses)
@@ -548,19 +577,21 @@ def train(
                 row.update(_knn_monitor(model, data, s, device, amp))
             rows.append(row)
             batch_in_epoch, loss_sum, loss_count = 0, 0.0, 0
-            path = checkpoint()
-            _write_metrics(metrics_path, rows)
+            path, saved = checkpoint(), True
+            if world.main:
+                _write_metrics(metrics_path, rows)
             notify(TrainEvent("epoch", epoch, epoch * steps_per_epoch, steps_per_epoch, s["epochs"], 0,
                               row["loss"], row["images_per_second"], row))
         if flag.stop and epoch < s["epochs"]:
             path = checkpoint()
-            log.warning("interrupted: saved %s in epoch %d after batch %d of %d; continue with --resume %s",
-                        path, epoch + 1, batch_in_epoch, steps_per_epoch, run_dir)
+            if world.main:
+                log.warning("interrupted: saved %s in epoch %d after batch %d of %d; continue with --resume %s",
+                            path, epoch + 1, batch_in_epoch, steps_per_epoch, run_dir)
             notify(TrainEvent("end", epoch, epoch * steps_per_epoch + batch_in_epoch, steps_per_epoch,
                               s["epochs"], batch_in_epoch, metrics={"interrupted": True}))
             raise KeyboardInterrupt
     path = run_dir / "last.safetensors"
-    if not path.exists():  # resumed a run that had already finished
+    if not saved and not path.exists():  # resumed a run that had already finished
         path = checkpoint()
     notify(TrainEvent("end", epoch, epoch * steps_per_epoch, steps_per_epoch, s["epochs"],
                       metrics=rows[-1] if rows else {}))

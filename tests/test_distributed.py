@@ -1,0 +1,170 @@
+"""Distributed training on CPU: 2 processes, gloo backend (the same code runs NCCL on GPUs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ressl import ReSSL, load_checkpoint, train
+from ressl.data import TensorImages
+from ressl.distributed import CrossRankBatchNorm, all_gather_cat, convert_batchnorm, wrap_ddp
+from ressl.step import EncodeCrops, training_step
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tiny_model() -> ReSSL:
+    torch.manual_seed(0)
+    return ReSSL("small", in_channels=3, image_size=16, hidden_dim=16, embed_dim=8, queue_size=64, width=4,
+                 generator=torch.Generator().manual_seed(1))
+
+
+def batches() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    x_t = torch.randn(16, 3, 16, 16, generator=g)
+    x_s = [torch.randn(16, 3, 16, 16, generator=g), torch.randn(16, 3, 12, 12, generator=g)]  # two student crops
+    return x_t, x_s
+
+
+def run_steps(model: ReSSL, x_t, x_s, student=None, gather=None) -> None:
+    opt = torch.optim.SGD(model.student.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(3):
+        training_step(model, opt, [x_t], x_s, momentum=0.9, student=student, gather=gather)
+
+
+def _step_worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = convert_batchnorm(tiny_model())
+        student = wrap_ddp(EncodeCrops(model.student), torch.device("cpu"))
+        x_t, x_s = batches()
+        per = x_t.shape[0] // world
+        part = slice(rank * per, (rank + 1) * per)
+        run_steps(model, x_t[part], [x[part] for x in x_s], student=student, gather=all_gather_cat)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cross_rank_batchnorm_is_batchnorm_in_one_process():
+    bn = nn.BatchNorm2d(3)
+    converted = convert_batchnorm(nn.Sequential(bn))[0]
+    assert isinstance(converted, CrossRankBatchNorm) and converted.weight is bn.weight
+    assert set(converted.state_dict()) == set(bn.state_dict())
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(converted(x), nn.BatchNorm2d(3)(x))
+
+
+def test_two_process_steps_equal_one_process_on_the_global_batch(tmp_path):
+    # 3 steps, 2 student crops (one DDP forward), cross-rank BatchNorm, gathered queue:
+    # 2 ranks x 8 images must give what 1 process gives on the 16 images.
+    mp.spawn(_step_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    single = tiny_model()
+    x_t, x_s = batches()
+    run_steps(single, x_t, x_s)
+    want = single.state_dict()
+    initial = tiny_model().state_dict()
+    assert set(ranks[0]) == set(want)
+    for key, value in want.items():
+        for got in ranks:
+            torch.testing.assert_close(got[key], value, atol=2e-5, rtol=1e-4, msg=key)
+    assert torch.equal(ranks[0]["queue"], ranks[1]["queue"])  # identical, not just close
+    assert not torch.allclose(want["student.backbone.features.0.weight"], initial["student.backbone.features.0.weight"])
+    assert int(want["queue_ptr"]) == 3 * 16
+
+
+def _train_worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    train_module = sys.modules["ressl.train"]
+    models: list[ReSSL] = []
+
+    class Recorded(ReSSL):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            models.append(self)
+
+    train_module.ReSSL = Recorded  # type: ignore[attr-defined]
+    train(**settings)
+    save_file({"queue": models[0].queue.contiguous(), "ptr": models[0].queue_ptr.reshape(1)},
+              f"{out}/queue{rank}.safetensors")
+
+
+def test_distributed_trainer_shares_the_queue_and_resumes_in_one_process(tmp_path, tiny_settings):
+    run = tmp_path / "run"
+    settings = dict(tiny_settings, out=str(run), epochs=1)
+    mp.spawn(_train_worker, args=(2, free_port(), settings, str(tmp_path)), nprocs=2, join=True)
+    q0, q1 = (load_file(str(tmp_path / f"queue{r}.safetensors")) for r in range(2))
+    assert torch.equal(q0["queue"], q1["queue"]) and int(q0["ptr"]) == (36 // 8) * 8 % 32
+    tensors, meta = load_checkpoint(run / "last.safetensors")
+    assert meta["world_size"] == "2" and "rng.views.rank1" in tensors
+    assert torch.equal(tensors["model.queue"], q0["queue"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]  # rank 0 alone writes
+    # the distributed checkpoint continues in a single process
+    train(resume=run, epochs=2)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["loss"] > 0
+
+
+def test_ranks_get_disjoint_shards_covering_each_batch():
+    source = TensorImages(torch.arange(24, dtype=torch.uint8).view(24, 1, 1, 1).expand(24, 1, 2, 2).contiguous(),
+                          torch.arange(24))
+    whole = [y for _, y in source.batches(8, epoch=1, seed=3)]
+    shards = [[y for _, y in source.batches(8, epoch=1, seed=3, shard=(r, 2))] for r in range(2)]
+    for b, batch in enumerate(whole):
+        assert torch.equal(torch.cat([shards[0][b], shards[1][b]]), batch)
+    with pytest.raises(ValueError, match="shard must be"):
+        next(iter(source.batches(8, epoch=0, seed=0, shard=(0, 3))))
+
+
+def test_torchrun_cli_end_to_end(tmp_path, image_folder):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ressl",
+           "train", "--dataset", f"folder:{image_folder}", "--backbone", "small", "--width", "4", "--hidden-dim",
+           "16", "--embed-dim", "8", "--image-size", "16", "--batch-size", "8", "--queue-size", "32", "--epochs",
+           "1", "--warmup-epochs", "0", "--knn-every", "1", "--device", "cpu", "--num-workers", "0", "--out",
+           str(run)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(run / "last.safetensors")]  # rank 0 alone prints
+    row = json.loads((run / "metrics.jsonl").read_text())
+    assert row["epoch"] == 1 and "knn_top1" in row
+    _, meta = load_checkpoint(run / "last.safetensors")
+    assert meta["world_size"] == "2"
+
+
+def test_global_batch_must_split_evenly(tmp_path, tiny_settings, monkeypatch):
+    from ressl.distributed import World
+
+    monkeypatch.setattr(World, "join", classmethod(lambda cls, device="auto": cls(0, 3, 0)))
+    with pytest.raises(ValueError, match="must be divisible by the 3 processes"):
+        train(out=str(tmp_path / "run"), **dict(tiny_settings))
+
+
+def test_world_from_environment(monkeypatch):
+    from ressl.distributed import World
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert World.join() == World()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE, RANK and LOCAL_RANK must be integers"):
+        World.join()
