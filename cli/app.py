@@ -1,4 +1,4 @@
-"""The ``ressl`` command line: ``ressl train``, ``ressl info``.
+"""The ``ressl`` command line: ``ressl train``, ``ressl info``, ``ressl export``, ``ressl embed``.
 
 The CLI owns the terminal: progress bars and summary lines go to stderr,
 results to stdout. Every user error becomes one line on stderr and a non-zero
@@ -94,35 +94,35 @@ def _parse_crop_scales(text: str | None) -> tuple[tuple[float, float], ...] | No
 def train_cmd(
     ctx: typer.Context,
     dataset: Annotated[str, typer.Option(help="fashion-mnist, cifar10, cifar100, stl10, folder:PATH or imagenet:PATH (a folder with the ImageNet recipe)")] = "fashion-mnist",
-    epochs: Annotated[int | None, typer.Option(help="Total epochs (also when resuming). [default: per dataset]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Total epochs (also when resuming). (default: per dataset)")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 256,
-    backbone: Annotated[Backbone | None, typer.Option(help="Encoder; 'small' is a fast CNN for CPU runs. [default: per dataset: resnet18, resnet50 for ImageNet-like data]")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder. [default: runs/DATASET]")] = None,
+    backbone: Annotated[Backbone | None, typer.Option(help="Encoder; 'small' is a fast CNN for CPU runs. (default: per dataset: resnet18, resnet50 for ImageNet-like data)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder. (default: runs/DATASET)")] = None,
     resume: Annotated[Path | None, typer.Option(help="Run folder or checkpoint to continue.")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed (model init, data order, augmentations).")] = 0,
     subset: Annotated[int | None, typer.Option(help="Train on the first N images only (quick runs).")] = None,
-    queue_size: Annotated[int | None, typer.Option(help="Relation queue length K. [default: per dataset]")] = None,
-    ema_momentum: Annotated[float | None, typer.Option(help="Teacher EMA momentum m. [default: per dataset]")] = None,
+    queue_size: Annotated[int | None, typer.Option(help="Relation queue length K. (default: per dataset)")] = None,
+    ema_momentum: Annotated[float | None, typer.Option(help="Teacher EMA momentum m. (default: per dataset)")] = None,
     momentum_schedule: Annotated[MomentumSchedule, typer.Option(help="Constant m, or cosine from m to 1.")] = MomentumSchedule.constant,
     student_temperature: Annotated[float, typer.Option(help="tau_s.")] = 0.1,
     teacher_temperature: Annotated[float, typer.Option(help="tau_t (sharper than tau_s).")] = 0.04,
-    lr: Annotated[float | None, typer.Option(help="SGD learning rate per 256 images. [default: per dataset]")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay (not on BN/bias). [default: per dataset]")] = None,
-    warmup_epochs: Annotated[int | None, typer.Option(help="Linear warm-up epochs before the cosine decay. [default: per dataset]")] = None,
+    lr: Annotated[float | None, typer.Option(help="SGD learning rate per 256 images. (default: per dataset)")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay (not on BN/bias). (default: per dataset)")] = None,
+    warmup_epochs: Annotated[int | None, typer.Option(help="Linear warm-up epochs before the cosine decay. (default: per dataset)")] = None,
     crop_scale: Annotated[str | None, typer.Option(help="RandomResizedCrop area range, e.g. 0.2,1.0.")] = None,
     crops: Annotated[str | None, typer.Option(help="Multi-crop: student crop sides, e.g. 32,28,24,20,16 or 224,192,160,128,96.")] = None,
-    crop_scales: Annotated[str | None, typer.Option(help="Area range per --crops side, e.g. 0.2:1,0.15:0.75 [default: crop scale x side / image size]")] = None,
+    crop_scales: Annotated[str | None, typer.Option(help="Area range per --crops side, e.g. 0.2:1,0.15:0.75 (default: crop scale x side / image size)")] = None,
     symmetric: Annotated[bool, typer.Option("--symmetric", help="2x backprop: two crops per image, each seen by both networks.")] = False,
     teacher_view: Annotated[TeacherView, typer.Option(help="Teacher augmentation (the paper: weak).")] = TeacherView.weak,
-    jitter: Annotated[str | None, typer.Option(help="Strong view colour jitter: brightness,contrast,saturation,hue. [default: per dataset]")] = None,
+    jitter: Annotated[str | None, typer.Option(help="Strong view colour jitter: brightness,contrast,saturation,hue. (default: per dataset)")] = None,
     jitter_p: Annotated[float, typer.Option(help="Probability of colour jitter on the strong view.")] = 0.8,
     grayscale_p: Annotated[float, typer.Option(help="Probability of grayscale on the strong view.")] = 0.2,
-    blur: Annotated[float | None, typer.Option(help="Gaussian blur probability on the strong view. [default: per dataset: 0, ImageNet 0.5]")] = None,
+    blur: Annotated[float | None, typer.Option(help="Gaussian blur probability on the strong view. (default: per dataset: 0, ImageNet 0.5)")] = None,
     width: Annotated[int, typer.Option(help="Width of the small CNN's first stage.")] = 32,
-    hidden_dim: Annotated[int | None, typer.Option(help="Projection head hidden width. [default: per dataset: 512, ImageNet 4096]")] = None,
-    embed_dim: Annotated[int | None, typer.Option(help="Embedding dimension D. [default: per dataset: 128, ImageNet 512]")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Image side for folder data. [default: per dataset]")] = None,
+    hidden_dim: Annotated[int | None, typer.Option(help="Projection head hidden width. (default: per dataset: 512, ImageNet 4096)")] = None,
+    embed_dim: Annotated[int | None, typer.Option(help="Embedding dimension D. (default: per dataset: 128, ImageNet 512)")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Image side for folder data. (default: per dataset)")] = None,
     knn_every: Annotated[int, typer.Option(help="kNN monitor every N epochs (0: only at the end, -1: never, e.g. for ImageNet-size data).")] = 5,
     precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast where supported.")] = Precision.auto,
     data_root: Annotated[Path | None, typer.Option(help="Where datasets are looked for / downloaded.")] = None,
@@ -180,14 +180,17 @@ def _explicit_options(ctx: typer.Context) -> set[str]:
 
 @app.command("info")
 def info_cmd(
-    path: Annotated[Path, typer.Argument(help="A ressl checkpoint (.safetensors) or run folder.")],
+    path: Annotated[Path, typer.Argument(help="A ressl checkpoint (.safetensors), run folder or exported .onnx file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
 ) -> None:
-    """Describe a checkpoint: format, versions, progress, metrics and training settings."""
+    """Describe a checkpoint (format, versions, progress, metrics, settings) or an exported ONNX encoder."""
     from ressl.checkpoint import read_metadata
 
     if not path.exists():
         fail(f"{path}: no such file or folder")
+    if path.suffix.lower() == ".onnx":
+        typer.echo(export_cmd.onnx_info(path, as_json))
+        return
     meta = read_metadata(path)
     settings = json.loads(meta.get("settings", "{}"))
     metrics = json.loads(meta.get("metrics", "{}") or "{}")
@@ -207,6 +210,9 @@ def info_cmd(
     width = max((len(k) for k in settings), default=0)
     lines += [f"  {k:<{width}}  {json.dumps(v)}" for k, v in settings.items()]
     typer.echo("\n".join(lines))
+
+
+from . import export_cmd  # noqa: E402  (registers ressl export, ressl embed)
 
 
 def _is_usage_error(e: BaseException) -> bool:

@@ -7,32 +7,48 @@ checkpoints, and evaluation protocols. ONNX export and serving live in
 """
 
 from ._version import __version__
-from .checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_encoder,
-    read_metadata,
-    save_checkpoint,
-)
-from .crops import CropPlan
-from .data import FolderImages, ImageData, ImageSource, TensorImages, dataset_names, load_dataset
-from .distributed import CrossRankBatchNorm, all_gather_cat, convert_batchnorm
-from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe
-from .functional import (
-    cosine_lr,
-    ema_update_,
-    momentum_schedule,
-    queue_push_,
-    random_queue,
-    relation,
-    relation_loss,
-    sharpen,
-    symmetric_relation_loss,
-)
-from .model import BACKBONES, Encoder, ProjectionHead, ReSSL, SmallCNN, build_backbone
-from .step import EncodeCrops, training_step
-from .train import DATASET_DEFAULTS, TrainEvent, resolve_settings, train
-from .views import multicrop_scales, random_resized_crop, strong_view, weak_view
+
+try:
+    import torch as _torch  # noqa: F401  (the library needs it; serving with ressl.export does not)
+except ImportError:  # a serving machine: ressl.export.Embedder runs on onnxruntime, numpy and pillow
+    _HAVE_TORCH = False
+else:
+    _HAVE_TORCH = True
+
+if _HAVE_TORCH:
+    from .checkpoint import (
+        CheckpointError,
+        load_checkpoint,
+        load_encoder,
+        read_metadata,
+        save_checkpoint,
+    )
+    from .crops import CropPlan
+    from .data import (
+        FolderImages,
+        ImageData,
+        ImageSource,
+        TensorImages,
+        dataset_names,
+        load_dataset,
+    )
+    from .distributed import CrossRankBatchNorm, all_gather_cat, convert_batchnorm
+    from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe
+    from .functional import (
+        cosine_lr,
+        ema_update_,
+        momentum_schedule,
+        queue_push_,
+        random_queue,
+        relation,
+        relation_loss,
+        sharpen,
+        symmetric_relation_loss,
+    )
+    from .model import BACKBONES, Encoder, ProjectionHead, ReSSL, SmallCNN, build_backbone
+    from .step import EncodeCrops, training_step
+    from .train import DATASET_DEFAULTS, TrainEvent, resolve_settings, train
+    from .views import multicrop_scales, random_resized_crop, strong_view, weak_view
 
 __all__ = [
     "__version__",
@@ -89,3 +105,12 @@ __all__ = [
     "load_encoder",
     "CheckpointError",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in __all__ and not _HAVE_TORCH:
+        raise ImportError(
+            f"ressl.{name} needs PyTorch, which is not installed here; pip install torch "
+            "(serving embeddings with ressl.export.Embedder needs only onnxruntime, numpy and pillow)"
+        )
+    raise AttributeError(f"module 'ressl' has no attribute {name!r}")

@@ -1,0 +1,280 @@
+"""``Embedder``: embeddings from an exported encoder with onnxruntime, numpy and PIL (no PyTorch).
+
+The file carries everything needed: the input size and channels come from its
+metadata, the normalisation and the L2 norm are inside the graph. The CUDA
+provider is used when a GPU is really usable, else the CPU provider; probing
+prints nothing on machines without CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .images import ImageInput, load_image, pil_mode, to_batch
+from .metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
+
+__all__ = ["Embedder", "FileEmbeddings", "cuda_device_count", "open_session"]
+
+logger = logging.getLogger(__name__)
+
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+_ORT_DEFAULT_SEVERITY = 2  # onnxruntime's default logger level (warning); it has no getter
+
+
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver reports (0 without a driver or GPU), asked without PyTorch.
+
+    Loads the driver library with ctypes and calls ``cuInit`` / ``cuDeviceGetCount``:
+    cheap, silent, and true only when a GPU is usable, unlike
+    ``ort.get_available_providers()``, which lists CUDA whenever onnxruntime-gpu is installed.
+    """
+    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        try:
+            if lib.cuInit(0) != 0:
+                return 0
+            count = ctypes.c_int(0)
+            if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+                return 0
+            return int(count.value)
+        except AttributeError:
+            return 0
+    return 0
+
+
+@contextlib.contextmanager
+def _quiet_ort() -> Iterator[None]:
+    """Silence onnxruntime's global logger while a provider is probed (it prints load failures as errors)."""
+    ort.set_default_logger_severity(4)
+    try:
+        yield None
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
+
+
+def _options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # session warnings (e.g. nodes placed on CPU) are not the user's concern
+    if threads is not None:
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: onnxruntime's choice), got {threads}")
+        so.intra_op_num_threads = threads
+    return so
+
+
+def open_session(
+    model: str | os.PathLike[str] | bytes, device: str = "auto", threads: int | None = None
+) -> ort.InferenceSession:
+    """An onnxruntime session on the best usable provider.
+
+    Args:
+        model: an ONNX file or its bytes.
+        device: ``"auto"`` (CUDA when a GPU is usable, else CPU), ``"cpu"`` or ``"cuda"``.
+        threads: CPU threads for one run (``None``: onnxruntime's default, the physical cores).
+
+    Raises:
+        ValueError: a bad ``device``, CUDA asked for but unusable, or a file onnxruntime cannot load.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    name = "model bytes" if isinstance(model, bytes) else os.fspath(model)
+    src: str | bytes = model if isinstance(model, bytes) else os.fspath(model)
+    options = _options(threads)
+    want_cuda = device != "cpu" and _CUDA in ort.get_available_providers() and cuda_device_count() > 0
+    if device == "cuda" and not want_cuda:
+        raise ValueError(
+            "device='cuda' but no usable GPU: "
+            + ("onnxruntime has no CUDA provider (install onnxruntime-gpu)" if _CUDA not in
+               ort.get_available_providers() else "no CUDA driver or GPU found")
+        )
+    if want_cuda:
+        if "torch" not in sys.modules and hasattr(ort, "preload_dlls"):
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
+                ort.preload_dlls()  # CUDA / cuDNN from the nvidia-* wheels, when installed that way
+        with _quiet_ort():
+            session = _load(src, name, options, [_CUDA, _CPU])
+        if session.get_providers()[0] == _CUDA:
+            return session
+        if device == "cuda":
+            raise ValueError(
+                "device='cuda' but onnxruntime's CUDA provider failed to load (CUDA or cuDNN libraries "
+                "missing or of the wrong version)"
+            )
+        logger.info("a GPU is present but onnxruntime's CUDA provider did not load; using the CPU")
+        return session
+    return _load(src, name, options, [_CPU])
+
+
+def _load(src: str | bytes, name: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(src, options, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own RuntimeError subclasses
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{name} is not a valid ONNX model onnxruntime can load ({first})") from None
+
+
+def _reason(error: BaseException, name: str) -> str:
+    """PIL's message without the file name it repeats ("cannot identify image file 'x.png'")."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text.replace(repr(name), "").replace(name, "").strip(" :'\"")
+    return text or type(error).__name__
+
+
+@dataclass
+class FileEmbeddings:
+    """What ``Embedder.embed_files`` returns.
+
+    Attributes:
+        embeddings: float32 ``(N, D)``, row i for ``paths[i]``.
+        paths: the files embedded, in input order.
+        skipped: ``(file, reason)`` for each file that could not be read.
+    """
+
+    embeddings: np.ndarray
+    paths: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Embedder:
+    """Embeddings from an exported ressl encoder, with onnxruntime.
+
+    Args:
+        path: an ONNX file written by ``export_onnx`` / ``ressl export``.
+        device: ``"auto"`` (CUDA when a GPU is usable, else CPU), ``"cpu"`` or ``"cuda"``.
+        batch_size: images per onnxruntime run.
+        threads: CPU threads per run (``None``: onnxruntime's default).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not an ONNX file, not a ressl encoder, or its graph disagrees with its metadata.
+
+    Example:
+        >>> emb = Embedder("encoder.onnx")                  # doctest: +SKIP
+        >>> z = emb(["a.jpg", "b.png"])                       # (2, D) float32, rows L2-normalised
+        >>> z = emb(np.zeros((4, 32, 32, 3), np.uint8))      # uint8 (N, H, W, C) pixels
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        batch_size: int = 64,
+        threads: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such file" if not self.path.exists()
+                                    else f"{self.path} is a folder, not an ONNX file")
+        self.batch_size = batch_size
+        self.session = open_session(self.path, device, threads)
+        self.info = ModelInfo.from_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.path))
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        names = ([i.name for i in inputs], [o.name for o in outputs])
+        if names != ([INPUT_NAME], [OUTPUT_NAME]):
+            raise ValueError(
+                f"{self.path}: graph has inputs {names[0]} and outputs {names[1]}, expected "
+                f"[{INPUT_NAME!r}] and [{OUTPUT_NAME!r}]"
+            )
+        shape = inputs[0].shape  # e.g. ['batch', 3, 'height', 'width']
+        if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != self.info.channels):
+            raise ValueError(
+                f"{self.path}: graph input has shape {shape} but the metadata says {self.info.channels} channels"
+            )
+        if inputs[0].type != "tensor(float)" or outputs[0].type != "tensor(float)":
+            raise ValueError(f"{self.path}: graph input/output must be float32, got {inputs[0].type}/{outputs[0].type}")
+
+    @property
+    def provider(self) -> str:
+        """The provider runs go to: ``"CUDAExecutionProvider"`` or ``"CPUExecutionProvider"``."""
+        return str(self.session.get_providers()[0])
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.info.embedding_dim
+
+    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """Images of any accepted kind -> float32 ``(N, C, S, S)`` in [0, 1] (see ``ressl.export.images.to_batch``)."""
+        return to_batch(images, self.info.image_size, self.info.channels, any_size=self.info.dynamic_spatial)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """float32 ``(N, C, H, W)`` in [0, 1] -> float32 ``(N, D)``, in chunks of ``batch_size``."""
+        out = [self.session.run([OUTPUT_NAME], {INPUT_NAME: batch[i : i + self.batch_size]})[0]
+               for i in range(0, len(batch), self.batch_size)]
+        if not out:
+            return np.zeros((0, self.info.embedding_dim), np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def embed(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """Embed images: paths, PIL images, uint8 ``(H, W, C)`` / ``(N, H, W, C)`` or float ``(N, C, H, W)`` arrays.
+
+        Files, PIL images and uint8 arrays are resized (shorter side to S,
+        bilinear) and centre-cropped to S x S; float arrays in [0, 1] are fed unchanged.
+
+        Returns:
+            float32 ``(N, D)``, rows L2-normalised.
+
+        Raises:
+            TypeError, ValueError: on inputs of the wrong kind, shape, channels or range.
+            OSError: a file cannot be read.
+        """
+        return self.run(self.preprocess(images))
+
+    __call__ = embed
+
+    def embed_files(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        progress: Callable[[int], None] | None = None,
+    ) -> FileEmbeddings:
+        """Embed image files, skipping (and listing) the ones that cannot be read.
+
+        Args:
+            paths: image files.
+            progress: called with the number of files handled after each batch.
+
+        Returns:
+            ``FileEmbeddings`` with one row per readable file, in input order.
+        """
+        size, channels = self.info.image_size, self.info.channels
+        pil_mode(channels)  # a model files cannot be fed to fails here, not as N skipped files
+        rows: list[np.ndarray] = []
+        done: list[str] = []
+        skipped: list[tuple[str, str]] = []
+        for start in range(0, len(paths), self.batch_size):
+            chunk, names = [], []
+            for p in paths[start : start + self.batch_size]:
+                try:
+                    chunk.append(load_image(p, size, channels))
+                    names.append(os.fspath(p))
+                except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+                    skipped.append((os.fspath(p), _reason(e, os.fspath(p))))
+            if chunk:
+                rows.append(self.run(np.stack(chunk)))
+                done += names
+            if progress is not None:
+                progress(min(start + self.batch_size, len(paths)))
+        emb = np.concatenate(rows) if rows else np.zeros((0, self.info.embedding_dim), np.float32)
+        return FileEmbeddings(emb, done, skipped)
