@@ -1,4 +1,5 @@
-"""The ``ressl`` command line: ``ressl train``, ``ressl info``, ``ressl export``, ``ressl embed``.
+"""The ``ressl`` command line: ``ressl train``, ``ressl info``, ``ressl export``, ``ressl embed``,
+``ressl eval knn|linear``, ``ressl plot``.
 
 The CLI owns the terminal: progress bars and summary lines go to stderr,
 results to stdout. Every user error becomes one line on stderr and a non-zero
@@ -211,6 +212,12 @@ def info_cmd(
     lines += [f"  {k:<{width}}  {json.dumps(v)}" for k, v in settings.items()]
     typer.echo("\n".join(lines))
 
+
+from .eval_cmd import eval_app  # noqa: E402  (registers ressl eval knn, ressl eval linear)
+from .plot_cmd import plot_cmd  # noqa: E402
+
+app.add_typer(eval_app, name="eval")
+app.command("plot")(plot_cmd)
 
 from . import export_cmd  # noqa: E402  (registers ressl export, ressl embed)
 

@@ -33,7 +33,7 @@ if _HAVE_TORCH:
         load_dataset,
     )
     from .distributed import CrossRankBatchNorm, all_gather_cat, convert_batchnorm
-    from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe
+    from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe, split_features
     from .functional import (
         cosine_lr,
         ema_update_,
@@ -48,6 +48,7 @@ if _HAVE_TORCH:
     from .model import BACKBONES, Encoder, ProjectionHead, ReSSL, SmallCNN, build_backbone
     from .step import EncodeCrops, training_step
     from .train import DATASET_DEFAULTS, TrainEvent, resolve_settings, train
+    from .tsne import tsne
     from .views import multicrop_scales, random_resized_crop, strong_view, weak_view
 
 __all__ = [
@@ -95,9 +96,11 @@ __all__ = [
     "DATASET_DEFAULTS",
     # evaluation
     "extract_features",
+    "split_features",
     "knn_predict",
     "knn_accuracy",
     "linear_probe",
+    "tsne",
     # checkpoints
     "save_checkpoint",
     "load_checkpoint",

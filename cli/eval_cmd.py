@@ -1,0 +1,299 @@
+"""``ressl eval knn`` and ``ressl eval linear``: the evaluation protocols on a trained encoder.
+
+Both take a ressl checkpoint (a ``.safetensors`` file or a run folder) or an ONNX
+model exported from one, extract features of a dataset's labelled train split and
+its test split once, and then run the weighted kNN (k 200, t 0.1) or train a linear
+probe on them. Results go to stdout and, for checkpoints and models alike, one JSON
+line is appended to ``eval.jsonl`` in the folder that holds the file (see
+docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import torch
+import typer
+from torch import Tensor
+
+eval_app = typer.Typer(
+    name="eval",
+    help="Evaluate a trained encoder on a dataset's train -> test split: weighted kNN or a linear probe.",
+    no_args_is_help=True,
+)
+
+EVAL_LOG = "eval.jsonl"
+
+
+class Weights(str, Enum):
+    student = "student"
+    teacher = "teacher"
+
+
+def fail(message: str) -> NoReturn:
+    """Stop with a one-line user error (``ressl: error: ...``, exit status 2)."""
+    from .app import UserError  # imported here: app.py imports this module while it loads
+
+    raise UserError(message)
+
+
+@dataclass
+class FeatureSource:
+    """Where features come from: a normalised-image -> feature function and what it expects."""
+
+    fn: Callable[[Tensor], Tensor]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int
+    image_size: int | None  # None: any size (an ONNX model with dynamic height/width)
+    default_dataset: str | None
+    description: str  # e.g. "student backbone features"
+    features: str  # "backbone" or the ONNX output's name
+    run_dir: Path
+    info: dict[str, Any] = field(default_factory=dict)  # extra fields for the eval.jsonl record
+
+
+def _checkpoint_source(path: Path, weights: str, device: torch.device) -> FeatureSource:
+    from ressl.checkpoint import load_encoder, read_metadata
+
+    encoder, settings = load_encoder(path, weights=weights)
+    encoder.to(device).eval()
+
+    def backbone(x: Tensor) -> Tensor:
+        out: Tensor = encoder.features(x)  # type: ignore[operator]
+        return out
+
+    meta = read_metadata(path)
+    file = path / "last.safetensors" if path.is_dir() else path
+    return FeatureSource(
+        fn=backbone, mean=tuple(settings["mean"]), std=tuple(settings["std"]),
+        channels=int(settings["channels"]), image_size=int(settings["image_size"]),
+        default_dataset=settings.get("dataset"), description=f"{weights} backbone features",
+        features="backbone", run_dir=file.parent,
+        info={"checkpoint": file.name, "epoch": int(meta.get("epoch", 0)), "weights": weights},
+    )  # fmt: skip
+
+
+def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
+    """An ONNX model run with onnxruntime on images in [0, 1] (its graph normalises them)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        fail("evaluating an ONNX model needs onnxruntime: pip install onnxruntime")
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        session = ort.InferenceSession(str(path), providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"{path} is not a loadable ONNX model ({first})")
+    inp = session.get_inputs()[0]
+    shape = list(inp.shape)
+    if len(shape) != 4:
+        fail(f"{path}: expected an image input (N, C, H, W), got input {inp.name!r} of shape {shape}")
+    outputs = [o.name for o in session.get_outputs()]
+    out_name = "embedding" if "embedding" in outputs else outputs[0]
+    meta = dict(session.get_modelmeta().custom_metadata_map or {})
+    settings: dict[str, Any] = {}
+    if "settings" in meta:
+        try:
+            settings = json.loads(meta["settings"])
+        except ValueError:
+            settings = {}
+    channels = shape[1] if isinstance(shape[1], int) else int(str(settings.get("channels", meta.get("channels", 3))))
+    size = shape[2] if isinstance(shape[2], int) else settings.get("image_size", meta.get("image_size"))
+    dataset = meta.get("dataset") or settings.get("dataset")
+
+    def run(x: Tensor) -> Tensor:
+        (y,) = session.run([out_name], {inp.name: x.detach().cpu().float().numpy()})
+        return torch.from_numpy(y).to(x.device)
+
+    # Which representation the graph outputs decides what the numbers mean: ressl's exporter
+    # records it ("head": "true" for the projection head's embedding, "false" for backbone features).
+    if meta.get("head") == "true":
+        what = "projection-head embedding, not backbone features"
+    elif meta.get("head") == "false":
+        what = "backbone features"
+    else:
+        what = "not a ressl export: unknown whether head or backbone"
+    weights = meta.get("weights")
+    info: dict[str, Any] = {"model": path.name, **({"weights": weights} if weights else {}),
+                            **({"head": meta["head"] == "true"} if "head" in meta else {})}
+    return FeatureSource(
+        fn=run, mean=(0.0,) * channels, std=(1.0,) * channels, channels=channels,
+        image_size=int(size) if size is not None else None, default_dataset=dataset,
+        description=f"ONNX output {out_name!r} ({what})", features=f"onnx:{out_name}", run_dir=path.parent,
+        info=info,
+    )  # fmt: skip
+
+
+def load_source(path: Path, weights: str, device: torch.device) -> FeatureSource:
+    """A checkpoint file / run folder, or an ``.onnx`` model, as a :class:`FeatureSource`."""
+    if not path.exists():
+        fail(f"{path}: no such file or folder")
+    if path.suffix.lower() == ".onnx" and path.is_file():
+        return _onnx_source(path, device)
+    return _checkpoint_source(path, weights, device)
+
+
+def load_eval_data(source: FeatureSource, dataset: str | None, data_root: Path | None) -> Any:
+    """The dataset to evaluate on (default: the one the checkpoint was trained on), checked against the encoder."""
+    from ressl.data import load_dataset
+
+    name = dataset or source.default_dataset
+    if name is None:
+        fail("the model does not say which dataset it was trained on; pass --dataset NAME")
+    data = load_dataset(name, root=data_root, image_size=source.image_size)
+    if data.channels != source.channels:
+        fail(f"the encoder takes {source.channels}-channel images but {data.name} has {data.channels} channel(s)")
+    return data
+
+
+def features(source: FeatureSource, data: Any, device: torch.device, batch_size: int) -> tuple[Tensor, ...]:
+    """Train / test features and labels under the eval protocol (fp32, eval mode, L2-normalised)."""
+    from ressl.evaluate import split_features
+
+    n_train = len(data.memory) if data.memory is not None else 0
+    n_test = len(data.test) if data.test is not None else 0
+    typer.echo(f"extracting {source.description} of {n_train} + {n_test} {data.name} images on {device} ...",
+               err=True)
+    return split_features(source.fn, data, mean=source.mean, std=source.std, batch_size=batch_size,
+                          device=device)
+
+
+def record(source: FeatureSource, row: dict[str, Any], enabled: bool) -> Path | None:
+    """Append ``row`` (with time and version) to ``eval.jsonl`` next to the evaluated file."""
+    from ressl import __version__
+
+    if not enabled:
+        return None
+    full = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **row, "ressl_version": __version__}
+    path = source.run_dir / EVAL_LOG
+    with path.open("a") as f:
+        f.write(json.dumps(full) + "\n")
+    return path
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; a named device is checked."""
+    from ressl.train import select_device
+
+    return select_device(name)
+
+
+def _setup(path: Path, weights: Weights, device: str, dataset: str | None, data_root: Path | None,
+           batch_size: int) -> tuple[FeatureSource, Any, torch.device, tuple[Tensor, ...], float]:
+    dev = pick_device(device)
+    if batch_size < 1:
+        fail(f"--batch-size must be >= 1, got {batch_size}")
+    source = load_source(path, weights.value, dev)
+    data = load_eval_data(source, dataset, data_root)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        feats = features(source, data, dev, batch_size)
+    return source, data, dev, feats, time.perf_counter() - t0
+
+
+def _base_row(protocol: str, source: FeatureSource, data: Any, feats: tuple[Tensor, ...]) -> dict[str, Any]:
+    train_f, _, test_f, _ = feats
+    return {"protocol": protocol, **source.info, "features": source.features, "dim": int(train_f.shape[1]),
+            "dataset": data.name, "train_images": int(train_f.shape[0]), "test_images": int(test_f.shape[0])}
+
+
+PathArg = Annotated[Path, typer.Argument(metavar="CHECKPOINT|MODEL.onnx", help="A ressl checkpoint (.safetensors), a run folder, or an exported .onnx model.")]
+DatasetOpt = Annotated[str | None, typer.Option(help="fashion-mnist, cifar10, cifar100, stl10 or folder:PATH (default: the checkpoint's).")]
+WeightsOpt = Annotated[Weights, typer.Option(help="Checkpoint weights: the student, or the EMA teacher.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+DataRootOpt = Annotated[Path | None, typer.Option(help="Where datasets are looked for / downloaded.")]
+BatchOpt = Annotated[int, typer.Option(help="Images per forward pass while extracting features.")]
+RecordOpt = Annotated[bool, typer.Option("--record/--no-record", help=f"Append the result to {EVAL_LOG} next to the checkpoint.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
+
+
+@eval_app.command("knn")
+def knn_cmd(
+    path: PathArg,
+    dataset: DatasetOpt = None,
+    k: Annotated[int, typer.Option("--k", help="Neighbours that vote.")] = 200,
+    temperature: Annotated[float, typer.Option(help="Vote weight exp(similarity / temperature).")] = 0.1,
+    weights: WeightsOpt = Weights.student,
+    device: DeviceOpt = "auto",
+    data_root: DataRootOpt = None,
+    batch_size: BatchOpt = 512,
+    record_result: RecordOpt = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Weighted kNN (cosine on L2-normalised features): train split as memory, top-1 (and top-5) on the test split."""
+    from ressl.evaluate import knn_accuracy
+
+    if k < 1:
+        fail(f"--k must be >= 1, got {k}")
+    if not temperature > 0:
+        fail(f"--temperature must be > 0, got {temperature}")
+    source, data, dev, feats, seconds = _setup(path, weights, device, dataset, data_root, batch_size)
+    train_f, train_y, test_f, test_y = feats
+    t0 = time.perf_counter()
+    acc = knn_accuracy(train_f, train_y, test_f, test_y, len(data.classes), k, temperature)
+    row = {**_base_row("knn", source, data, feats), "k": k, "temperature": temperature,
+           **{key: round(v, 4) for key, v in acc.items()},
+           "seconds": round(seconds + time.perf_counter() - t0, 2), "device": str(dev)}
+    where = record(source, row, record_result)
+    if as_json:
+        typer.echo(json.dumps(row))
+        return
+    typer.echo(f"kNN (k {k}, t {temperature:g}) on {data.name}: {row['train_images']} train -> "
+               f"{row['test_images']} test images, {source.description} ({row['dim']}-d)")
+    top5 = f"  top-5 {acc['top5']:.2f}%" if "top5" in acc else ""
+    typer.echo(f"top-1 {acc['top1']:.2f}%{top5}" + (f"  (recorded in {where})" if where else ""))
+
+
+@eval_app.command("linear")
+def linear_cmd(
+    path: PathArg,
+    dataset: DatasetOpt = None,
+    epochs: Annotated[int, typer.Option(help="Passes of the linear layer over the training features.")] = 100,
+    lr: Annotated[float, typer.Option(help="Peak SGD learning rate per 256 features (cosine schedule).")] = 0.1,
+    probe_batch_size: Annotated[int, typer.Option(help="Features per SGD step.")] = 256,
+    weight_decay: Annotated[float, typer.Option(help="L2 penalty on the linear layer.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Initialisation and shuffling seed.")] = 0,
+    weights: WeightsOpt = Weights.student,
+    device: DeviceOpt = "auto",
+    data_root: DataRootOpt = None,
+    batch_size: BatchOpt = 512,
+    record_result: RecordOpt = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Linear probe on frozen features (extracted once): SGD, momentum 0.9, cosine; top-1 on the test split."""
+    from ressl.evaluate import linear_probe
+
+    if epochs < 1:
+        fail(f"--epochs must be >= 1, got {epochs}")
+    if not 0 < lr < float("inf"):
+        fail(f"--lr must be a number > 0, got {lr}")
+    if probe_batch_size < 1:
+        fail(f"--probe-batch-size must be >= 1, got {probe_batch_size}")
+    if not 0 <= weight_decay < float("inf"):
+        fail(f"--weight-decay must be a number >= 0, got {weight_decay}")
+    source, data, dev, feats, seconds = _setup(path, weights, device, dataset, data_root, batch_size)
+    train_f, train_y, test_f, test_y = feats
+    t0 = time.perf_counter()
+    acc = linear_probe(train_f, train_y, test_f, test_y, len(data.classes), epochs=epochs, lr=lr,
+                       batch_size=probe_batch_size, weight_decay=weight_decay, seed=seed, device=dev)
+    row = {**_base_row("linear", source, data, feats), "epochs": epochs, "lr": lr, "batch_size": probe_batch_size,
+           "weight_decay": weight_decay, "seed": seed, **{key: round(v, 4) for key, v in acc.items()},
+           "seconds": round(seconds + time.perf_counter() - t0, 2), "device": str(dev)}
+    where = record(source, row, record_result)
+    if as_json:
+        typer.echo(json.dumps(row))
+        return
+    typer.echo(f"linear probe ({epochs} epochs, lr {lr:g}) on {data.name}: {row['train_images']} train -> "
+               f"{row['test_images']} test images, {source.description} ({row['dim']}-d)")
+    typer.echo(f"top-1 {acc['top1']:.2f}%  (train {acc['train_top1']:.2f}%)"
+               + (f"  (recorded in {where})" if where else ""))

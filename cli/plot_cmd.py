@@ -1,0 +1,161 @@
+"""``ressl plot RUN_DIR``: training curves from ``metrics.jsonl`` and a t-SNE of test-set features.
+
+Writes ``curves.png`` (loss, learning rate and kNN accuracy against epochs) and
+``tsne.png`` (exact t-SNE of test-set backbone features coloured by class, the
+paper's qualitative figure). Needs matplotlib: ``pip install 'ressl[plot]'``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from .eval_cmd import (
+    DataRootOpt,
+    DeviceOpt,
+    Weights,
+    WeightsOpt,
+    fail,
+    load_eval_data,
+    load_source,
+    pick_device,
+)
+
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch rows of a run folder's ``metrics.jsonl``; one-line errors for anything else."""
+    if not run_dir.exists():
+        fail(f"{run_dir}: no such folder")
+    if not run_dir.is_dir():
+        fail(f"{run_dir} is not a folder; pass a run folder (the --out of ressl train)")
+    path = run_dir / METRICS
+    if not path.is_file():
+        fail(f"{run_dir} has no {METRICS}: not a ressl run folder (ressl train --out RUN_DIR writes one)")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            fail(f"{path} line {number} is not JSON")
+        if not isinstance(row, dict) or "epoch" not in row:
+            fail(f"{path} line {number} has no 'epoch' field")
+        rows.append(row)
+    if not rows:
+        fail(f"{path} is empty: the run has not finished an epoch yet")
+    return rows
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        fail("ressl plot needs matplotlib: pip install 'ressl[plot]'")
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(plt: Any, rows: list[dict[str, Any]], title: str, path: Path, knn_title: str = "kNN monitor") -> Path:
+    """Loss, learning rate and (when the monitor ran) kNN accuracy against epochs, side by side."""
+    epochs = [r["epoch"] for r in rows]
+    knn = [r for r in rows if "knn_top1" in r]
+    panels = 3 if knn else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), constrained_layout=True)
+    axes[0].plot(epochs, [r.get("loss", float("nan")) for r in rows], marker="." if len(rows) < 40 else None)
+    axes[0].set(xlabel="epoch", ylabel="relation loss (epoch mean)", title="loss")
+    axes[1].plot(epochs, [r.get("lr", float("nan")) for r in rows], color="tab:orange")
+    axes[1].set(xlabel="epoch", ylabel="learning rate (at epoch end)", title="learning rate")
+    if knn:
+        # top-5 is near 100% and would flatten the top-1 curve: it stays in metrics.jsonl
+        axes[2].plot([r["epoch"] for r in knn], [r["knn_top1"] for r in knn], marker="o", color="tab:green")
+        axes[2].set(xlabel="epoch", ylabel="top-1 accuracy (%)", title=knn_title)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_tsne(plt: Any, points: torch.Tensor, labels: torch.Tensor, classes: list[str], title: str,
+              path: Path) -> Path:
+    """Scatter of a 2-d embedding coloured by class, with the class names in the legend."""
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo")
+    fig, ax = plt.subplots(figsize=(7.2, 6.4), constrained_layout=True)
+    pts, ys = points.cpu().numpy(), labels.cpu().numpy()
+    for c, name in enumerate(classes):
+        sel = ys == c
+        if sel.any():
+            colour = cmap(c if len(classes) <= 20 else c / max(len(classes) - 1, 1))
+            ax.scatter(pts[sel, 0], pts[sel, 1], s=5, color=colour, label=name, alpha=0.8, linewidths=0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    if len(classes) <= 20:
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=3, frameon=False)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_cmd(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run folder (the --out of ressl train).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the PNGs (default: RUN_DIR).")] = None,
+    tsne: Annotated[bool, typer.Option("--tsne/--no-tsne", help="Also draw the t-SNE of test-set features.")] = True,
+    tsne_points: Annotated[int, typer.Option(help="Test images in the t-SNE (random, fixed seed).")] = 2000,
+    perplexity: Annotated[float, typer.Option(help="t-SNE perplexity.")] = 30.0,
+    iterations: Annotated[int, typer.Option(help="t-SNE gradient steps.")] = 1000,
+    dataset: Annotated[str | None, typer.Option(help="Dataset for the t-SNE (default: the run's).")] = None,
+    weights: WeightsOpt = Weights.student,
+    device: DeviceOpt = "auto",
+    data_root: DataRootOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed for the choice of t-SNE points.")] = 0,
+) -> None:
+    """Draw a run's curves (curves.png) and a t-SNE of test-set features coloured by class (tsne.png)."""
+    from ressl.evaluate import extract_features
+    from ressl.tsne import tsne as run_tsne
+
+    rows = read_metrics(run_dir)
+    if tsne_points < 4:
+        fail(f"--tsne-points must be >= 4, got {tsne_points}")
+    dev = pick_device(device)
+    plt = _pyplot()
+    out = out or run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = run_dir / "last.safetensors"
+    settings: dict[str, Any] = {}
+    if checkpoint.is_file():
+        from ressl.checkpoint import read_metadata
+
+        settings = json.loads(read_metadata(checkpoint).get("settings", "{}"))
+    name = f"{run_dir.name}: {settings.get('backbone', '?')} on {settings.get('dataset', '?')}" if settings else run_dir.name
+    knn_title = f"kNN monitor (k {settings['knn_k']}, t {settings['knn_temperature']:g})" if "knn_k" in settings else "kNN monitor"
+    typer.echo(str(plot_curves(plt, rows, name, out / "curves.png", knn_title)))
+    if not tsne:
+        return
+    if not checkpoint.is_file():
+        typer.echo(f"no t-SNE: {run_dir} has no last.safetensors", err=True)
+        return
+    source = load_source(checkpoint, weights.value, dev)
+    data = load_eval_data(source, dataset, data_root)
+    if data.test is None or not data.classes:
+        typer.echo(f"no t-SNE: {data.name} has no labelled test split", err=True)
+        return
+    n = len(data.test)
+    typer.echo(f"t-SNE of {min(tsne_points, n)} of {n} {data.name} test images ({source.description}) ...", err=True)
+    with torch.no_grad():
+        feats, labels = extract_features(source.fn, data.test, mean=source.mean, std=source.std, device=dev)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:tsne_points].sort().values
+    emb = run_tsne(feats[idx.to(feats.device)], perplexity=perplexity, iterations=iterations)
+    epoch = source.info.get("epoch")
+    title = f"t-SNE of {len(idx)} {data.name} test images\n{source.description}, epoch {epoch}"
+    typer.echo(str(plot_tsne(plt, emb, labels[idx.to(labels.device)], data.classes, title, out / "tsne.png")))

@@ -1,0 +1,107 @@
+"""``ressl plot RUN_DIR``: PNG curves and t-SNE from a seconds-long run; bad input as one line."""
+
+import builtins
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from ressl.cli.app import main
+
+from ressl.train import train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_cli(capsys, *args):
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def assert_one_line_error(code, err, needle):
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ressl: error:") and needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, image_folder: Path) -> Path:
+    run = tmp_path_factory.mktemp("plotrun") / "run"
+    train(dataset=f"folder:{image_folder}", backbone="small", width=4, hidden_dim=16, embed_dim=8, image_size=16,
+          batch_size=8, queue_size=32, epochs=3, warmup_epochs=1, knn_every=1, knn_k=5, device="cpu", seed=0,
+          num_workers=0, progress_every=1, out=str(run))
+    return run
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000, (path, len(data))
+
+
+def test_plot_writes_curves_and_tsne(capsys, tmp_path: Path, tiny_run: Path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figures"
+    code, stdout, err = run_cli(capsys, "plot", tiny_run, "--out", out, "--tsne-points", "12", "--iterations", "100",
+                                "--device", "cpu")
+    assert code == 0, err
+    assert stdout.split() == [str(out / "curves.png"), str(out / "tsne.png")]
+    assert_png(out / "curves.png")
+    assert_png(out / "tsne.png")
+    assert "t-SNE of 12 of 12" in err
+
+
+def test_plot_without_checkpoint_or_tsne_draws_only_curves(capsys, tmp_path: Path, tiny_run: Path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "metrics-only"
+    run.mkdir()
+    shutil.copy(tiny_run / "metrics.jsonl", run / "metrics.jsonl")
+    code, stdout, err = run_cli(capsys, "plot", run)
+    assert code == 0, err
+    assert stdout.split() == [str(run / "curves.png")] and "no t-SNE" in err
+    assert_png(run / "curves.png")
+    # no kNN rows: two panels, still a figure
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if "knn" not in k}) + "\n"
+                                               for r in rows))
+    code, stdout, err = run_cli(capsys, "plot", run, "--no-tsne")
+    assert code == 0 and stdout.split() == [str(run / "curves.png")] and err == ""
+    assert_png(run / "curves.png")
+
+
+def test_plot_user_errors_are_one_line(capsys, tmp_path: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metrics.jsonl").write_text('{"epoch": 1, "loss": 5.0}\nnot json\n')
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    (blank / "metrics.jsonl").write_text("")
+    cases = [
+        (["plot", tmp_path / "absent"], "no such folder"),
+        (["plot", tmp_path / "file.txt"], "is not a folder"),
+        (["plot", empty], "has no metrics.jsonl"),
+        (["plot", broken], "line 2 is not JSON"),
+        (["plot", blank], "is empty"),
+        (["plot", broken, "--tsne-points", "2"], "line 2 is not JSON"),
+    ]
+    for args, needle in cases:
+        code, _, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, needle)
+
+
+def test_plot_without_matplotlib_says_how_to_install(capsys, monkeypatch, tiny_run: Path):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    code, _, err = run_cli(capsys, "plot", tiny_run, "--no-tsne")
+    assert_one_line_error(code, err, "ressl plot needs matplotlib: pip install 'ressl[plot]'")
