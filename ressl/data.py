@@ -65,6 +65,7 @@ __all__ = [
     "epoch_order",
     "load_dataset",
     "read_idx",
+    "source_part",
 ]
 
 #: Image folders whose decoded uint8 split (N * 3 * S * S bytes) fits under this are
@@ -209,6 +210,22 @@ class ImageSource(ABC):
             )
         per = batch_size // world
         return idx[rank * per : (rank + 1) * per]
+
+
+def source_part(source: ImageSource, start: int, stop: int) -> ImageSource:
+    """Images ``start:stop`` of a source, in order, without copying pixels.
+
+    Raises:
+        TypeError: for a source type this does not know how to slice.
+        ValueError: unless ``0 <= start <= stop <= len(source)``.
+    """
+    if not 0 <= start <= stop <= len(source):
+        raise ValueError(f"need 0 <= start <= stop <= {len(source)}, got {start}:{stop}")
+    if isinstance(source, TensorImages):
+        return TensorImages(source.images[start:stop], source.labels[start:stop])
+    if isinstance(source, FolderImages):
+        return FolderImages(source.files[start:stop], source.labels[start:stop], source.image_size)
+    raise TypeError(f"source_part takes TensorImages or FolderImages, got {type(source).__name__}")
 
 
 class TensorImages(ImageSource):

@@ -24,7 +24,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["World", "CrossRankBatchNorm", "convert_batchnorm", "wrap_ddp", "all_gather_cat", "any_rank"]
+__all__ = [
+    "World", "CrossRankBatchNorm", "convert_batchnorm", "wrap_ddp", "all_gather_cat", "all_gather_rows", "any_rank",
+]
 
 log = logging.getLogger("ressl")
 
@@ -192,6 +194,23 @@ def all_gather_cat(tensor: Tensor) -> Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+@torch.no_grad()
+def all_gather_rows(tensor: Tensor) -> Tensor:
+    """Like ``all_gather_cat`` for per-rank row counts that may differ (padded, then trimmed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    world = dist.get_world_size()
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

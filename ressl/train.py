@@ -30,8 +30,15 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .crops import CropPlan
-from .data import FolderImages, ImageData, load_dataset
-from .distributed import World, all_gather_cat, any_rank, convert_batchnorm, wrap_ddp
+from .data import FolderImages, ImageData, ImageSource, load_dataset, source_part
+from .distributed import (
+    World,
+    all_gather_cat,
+    all_gather_rows,
+    any_rank,
+    convert_batchnorm,
+    wrap_ddp,
+)
 from .evaluate import extract_features, knn_accuracy
 from .functional import cosine_lr, momentum_schedule
 from .model import BACKBONES, ReSSL
@@ -278,16 +285,27 @@ class _StopFlag:
             signal.signal(sig, previous)
 
 
-def _knn_monitor(model: ReSSL, data: ImageData, s: dict[str, Any], device: torch.device, amp: torch.dtype | None) -> dict[str, float]:
+def _knn_monitor(model: ReSSL, data: ImageData, s: dict[str, Any], device: torch.device, amp: torch.dtype | None,
+                 world: World) -> dict[str, float]:
     if data.memory is None or data.test is None or not data.classes:
         return {}
     encoder = model.student
     was_training = encoder.training
-    encoder.eval()
+    encoder.eval()  # BatchNorm in eval mode: no collectives, ranks may run different batches
     kw: dict[str, Any] = dict(mean=data.mean, std=data.std, batch_size=512, device=device,
                               autocast_dtype=amp, channels_last=s["channels_last"])
-    mem_f, mem_y = extract_features(encoder.features, data.memory, **kw)
-    test_f, test_y = extract_features(encoder.features, data.test, **kw)
+
+    def features(source: ImageSource) -> tuple[Tensor, Tensor]:
+        n = len(source)
+        if not world.distributed or n < world.size:
+            return extract_features(encoder.features, source, **kw)
+        # each rank extracts its contiguous part; the parts are gathered in rank order
+        part = source_part(source, n * world.rank // world.size, n * (world.rank + 1) // world.size)
+        f, y = extract_features(encoder.features, part, **kw)
+        return all_gather_rows(f), all_gather_rows(y)
+
+    mem_f, mem_y = features(data.memory)
+    test_f, test_y = features(data.test)
     encoder.train(was_training)
     acc = knn_accuracy(mem_f, mem_y, test_f, test_y, len(data.classes), s["knn_k"], s["knn_temperature"])
     return {f"knn_{k}": round(v, 4) for k, v in acc.items()}
@@ -574,7 +592,7 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
             }
             every = s["knn_every"]
             if every >= 0 and ((every and epoch % every == 0) or epoch == s["epochs"]):
-                row.update(_knn_monitor(model, data, s, device, amp))
+                row.update(_knn_monitor(model, data, s, device, amp, world))
             rows.append(row)
             batch_in_epoch, loss_sum, loss_count = 0, 0.0, 0
             path, saved = checkpoint(), True

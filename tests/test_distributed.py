@@ -15,9 +15,23 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ressl import ReSSL, load_checkpoint, train
-from ressl.data import TensorImages
-from ressl.distributed import CrossRankBatchNorm, all_gather_cat, convert_batchnorm, wrap_ddp
+from ressl import (
+    ReSSL,
+    extract_features,
+    knn_accuracy,
+    load_checkpoint,
+    load_dataset,
+    load_encoder,
+    train,
+)
+from ressl.data import TensorImages, source_part
+from ressl.distributed import (
+    CrossRankBatchNorm,
+    all_gather_cat,
+    all_gather_rows,
+    convert_batchnorm,
+    wrap_ddp,
+)
 from ressl.step import EncodeCrops, training_step
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -57,7 +71,9 @@ def _step_worker(rank: int, world: int, init: str, out: str) -> None:
         per = x_t.shape[0] // world
         part = slice(rank * per, (rank + 1) * per)
         run_steps(model, x_t[part], [x[part] for x in x_s], student=student, gather=all_gather_cat)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/rank{rank}.safetensors")
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        state["uneven"] = all_gather_rows(torch.full((rank + 1, 2), float(rank)))  # 1 row from rank 0, 2 from rank 1
+        save_file(state, f"{out}/rank{rank}.safetensors")
     finally:
         dist.destroy_process_group()
 
@@ -81,6 +97,8 @@ def test_two_process_steps_equal_one_process_on_the_global_batch(tmp_path):
     run_steps(single, x_t, x_s)
     want = single.state_dict()
     initial = tiny_model().state_dict()
+    for got in ranks:
+        assert torch.equal(got.pop("uneven"), torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
     assert set(ranks[0]) == set(want)
     for key, value in want.items():
         for got in ranks:
@@ -109,7 +127,7 @@ def _train_worker(rank: int, world: int, port: int, settings: dict, out: str) ->
 
 def test_distributed_trainer_shares_the_queue_and_resumes_in_one_process(tmp_path, tiny_settings):
     run = tmp_path / "run"
-    settings = dict(tiny_settings, out=str(run), epochs=1)
+    settings = dict(tiny_settings, out=str(run), epochs=1, precision="fp32")
     mp.spawn(_train_worker, args=(2, free_port(), settings, str(tmp_path)), nprocs=2, join=True)
     q0, q1 = (load_file(str(tmp_path / f"queue{r}.safetensors")) for r in range(2))
     assert torch.equal(q0["queue"], q1["queue"]) and int(q0["ptr"]) == (36 // 8) * 8 % 32
@@ -118,6 +136,14 @@ def test_distributed_trainer_shares_the_queue_and_resumes_in_one_process(tmp_pat
     assert torch.equal(tensors["model.queue"], q0["queue"])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1]  # rank 0 alone writes
+    # the kNN monitor, sharded over the ranks, equals one process evaluating the checkpoint
+    encoder, saved = load_encoder(run / "last.safetensors")
+    data = load_dataset(settings["dataset"], image_size=16)
+    kw = dict(mean=saved["mean"], std=saved["std"])
+    mem = extract_features(encoder.eval().features, data.memory, **kw)
+    test = extract_features(encoder.features, data.test, **kw)
+    knn = knn_accuracy(*mem, *test, len(data.classes), settings["knn_k"], 0.1)
+    assert rows[0]["knn_top1"] == pytest.approx(knn["top1"], abs=1e-3)
     # the distributed checkpoint continues in a single process
     train(resume=run, epochs=2)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -133,6 +159,15 @@ def test_ranks_get_disjoint_shards_covering_each_batch():
         assert torch.equal(torch.cat([shards[0][b], shards[1][b]]), batch)
     with pytest.raises(ValueError, match="shard must be"):
         next(iter(source.batches(8, epoch=0, seed=0, shard=(0, 3))))
+
+
+def test_source_part_and_gather_of_uneven_rows():
+    source = TensorImages(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous(),
+                          torch.arange(10))
+    part = source_part(source, 3, 7)
+    assert part.labels.tolist() == [3, 4, 5, 6] and part.images.data_ptr() == source.images[3].data_ptr()
+    with pytest.raises(ValueError, match="0 <= start <= stop <= 10"):
+        source_part(source, 5, 11)
 
 
 def test_torchrun_cli_end_to_end(tmp_path, image_folder):
