@@ -542,8 +542,16 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
                  steps_per_epoch, device, " with bf16 autocast" if amp else "",
                  f", {world.size} processes of {per_rank} images per step" if world.distributed else "")
     saved = False
+    stopping = False  # distributed: the ranks' agreed stop, updated together at epoch starts and window ends
+
+    def agree(flag_value: bool) -> bool:
+        return any_rank(flag_value, device) if world.distributed else flag_value
+
     with _StopFlag(also_sigterm=world.distributed) as flag:
-        while epoch < s["epochs"] and not flag.stop:
+        while epoch < s["epochs"]:
+            stopping = agree(flag.stop)
+            if stopping:
+                break
             model.train()
             batches: Iterator[tuple[Tensor | list[Tensor], Tensor]]
             if isinstance(train_source, FolderImages):
@@ -568,8 +576,7 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
                 # Distributed ranks must agree on when to stop: they check together, at window ends.
                 stop_now = flag.stop and not world.distributed
                 if len(pending) >= s["progress_every"] or batch_in_epoch == steps_per_epoch or stop_now:
-                    if world.distributed:
-                        flag.stop = any_rank(flag.stop, device)
+                    stopping = agree(flag.stop)
                     losses = torch.stack(pending).tolist()  # the one host sync per window
                     pending.clear()
                     loss_sum += sum(losses)
@@ -579,7 +586,8 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
                     t_window, seen_window = now, 0
                     notify(TrainEvent("step", epoch, step + 1, steps_per_epoch, s["epochs"], batch_in_epoch,
                                       losses[-1], ips))
-                if flag.stop:
+                if stopping if world.distributed else flag.stop:  # one process: at once
+                    stopping = True
                     break
             if batch_in_epoch < steps_per_epoch:  # interrupted mid-epoch
                 break
@@ -600,7 +608,7 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
                 _write_metrics(metrics_path, rows)
             notify(TrainEvent("epoch", epoch, epoch * steps_per_epoch, steps_per_epoch, s["epochs"], 0,
                               row["loss"], row["images_per_second"], row))
-        if flag.stop and epoch < s["epochs"]:
+        if stopping and epoch < s["epochs"]:
             path = checkpoint()
             if world.main:
                 log.warning("interrupted: saved %s in epoch %d after batch %d of %d; continue with --resume %s",

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +204,41 @@ def test_world_from_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE, RANK and LOCAL_RANK must be integers"):
         World.join()
+
+
+def _interrupted_worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
+    import signal
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+    def ctrl_c_on_rank_1(event):
+        if rank == 1 and event.kind == "step" and event.step == 6:  # epoch 2, batch 2 of 4
+            signal.raise_signal(signal.SIGINT)
+
+    try:
+        train(callback=ctrl_c_on_rank_1, **settings)
+    except KeyboardInterrupt:
+        Path(out, f"interrupted{rank}").touch()
+
+
+def test_ctrl_c_on_one_rank_stops_all_ranks_together(tmp_path, tiny_settings):
+    run = tmp_path / "run"
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_interrupted_worker, args=(r, 2, port, dict(tiny_settings, out=str(run)),
+                                                           str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        p.kill()
+    assert not hung, "a rank hung after Ctrl-C on the other"
+    assert (tmp_path / "interrupted0").exists() and (tmp_path / "interrupted1").exists()
+    _, meta = load_checkpoint(run / "last.safetensors")
+    # the ranks agree at the next progress window (every step here): after batch 3 of epoch 2
+    assert (meta["epoch"], meta["batch_in_epoch"]) == ("1", "3")
+    train(resume=run)  # and the run continues (in one process)
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
