@@ -143,6 +143,26 @@ def test_streamed_folder_crops_in_workers_reproducibly(tmp_path, tiny_settings, 
     assert metrics(tmp_path / "a")[0]["loss"] > 0
 
 
+@pytest.mark.parametrize("extra", [dict(crops=(16, 12, 8)), dict(symmetric=True)], ids=["multicrop", "symmetric"])
+def test_streamed_folder_multicrop_and_symmetric(tmp_path, tiny_settings, monkeypatch, extra):
+    import sys
+
+    monkeypatch.setattr("ressl.data.MAX_IN_MEMORY_BYTES", 0)  # crops cut in the DataLoader workers
+    crops_module = sys.modules["ressl.crops"]
+    sides = []
+    real = crops_module.strong_view
+
+    def spy(images, **kw):
+        assert kw["crop"] is False and images.dtype == torch.uint8
+        sides.append(images.shape[-1])
+        return real(images, **kw)
+
+    monkeypatch.setattr(crops_module, "strong_view", spy)
+    train(out=tmp_path / "run", **dict(tiny_settings, epochs=1, **extra))
+    assert sides[:3] == ([16, 12, 8] if "crops" in extra else [16, 16, 16])
+    assert metrics(tmp_path / "run")[0]["loss"] > 0
+
+
 def test_streamed_folder_resumes_bitwise(tmp_path, tiny_settings, monkeypatch):
     monkeypatch.setattr("ressl.data.MAX_IN_MEMORY_BYTES", 0)
     straight = train(out=tmp_path / "a", **tiny_settings)
