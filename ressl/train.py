@@ -408,7 +408,7 @@ def train(
     else:
         s = resolve_settings(**settings)
         state, meta = {}, {}
-        run_dir = Path(s["out"] or Path("runs") / s["dataset"].replace("folder:", "folder-").replace("/", "_"))
+        run_dir = Path(s["out"] or Path("runs") / s["dataset"].replace(":", "-", 1).replace("/", "_"))
         if (run_dir / "last.safetensors").exists():
             raise ValueError(
                 f"{run_dir} already holds a run (last.safetensors); continue it with --resume {run_dir} "
