@@ -91,6 +91,8 @@ QUESTIONS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("tau-t-0.07", "tau_t", "teacher temperature 0.07", {"teacher_temperature": 0.07}),
     ("tau-t-0.1", "tau_t", "teacher temperature 0.1 (= tau_s: no sharpening)", {"teacher_temperature": 0.1}),
     ("default-seed1", "noise", "default recipe, seed 1", {"seed": 1}),
+    ("multicrop", "multi-crop", "student crops 28,24,20,16,12 (teacher: one 28 px crop)", {"crops": (28, 24, 20, 16, 12)}),
+    ("symmetric", "2x backprop", "symmetric: crops a and b, each through both networks", {"symmetric": True}),
 ]
 
 
@@ -99,6 +101,9 @@ def cli_command(recipe: dict[str, Any], epochs: int, out: str, seed: int) -> str
     parts = ["ressl", "train"]
     for key, value in recipe.items():
         flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):  # a flag: present or absent
+            parts += [flag] if value else []
+            continue
         if isinstance(value, (tuple, list)):
             value = ",".join(str(v) for v in value)
         parts += [flag, str(value)]
