@@ -17,10 +17,10 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
+from ressl.imagefiles import IMAGE_EXTENSIONS, images_under, resize_center_crop  # torch-free
+
 __all__ = ["IMAGE_EXTENSIONS", "ImageInput", "image_files", "load_image", "pil_mode", "resize_center_crop", "to_batch"]
 
-#: File extensions (lower case) taken from folders; the same list as ``ressl.folders``.
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 #: One image: a file path, a PIL image, uint8 (H, W[, C]) or float (C, H, W) in [0, 1].
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # noqa: UP007 - a runtime alias
@@ -40,17 +40,6 @@ def pil_mode(channels: int) -> str:
             "1-channel (grey) or 3-channel (RGB) models, pass float (N, C, H, W) arrays instead"
         )
     return _MODES[channels]
-
-
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` (bilinear, antialiased), then crop the centre ``size x size``."""
-    w, h = image.size
-    if min(w, h) != size:
-        scale = size / min(w, h)
-        w, h = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((w, h), Image.Resampling.BILINEAR)
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def load_image(image: str | os.PathLike[str] | Image.Image, size: int, channels: int) -> np.ndarray:
@@ -202,7 +191,7 @@ def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files = _images_under(p)
+            files = images_under(p)
             if not files:
                 raise ValueError(
                     f"{p}: no image file in this folder or below (accepted extensions: "
@@ -214,17 +203,3 @@ def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
     return list(dict.fromkeys(found))
-
-
-def _images_under(top: Path) -> list[Path]:
-    found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath) / f for f in filenames
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(found)

@@ -12,7 +12,6 @@ the result in a source. Nothing here imports :mod:`ressl.data`.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from .imagefiles import IMAGE_EXTENSIONS, images_under, is_image_name, resize_center_crop
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,6 @@ __all__ = [
     "split_dirs",
 ]
 
-#: File extensions (lower case) read from image folders; matching is case-insensitive.
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 
 def decode_image(path: str | Path, size: int) -> Tensor | None:
@@ -55,14 +54,7 @@ def decode_image(path: str | Path, size: int) -> Tensor | None:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size
             rgb = im.convert("RGB")  # palette, grey, alpha, CMYK -> RGB; GIF: first frame
-        w, h = rgb.size
-        if min(w, h) != size:
-            scale = size / min(w, h)
-            w, h = max(size, round(w * scale)), max(size, round(h * scale))
-            rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
-        left, top = (w - size) // 2, (h - size) // 2
-        rgb = rgb.crop((left, top, left + size, top + size))
-        array = np.asarray(rgb, dtype=np.uint8)  # (S, S, 3)
+        array = np.asarray(resize_center_crop(rgb, size), dtype=np.uint8)  # (S, S, 3)
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         return None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
@@ -177,24 +169,6 @@ def readable_images(files: Sequence[str], workers: int = 0) -> list[int]:
 # --------------------------------------------------------------------------- scanning
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _images_under(top: Path) -> list[Path]:
-    """Image files anywhere under ``top`` (links followed, cycles and hidden entries not)."""
-    found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath) / f for f in filenames if _is_image(f)]
-    return sorted(found)
-
-
 def _scan_split(split: Path) -> tuple[list[Path], list[int], list[str]]:
     """Files, labels and classes of one split directory.
 
@@ -205,12 +179,12 @@ def _scan_split(split: Path) -> tuple[list[Path], list[int], list[str]]:
     per_class = {
         d.name: files
         for d in sorted(split.iterdir())
-        if d.is_dir() and not d.name.startswith(".") and (files := _images_under(d))
+        if d.is_dir() and not d.name.startswith(".") and (files := images_under(d))
     }
     if not per_class:
-        files = _images_under(split)
+        files = images_under(split)
         return files, [-1] * len(files), []
-    loose = [f for f in split.iterdir() if f.is_file() and _is_image(f.name)]
+    loose = [f for f in split.iterdir() if f.is_file() and is_image_name(f.name)]
     if loose:
         logger.warning(
             "%s has class sub-folders; ignoring %d image(s) directly inside it, e.g. %s",
