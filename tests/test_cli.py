@@ -2,15 +2,7 @@ import json
 import subprocess
 import sys
 
-import pytest
-from ressl.cli.app import main
-
-
-def run_cli(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+from cli_helpers import assert_one_line_error, run_cli
 
 
 def tiny_args(folder, out):
@@ -33,14 +25,6 @@ def test_train_then_resume_then_info(capsys, tmp_path, image_folder):
     assert code == 0 and "epoch 2/2" in out and '"small"' in out
     code, out, _ = run_cli(capsys, "info", run / "last.safetensors", "--json")
     assert code == 0 and json.loads(out)["settings"]["queue_size"] == 32
-
-
-def assert_one_line_error(code, err, needle):
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("ressl: error:") and needle in lines[0]
-    assert "Traceback" not in err
 
 
 def test_user_errors_are_one_line(capsys, tmp_path, image_folder):

@@ -6,23 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from ressl.cli.app import main
+from cli_helpers import assert_one_line_error, run_cli
 
 from ressl.train import train
-
-
-def run_cli(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
-
-
-def assert_one_line_error(code, err, needle):
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("ressl: error:") and needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
