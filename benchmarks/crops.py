@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from common import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from throughput import write_fake_cifar10  # noqa: E402
-
-from ressl import TrainEvent, train
+from throughput import bench_ressl, write_fake_cifar10  # noqa: E402
 
 MODES: list[tuple[str, dict[str, Any], float]] = [
     # name, settings, student pixels per image relative to one crop (the compute that grows)
@@ -41,17 +38,7 @@ MODES: list[tuple[str, dict[str, Any], float]] = [
 
 def fastest_step(root: Path, batch: int, steps: int, backbone: str, out: Path, **settings: Any) -> float:
     """Images/s of the real trainer's fastest step among ``steps`` (one more runs first, untimed)."""
-    stamps: list[float] = []
-
-    def on_event(event: TrainEvent) -> None:
-        if event.kind in ("start", "step"):
-            stamps.append(time.perf_counter())
-
-    train(out=str(out), dataset="cifar10", data_root=str(root), backbone=backbone, batch_size=batch,
-          subset=batch * (steps + 1), device="cpu", epochs=1, warmup_epochs=0, queue_size=4096,
-          download=False, progress_every=1, knn_every=-1, callback=on_event, **settings)
-    durations = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # skip the warm-up step
-    return batch / min(durations)
+    return bench_ressl(root, batch, steps, backbone, out, fastest=True, knn_every=-1, **settings)
 
 
 def main() -> None:
