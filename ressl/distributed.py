@@ -116,7 +116,7 @@ class CrossRankBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         dims = [0, *range(2, input.dim())]
         x = input.float()
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
+        count = x.new_full((1,), x.numel() / x.shape[1])  # a fill on the device: no host-to-device copy
         stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])  # (2C + 1,)
         stats = _AllReduceSum.apply(stats)  # summed over ranks, with a backward
         c = x.shape[1]
