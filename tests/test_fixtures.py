@@ -1,0 +1,84 @@
+"""Checkpoints written by earlier releases keep loading: info, load_encoder, export, eval, resume.
+
+``tests/fixtures/v1-run`` is a run folder written by ressl 0.1.0 (checkpoint format 1):
+a small CNN on the first 96 Fashion-MNIST images, interrupted in epoch 2 after batch 1
+of 3. ``v1-final.safetensors`` is the same run trained straight to its end by that
+release; resuming the folder with today's code must arrive there.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import run_cli
+
+from ressl import load_checkpoint, load_encoder, read_metadata, train
+
+FIXTURES = Path(__file__).parent / "fixtures"
+RUN = FIXTURES / "v1-run"
+FINAL = FIXTURES / "v1-final.safetensors"
+REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(not REAL_FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+
+
+@pytest.fixture
+def run_copy(tmp_path: Path) -> Path:
+    """A copy of the fixture run folder (resume and eval write into the folder)."""
+    return Path(shutil.copytree(RUN, tmp_path / "run"))
+
+
+def test_v1_metadata_and_encoder_load():
+    meta = read_metadata(RUN)
+    assert (meta["format"], meta["format_version"]) == ("ressl-checkpoint", "1")
+    assert (meta["epoch"], meta["batch_in_epoch"], meta["step"]) == ("1", "1", "4")
+    settings = json.loads(meta["settings"])
+    assert settings["backbone"] == "small" and settings["channels"] == 1 and settings["image_size"] == 28
+    encoder, loaded = load_encoder(RUN, weights="teacher")
+    with torch.no_grad():
+        z = encoder(torch.zeros(2, 1, 28, 28))
+    assert z.shape == (2, 8) and loaded == settings
+    assert torch.allclose(z.norm(dim=1), torch.ones(2))
+
+
+def test_v1_info(capsys):
+    code, out, err = run_cli(capsys, "info", RUN)
+    assert code == 0, err
+    assert "epoch 1/2, step 4 (mid-epoch, batch 1)" in out and '"fashion-mnist"' in out
+    code, out, err = run_cli(capsys, "info", FINAL, "--json")
+    assert code == 0, err
+    assert json.loads(out)["settings"]["queue_size"] == 64
+
+
+def test_v1_exports_verified(capsys, tmp_path: Path):
+    code, out, err = run_cli(capsys, "export", RUN, "-o", tmp_path / "encoder.onnx", "--weights", "teacher")
+    assert code == 0, err
+    assert "verified:" in out and (tmp_path / "encoder.onnx").stat().st_size > 0
+
+
+@needs_fmnist
+def test_v1_evaluates(capsys, run_copy: Path):
+    code, out, err = run_cli(capsys, "eval", "knn", run_copy, "--device", "cpu", "--json")
+    assert code == 0, err
+    row = json.loads(out)
+    assert row["dataset"] == "fashion-mnist" and row["epoch"] == 1 and row["test_images"] == 10000
+    assert 10.0 < row["top1"] <= 100.0  # better than chance even this early
+
+
+@needs_fmnist
+def test_v1_resumes_to_where_the_old_release_ended(run_copy: Path):
+    path = train(resume=run_copy)
+    new, meta = load_checkpoint(path)
+    old, old_meta = load_checkpoint(FINAL)
+    assert (meta["epoch"], meta["batch_in_epoch"], meta["step"]) == ("2", "0", "6")
+    assert {k for k in new if not k.startswith("rng.")} == {k for k in old if not k.startswith("rng.")}
+    for key, value in old.items():
+        if not key.startswith("rng."):  # fp32 CPU run: equal up to kernel rounding on other CPUs
+            torch.testing.assert_close(new[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    rows = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    old_row = json.loads(old_meta["metrics"])
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["loss"] == pytest.approx(old_row["loss"], rel=1e-4)
