@@ -37,8 +37,12 @@ from ressl.export.exporter import ServingEncoder
 from ressl import ReSSL
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
 
 
 Runner = Callable[[np.ndarray], object]
@@ -61,9 +65,16 @@ def _export_bare(backbone: torch.nn.Module, path: Path) -> Path:
     the normalisation into the first convolution could save."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(backbone, (sample_images(2, 3, 32),), str(path), dynamo=False, opset_version=17,
-                          input_names=["images"], output_names=["embedding"],
-                          dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}})
+        torch.onnx.export(
+            backbone,
+            (sample_images(2, 3, 32),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["images"],
+            output_names=["embedding"],
+            dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
+        )
     return path
 
 
@@ -76,11 +87,13 @@ def _torch_runner(model: torch.nn.Module) -> Runner:
     def run(batch: np.ndarray) -> object:
         with torch.inference_mode():
             return model(torch.from_numpy(batch))
+
     return run
 
 
-def bench(runners: dict[str, tuple[Runner, int]], batch: np.ndarray, batches: int,
-          rounds: int) -> dict[str, float]:
+def bench(
+    runners: dict[str, tuple[Runner, int]], batch: np.ndarray, batches: int, rounds: int
+) -> dict[str, float]:
     """Median embeddings/s per runner over ``rounds`` interleaved rounds of ``batches`` batches.
 
     ``runners`` maps a name to ``(run, torch_threads)``; PyTorch's thread count is
@@ -94,7 +107,9 @@ def bench(runners: dict[str, tuple[Runner, int]], batch: np.ndarray, batches: in
     for _ in range(rounds):
         for name, (run, threads) in runners.items():
             torch.set_num_threads(threads)
-            time.sleep(0.5)  # the previous configuration's worker threads stop spin-waiting and park
+            time.sleep(
+                0.5
+            )  # the previous configuration's worker threads stop spin-waiting and park
             t = time.perf_counter()
             for _ in range(batches):
                 run(batch)
@@ -105,10 +120,18 @@ def bench(runners: dict[str, tuple[Runner, int]], batch: np.ndarray, batches: in
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch-sizes", type=lambda t: [int(v) for v in t.split(",")], default=[64, 128],
-                   help="comma-separated batch sizes, e.g. 64,128")
-    p.add_argument("--images", type=int, default=256, help="images per timed round (per configuration)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
+    p.add_argument(
+        "--batch-sizes",
+        type=lambda t: [int(v) for v in t.split(",")],
+        default=[64, 128],
+        help="comma-separated batch sizes, e.g. 64,128",
+    )
+    p.add_argument(
+        "--images", type=int, default=256, help="images per timed round (per configuration)"
+    )
+    p.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds; the median is reported"
+    )
     p.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     args = p.parse_args()
 
@@ -116,23 +139,41 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     rows: list[tuple[str, int, str, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for backbone, label in (("resnet18", "ResNet-18 (small-image stem)"), ("small", "small CNN (width 32)")):
+        for backbone, label in (
+            ("resnet18", "ResNet-18 (small-image stem)"),
+            ("small", "small CNN (width 32)"),
+        ):
             torch.manual_seed(0)
             encoder = ReSSL(backbone, in_channels=3, image_size=32, queue_size=16).student.eval()
             path = Path(tmp) / f"{backbone}.onnx"
-            export_onnx(encoder, path, image_size=32, channels=3, mean=MEAN, std=STD, backbone=backbone)
+            export_onnx(
+                encoder, path, image_size=32, channels=3, mean=MEAN, std=STD, backbone=backbone
+            )
             served = ServingEncoder(encoder.backbone, MEAN, STD).eval()
             runners = {
                 f"PyTorch eager fp32, {threads} threads": (_torch_runner(served), threads),
                 "PyTorch eager fp32, 1 thread": (_torch_runner(served), 1),
                 "onnxruntime (Embedder defaults)": (_ort_runner(path, None, None), threads),
-                f"onnxruntime, intra_op threads {threads}": (_ort_runner(path, None, threads), threads),
+                f"onnxruntime, intra_op threads {threads}": (
+                    _ort_runner(path, None, threads),
+                    threads,
+                ),
                 "onnxruntime, intra_op threads 1": (_ort_runner(path, None, 1), threads),
-                "onnxruntime, graph optimisation extended": (_ort_runner(path, "extended", None), threads),
-                "onnxruntime, graph optimisation basic": (_ort_runner(path, "basic", None), threads),
+                "onnxruntime, graph optimisation extended": (
+                    _ort_runner(path, "extended", None),
+                    threads,
+                ),
+                "onnxruntime, graph optimisation basic": (
+                    _ort_runner(path, "basic", None),
+                    threads,
+                ),
                 "onnxruntime, graph optimisation off": (_ort_runner(path, "off", None), threads),
                 "onnxruntime, backbone alone (no normalisation, no L2 norm)": (
-                    _bare_runner(_export_bare(encoder.backbone, Path(tmp) / f"{backbone}-bare.onnx")), threads),
+                    _bare_runner(
+                        _export_bare(encoder.backbone, Path(tmp) / f"{backbone}-bare.onnx")
+                    ),
+                    threads,
+                ),
             }
             for batch_size in args.batch_sizes:
                 batch = sample_images(batch_size, 3, 32).numpy()
@@ -140,7 +181,10 @@ def main() -> None:
                 base = max(eps for name, eps in result.items() if name.startswith("PyTorch"))
                 for name, eps in result.items():
                     rows.append((label, batch_size, name, eps, eps / base))
-                    print(f"{label:30s} {batch_size:4d} {name:42s} {eps:10.1f} emb/s  {eps / base:.2f}x", flush=True)
+                    print(
+                        f"{label:30s} {batch_size:4d} {name:42s} {eps:10.1f} emb/s  {eps / base:.2f}x",
+                        flush=True,
+                    )
 
     sizes = ",".join(map(str, args.batch_sizes))
     cmd = f"python benchmarks/embed.py --batch-sizes {sizes} --images {args.images} --rounds {args.rounds}"
@@ -155,7 +199,9 @@ def main() -> None:
         "| encoder | batch | runtime | embeddings/s | vs best PyTorch eager |",
         "|---|---:|---|---:|---:|",
     ]
-    lines += [f"| {enc} | {b} | {name} | {eps:,.1f} | {ratio:.2f}x |" for enc, b, name, eps, ratio in rows]
+    lines += [
+        f"| {enc} | {b} | {name} | {eps:,.1f} | {ratio:.2f}x |" for enc, b, name, eps, ratio in rows
+    ]
     lines += ["", f"Command: `{cmd}`"]
     table = "\n".join(lines)
     print(table)
@@ -165,9 +211,14 @@ def main() -> None:
         text = doc.read_text() if doc.exists() else "# Benchmarks\n"
         block = f"{start}\n{table}\n{end}"
         if start in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+            text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
         else:
-            text = text.rstrip() + "\n\n## Embedding throughput: onnxruntime vs PyTorch (CPU)\n\n" + block + "\n"
+            text = (
+                text.rstrip()
+                + "\n\n## Embedding throughput: onnxruntime vs PyTorch (CPU)\n\n"
+                + block
+                + "\n"
+            )
         doc.parent.mkdir(exist_ok=True)
         doc.write_text(text)
 

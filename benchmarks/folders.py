@@ -35,7 +35,10 @@ def write_jpegs(root: Path, n: int, seed: int = 0) -> list[Path]:
     files = []
     for i in range(n):
         a, b, c = rng.uniform(0.005, 0.03, size=3)
-        base = np.stack([np.sin(xx * a + i), np.cos(yy * b), np.sin((xx + yy) * c)], axis=-1) * 100 + 128
+        base = (
+            np.stack([np.sin(xx * a + i), np.cos(yy * b), np.sin((xx + yy) * c)], axis=-1) * 100
+            + 128
+        )
         pixels = np.clip(base + rng.normal(0, 12, size=base.shape), 0, 255).astype(np.uint8)
         path = root / f"{i:05d}.jpg"
         Image.fromarray(pixels).save(path, quality=90)
@@ -67,8 +70,10 @@ def main() -> None:
         ("centre crop 224 (kNN monitor / evaluation)", None),
         ("one crop: teacher + student 224", CropPlan.build(224).worker_crops),
         ("symmetric: crops a + b 224", CropPlan.build(224, symmetric=True).worker_crops),
-        ("multi-crop: teacher 224 + 224,192,160,128,96",
-         CropPlan.build(224, crops=[224, 192, 160, 128, 96]).worker_crops),
+        (
+            "multi-crop: teacher 224 + 224,192,160,128,96",
+            CropPlan.build(224, crops=[224, 192, 160, 128, 96]).worker_crops,
+        ),
     ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,8 +97,11 @@ def main() -> None:
         "|---|---:|---:|",
     ]
     lines += [f"| {name} | {w} | {ips:,.1f} |" for name, w, ips in rows]
-    lines += ["", f"Command: `python benchmarks/folders.py --images {args.images} --batch-size {args.batch_size} "
-                  f"--workers {workers}`"]
+    lines += [
+        "",
+        f"Command: `python benchmarks/folders.py --images {args.images} --batch-size {args.batch_size} "
+        f"--workers {workers}`",
+    ]
     table = "\n".join(lines)
     print(table)
     if args.write:
@@ -102,9 +110,14 @@ def main() -> None:
         text = doc.read_text() if doc.exists() else "# Benchmarks\n"
         block = f"{start}\n{table}\n{end}"
         if start in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+            text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
         else:
-            text = text.rstrip() + "\n\n## Folder pipeline for ImageNet-like data (CPU)\n\n" + block + "\n"
+            text = (
+                text.rstrip()
+                + "\n\n## Folder pipeline for ImageNet-like data (CPU)\n\n"
+                + block
+                + "\n"
+            )
         doc.write_text(text)
 
 

@@ -85,14 +85,34 @@ BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 # The research questions: (id, question, setting, overrides of RECIPE / train()).
 QUESTIONS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("default", "-", "default: weak teacher view, K 4096, tau_t 0.04", {}),
-    ("teacher-strong", "RQ2", "teacher view strong (same as the student's)", {"teacher_view": "strong"}),
+    (
+        "teacher-strong",
+        "RQ2",
+        "teacher view strong (same as the student's)",
+        {"teacher_view": "strong"},
+    ),
     ("queue-1024", "RQ3", "queue K 1024", {"queue_size": 1024}),
     ("queue-16384", "RQ3", "queue K 16384", {"queue_size": 16384}),
     ("tau-t-0.07", "tau_t", "teacher temperature 0.07", {"teacher_temperature": 0.07}),
-    ("tau-t-0.1", "tau_t", "teacher temperature 0.1 (= tau_s: no sharpening)", {"teacher_temperature": 0.1}),
+    (
+        "tau-t-0.1",
+        "tau_t",
+        "teacher temperature 0.1 (= tau_s: no sharpening)",
+        {"teacher_temperature": 0.1},
+    ),
     ("default-seed1", "noise", "default recipe, seed 1", {"seed": 1}),
-    ("multicrop", "multi-crop", "student crops 28,24,20,16,12 (teacher: one 28 px crop)", {"crops": (28, 24, 20, 16, 12)}),
-    ("symmetric", "2x backprop", "symmetric: crops a and b, each through both networks", {"symmetric": True}),
+    (
+        "multicrop",
+        "multi-crop",
+        "student crops 28,24,20,16,12 (teacher: one 28 px crop)",
+        {"crops": (28, 24, 20, 16, 12)},
+    ),
+    (
+        "symmetric",
+        "2x backprop",
+        "symmetric: crops a and b, each through both networks",
+        {"symmetric": True},
+    ),
 ]
 
 
@@ -115,25 +135,44 @@ def calibrate(recipe: dict[str, Any], seed: int) -> float:
     """Training images/s of the recipe, from one short epoch on a 10240-image subset."""
     tmp = Path(tempfile.mkdtemp(prefix="ressl-calib-"))
     try:
-        train(**{**recipe, "warmup_epochs": 0}, epochs=1, subset=10240, knn_every=0, seed=seed, out=str(tmp / "run"))
-        rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if line]
+        train(
+            **{**recipe, "warmup_epochs": 0},
+            epochs=1,
+            subset=10240,
+            knn_every=0,
+            seed=seed,
+            out=str(tmp / "run"),
+        )
+        rows = [
+            json.loads(line)
+            for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()
+            if line
+        ]
         return float(rows[-1]["images_per_second"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def evaluate(fn: Any, data: Any, probe_epochs: int, probe_lr: float, seed: int,
-             device: str = "cpu") -> dict[str, float]:
+def evaluate(
+    fn: Any, data: Any, probe_epochs: int, probe_lr: float, seed: int, device: str = "cpu"
+) -> dict[str, float]:
     """kNN (k=200, t=0.1) and linear-probe top-1 of a feature function, train -> test, fp32."""
     kw = dict(mean=data.mean, std=data.std, batch_size=512, device=device)
     t0 = time.perf_counter()
     mem_f, mem_y = extract_features(fn, data.memory, **kw)  # L2-normalised
     test_f, test_y = extract_features(fn, data.test, **kw)
     knn = knn_accuracy(mem_f, mem_y, test_f, test_y, len(data.classes), KNN_K, KNN_T)
-    lin = linear_probe(mem_f, mem_y, test_f, test_y, len(data.classes), epochs=probe_epochs, lr=probe_lr, seed=seed)
-    return {"dim": mem_f.shape[1], "knn_top1": knn["top1"], "knn_top5": knn.get("top5"),
-            "linear_top1": lin["top1"], "linear_train_top1": lin["train_top1"],
-            "eval_seconds": time.perf_counter() - t0}
+    lin = linear_probe(
+        mem_f, mem_y, test_f, test_y, len(data.classes), epochs=probe_epochs, lr=probe_lr, seed=seed
+    )
+    return {
+        "dim": mem_f.shape[1],
+        "knn_top1": knn["top1"],
+        "knn_top5": knn.get("top5"),
+        "linear_top1": lin["top1"],
+        "linear_train_top1": lin["train_top1"],
+        "eval_seconds": time.perf_counter() - t0,
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -145,9 +184,15 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
-        wall = f"{row['train_seconds'] / 60:.1f} min ({row['train_seconds']:.0f} s)" if row.get("train_seconds") else "-"
+        wall = (
+            f"{row['train_seconds'] / 60:.1f} min ({row['train_seconds']:.0f} s)"
+            if row.get("train_seconds")
+            else "-"
+        )
         ips = f"{row['images_per_second']:.0f}" if row.get("images_per_second") else "-"
-        lines.append(f"| {row['name']} | {row['dim']} | {row['knn_top1']:.2f} | {row['linear_top1']:.2f} | {wall} | {ips} |")
+        lines.append(
+            f"| {row['name']} | {row['dim']} | {row['knn_top1']:.2f} | {row['linear_top1']:.2f} | {wall} | {ips} |"
+        )
     lines += [
         "",
         f"- Protocol: kNN k={KNN_K}, t={KNN_T}, cosine on L2-normalised features, train split as memory; "
@@ -162,12 +207,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"{r['threads']} threads, {r['precision']}.",
         f"- Command: `{r['command']}`",
         f"- Equivalent training command: `{r['train_command']}`",
-        f"- Recipe: `train({', '.join(f'{k}={v!r}' for k, v in r['recipe'].items())}, epochs={r['epochs']}, seed={r['seed']})`",
+        "- Recipe: `train("
+        + ", ".join(f"{k}={v!r}" for k, v in r["recipe"].items())
+        + f", epochs={r['epochs']}, seed={r['seed']})`",
     ]
     return "\n".join(lines)
 
 
-def write_doc(path: Path, table: str, begin: str = BEGIN, end: str = END, heading: str = "Benchmark") -> None:
+def write_doc(
+    path: Path, table: str, begin: str = BEGIN, end: str = END, heading: str = "Benchmark"
+) -> None:
     block = f"{begin}\n{table}\n{end}"
     if path.exists():
         text = path.read_text()
@@ -184,32 +233,64 @@ def write_doc(path: Path, table: str, begin: str = BEGIN, end: str = END, headin
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", choices=["headline", "questions"], default="headline",
-                   help="headline: one long run of the recipe; questions: the paper's research questions")
+    p.add_argument(
+        "--suite",
+        choices=["headline", "questions"],
+        default="headline",
+        help="headline: one long run of the recipe; questions: the paper's research questions",
+    )
     p.add_argument("--only", default=None, help="questions suite: comma-separated row ids to run")
-    p.add_argument("--fresh", action="store_true", help="questions suite: ignore rows already measured")
-    p.add_argument("--eval-device", default="cpu", help="questions suite: device for feature extraction and probe")
-    p.add_argument("--marker", default="questions",
-                   help="questions suite: the table goes between <!-- MARKER:begin --> and <!-- MARKER:end -->")
-    p.add_argument("--render", action="store_true",
-                   help="questions suite: only rewrite the table from OUT/questions.json, run nothing")
+    p.add_argument(
+        "--fresh", action="store_true", help="questions suite: ignore rows already measured"
+    )
+    p.add_argument(
+        "--eval-device",
+        default="cpu",
+        help="questions suite: device for feature extraction and probe",
+    )
+    p.add_argument(
+        "--marker",
+        default="questions",
+        help="questions suite: the table goes between <!-- MARKER:begin --> and <!-- MARKER:end -->",
+    )
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="questions suite: only rewrite the table from OUT/questions.json, run nothing",
+    )
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=float, default=None,
-                        help="training budget in minutes (default 15), converted to whole epochs")
-    budget.add_argument("--epochs", type=int, default=None, help="train exactly this many epochs instead")
-    p.add_argument("--out", default=None,
-                   help="run folder (replaced); default runs/quality, or runs/questions holding one folder per row")
+    budget.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="training budget in minutes (default 15), converted to whole epochs",
+    )
+    budget.add_argument(
+        "--epochs", type=int, default=None, help="train exactly this many epochs instead"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run folder (replaced); default runs/quality, or runs/questions holding one folder per row",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--knn-every", type=int, default=10, help="kNN monitor interval during training")
     p.add_argument("--probe-epochs", type=int, default=100)
     p.add_argument("--probe-lr", type=float, default=0.1)
-    p.add_argument("--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update")
+    p.add_argument(
+        "--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update"
+    )
     p.add_argument("--no-doc", action="store_true", help="only print the table")
     args = p.parse_args(argv)
     minutes = 15.0 if args.minutes is None and args.epochs is None else args.minutes
 
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0] if argv is None else "benchmarks/quality.py",
-                                                           *(sys.argv[1:] if argv is None else argv)])
+    command = "python " + " ".join(
+        shlex.quote(a)
+        for a in [
+            sys.argv[0] if argv is None else "benchmarks/quality.py",
+            *(sys.argv[1:] if argv is None else argv),
+        ]
+    )
     if args.suite == "questions":
         if args.minutes is not None:
             p.error("--suite questions trains a fixed --epochs per row (default 20), not --minutes")
@@ -224,7 +305,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # budget minus the kNN monitors (~3 s each) and a 3% margin for noise
         n_monitor = max(1, math.ceil(minutes * 60 * ips / n_train / max(args.knn_every, 1)))
         usable = max(minutes * 60 * 0.97 - 3.0 * n_monitor, 1.0)
-        epochs = max(1, int(usable * ips // (n_train // RECIPE["batch_size"] * RECIPE["batch_size"])))
+        epochs = max(
+            1, int(usable * ips // (n_train // RECIPE["batch_size"] * RECIPE["batch_size"]))
+        )
         epochs_from = f"--minutes {minutes:g} at a calibrated {ips:.0f} images/s"
     print(f"training {epochs} epochs ({epochs_from})", flush=True)
 
@@ -234,7 +317,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     ckpt = train(**RECIPE, epochs=epochs, seed=args.seed, out=str(out), knn_every=args.knn_every)
     train_seconds = time.perf_counter() - t0
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    metrics = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line
+    ]
     ips_list = [m["images_per_second"] for m in metrics]
     steps = metrics[-1]["step"]
 
@@ -249,28 +334,59 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add("raw pixels (normalised, flattened)", lambda x: x.flatten(1))
 
     torch.manual_seed(args.seed)  # the same initialisation train() starts from
-    init = ReSSL(RECIPE["backbone"], in_channels=data.channels, image_size=data.image_size,
-                 hidden_dim=512, embed_dim=128, queue_size=RECIPE["queue_size"], width=RECIPE["width"],
-                 generator=torch.Generator().manual_seed(args.seed + 1)).student.eval()
+    init = ReSSL(
+        RECIPE["backbone"],
+        in_channels=data.channels,
+        image_size=data.image_size,
+        hidden_dim=512,
+        embed_dim=128,
+        queue_size=RECIPE["queue_size"],
+        width=RECIPE["width"],
+        generator=torch.Generator().manual_seed(args.seed + 1),
+    ).student.eval()
     add(f"random-init small CNN (width {RECIPE['width']})", init.features)
 
     with torch.no_grad():
         student, _ = load_encoder(ckpt, weights="student")
         teacher, _ = load_encoder(ckpt, weights="teacher")
-    add(f"ReSSL student, {epochs} epochs", student.eval().features,
-        train_seconds=train_seconds, images_per_second=sum(ips_list) / len(ips_list))
-    add(f"ReSSL teacher (EMA), {epochs} epochs", teacher.eval().features,
-        train_seconds=train_seconds, images_per_second=sum(ips_list) / len(ips_list))
+    add(
+        f"ReSSL student, {epochs} epochs",
+        student.eval().features,
+        train_seconds=train_seconds,
+        images_per_second=sum(ips_list) / len(ips_list),
+    )
+    add(
+        f"ReSSL teacher (EMA), {epochs} epochs",
+        teacher.eval().features,
+        train_seconds=train_seconds,
+        images_per_second=sum(ips_list) / len(ips_list),
+    )
 
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "rows": rows, "epochs": epochs, "epochs_from": epochs_from, "steps": steps, "seed": args.seed,
-        "knn_every": args.knn_every, "probe_epochs": args.probe_epochs, "probe_lr": args.probe_lr,
-        "ips_min": min(ips_list), "ips_max": max(ips_list), "train_seconds": train_seconds,
-        "monitor": [{k: m[k] for k in ("epoch", "loss", "knn_top1") if k in m} for m in metrics if "knn_top1" in m],
-        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "precision": "bf16 autocast" if "bf16" in str(_amp_name()) else "fp32",
-        "command": command, "train_command": cli_command(RECIPE, epochs, str(out), args.seed),
+        "rows": rows,
+        "epochs": epochs,
+        "epochs_from": epochs_from,
+        "steps": steps,
+        "seed": args.seed,
+        "knn_every": args.knn_every,
+        "probe_epochs": args.probe_epochs,
+        "probe_lr": args.probe_lr,
+        "ips_min": min(ips_list),
+        "ips_max": max(ips_list),
+        "train_seconds": train_seconds,
+        "monitor": [
+            {k: m[k] for k in ("epoch", "loss", "knn_top1") if k in m}
+            for m in metrics
+            if "knn_top1" in m
+        ],
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "precision": "bf16 autocast" if "bf16" in str(_amp_name()) else "fp32",
+        "command": command,
+        "train_command": cli_command(RECIPE, epochs, str(out), args.seed),
         "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in RECIPE.items()},
     }
     (out / "quality.json").write_text(json.dumps(result, indent=2))
@@ -285,8 +401,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _hardware() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     bf16 = torch.cuda.is_bf16_supported() if gpu else _amp_name() == "bf16"
-    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
-            "torch": torch.__version__, "precision": "bf16 autocast" if bf16 else "fp32"}
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "precision": "bf16 autocast" if bf16 else "fp32",
+    }
 
 
 def _eval_commands(run: str, device: str = "cpu") -> str:
@@ -302,7 +424,11 @@ def questions_markdown(r: dict[str, Any]) -> str:
     lines = [
         f"Fashion-MNIST, train (60k) -> test (10k), small CNN (width 32), {r['epochs']} epochs per ReSSL row, "
         f"one seed unless stated. Generated by `benchmarks/quality.py --suite questions` on {r['date']}"
-        + ("." if done == len(r["planned"]) else f" (partial: {done} of {len(r['planned'])} rows so far)."),
+        + (
+            "."
+            if done == len(r["planned"])
+            else f" (partial: {done} of {len(r['planned'])} rows so far)."
+        ),
         "",
         "| id | question | setting | kNN top-1 | linear top-1 | kNN vs default | linear vs default "
         "| train time | train img/s | eval time | load avg |",
@@ -323,21 +449,25 @@ def questions_markdown(r: dict[str, Any]) -> str:
             f"| {x['eval_seconds']:.0f} s | {x['load_avg']:.1f} |"
         )
     if hw.get("gpu"):
-        where = (f"one {hw['gpu']} GPU for training ({hw['precision']}) and for evaluation "
-                 f"(fp32, on {r.get('eval_device', 'cpu')}), {hw['cpu_count']} logical CPUs, torch {hw['torch']}. "
-                 "\"load avg\" is the host's 1-minute load average when the row finished.")
+        where = (
+            f"one {hw['gpu']} GPU for training ({hw['precision']}) and for evaluation "
+            f"(fp32, on {r.get('eval_device', 'cpu')}), {hw['cpu_count']} logical CPUs, torch {hw['torch']}. "
+            '"load avg" is the host\'s 1-minute load average when the row finished.'
+        )
     else:
-        where = (f"{hw['cpu']}, {hw['cpu_count']} logical CPUs, torch {hw['torch']} with "
-                 f"{hw['threads']} threads, {hw['precision']} for training, fp32 for evaluation. **The machine was "
-                 "shared with other jobs while this ran**: times and images/s are inflated by them; \"load avg\" is "
-                 "the 1-minute load average when the row finished (2 means two busy processes on the 2 cores, ours "
-                 "included). Accuracies depend on the epochs, not on the load.")
+        where = (
+            f"{hw['cpu']}, {hw['cpu_count']} logical CPUs, torch {hw['torch']} with "
+            f"{hw['threads']} threads, {hw['precision']} for training, fp32 for evaluation. **The machine was "
+            'shared with other jobs while this ran**: times and images/s are inflated by them; "load avg" is '
+            "the 1-minute load average when the row finished (2 means two busy processes on the 2 cores, ours "
+            "included). Accuracies depend on the epochs, not on the load."
+        )
     lines += [
         "",
         f"- Hardware, every row: {where}",
         f"- Protocol, every row: features of the student backbone (fp32, eval mode, L2-normalised) for the train "
         f"and test splits, extracted once; kNN k={KNN_K}, t={KNN_T}; linear probe SGD lr {r['probe_lr']} "
-        f"(batch 256), {r['probe_epochs']} epochs, cosine, wd 0, seed 0. \"eval time\" covers extraction, kNN "
+        f'(batch 256), {r["probe_epochs"]} epochs, cosine, wd 0, seed 0. "eval time" covers extraction, kNN '
         "and probe.",
         f"- ReSSL rows: the tuned recipe (`RECIPE` in `benchmarks/quality.py`; also the `ressl train` defaults "
         f"for Fashion-MNIST) changed in one setting each, {r['epochs']} epochs, kNN monitor every "
@@ -367,15 +497,25 @@ def questions(args: argparse.Namespace, command: str) -> dict[str, Any]:
     wanted = set(args.only.split(",")) if args.only else None
     ids = ["pixels", "random-init"] + [q[0] for q in QUESTIONS]
     if wanted is not None and wanted - set(ids):
-        raise SystemExit(f"--only: unknown row id(s) {sorted(wanted - set(ids))}; valid: {', '.join(ids)}")
+        raise SystemExit(
+            f"--only: unknown row id(s) {sorted(wanted - set(ids))}; valid: {', '.join(ids)}"
+        )
     old: dict[str, dict[str, Any]] = {}
     if state_path.exists() and not args.fresh:
         prev = json.loads(state_path.read_text())
         if prev.get("epochs") == epochs:
             old = {x["id"]: x for x in prev["rows"]}
     result: dict[str, Any] = {
-        "epochs": epochs, "knn_every": args.knn_every, "probe_epochs": args.probe_epochs, "probe_lr": args.probe_lr,
-        "hardware": _hardware(), "eval_device": args.eval_device, "command": command, "planned": ids, "rows": [], "total_seconds": 0.0,
+        "epochs": epochs,
+        "knn_every": args.knn_every,
+        "probe_epochs": args.probe_epochs,
+        "probe_lr": args.probe_lr,
+        "hardware": _hardware(),
+        "eval_device": args.eval_device,
+        "command": command,
+        "planned": ids,
+        "rows": [],
+        "total_seconds": 0.0,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     data = load_dataset("fashion-mnist")
@@ -383,7 +523,9 @@ def questions(args: argparse.Namespace, command: str) -> dict[str, Any]:
     def save() -> None:
         done = {x["id"]: x for x in result["rows"]}
         result["rows"] = [done[i] for i in ids if i in done]
-        result["total_seconds"] = sum(x.get("train_seconds", 0) + x["eval_seconds"] for x in result["rows"])
+        result["total_seconds"] = sum(
+            x.get("train_seconds", 0) + x["eval_seconds"] for x in result["rows"]
+        )
         state_path.write_text(json.dumps(result, indent=2))
         table = questions_markdown(result)
         if not args.no_doc:
@@ -395,8 +537,11 @@ def questions(args: argparse.Namespace, command: str) -> dict[str, Any]:
         res = evaluate(fn, data, args.probe_epochs, args.probe_lr, 0, args.eval_device)
         row = {"id": row_id, **extra, **res, "load_avg": os.getloadavg()[0]}
         result["rows"].append(row)
-        print(f"[{row_id}] kNN {res['knn_top1']:.2f}  linear {res['linear_top1']:.2f}  "
-              f"eval {res['eval_seconds']:.0f} s", flush=True)
+        print(
+            f"[{row_id}] kNN {res['knn_top1']:.2f}  linear {res['linear_top1']:.2f}  "
+            f"eval {res['eval_seconds']:.0f} s",
+            flush=True,
+        )
         save()
 
     for row_id in ids:
@@ -406,18 +551,43 @@ def questions(args: argparse.Namespace, command: str) -> dict[str, Any]:
         if wanted is not None and row_id not in wanted:
             continue
         if row_id == "pixels":
-            measure(row_id, lambda x: x.flatten(1), {"kind": "baseline", "question": "baseline",
+            measure(
+                row_id,
+                lambda x: x.flatten(1),
+                {
+                    "kind": "baseline",
+                    "question": "baseline",
                     "setting": "raw pixels (normalised, flattened, 784-d)",
-                    "command": f"python benchmarks/quality.py --suite questions --only pixels --epochs {epochs}"})
+                    "command": f"python benchmarks/quality.py --suite questions --only pixels --epochs {epochs}",
+                },
+            )
             continue
         if row_id == "random-init":
             torch.manual_seed(0)  # the initialisation train(seed=0) starts from
-            init = ReSSL(RECIPE["backbone"], in_channels=data.channels, image_size=data.image_size,
-                         hidden_dim=512, embed_dim=128, queue_size=RECIPE["queue_size"], width=RECIPE["width"],
-                         generator=torch.Generator().manual_seed(1)).student.eval().to(args.eval_device)
-            measure(row_id, init.features, {"kind": "baseline", "question": "baseline",
+            init = (
+                ReSSL(
+                    RECIPE["backbone"],
+                    in_channels=data.channels,
+                    image_size=data.image_size,
+                    hidden_dim=512,
+                    embed_dim=128,
+                    queue_size=RECIPE["queue_size"],
+                    width=RECIPE["width"],
+                    generator=torch.Generator().manual_seed(1),
+                )
+                .student.eval()
+                .to(args.eval_device)
+            )
+            measure(
+                row_id,
+                init.features,
+                {
+                    "kind": "baseline",
+                    "question": "baseline",
                     "setting": f"random-init small CNN (width {RECIPE['width']}, 256-d)",
-                    "command": f"python benchmarks/quality.py --suite questions --only random-init --epochs {epochs}"})
+                    "command": f"python benchmarks/quality.py --suite questions --only random-init --epochs {epochs}",
+                },
+            )
             continue
         _, question, setting, overrides = next(q for q in QUESTIONS if q[0] == row_id)
         seed = int(overrides.get("seed", 0))
@@ -429,16 +599,31 @@ def questions(args: argparse.Namespace, command: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         ckpt = train(**recipe, epochs=epochs, seed=seed, out=str(run), knn_every=args.knn_every)
         train_seconds = time.perf_counter() - t0
-        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+        metrics = [
+            json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line
+        ]
         ips = [m["images_per_second"] for m in metrics]
         with torch.no_grad():
             student, _ = load_encoder(ckpt, weights="student")
-        measure(row_id, student.eval().to(args.eval_device).features, {
-            "kind": "ressl", "question": question, "setting": setting, "train_seconds": train_seconds,
-            "images_per_second": sum(ips) / len(ips),
-            "monitor": [{k: m[k] for k in ("epoch", "knn_top1") if k in m} for m in metrics if "knn_top1" in m],
-            "command": cli_command(recipe, epochs, str(run), seed) + "; " + _eval_commands(str(run), args.eval_device),
-        })
+        measure(
+            row_id,
+            student.eval().to(args.eval_device).features,
+            {
+                "kind": "ressl",
+                "question": question,
+                "setting": setting,
+                "train_seconds": train_seconds,
+                "images_per_second": sum(ips) / len(ips),
+                "monitor": [
+                    {k: m[k] for k in ("epoch", "knn_top1") if k in m}
+                    for m in metrics
+                    if "knn_top1" in m
+                ],
+                "command": cli_command(recipe, epochs, str(run), seed)
+                + "; "
+                + _eval_commands(str(run), args.eval_device),
+            },
+        )
     save()
     print(questions_markdown(result))
     if not args.no_doc:

@@ -30,11 +30,39 @@ from throughput import write_fake_cifar10  # noqa: E402
 
 def run(procs: int, root: Path, out: Path, args: argparse.Namespace) -> float:
     threads = max(1, (os.cpu_count() or 1) // procs)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-           "-m", "ressl", "train", "--dataset", "cifar10", "--data-root", str(root), "--backbone", args.backbone,
-           "--batch-size", str(args.batch_size), "--subset", str(args.batch_size * (args.steps + 1)),
-           "--epochs", "1", "--warmup-epochs", "0", "--queue-size", "4096", "--knn-every", "-1",
-           "--device", "cpu", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(procs),
+        "-m",
+        "ressl",
+        "train",
+        "--dataset",
+        "cifar10",
+        "--data-root",
+        str(root),
+        "--backbone",
+        args.backbone,
+        "--batch-size",
+        str(args.batch_size),
+        "--subset",
+        str(args.batch_size * (args.steps + 1)),
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--queue-size",
+        "4096",
+        "--knn-every",
+        "-1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -47,7 +75,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--procs", type=lambda t: [int(v) for v in t.split(",")], default=[1, 2])
     p.add_argument("--batch-size", type=int, default=128, help="global batch")
-    p.add_argument("--steps", type=int, default=6, help="steps per epoch (the epoch is the timed unit)")
+    p.add_argument(
+        "--steps", type=int, default=6, help="steps per epoch (the epoch is the timed unit)"
+    )
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
@@ -65,8 +95,10 @@ def main() -> None:
     base = best[args.procs[0]]
     cores = os.cpu_count() or 1
     procs = ",".join(str(n) for n in args.procs)
-    cmd = (f"python benchmarks/scaling.py --procs {procs} --batch-size {args.batch_size} --steps {args.steps} "
-           f"--repeats {args.repeats} --backbone {args.backbone}")
+    cmd = (
+        f"python benchmarks/scaling.py --procs {procs} --batch-size {args.batch_size} --steps {args.steps} "
+        f"--repeats {args.repeats} --backbone {args.backbone}"
+    )
     lines = [
         f"`torchrun` scaling on CPU (gloo), {args.backbone} at 32 px, global batch {args.batch_size}, one epoch of "
         f"{args.steps} steps (the first included), bf16 autocast where supported; {cpu_model()}, {cores} cores "
@@ -75,7 +107,10 @@ def main() -> None:
         "| processes | threads each | images/s (global) | vs 1st row |",
         "|---:|---:|---:|---:|",
     ]
-    lines += [f"| {n} | {max(1, cores // n)} | {best[n]:,.1f} | {best[n] / base:.2f}x |" for n in args.procs]
+    lines += [
+        f"| {n} | {max(1, cores // n)} | {best[n]:,.1f} | {best[n] / base:.2f}x |"
+        for n in args.procs
+    ]
     lines += ["", f"Command: `{cmd}`"]
     table = "\n".join(lines)
     print(table)
@@ -85,9 +120,14 @@ def main() -> None:
         text = doc.read_text() if doc.exists() else "# Benchmarks\n"
         block = f"{start}\n{table}\n{end}"
         if start in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+            text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
         else:
-            text = text.rstrip() + "\n\n## Distributed training on CPU (torchrun, gloo)\n\n" + block + "\n"
+            text = (
+                text.rstrip()
+                + "\n\n## Distributed training on CPU (torchrun, gloo)\n\n"
+                + block
+                + "\n"
+            )
         doc.write_text(text)
 
 

@@ -48,15 +48,28 @@ def write_fake_cifar10(root: Path, n: int, seed: int = 0) -> Path:
         with open(d / f"data_batch_{i + 1}", "wb") as f:
             pickle.dump({b"data": data, b"labels": labels}, f)
     with open(d / "test_batch", "wb") as f:
-        pickle.dump({b"data": rng.integers(0, 256, size=(512, 3072), dtype=np.uint8),
-                     b"labels": rng.integers(0, 10, size=512).tolist()}, f)
+        pickle.dump(
+            {
+                b"data": rng.integers(0, 256, size=(512, 3072), dtype=np.uint8),
+                b"labels": rng.integers(0, 10, size=512).tolist(),
+            },
+            f,
+        )
     with open(d / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
     return root
 
 
-def bench_ressl(root: Path, batch: int, steps: int, backbone: str, out: Path, *, fastest: bool = False,
-                **settings: Any) -> float:
+def bench_ressl(
+    root: Path,
+    batch: int,
+    steps: int,
+    backbone: str,
+    out: Path,
+    *,
+    fastest: bool = False,
+    **settings: Any,
+) -> float:
     """Images/s of the real trainer: one epoch of ``steps + 1`` steps, the first one untimed (warm-up).
 
     ``fastest``: the speed of the fastest timed step rather than of all of them together
@@ -68,9 +81,22 @@ def bench_ressl(root: Path, batch: int, steps: int, backbone: str, out: Path, *,
         if event.kind == "step":
             stamps.append(time.perf_counter())
 
-    train(out=str(out), dataset="cifar10", data_root=str(root), backbone=backbone, batch_size=batch,
-          subset=batch * (steps + 1), device="cpu", epochs=1, warmup_epochs=0, queue_size=4096,
-          download=False, progress_every=1, callback=on_event, **settings)
+    train(
+        out=str(out),
+        dataset="cifar10",
+        data_root=str(root),
+        backbone=backbone,
+        batch_size=batch,
+        subset=batch * (steps + 1),
+        device="cpu",
+        epochs=1,
+        warmup_epochs=0,
+        queue_size=4096,
+        download=False,
+        progress_every=1,
+        callback=on_event,
+        **settings,
+    )
     if fastest:
         return batch / min(b - a for a, b in zip(stamps, stamps[1:]))
     return batch * steps / (stamps[-1] - stamps[0])
@@ -80,12 +106,24 @@ class _PairDataset(torch.utils.data.Dataset):
     def __init__(self, images: np.ndarray) -> None:
         self.images = images  # (N, 32, 32, 3) uint8
         normalize = T.Normalize(CIFAR_MEAN, CIFAR_STD)
-        self.weak = T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
-                               T.ToTensor(), normalize])
-        self.strong = T.Compose([
-            T.RandomResizedCrop(32, scale=(0.2, 1.0)),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+        self.weak = T.Compose(
+            [
+                T.RandomResizedCrop(32, scale=(0.2, 1.0)),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                normalize,
+            ]
+        )
+        self.strong = T.Compose(
+            [
+                T.RandomResizedCrop(32, scale=(0.2, 1.0)),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                normalize,
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -95,13 +133,16 @@ class _PairDataset(torch.utils.data.Dataset):
         return self.strong(img), self.weak(img)
 
 
-def bench_reference(images: np.ndarray, batch: int, steps: int, backbone: str, workers: int) -> float:
+def bench_reference(
+    images: np.ndarray, batch: int, steps: int, backbone: str, workers: int
+) -> float:
     """Images/s of a reference-style loop: PIL transforms in DataLoader workers, fp32 eager, NCHW."""
     torch.manual_seed(0)
     model = ReSSL(backbone, in_channels=3, image_size=32, queue_size=4096)
     opt = torch.optim.SGD(model.student.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
-    loader = torch.utils.data.DataLoader(_PairDataset(images), batch_size=batch, shuffle=True,
-                                         num_workers=workers, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        _PairDataset(images), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True
+    )
     model.train()
     stamps = []
     for x_s, x_t in loader:
@@ -114,7 +155,9 @@ def bench_reference(images: np.ndarray, batch: int, steps: int, backbone: str, w
         loss.backward()
         opt.step()
         model.enqueue_(z_t)
-        stamps.append(time.perf_counter())  # the first step (worker start-up) is the untimed warm-up
+        stamps.append(
+            time.perf_counter()
+        )  # the first step (worker start-up) is the untimed warm-up
     return batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
@@ -123,8 +166,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="timed steps per pipeline")
     p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--workers", type=lambda t: [int(v) for v in t.split(",")], default=[0, 1, 2],
-                   help="DataLoader worker counts to try for the reference pipeline, e.g. 0,1,2")
+    p.add_argument(
+        "--workers",
+        type=lambda t: [int(v) for v in t.split(",")],
+        default=[0, 1, 2],
+        help="DataLoader worker counts to try for the reference pipeline, e.g. 0,1,2",
+    )
     p.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     args = p.parse_args()
 
@@ -136,12 +183,18 @@ def main() -> None:
         hwc = data.train.images.permute(0, 2, 3, 1).contiguous().numpy()  # type: ignore[attr-defined]
         for w in args.workers:
             ips = bench_reference(hwc, args.batch_size, args.steps, args.backbone, w)
-            rows.append((f"reference-style: PIL transforms in {w} DataLoader worker(s), fp32, NCHW", ips))
+            rows.append(
+                (f"reference-style: PIL transforms in {w} DataLoader worker(s), fp32, NCHW", ips)
+            )
             print(f"{rows[-1][0]}: {ips:.1f} images/s", flush=True)
-        variants = [("fp32, NCHW", dict(precision="fp32", channels_last=False)),
-                    ("bf16 autocast, channels-last", dict(precision="auto", channels_last=True))]
+        variants = [
+            ("fp32, NCHW", dict(precision="fp32", channels_last=False)),
+            ("bf16 autocast, channels-last", dict(precision="auto", channels_last=True)),
+        ]
         for i, (label, settings) in enumerate(variants):
-            ips = bench_ressl(root, args.batch_size, args.steps, args.backbone, Path(tmp) / f"run{i}", **settings)
+            ips = bench_ressl(
+                root, args.batch_size, args.steps, args.backbone, Path(tmp) / f"run{i}", **settings
+            )
             rows.append((f"ressl: uint8 in memory, batched views, {label}", ips))
             print(f"{rows[-1][0]}: {ips:.1f} images/s", flush=True)
 
@@ -167,7 +220,7 @@ def main() -> None:
         text = doc.read_text() if doc.exists() else "# Benchmarks\n"
         block = f"{start}\n{table}\n{end}"
         if start in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+            text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
         else:
             text = text.rstrip() + "\n\n## Training throughput (CPU)\n\n" + block + "\n"
         doc.parent.mkdir(exist_ok=True)

@@ -97,7 +97,9 @@ def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
     inp = session.get_inputs()[0]
     shape = list(inp.shape)
     if len(shape) != 4:
-        fail(f"{path}: expected an image input (N, C, H, W), got input {inp.name!r} of shape {shape}")
+        fail(
+            f"{path}: expected an image input (N, C, H, W), got input {inp.name!r} of shape {shape}"
+        )
     outputs = [o.name for o in session.get_outputs()]
     out_name = "embedding" if "embedding" in outputs else outputs[0]
     meta = dict(session.get_modelmeta().custom_metadata_map or {})
@@ -107,8 +109,16 @@ def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
             settings = json.loads(meta["settings"])
         except ValueError:
             settings = {}
-    channels = shape[1] if isinstance(shape[1], int) else int(str(settings.get("channels", meta.get("channels", 3))))
-    size = shape[2] if isinstance(shape[2], int) else settings.get("image_size", meta.get("image_size"))
+    channels = (
+        shape[1]
+        if isinstance(shape[1], int)
+        else int(str(settings.get("channels", meta.get("channels", 3))))
+    )
+    size = (
+        shape[2]
+        if isinstance(shape[2], int)
+        else settings.get("image_size", meta.get("image_size"))
+    )
     dataset = meta.get("dataset") or settings.get("dataset")
 
     def run(x: Tensor) -> Tensor:
@@ -124,8 +134,11 @@ def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
     else:
         what = "not a ressl export: unknown whether head or backbone"
     weights = meta.get("weights")
-    info: dict[str, Any] = {"model": path.name, **({"weights": weights} if weights else {}),
-                            **({"head": meta["head"] == "true"} if "head" in meta else {})}
+    info: dict[str, Any] = {
+        "model": path.name,
+        **({"weights": weights} if weights else {}),
+        **({"head": meta["head"] == "true"} if "head" in meta else {}),
+    }
     return FeatureSource(
         fn=run, mean=(0.0,) * channels, std=(1.0,) * channels, channels=channels,
         image_size=int(size) if size is not None else None, default_dataset=dataset,
@@ -152,20 +165,27 @@ def load_eval_data(source: FeatureSource, dataset: str | None, data_root: Path |
         fail("the model does not say which dataset it was trained on; pass --dataset NAME")
     data = load_dataset(name, root=data_root, image_size=source.image_size)
     if data.channels != source.channels:
-        fail(f"the encoder takes {source.channels}-channel images but {data.name} has {data.channels} channel(s)")
+        fail(
+            f"the encoder takes {source.channels}-channel images but {data.name} has {data.channels} channel(s)"
+        )
     return data
 
 
-def features(source: FeatureSource, data: Any, device: torch.device, batch_size: int) -> tuple[Tensor, ...]:
+def features(
+    source: FeatureSource, data: Any, device: torch.device, batch_size: int
+) -> tuple[Tensor, ...]:
     """Train / test features and labels under the eval protocol (fp32, eval mode, L2-normalised)."""
     from ressl.evaluate import split_features
 
     n_train = len(data.memory) if data.memory is not None else 0
     n_test = len(data.test) if data.test is not None else 0
-    typer.echo(f"extracting {source.description} of {n_train} + {n_test} {data.name} images on {device} ...",
-               err=True)
-    return split_features(source.fn, data, mean=source.mean, std=source.std, batch_size=batch_size,
-                          device=device)
+    typer.echo(
+        f"extracting {source.description} of {n_train} + {n_test} {data.name} images on {device} ...",
+        err=True,
+    )
+    return split_features(
+        source.fn, data, mean=source.mean, std=source.std, batch_size=batch_size, device=device
+    )
 
 
 def record(source: FeatureSource, row: dict[str, Any], enabled: bool) -> Path | None:
@@ -174,7 +194,11 @@ def record(source: FeatureSource, row: dict[str, Any], enabled: bool) -> Path | 
 
     if not enabled:
         return None
-    full = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **row, "ressl_version": __version__}
+    full = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **row,
+        "ressl_version": __version__,
+    }
     path = source.run_dir / EVAL_LOG
     with path.open("a") as f:
         f.write(json.dumps(full) + "\n")
@@ -188,8 +212,14 @@ def pick_device(name: str) -> torch.device:
     return select_device(name)
 
 
-def _setup(path: Path, weights: Weights, device: str, dataset: str | None, data_root: Path | None,
-           batch_size: int) -> tuple[FeatureSource, Any, torch.device, tuple[Tensor, ...], float]:
+def _setup(
+    path: Path,
+    weights: Weights,
+    device: str,
+    dataset: str | None,
+    data_root: Path | None,
+    batch_size: int,
+) -> tuple[FeatureSource, Any, torch.device, tuple[Tensor, ...], float]:
     dev = pick_device(device)
     if batch_size < 1:
         fail(f"--batch-size must be >= 1, got {batch_size}")
@@ -201,19 +231,48 @@ def _setup(path: Path, weights: Weights, device: str, dataset: str | None, data_
     return source, data, dev, feats, time.perf_counter() - t0
 
 
-def _base_row(protocol: str, source: FeatureSource, data: Any, feats: tuple[Tensor, ...]) -> dict[str, Any]:
+def _base_row(
+    protocol: str, source: FeatureSource, data: Any, feats: tuple[Tensor, ...]
+) -> dict[str, Any]:
     train_f, _, test_f, _ = feats
-    return {"protocol": protocol, **source.info, "features": source.features, "dim": int(train_f.shape[1]),
-            "dataset": data.name, "train_images": int(train_f.shape[0]), "test_images": int(test_f.shape[0])}
+    return {
+        "protocol": protocol,
+        **source.info,
+        "features": source.features,
+        "dim": int(train_f.shape[1]),
+        "dataset": data.name,
+        "train_images": int(train_f.shape[0]),
+        "test_images": int(test_f.shape[0]),
+    }
 
 
-PathArg = Annotated[Path, typer.Argument(metavar="CHECKPOINT|MODEL.onnx", help="A ressl checkpoint (.safetensors), a run folder, or an exported .onnx model.")]
-DatasetOpt = Annotated[str | None, typer.Option(help="fashion-mnist, cifar10, cifar100, stl10 or folder:PATH (default: the checkpoint's).")]
-WeightsOpt = Annotated[Weights, typer.Option(help="Checkpoint weights: the student, or the EMA teacher.")]
+PathArg = Annotated[
+    Path,
+    typer.Argument(
+        metavar="CHECKPOINT|MODEL.onnx",
+        help="A ressl checkpoint (.safetensors), a run folder, or an exported .onnx model.",
+    ),
+]
+DatasetOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="fashion-mnist, cifar10, cifar100, stl10 or folder:PATH (default: the checkpoint's)."
+    ),
+]
+WeightsOpt = Annotated[
+    Weights, typer.Option(help="Checkpoint weights: the student, or the EMA teacher.")
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
-DataRootOpt = Annotated[Path | None, typer.Option(help="Where datasets are looked for / downloaded.")]
+DataRootOpt = Annotated[
+    Path | None, typer.Option(help="Where datasets are looked for / downloaded.")
+]
 BatchOpt = Annotated[int, typer.Option(help="Images per forward pass while extracting features.")]
-RecordOpt = Annotated[bool, typer.Option("--record/--no-record", help=f"Append the result to {EVAL_LOG} next to the checkpoint.")]
+RecordOpt = Annotated[
+    bool,
+    typer.Option(
+        "--record/--no-record", help=f"Append the result to {EVAL_LOG} next to the checkpoint."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 
 
@@ -222,7 +281,9 @@ def knn_cmd(
     path: PathArg,
     dataset: DatasetOpt = None,
     k: Annotated[int, typer.Option("--k", help="Neighbours that vote.")] = 200,
-    temperature: Annotated[float, typer.Option(help="Vote weight exp(similarity / temperature).")] = 0.1,
+    temperature: Annotated[
+        float, typer.Option(help="Vote weight exp(similarity / temperature).")
+    ] = 0.1,
     weights: WeightsOpt = Weights.student,
     device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,
@@ -237,19 +298,28 @@ def knn_cmd(
         fail(f"--k must be >= 1, got {k}")
     if not temperature > 0:
         fail(f"--temperature must be > 0, got {temperature}")
-    source, data, dev, feats, seconds = _setup(path, weights, device, dataset, data_root, batch_size)
+    source, data, dev, feats, seconds = _setup(
+        path, weights, device, dataset, data_root, batch_size
+    )
     train_f, train_y, test_f, test_y = feats
     t0 = time.perf_counter()
     acc = knn_accuracy(train_f, train_y, test_f, test_y, len(data.classes), k, temperature)
-    row = {**_base_row("knn", source, data, feats), "k": k, "temperature": temperature,
-           **{key: round(v, 4) for key, v in acc.items()},
-           "seconds": round(seconds + time.perf_counter() - t0, 2), "device": str(dev)}
+    row = {
+        **_base_row("knn", source, data, feats),
+        "k": k,
+        "temperature": temperature,
+        **{key: round(v, 4) for key, v in acc.items()},
+        "seconds": round(seconds + time.perf_counter() - t0, 2),
+        "device": str(dev),
+    }
     where = record(source, row, record_result)
     if as_json:
         typer.echo(json.dumps(row))
         return
-    typer.echo(f"kNN (k {k}, t {temperature:g}) on {data.name}: {row['train_images']} train -> "
-               f"{row['test_images']} test images, {source.description} ({row['dim']}-d)")
+    typer.echo(
+        f"kNN (k {k}, t {temperature:g}) on {data.name}: {row['train_images']} train -> "
+        f"{row['test_images']} test images, {source.description} ({row['dim']}-d)"
+    )
     top5 = f"  top-5 {acc['top5']:.2f}%" if "top5" in acc else ""
     typer.echo(f"top-1 {acc['top1']:.2f}%{top5}" + (f"  (recorded in {where})" if where else ""))
 
@@ -258,8 +328,12 @@ def knn_cmd(
 def linear_cmd(
     path: PathArg,
     dataset: DatasetOpt = None,
-    epochs: Annotated[int, typer.Option(help="Passes of the linear layer over the training features.")] = 100,
-    lr: Annotated[float, typer.Option(help="Peak SGD learning rate per 256 features (cosine schedule).")] = 0.1,
+    epochs: Annotated[
+        int, typer.Option(help="Passes of the linear layer over the training features.")
+    ] = 100,
+    lr: Annotated[
+        float, typer.Option(help="Peak SGD learning rate per 256 features (cosine schedule).")
+    ] = 0.1,
     probe_batch_size: Annotated[int, typer.Option(help="Features per SGD step.")] = 256,
     weight_decay: Annotated[float, typer.Option(help="L2 penalty on the linear layer.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Initialisation and shuffling seed.")] = 0,
@@ -281,19 +355,44 @@ def linear_cmd(
         fail(f"--probe-batch-size must be >= 1, got {probe_batch_size}")
     if not 0 <= weight_decay < float("inf"):
         fail(f"--weight-decay must be a number >= 0, got {weight_decay}")
-    source, data, dev, feats, seconds = _setup(path, weights, device, dataset, data_root, batch_size)
+    source, data, dev, feats, seconds = _setup(
+        path, weights, device, dataset, data_root, batch_size
+    )
     train_f, train_y, test_f, test_y = feats
     t0 = time.perf_counter()
-    acc = linear_probe(train_f, train_y, test_f, test_y, len(data.classes), epochs=epochs, lr=lr,
-                       batch_size=probe_batch_size, weight_decay=weight_decay, seed=seed, device=dev)
-    row = {**_base_row("linear", source, data, feats), "epochs": epochs, "lr": lr, "batch_size": probe_batch_size,
-           "weight_decay": weight_decay, "seed": seed, **{key: round(v, 4) for key, v in acc.items()},
-           "seconds": round(seconds + time.perf_counter() - t0, 2), "device": str(dev)}
+    acc = linear_probe(
+        train_f,
+        train_y,
+        test_f,
+        test_y,
+        len(data.classes),
+        epochs=epochs,
+        lr=lr,
+        batch_size=probe_batch_size,
+        weight_decay=weight_decay,
+        seed=seed,
+        device=dev,
+    )
+    row = {
+        **_base_row("linear", source, data, feats),
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": probe_batch_size,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        **{key: round(v, 4) for key, v in acc.items()},
+        "seconds": round(seconds + time.perf_counter() - t0, 2),
+        "device": str(dev),
+    }
     where = record(source, row, record_result)
     if as_json:
         typer.echo(json.dumps(row))
         return
-    typer.echo(f"linear probe ({epochs} epochs, lr {lr:g}) on {data.name}: {row['train_images']} train -> "
-               f"{row['test_images']} test images, {source.description} ({row['dim']}-d)")
-    typer.echo(f"top-1 {acc['top1']:.2f}%  (train {acc['train_top1']:.2f}%)"
-               + (f"  (recorded in {where})" if where else ""))
+    typer.echo(
+        f"linear probe ({epochs} epochs, lr {lr:g}) on {data.name}: {row['train_images']} train -> "
+        f"{row['test_images']} test images, {source.description} ({row['dim']}-d)"
+    )
+    typer.echo(
+        f"top-1 {acc['top1']:.2f}%  (train {acc['train_top1']:.2f}%)"
+        + (f"  (recorded in {where})" if where else "")
+    )

@@ -37,12 +37,26 @@ def _size(n: int) -> str:
 
 @app.command("export")
 def export_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="A ressl checkpoint (.safetensors) or run folder.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The ONNX file to write, e.g. encoder.onnx.")],
-    weights: Annotated[Weights, typer.Option(help="Student weights, or the EMA teacher's.")] = Weights.student,
-    head: Annotated[bool, typer.Option("--head", help="Include the projection head (default: backbone features).")] = False,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Compute in float16, for GPU serving (I/O stays float32).")] = False,
-    verify: Annotated[bool, typer.Option(help="Check with onnx.checker and onnxruntime against PyTorch.")] = True,
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A ressl checkpoint (.safetensors) or run folder.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The ONNX file to write, e.g. encoder.onnx.")
+    ],
+    weights: Annotated[
+        Weights, typer.Option(help="Student weights, or the EMA teacher's.")
+    ] = Weights.student,
+    head: Annotated[
+        bool,
+        typer.Option("--head", help="Include the projection head (default: backbone features)."),
+    ] = False,
+    fp16: Annotated[
+        bool,
+        typer.Option("--fp16", help="Compute in float16, for GPU serving (I/O stays float32)."),
+    ] = False,
+    verify: Annotated[
+        bool, typer.Option(help="Check with onnx.checker and onnxruntime against PyTorch.")
+    ] = True,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
 ) -> None:
     """Export a checkpoint's encoder to ONNX: preprocessing and metadata inside, verified against PyTorch."""
@@ -50,10 +64,15 @@ def export_cmd(
 
     if not checkpoint.exists():
         fail(f"{checkpoint}: no such file or folder")
-    report = export_onnx(checkpoint, out, weights=weights.value, head=head, fp16=fp16, verify=verify, opset=opset)
+    report = export_onnx(
+        checkpoint, out, weights=weights.value, head=head, fp16=fp16, verify=verify, opset=opset
+    )
     typer.echo(f"wrote {report.path} ({_size(report.size_bytes)}): {report.info.describe()}")
-    typer.echo(f"verified: {report.verification.describe()}" if report.verification is not None
-               else "not verified (--no-verify)")
+    typer.echo(
+        f"verified: {report.verification.describe()}"
+        if report.verification is not None
+        else "not verified (--no-verify)"
+    )
 
 
 class _EmbedProgress:
@@ -62,9 +81,14 @@ class _EmbedProgress:
     def __init__(self, total: int) -> None:
         self.console = Console(stderr=True)
         self.progress = Progress(
-            TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[ips]} img/s"), TimeRemainingColumn(),
-            console=self.console, transient=True, disable=not sys.stderr.isatty(),
+            TextColumn("[bold]embed"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[ips]} img/s"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+            disable=not sys.stderr.isatty(),
         )
         self.task = self.progress.add_task("embed", total=total, ips="-")
         self.start = time.perf_counter()
@@ -84,11 +108,21 @@ class _EmbedProgress:
 @app.command("embed")
 def embed_cmd(
     model: Annotated[Path, typer.Argument(help="An ONNX encoder written by `ressl export`.")],
-    paths: Annotated[list[Path], typer.Argument(help="Image files and folders (searched recursively).", metavar="PATH")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The .npz file to write (embeddings, paths, skipped).")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(help="Image files and folders (searched recursively).", metavar="PATH"),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="The .npz file to write (embeddings, paths, skipped)."),
+    ],
     batch_size: Annotated[int, typer.Option(help="Images per onnxruntime run.")] = 64,
-    device: Annotated[Device, typer.Option(help="auto: CUDA when a GPU is usable, else CPU.")] = Device.auto,
-    threads: Annotated[int | None, typer.Option(help="CPU threads per run (default: onnxruntime's, one per core).")] = None,
+    device: Annotated[
+        Device, typer.Option(help="auto: CUDA when a GPU is usable, else CPU.")
+    ] = Device.auto,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads per run (default: onnxruntime's, one per core).")
+    ] = None,
 ) -> None:
     """Embed image files and folders with an exported encoder; write OUT.npz (see docs/export.md)."""
     from ressl.export.embedder import Embedder
@@ -96,7 +130,9 @@ def embed_cmd(
     from ressl.export.outputs import check_writable, save_embeddings
 
     if out.suffix.lower() != ".npz":
-        fail(f"-o must name a .npz file (embeddings, paths and skipped files in one archive), got {out}")
+        fail(
+            f"-o must name a .npz file (embeddings, paths and skipped files in one archive), got {out}"
+        )
     check_writable(out, "output")
     if not model.exists():
         fail(f"{model}: no such file")
@@ -108,11 +144,18 @@ def embed_cmd(
         print(f"ressl: skipped {name}: {reason}", file=sys.stderr)
     if not result.paths:
         fail(f"none of the {len(files)} files could be read as an image; nothing written")
-    save_embeddings(out, result.embeddings, result.paths, [name for name, _ in result.skipped],
-                    embedder.info.to_metadata())
+    save_embeddings(
+        out,
+        result.embeddings,
+        result.paths,
+        [name for name, _ in result.skipped],
+        embedder.info.to_metadata(),
+    )
     skipped = f", {len(result.skipped)} unreadable skipped" if result.skipped else ""
-    typer.echo(f"wrote {out}: {len(result.paths)} embeddings of dim {result.embeddings.shape[1]} "
-               f"({embedder.provider.removesuffix('ExecutionProvider')}{skipped})")
+    typer.echo(
+        f"wrote {out}: {len(result.paths)} embeddings of dim {result.embeddings.shape[1]} "
+        f"({embedder.provider.removesuffix('ExecutionProvider')}{skipped})"
+    )
 
 
 def onnx_info(path: Path, as_json: bool) -> str:
@@ -124,10 +167,20 @@ def onnx_info(path: Path, as_json: bool) -> str:
     meta = d["metadata"]
     if as_json:
         plain = {k: v for k, v in meta.items() if k not in ("settings", "verification")}
-        return json.dumps({"file": d["file"], "size_bytes": d["size_bytes"], "opset": d["opset"],
-                           "producer": d["producer"], "inputs": d["inputs"], "outputs": d["outputs"],
-                           "metadata": plain, "verification": json.loads(meta.get("verification") or "null"),
-                           "settings": info.settings}, indent=2)
+        return json.dumps(
+            {
+                "file": d["file"],
+                "size_bytes": d["size_bytes"],
+                "opset": d["opset"],
+                "producer": d["producer"],
+                "inputs": d["inputs"],
+                "outputs": d["outputs"],
+                "metadata": plain,
+                "verification": json.loads(meta.get("verification") or "null"),
+                "settings": info.settings,
+            },
+            indent=2,
+        )
 
     def sig(v: dict[str, Any]) -> str:
         return f"{v['name']} {v['dtype']} ({', '.join(map(str, v['shape']))})"
@@ -143,12 +196,18 @@ def onnx_info(path: Path, as_json: bool) -> str:
         f"output         {sig(d['outputs'][0])}, L2-normalised",
     ]
     if info.source:
-        progress = f", epoch {meta['epoch']} step {meta['step']}" if "epoch" in meta and "step" in meta else ""
+        progress = (
+            f", epoch {meta['epoch']} step {meta['step']}"
+            if "epoch" in meta and "step" in meta
+            else ""
+        )
         lines.append(f"source         {info.source} (sha256 {info.source_sha256}{progress})")
     if meta.get("verification"):
         v = json.loads(meta["verification"])
-        lines.append(f"verified       max |diff| {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.6f} "
-                     f"({v['criterion']})")
+        lines.append(
+            f"verified       max |diff| {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.6f} "
+            f"({v['criterion']})"
+        )
     if info.settings:
         lines.append("settings")
         width = max(len(k) for k in info.settings)

@@ -36,7 +36,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         fail(f"{run_dir} is not a folder; pass a run folder (the --out of ressl train)")
     path = run_dir / METRICS
     if not path.is_file():
-        fail(f"{run_dir} has no {METRICS}: not a ressl run folder (ressl train --out RUN_DIR writes one)")
+        fail(
+            f"{run_dir} has no {METRICS}: not a ressl run folder (ressl train --out RUN_DIR writes one)"
+        )
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -64,19 +66,25 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_curves(plt: Any, rows: list[dict[str, Any]], title: str, path: Path, knn_title: str = "kNN monitor") -> Path:
+def plot_curves(
+    plt: Any, rows: list[dict[str, Any]], title: str, path: Path, knn_title: str = "kNN monitor"
+) -> Path:
     """Loss, learning rate and (when the monitor ran) kNN accuracy against epochs, side by side."""
     epochs = [r["epoch"] for r in rows]
     knn = [r for r in rows if "knn_top1" in r]
     panels = 3 if knn else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), constrained_layout=True)
-    axes[0].plot(epochs, [r.get("loss", float("nan")) for r in rows], marker="." if len(rows) < 40 else None)
+    axes[0].plot(
+        epochs, [r.get("loss", float("nan")) for r in rows], marker="." if len(rows) < 40 else None
+    )
     axes[0].set(xlabel="epoch", ylabel="relation loss (epoch mean)", title="loss")
     axes[1].plot(epochs, [r.get("lr", float("nan")) for r in rows], color="tab:orange")
     axes[1].set(xlabel="epoch", ylabel="learning rate (at epoch end)", title="learning rate")
     if knn:
         # top-5 is near 100% and would flatten the top-1 curve: it stays in metrics.jsonl
-        axes[2].plot([r["epoch"] for r in knn], [r["knn_top1"] for r in knn], marker="o", color="tab:green")
+        axes[2].plot(
+            [r["epoch"] for r in knn], [r["knn_top1"] for r in knn], marker="o", color="tab:green"
+        )
         axes[2].set(xlabel="epoch", ylabel="top-1 accuracy (%)", title=knn_title)
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -86,17 +94,22 @@ def plot_curves(plt: Any, rows: list[dict[str, Any]], title: str, path: Path, kn
     return path
 
 
-def plot_tsne(plt: Any, points: torch.Tensor, labels: torch.Tensor, classes: list[str], title: str,
-              path: Path) -> Path:
+def plot_tsne(
+    plt: Any, points: torch.Tensor, labels: torch.Tensor, classes: list[str], title: str, path: Path
+) -> Path:
     """Scatter of a 2-d embedding coloured by class, with the class names in the legend."""
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo")
+    cmap = plt.get_cmap(
+        "tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo"
+    )
     fig, ax = plt.subplots(figsize=(7.2, 6.4), constrained_layout=True)
     pts, ys = points.cpu().numpy(), labels.cpu().numpy()
     for c, name in enumerate(classes):
         sel = ys == c
         if sel.any():
             colour = cmap(c if len(classes) <= 20 else c / max(len(classes) - 1, 1))
-            ax.scatter(pts[sel, 0], pts[sel, 1], s=5, color=colour, label=name, alpha=0.8, linewidths=0)
+            ax.scatter(
+                pts[sel, 0], pts[sel, 1], s=5, color=colour, label=name, alpha=0.8, linewidths=0
+            )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title)
@@ -108,13 +121,23 @@ def plot_tsne(plt: Any, points: torch.Tensor, labels: torch.Tensor, classes: lis
 
 
 def plot_cmd(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run folder (the --out of ressl train).")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the PNGs (default: RUN_DIR).")] = None,
-    tsne: Annotated[bool, typer.Option("--tsne/--no-tsne", help="Also draw the t-SNE of test-set features.")] = True,
-    tsne_points: Annotated[int, typer.Option(help="Test images in the t-SNE (random, fixed seed).")] = 2000,
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR", help="A run folder (the --out of ressl train).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Folder for the PNGs (default: RUN_DIR).")
+    ] = None,
+    tsne: Annotated[
+        bool, typer.Option("--tsne/--no-tsne", help="Also draw the t-SNE of test-set features.")
+    ] = True,
+    tsne_points: Annotated[
+        int, typer.Option(help="Test images in the t-SNE (random, fixed seed).")
+    ] = 2000,
     perplexity: Annotated[float, typer.Option(help="t-SNE perplexity.")] = 30.0,
     iterations: Annotated[int, typer.Option(help="t-SNE gradient steps.")] = 1000,
-    dataset: Annotated[str | None, typer.Option(help="Dataset for the t-SNE (default: the run's).")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset for the t-SNE (default: the run's).")
+    ] = None,
     weights: WeightsOpt = Weights.student,
     device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,
@@ -137,8 +160,16 @@ def plot_cmd(
         from ressl.checkpoint import read_metadata
 
         settings = json.loads(read_metadata(checkpoint).get("settings", "{}"))
-    name = f"{run_dir.name}: {settings.get('backbone', '?')} on {settings.get('dataset', '?')}" if settings else run_dir.name
-    knn_title = f"kNN monitor (k {settings['knn_k']}, t {settings['knn_temperature']:g})" if "knn_k" in settings else "kNN monitor"
+    name = (
+        f"{run_dir.name}: {settings.get('backbone', '?')} on {settings.get('dataset', '?')}"
+        if settings
+        else run_dir.name
+    )
+    knn_title = (
+        f"kNN monitor (k {settings['knn_k']}, t {settings['knn_temperature']:g})"
+        if "knn_k" in settings
+        else "kNN monitor"
+    )
     typer.echo(str(plot_curves(plt, rows, name, out / "curves.png", knn_title)))
     if not tsne:
         return
@@ -151,11 +182,24 @@ def plot_cmd(
         typer.echo(f"no t-SNE: {data.name} has no labelled test split", err=True)
         return
     n = len(data.test)
-    typer.echo(f"t-SNE of {min(tsne_points, n)} of {n} {data.name} test images ({source.description}) ...", err=True)
+    typer.echo(
+        f"t-SNE of {min(tsne_points, n)} of {n} {data.name} test images ({source.description}) ...",
+        err=True,
+    )
     with torch.no_grad():
-        feats, labels = extract_features(source.fn, data.test, mean=source.mean, std=source.std, device=dev)
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:tsne_points].sort().values
+        feats, labels = extract_features(
+            source.fn, data.test, mean=source.mean, std=source.std, device=dev
+        )
+    idx = (
+        torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:tsne_points].sort().values
+    )
     emb = run_tsne(feats[idx.to(feats.device)], perplexity=perplexity, iterations=iterations)
     epoch = source.info.get("epoch")
     title = f"t-SNE of {len(idx)} {data.name} test images\n{source.description}, epoch {epoch}"
-    typer.echo(str(plot_tsne(plt, emb, labels[idx.to(labels.device)], data.classes, title, out / "tsne.png")))
+    typer.echo(
+        str(
+            plot_tsne(
+                plt, emb, labels[idx.to(labels.device)], data.classes, title, out / "tsne.png"
+            )
+        )
+    )

@@ -46,8 +46,12 @@ class TrainProgress:
         if self.task is not None:
             self.progress.remove_task(self.task)
         self.task = self.progress.add_task(
-            "train", total=event.steps_per_epoch, completed=completed,
-            epoch=f"{event.epoch + 1}/{event.epochs}", ips="-", loss="-",
+            "train",
+            total=event.steps_per_epoch,
+            completed=completed,
+            epoch=f"{event.epoch + 1}/{event.epochs}",
+            ips="-",
+            loss="-",
         )
 
     def __call__(self, event: TrainEvent) -> None:
@@ -57,8 +61,12 @@ class TrainProgress:
             if self.task is None:
                 self._new_task(event, 0)
             assert self.task is not None
-            self.progress.update(self.task, completed=event.batch_in_epoch, ips=f"{event.images_per_second:,.0f}",
-                                 loss=f"{event.loss:.4f}")
+            self.progress.update(
+                self.task,
+                completed=event.batch_in_epoch,
+                ips=f"{event.images_per_second:,.0f}",
+                loss=f"{event.loss:.4f}",
+            )
         elif event.kind == "epoch":
             m = event.metrics or {}
             knn = f"  knn top-1 {m['knn_top1']:.2f}%" if "knn_top1" in m else ""

@@ -71,7 +71,9 @@ def _quiet_ort() -> Iterator[None]:
 def _options(threads: int | None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3  # session warnings (e.g. nodes placed on CPU) are not the user's concern
+    so.log_severity_level = (
+        3  # session warnings (e.g. nodes placed on CPU) are not the user's concern
+    )
     if threads is not None:
         if threads < 0:
             raise ValueError(f"threads must be >= 0 (0: onnxruntime's choice), got {threads}")
@@ -97,12 +99,17 @@ def open_session(
     name = "model bytes" if isinstance(model, bytes) else os.fspath(model)
     src: str | bytes = model if isinstance(model, bytes) else os.fspath(model)
     options = _options(threads)
-    want_cuda = device != "cpu" and _CUDA in ort.get_available_providers() and cuda_device_count() > 0
+    want_cuda = (
+        device != "cpu" and _CUDA in ort.get_available_providers() and cuda_device_count() > 0
+    )
     if device == "cuda" and not want_cuda:
         raise ValueError(
             "device='cuda' but no usable GPU: "
-            + ("onnxruntime has no CUDA provider (install onnxruntime-gpu)" if _CUDA not in
-               ort.get_available_providers() else "no CUDA driver or GPU found")
+            + (
+                "onnxruntime has no CUDA provider (install onnxruntime-gpu)"
+                if _CUDA not in ort.get_available_providers()
+                else "no CUDA driver or GPU found"
+            )
         )
     if want_cuda:
         if "torch" not in sys.modules and hasattr(ort, "preload_dlls"):
@@ -122,12 +129,16 @@ def open_session(
     return _load(src, name, options, [_CPU])
 
 
-def _load(src: str | bytes, name: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+def _load(
+    src: str | bytes, name: str, options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(src, options, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own RuntimeError subclasses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{name} is not a valid ONNX model onnxruntime can load ({first})") from None
+        raise ValueError(
+            f"{name} is not a valid ONNX model onnxruntime can load ({first})"
+        ) from None
 
 
 def _reason(error: BaseException, name: str) -> str:
@@ -183,11 +194,16 @@ class Embedder:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such file" if not self.path.exists()
-                                    else f"{self.path} is a folder, not an ONNX file")
+            raise FileNotFoundError(
+                f"{self.path}: no such file"
+                if not self.path.exists()
+                else f"{self.path} is a folder, not an ONNX file"
+            )
         self.batch_size = batch_size
         self.session = open_session(self.path, device, threads)
-        self.info = ModelInfo.from_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.path))
+        self.info = ModelInfo.from_metadata(
+            self.session.get_modelmeta().custom_metadata_map, str(self.path)
+        )
         self._check_graph()
 
     def _check_graph(self) -> None:
@@ -204,7 +220,9 @@ class Embedder:
                 f"{self.path}: graph input has shape {shape} but the metadata says {self.info.channels} channels"
             )
         if inputs[0].type != "tensor(float)" or outputs[0].type != "tensor(float)":
-            raise ValueError(f"{self.path}: graph input/output must be float32, got {inputs[0].type}/{outputs[0].type}")
+            raise ValueError(
+                f"{self.path}: graph input/output must be float32, got {inputs[0].type}/{outputs[0].type}"
+            )
 
     @property
     def provider(self) -> str:
@@ -217,12 +235,16 @@ class Embedder:
 
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """Images of any accepted kind -> float32 ``(N, C, S, S)`` in [0, 1] (see ``ressl.export.images.to_batch``)."""
-        return to_batch(images, self.info.image_size, self.info.channels, any_size=self.info.dynamic_spatial)
+        return to_batch(
+            images, self.info.image_size, self.info.channels, any_size=self.info.dynamic_spatial
+        )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """float32 ``(N, C, H, W)`` in [0, 1] -> float32 ``(N, D)``, in chunks of ``batch_size``."""
-        out = [self.session.run([OUTPUT_NAME], {INPUT_NAME: batch[i : i + self.batch_size]})[0]
-               for i in range(0, len(batch), self.batch_size)]
+        out = [
+            self.session.run([OUTPUT_NAME], {INPUT_NAME: batch[i : i + self.batch_size]})[0]
+            for i in range(0, len(batch), self.batch_size)
+        ]
         if not out:
             return np.zeros((0, self.info.embedding_dim), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)

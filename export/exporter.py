@@ -72,11 +72,15 @@ class ServingEncoder(nn.Module):
     mean: Tensor
     std: Tensor
 
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], fp16: bool = False) -> None:
+    def __init__(
+        self, net: nn.Module, mean: Sequence[float], std: Sequence[float], fp16: bool = False
+    ) -> None:
         super().__init__()
         self.net = net.half() if fp16 else net
         self.fp16 = fp16
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer(
+            "mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        )
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, images: Tensor) -> Tensor:
@@ -94,8 +98,12 @@ def sample_images(n: int, channels: int, size: int, seed: int = 0) -> Tensor:
     verification sees realistic activations.
     """
     g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.rand(n, channels, 4, 4, generator=g), size=(size, size), mode="bicubic",
-                      align_corners=False)
+    x = F.interpolate(
+        torch.rand(n, channels, 4, 4, generator=g),
+        size=(size, size),
+        mode="bicubic",
+        align_corners=False,
+    )
     ramp = torch.linspace(0, 1, size).view(1, 1, 1, size) * torch.rand(n, 1, 1, 1, generator=g)
     x = 0.7 * x + 0.3 * ramp + 0.03 * torch.randn(n, channels, size, size, generator=g)
     return x.clamp_(0, 1)
@@ -121,9 +129,11 @@ class Verification:
 
     def describe(self) -> str:
         shapes = ", ".join("x".join(map(str, s)) for s in self.shapes)
-        return (f"onnx.checker ok; onnxruntime vs PyTorch: max |diff| {self.max_abs_diff:.2e}, "
-                f"min cosine {self.min_cosine:.6f} ({self.criterion}: {'passed' if self.passed else 'FAILED'}) "
-                f"on batches {shapes}")
+        return (
+            f"onnx.checker ok; onnxruntime vs PyTorch: max |diff| {self.max_abs_diff:.2e}, "
+            f"min cosine {self.min_cosine:.6f} ({self.criterion}: {'passed' if self.passed else 'FAILED'}) "
+            f"on batches {shapes}"
+        )
 
 
 @dataclass(frozen=True)
@@ -169,17 +179,27 @@ def _pick_net(encoder: nn.Module, head: bool) -> nn.Module:
     return encoder
 
 
-def _from_checkpoint(path: Path, weights: str, head: bool) -> tuple[nn.Module, dict[str, Any], dict[str, str]]:
+def _from_checkpoint(
+    path: Path, weights: str, head: bool
+) -> tuple[nn.Module, dict[str, Any], dict[str, str]]:
     file = _resolve_checkpoint(path)
     sha = _sha256(file)
     encoder, settings = load_encoder(file, weights)
     meta = read_metadata(file)
     if _sha256(file) != sha:  # a running training rewrote last.safetensors meanwhile
-        raise ValueError(f"{file} changed while it was being read (a run still training?); export again")
+        raise ValueError(
+            f"{file} changed while it was being read (a run still training?); export again"
+        )
     fields: dict[str, Any] = dict(
-        backbone=str(settings["backbone"]), image_size=int(settings["image_size"]),
-        channels=int(settings["channels"]), mean=tuple(settings["mean"]), std=tuple(settings["std"]),
-        weights=weights, source=file.name, source_sha256=sha, settings=settings,
+        backbone=str(settings["backbone"]),
+        image_size=int(settings["image_size"]),
+        channels=int(settings["channels"]),
+        mean=tuple(settings["mean"]),
+        std=tuple(settings["std"]),
+        weights=weights,
+        source=file.name,
+        source_sha256=sha,
+        settings=settings,
     )
     extra: dict[str, str] = {k: meta[k] for k in ("epoch", "step") if k in meta}
     extra["source_ressl_version"] = meta.get("ressl_version", "")
@@ -187,33 +207,60 @@ def _from_checkpoint(path: Path, weights: str, head: bool) -> tuple[nn.Module, d
 
 
 def _from_module(
-    module: nn.Module, weights: str | None, head: bool, backbone: str | None, image_size: int | None,
-    channels: int | None, mean: Sequence[float] | None, std: Sequence[float] | None,
+    module: nn.Module,
+    weights: str | None,
+    head: bool,
+    backbone: str | None,
+    image_size: int | None,
+    channels: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    missing = [n for n, v in (("image_size", image_size), ("channels", channels), ("mean", mean), ("std", std))
-               if v is None]
+    missing = [
+        n
+        for n, v in (
+            ("image_size", image_size),
+            ("channels", channels),
+            ("mean", mean),
+            ("std", std),
+        )
+        if v is None
+    ]
     if missing:
-        raise TypeError(f"exporting an nn.Module needs {', '.join(missing)} (the checkpoint would supply them)")
+        raise TypeError(
+            f"exporting an nn.Module needs {', '.join(missing)} (the checkpoint would supply them)"
+        )
     assert image_size is not None and channels is not None and mean is not None and std is not None
     if isinstance(module, ReSSL):
         encoder: nn.Module = getattr(module, weights or "student")
         name = backbone or type(module.student.backbone).__name__
     elif weights is not None:
-        raise ValueError(f"weights={weights!r} picks the student or teacher of a checkpoint or ReSSL module; "
-                         f"a {type(module).__name__} has one set of weights, leave weights unset")
+        raise ValueError(
+            f"weights={weights!r} picks the student or teacher of a checkpoint or ReSSL module; "
+            f"a {type(module).__name__} has one set of weights, leave weights unset"
+        )
     else:
         encoder = module
         name = backbone or type(module.backbone if isinstance(module, Encoder) else module).__name__
     if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"mean and std need {channels} values (one per channel), got {len(mean)} and {len(std)}")
+        raise ValueError(
+            f"mean and std need {channels} values (one per channel), got {len(mean)} and {len(std)}"
+        )
     if any(s <= 0 for s in std):
         raise ValueError(f"std values must be > 0, got {list(std)}")
     if image_size < 1 or channels < 1:
         raise ValueError(f"image_size and channels must be >= 1, got {image_size} and {channels}")
-    fields: dict[str, Any] = dict(backbone=name, image_size=int(image_size), channels=int(channels),
-                                  mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
-                                  weights=(weights or "student") if isinstance(module, ReSSL) else "module",
-                                  source="", source_sha256="", settings={})
+    fields: dict[str, Any] = dict(
+        backbone=name,
+        image_size=int(image_size),
+        channels=int(channels),
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        weights=(weights or "student") if isinstance(module, ReSSL) else "module",
+        source="",
+        source_sha256="",
+        settings={},
+    )
     return _pick_net(encoder, head), fields
 
 
@@ -233,18 +280,29 @@ def _trace(model: nn.Module, example: Tensor, opset: int, dynamic_spatial: bool)
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic_spatial else {0: "batch"}
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings
+        warnings.simplefilter(
+            "ignore"
+        )  # the TorchScript exporter's deprecation notice and tracer warnings
         torch.onnx.export(
-            model, (example,), buf,  # type: ignore[arg-type]  # the TorchScript exporter takes file objects
-            dynamo=False, opset_version=opset, do_constant_folding=True,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model,
+            (example,),
+            buf,  # type: ignore[arg-type]  # the TorchScript exporter takes file objects
+            dynamo=False,
+            opset_version=opset,
+            do_constant_folding=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: "batch"}},
         )
     return buf.getvalue()
 
 
-def _verify(model_bytes: bytes, reference: nn.Module, shapes: Sequence[tuple[int, int, int, int]],
-            fp16: bool) -> Verification:
+def _verify(
+    model_bytes: bytes,
+    reference: nn.Module,
+    shapes: Sequence[tuple[int, int, int, int]],
+    fp16: bool,
+) -> Verification:
     session = open_session(model_bytes, device="cpu")
     worst_diff, worst_cos = 0.0, 1.0
     for i, (n, c, h, w) in enumerate(shapes):
@@ -253,9 +311,13 @@ def _verify(model_bytes: bytes, reference: nn.Module, shapes: Sequence[tuple[int
             want = reference(x).numpy()
         got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
         if got.shape != want.shape:
-            raise ExportError(f"onnxruntime returned shape {got.shape} but PyTorch {want.shape} for input {(n, c, h, w)}")
+            raise ExportError(
+                f"onnxruntime returned shape {got.shape} but PyTorch {want.shape} for input {(n, c, h, w)}"
+            )
         worst_diff = max(worst_diff, float(np.abs(got - want).max()))
-        cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1) + 1e-12)
+        cos = (got * want).sum(1) / (
+            np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1) + 1e-12
+        )
         worst_cos = min(worst_cos, float(cos.min()))
         if not np.isfinite(got).all():
             worst_diff, worst_cos = float("inf"), -1.0
@@ -321,19 +383,34 @@ def export_onnx(
     if weights is not None and weights not in ("student", "teacher"):
         raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
     if not 9 <= opset <= 20:
-        raise ValueError(f"opset must be between 9 and 20 (the TorchScript exporter's range), got {opset}")
+        raise ValueError(
+            f"opset must be between 9 and 20 (the TorchScript exporter's range), got {opset}"
+        )
     out = check_writable(out, "ONNX file")
     extra: dict[str, str] = {}
     if isinstance(source, nn.Module):
         net, fields = _from_module(source, weights, head, backbone, image_size, channels, mean, std)
     elif isinstance(source, (str, os.PathLike)):
-        given = [n for n, v in (("backbone", backbone), ("image_size", image_size), ("channels", channels),
-                                ("mean", mean), ("std", std)) if v is not None]
+        given = [
+            n
+            for n, v in (
+                ("backbone", backbone),
+                ("image_size", image_size),
+                ("channels", channels),
+                ("mean", mean),
+                ("std", std),
+            )
+            if v is not None
+        ]
         if given:
-            raise ValueError(f"{', '.join(given)}: the checkpoint's settings supply these; pass them only with a module")
+            raise ValueError(
+                f"{', '.join(given)}: the checkpoint's settings supply these; pass them only with a module"
+            )
         net, fields, extra = _from_checkpoint(Path(source), weights or "student", head)
     else:
-        raise TypeError(f"source must be a checkpoint path or an nn.Module, got {type(source).__name__}")
+        raise TypeError(
+            f"source must be a checkpoint path or an nn.Module, got {type(source).__name__}"
+        )
 
     net = copy.deepcopy(net).cpu().float().eval()  # the user's module is left as it was
     reference = ServingEncoder(net, fields["mean"], fields["std"]).eval()
@@ -342,36 +419,63 @@ def export_onnx(
     with torch.no_grad():
         dim = int(reference(example).shape[1])
     other_size = _accepts_other_sizes(reference, c, s)
-    served = ServingEncoder(copy.deepcopy(net), fields["mean"], fields["std"], fp16=fp16).eval() if fp16 else reference
+    served = (
+        ServingEncoder(copy.deepcopy(net), fields["mean"], fields["std"], fp16=fp16).eval()
+        if fp16
+        else reference
+    )
 
-    extra.update(opset=str(opset), exporter=f"torch {torch.__version__} (TorchScript-based torch.onnx.export)")
-    info = ModelInfo(embedding_dim=dim, head=head, precision="fp16" if fp16 else "fp32",
-                     dynamic_spatial=other_size is not None, ressl_version=__version__, metadata=extra, **fields)
+    extra.update(
+        opset=str(opset),
+        exporter=f"torch {torch.__version__} (TorchScript-based torch.onnx.export)",
+    )
+    info = ModelInfo(
+        embedding_dim=dim,
+        head=head,
+        precision="fp16" if fp16 else "fp32",
+        dynamic_spatial=other_size is not None,
+        ressl_version=__version__,
+        metadata=extra,
+        **fields,
+    )
     proto = onnx.load_from_string(_trace(served, example, opset, info.dynamic_spatial))
     proto.producer_name, proto.producer_version = "ressl", __version__
     out_dim = proto.graph.output[0].type.tensor_type.shape.dim[1]  # the tracer leaves D symbolic
     out_dim.Clear()
     out_dim.dim_value = dim
-    proto.doc_string = f"ressl encoder: {info.describe()}; input {INPUT_NAME} (N, C, H, W) in [0, 1]"
+    proto.doc_string = (
+        f"ressl encoder: {info.describe()}; input {INPUT_NAME} (N, C, H, W) in [0, 1]"
+    )
     verification = None
     if verify:
         try:
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as e:
-            raise ExportError(f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from None
+            raise ExportError(
+                f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}"
+            ) from None
         shapes = [(1, c, s, s), (5, c, s, s)]
         if other_size is not None:
             shapes.append((3, c, other_size, other_size))
         verification = _verify(proto.SerializeToString(), reference, shapes, fp16)
         if not verification.passed:
-            raise ExportError(f"export verification failed, nothing written: {verification.describe()}")
+            raise ExportError(
+                f"export verification failed, nothing written: {verification.describe()}"
+            )
         extra["verification"] = json.dumps(
-            {"max_abs_diff": verification.max_abs_diff, "min_cosine": verification.min_cosine,
-             "criterion": verification.criterion, "shapes": [list(v) for v in verification.shapes]})
+            {
+                "max_abs_diff": verification.max_abs_diff,
+                "min_cosine": verification.min_cosine,
+                "criterion": verification.criterion,
+                "shapes": [list(v) for v in verification.shapes],
+            }
+        )
         info = dataclasses.replace(info, metadata=extra)
     del proto.metadata_props[:]
     for key, value in sorted(info.to_metadata().items()):
         proto.metadata_props.add(key=key, value=value)
     data = proto.SerializeToString()
     write_atomic(out, lambda f: f.write(data))
-    return ExportReport(out, ModelInfo.from_metadata(info.to_metadata(), str(out)), len(data), verification)
+    return ExportReport(
+        out, ModelInfo.from_metadata(info.to_metadata(), str(out)), len(data), verification
+    )

@@ -19,7 +19,15 @@ from PIL import Image
 
 from ressl.imagefiles import IMAGE_EXTENSIONS, images_under, resize_center_crop  # torch-free
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageInput", "image_files", "load_image", "pil_mode", "resize_center_crop", "to_batch"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageInput",
+    "image_files",
+    "load_image",
+    "pil_mode",
+    "resize_center_crop",
+    "to_batch",
+]
 
 
 #: One image: a file path, a PIL image, uint8 (H, W[, C]) or float (C, H, W) in [0, 1].
@@ -54,7 +62,9 @@ def load_image(image: str | os.PathLike[str] | Image.Image, size: int, channels:
     else:
         with Image.open(image) as im:
             im.draft(mode, (size, size))  # JPEG: decode at a reduced scale >= size
-            pil = im.convert(mode)  # palette, alpha, CMYK, grey/RGB -> the model's mode; GIF: first frame
+            pil = im.convert(
+                mode
+            )  # palette, alpha, CMYK, grey/RGB -> the model's mode; GIF: first frame
     array = np.asarray(resize_center_crop(pil, size), dtype=np.uint8)
     return _hwc_to_chw(array)
 
@@ -101,8 +111,9 @@ def _float_batch(array: np.ndarray, size: int, channels: int, any_size: bool) ->
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def to_batch(images: ImageInput | Sequence[ImageInput], size: int, channels: int, *,
-             any_size: bool = False) -> np.ndarray:
+def to_batch(
+    images: ImageInput | Sequence[ImageInput], size: int, channels: int, *, any_size: bool = False
+) -> np.ndarray:
     """Bring images of any accepted kind to one float32 ``(N, C, size, size)`` batch in [0, 1].
 
     Accepted: a file path, a PIL image, a uint8 array ``(H, W)``, ``(H, W, C)`` or
@@ -140,7 +151,9 @@ def to_batch(images: ImageInput | Sequence[ImageInput], size: int, channels: int
 def _one(item: Any, size: int, channels: int, any_size: bool) -> np.ndarray:
     if isinstance(item, np.ndarray):
         if item.ndim == 4:
-            raise ValueError(f"a list of images holds a 4-D array of shape {item.shape}; pass batches on their own")
+            raise ValueError(
+                f"a list of images holds a 4-D array of shape {item.shape}; pass batches on their own"
+            )
         return _array_batch(item, size, channels, any_size)
     if isinstance(item, Image.Image):
         return load_image(item, size, channels)[None]
@@ -160,14 +173,21 @@ def _array_batch(array: np.ndarray, size: int, channels: int, any_size: bool) ->
         if array.ndim in (2, 3):
             return _uint8_image(array, size, channels)[None]
         if array.ndim == 4:
-            return np.stack([_uint8_image(a, size, channels) for a in array]) if len(array) else (
-                np.zeros((0, channels, size, size), np.float32))
-        raise ValueError(f"uint8 arrays must be (H, W), (H, W, C) or (N, H, W, C), got shape {array.shape}")
+            return (
+                np.stack([_uint8_image(a, size, channels) for a in array])
+                if len(array)
+                else (np.zeros((0, channels, size, size), np.float32))
+            )
+        raise ValueError(
+            f"uint8 arrays must be (H, W), (H, W, C) or (N, H, W, C), got shape {array.shape}"
+        )
     if np.issubdtype(array.dtype, np.floating):
         if array.ndim == 3:
             array = array[None]
         if array.ndim != 4:
-            raise ValueError(f"float arrays must be (C, H, W) or (N, C, H, W), got shape {array.shape}")
+            raise ValueError(
+                f"float arrays must be (C, H, W) or (N, C, H, W), got shape {array.shape}"
+            )
         return _float_batch(array, size, channels, any_size)
     raise TypeError(
         f"arrays must be uint8 (H, W, C) pixels or float (N, C, H, W) in [0, 1], got dtype {array.dtype}"

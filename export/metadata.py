@@ -152,7 +152,9 @@ class ModelInfo:
                 f"{len(info.mean)}/{len(info.std)} values"
             )
         if info.image_size < 1 or info.embedding_dim < 1:
-            raise ValueError(f"{where}: metadata has image_size {info.image_size}, embedding_dim {info.embedding_dim}")
+            raise ValueError(
+                f"{where}: metadata has image_size {info.image_size}, embedding_dim {info.embedding_dim}"
+            )
         return info
 
     def describe(self) -> str:

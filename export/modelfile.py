@@ -25,7 +25,9 @@ def _load(path: Path) -> onnx.ModelProto:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, onnx's own errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a valid ONNX file (truncated or another format: {first})") from None
+        raise ValueError(
+            f"{path} is not a valid ONNX file (truncated or another format: {first})"
+        ) from None
     if not proto.HasField("graph") or not proto.graph.input or not proto.graph.output:
         raise ValueError(f"{path} is not a valid ONNX file (no graph with inputs and outputs)")
     return proto
@@ -38,7 +40,13 @@ def _signature(values: Any) -> list[dict[str, Any]]:
     for v in values:
         t = v.type.tensor_type
         dims = [d.dim_param or d.dim_value for d in t.shape.dim]
-        out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
+        out.append(
+            {
+                "name": v.name,
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "shape": dims,
+            }
+        )
     return out
 
 

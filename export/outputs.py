@@ -92,7 +92,9 @@ def save_embeddings(
         ValueError: rows and paths disagree.
     """
     if embeddings.ndim != 2 or len(embeddings) != len(paths):
-        raise ValueError(f"embeddings have shape {embeddings.shape} but there are {len(paths)} paths")
+        raise ValueError(
+            f"embeddings have shape {embeddings.shape} but there are {len(paths)} paths"
+        )
     arrays = {
         "embeddings": np.ascontiguousarray(embeddings, dtype=np.float32),
         "paths": np.array(list(paths), dtype=np.str_).reshape(len(paths)),

@@ -10,7 +10,9 @@ from ._version import __version__
 
 try:
     import torch as _torch  # noqa: F401  (the library needs it; serving with ressl.export does not)
-except ImportError:  # a serving machine: ressl.export.Embedder runs on onnxruntime, numpy and pillow
+except (
+    ImportError
+):  # a serving machine: ressl.export.Embedder runs on onnxruntime, numpy and pillow
     _HAVE_TORCH = False
 else:
     _HAVE_TORCH = True

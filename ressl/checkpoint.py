@@ -43,7 +43,9 @@ class CheckpointError(ValueError):
     """A file is missing, not a safetensors file, or not a ressl checkpoint."""
 
 
-def save_checkpoint(path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Path:
+def save_checkpoint(
+    path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]
+) -> Path:
     """Write ``tensors`` and ``metadata`` to ``path`` atomically.
 
     The file is written to a temporary name in the same folder, flushed to disk,
@@ -88,7 +90,9 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, Tensor], metadata: M
 def _check_meta(path: Path, meta: Mapping[str, str] | None) -> dict[str, str]:
     meta = dict(meta or {})
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is a safetensors file but not a ressl checkpoint (no format={FORMAT!r})")
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a ressl checkpoint (no format={FORMAT!r})"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format version {meta.get('format_version')!r}; "
@@ -155,7 +159,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tenso
     return tensors, json.dumps(rest)
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: Mapping[str, Tensor], blob: str) -> None:
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, tensors: Mapping[str, Tensor], blob: str
+) -> None:
     """Inverse of ``optimizer_tensors``: restore an optimiser's state in place."""
     rest = json.loads(blob)
     state: dict[int, dict[str, Any]] = {}
@@ -199,7 +205,7 @@ def load_encoder(path: str | Path, weights: str = "student") -> tuple[nn.Module,
         queue_size=settings["queue_size"],
         width=settings["width"],
     )
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state)
     encoder = getattr(model, weights)
     encoder.eval()

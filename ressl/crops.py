@@ -132,14 +132,21 @@ class CropPlan:
         if self.symmetric:
             b, _, h, w = images.shape
             size, scale = self.teacher[0]
-            cut = [resized_crop(images, sample_crop_boxes(b, h, w, generator=generator, scale=scale), size)
-                   for _ in range(2)]  # crops a and b, float in [0, 1]
+            cut = [
+                resized_crop(
+                    images, sample_crop_boxes(b, h, w, generator=generator, scale=scale), size
+                )
+                for _ in range(2)
+            ]  # crops a and b, float in [0, 1]
             x_s = [strong_view(c, size=size, crop=False, **common, **strong) for c in cut]
             x_t = [teacher(c, size=size, crop=False, **t_kw) for c in cut]
             return x_t, x_s
         # students first, then the teacher: the one-crop run draws in this order
-        x_s = [strong_view(images, size=size, scale=scale, **common, **strong) for size, scale in self.student]
-        (size, scale), = self.teacher
+        x_s = [
+            strong_view(images, size=size, scale=scale, **common, **strong)
+            for size, scale in self.student
+        ]
+        ((size, scale),) = self.teacher
         x_t = [teacher(images, size=size, scale=scale, **t_kw)]
         return x_t, x_s
 

@@ -393,7 +393,9 @@ class FolderImages(ImageSource, Dataset):
             batch_size, epoch=epoch, seed=seed, shuffle=True, drop_last=True, start=start
         )
         sampler = [self._slice(order, b, batch_size, shard).tolist() for b in todo]
-        dataset = _CroppedFiles(self, [(int(s), (float(a), float(b))) for s, (a, b) in crops], seed, epoch)
+        dataset = _CroppedFiles(
+            self, [(int(s), (float(a), float(b))) for s, (a, b) in crops], seed, epoch
+        )
         loader = DataLoader(
             dataset, batch_sampler=sampler, num_workers=num_workers,
             pin_memory=device.type == "cuda",
@@ -404,7 +406,11 @@ class FolderImages(ImageSource, Dataset):
 
 class _CroppedFiles(Dataset):
     def __init__(
-        self, source: FolderImages, crops: list[tuple[int, tuple[float, float]]], seed: int, epoch: int
+        self,
+        source: FolderImages,
+        crops: list[tuple[int, tuple[float, float]]],
+        seed: int,
+        epoch: int,
     ) -> None:
         self.files, self.labels, self.crops, self.seed, self.epoch = (
             source.files, source.labels, crops, seed, epoch,

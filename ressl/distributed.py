@@ -25,7 +25,13 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
-    "World", "CrossRankBatchNorm", "convert_batchnorm", "wrap_ddp", "all_gather_cat", "all_gather_rows", "any_rank",
+    "World",
+    "CrossRankBatchNorm",
+    "convert_batchnorm",
+    "wrap_ddp",
+    "all_gather_cat",
+    "all_gather_rows",
+    "any_rank",
 ]
 
 log = logging.getLogger("ressl")
@@ -38,7 +44,9 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    owns_group: bool = False  # this process group was created by ``World.join`` (and is ours to destroy)
+    owns_group: bool = (
+        False  # this process group was created by ``World.join`` (and is ours to destroy)
+    )
 
     @property
     def distributed(self) -> bool:
@@ -110,20 +118,31 @@ class CrossRankBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2D input (N, C, ...), got {input.dim()}D")
 
     def forward(self, input: Tensor) -> Tensor:
-        sync = self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        sync = (
+            self.training
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        )
         if not sync:
             return super().forward(input)
         self._check_input_dim(input)
         dims = [0, *range(2, input.dim())]
         x = input.float()
-        count = x.new_full((1,), x.numel() / x.shape[1])  # a fill on the device: no host-to-device copy
+        count = x.new_full(
+            (1,), x.numel() / x.shape[1]
+        )  # a fill on the device: no host-to-device copy
         stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])  # (2C + 1,)
         stats = _AllReduceSum.apply(stats)  # summed over ranks, with a backward
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0.0)  # biased, as BatchNorm normalises
-        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+        if (
+            self.track_running_stats
+            and self.running_mean is not None
+            and self.running_var is not None
+        ):
             with torch.no_grad():
                 tracked = self.num_batches_tracked
                 if tracked is not None:
@@ -163,7 +182,9 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     """
     kwargs: dict[str, Any] = {"device_ids": [device.index] if device.type == "cuda" else None}
     params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-    kwargs["forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"] = False
+    kwargs["forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"] = (
+        False
+    )
     return nn.parallel.DistributedDataParallel(module, **kwargs)
 
 
@@ -173,8 +194,13 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     Returns the converted module (``module`` itself unless it is a BatchNorm).
     """
     if isinstance(module, _BatchNorm) and not isinstance(module, CrossRankBatchNorm):
-        new = CrossRankBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                 module.track_running_stats)
+        new = CrossRankBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+        )
         if module.affine:
             new.weight, new.bias = module.weight, module.bias
         new.running_mean, new.running_var = module.running_mean, module.running_var

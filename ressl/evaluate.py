@@ -80,7 +80,9 @@ def extract_features(
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    for images, y in source.batches(batch_size, epoch=0, seed=0, device=device, shuffle=False, drop_last=False):
+    for images, y in source.batches(
+        batch_size, epoch=0, seed=0, device=device, shuffle=False, drop_last=False
+    ):
         x = normalize_images(images, mean, std)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -122,7 +124,9 @@ def split_features(
         ValueError: if the dataset has no labelled training split or no labelled test split.
     """
     if data.memory is None or not data.classes:
-        raise ValueError(f"dataset {data.name!r} has no labels; kNN and linear evaluation need a labelled train split")
+        raise ValueError(
+            f"dataset {data.name!r} has no labels; kNN and linear evaluation need a labelled train split"
+        )
     if data.test is None:
         raise ValueError(
             f"dataset {data.name!r} has no labelled test split (a folder needs test/ or val/ "
@@ -231,7 +235,9 @@ def knn_accuracy(
         raise ValueError(
             f"query_labels must have shape ({query_features.shape[0]},), got {tuple(query_labels.shape)}"
         )
-    scores = knn_predict(memory_features, memory_labels, query_features, num_classes, k, temperature)
+    scores = knn_predict(
+        memory_features, memory_labels, query_features, num_classes, k, temperature
+    )
     result = {"top1": _topk_accuracy(scores, query_labels, 1)}
     if num_classes > 5:
         result["top5"] = _topk_accuracy(scores, query_labels, 5)
@@ -298,12 +304,17 @@ def linear_probe(
     if train_features.ndim != 2 or test_features.ndim != 2:
         raise ValueError("train_features and test_features must be (N, F) and (M, F) tensors")
     if train_features.shape[0] < 2:
-        raise ValueError(f"the linear probe needs at least 2 training examples, got {train_features.shape[0]}")
+        raise ValueError(
+            f"the linear probe needs at least 2 training examples, got {train_features.shape[0]}"
+        )
     if train_features.shape[1] != test_features.shape[1]:
         raise ValueError(
             f"train features have dim {train_features.shape[1]} but test features have dim {test_features.shape[1]}"
         )
-    for name, f, y in (("train", train_features, train_labels), ("test", test_features, test_labels)):
+    for name, f, y in (
+        ("train", train_features, train_labels),
+        ("test", test_features, test_labels),
+    ):
         if y.shape != (f.shape[0],):
             raise ValueError(f"{name}_labels must have shape ({f.shape[0]},), got {tuple(y.shape)}")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):

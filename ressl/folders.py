@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 
-
 def decode_image(path: str | Path, size: int) -> Tensor | None:
     """Decode one image file to ``(3, size, size)`` uint8: RGB, shorter side resized, centre crop.
 
@@ -87,9 +86,17 @@ def decode_crops(
         w, h = rgb.size
         out = []
         for side, scale in crops:
-            top, left, bh, bw = sample_crop_boxes(1, h, w, generator=generator, scale=scale)[0].tolist()
-            crop = rgb.resize((side, side), Image.Resampling.BILINEAR, box=(left, top, left + bw, top + bh))
-            out.append(torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous())
+            top, left, bh, bw = sample_crop_boxes(1, h, w, generator=generator, scale=scale)[
+                0
+            ].tolist()
+            crop = rgb.resize(
+                (side, side), Image.Resampling.BILINEAR, box=(left, top, left + bw, top + bh)
+            )
+            out.append(
+                torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy())
+                .permute(2, 0, 1)
+                .contiguous()
+            )
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         return None
     return out

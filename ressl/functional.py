@@ -86,7 +86,9 @@ def sharpen(logits: Tensor, temperature: float) -> Tensor:
 
 
 @overload
-def relation(z: Tensor, queue: Tensor, temperature: float, *, log: Literal[False] = ...) -> Tensor: ...
+def relation(
+    z: Tensor, queue: Tensor, temperature: float, *, log: Literal[False] = ...
+) -> Tensor: ...
 @overload
 def relation(z: Tensor, queue: Tensor, temperature: float, *, log: Literal[True]) -> Tensor: ...
 def relation(z: Tensor, queue: Tensor, temperature: float, *, log: bool = False) -> Tensor:
@@ -285,7 +287,9 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
         )
     for t, s in zip(t_params, s_params):
         if t.shape != s.shape:
-            raise ValueError(f"parameter shapes differ: teacher {tuple(t.shape)} vs student {tuple(s.shape)}")
+            raise ValueError(
+                f"parameter shapes differ: teacher {tuple(t.shape)} vs student {tuple(s.shape)}"
+            )
     if t_params:
         torch._foreach_lerp_(t_params, [s.detach() for s in s_params], 1.0 - float(momentum))
     for tb, sb in zip(_buffers(teacher), _buffers(student)):
@@ -356,7 +360,9 @@ def cosine_lr(
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+        raise ValueError(
+            f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}"
+        )
     if base_lr < 0:
         raise ValueError(f"base_lr must be >= 0, got {base_lr}")
     if step < warmup_steps:

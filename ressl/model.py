@@ -35,7 +35,11 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         c = in_channels
         for i, w in enumerate(widths):
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(c, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+            ]
             if i < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
             c = w
@@ -59,7 +63,9 @@ def _resnet(name: str, in_channels: int, small_stem: bool) -> nn.Module:
     return net
 
 
-def build_backbone(name: str, in_channels: int = 3, image_size: int = 32, width: int = 32) -> nn.Module:
+def build_backbone(
+    name: str, in_channels: int = 3, image_size: int = 32, width: int = 32
+) -> nn.Module:
     """A backbone mapping ``(B, C, H, W)`` images to ``(B, F)`` features; ``.out_dim`` is F.
 
     ResNets get the small-image stem (3x3 stride-1 conv, no max-pool) for inputs

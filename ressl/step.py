@@ -69,14 +69,22 @@ def training_step(
     """
     device_type = model.queue.device.type
     forward = student if student is not None else EncodeCrops(model.student)
-    ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    ctx = (
+        torch.autocast(device_type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
     with ctx:
         z_s = forward(list(x_student))  # one (B, D) per student crop
         with torch.no_grad():
-            ema_update_(model.teacher, model.student, momentum)  # official order: EMA before the teacher forward
+            ema_update_(
+                model.teacher, model.student, momentum
+            )  # official order: EMA before the teacher forward
             z_t = [model.teacher(x) for x in x_teacher]  # (B, D); two with symmetric
         if symmetric:
-            loss = symmetric_relation_loss(z_s, z_t, model.queue, student_temperature, teacher_temperature)
+            loss = symmetric_relation_loss(
+                z_s, z_t, model.queue, student_temperature, teacher_temperature
+            )
         else:  # one crop, or multi-crop sharing the teacher relation
             loss = relation_loss(z_s, z_t[0], model.queue, student_temperature, teacher_temperature)
     optimizer.zero_grad(set_to_none=True)

@@ -52,19 +52,45 @@ log = logging.getLogger("ressl")
 # Fashion-MNIST is not in the paper: lr 0.15, 1 warm-up epoch and stronger brightness /
 # contrast jitter (the only colour ops that act on grayscale) won a search over crop
 # scale, lr, queue size, tau_t, blur and jitter (docs/results.md); the rest is the CIFAR recipe.
-_PAPER = {"lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 5, "epochs": 200, "jitter": (0.4, 0.4, 0.4, 0.1),
-          "backbone": "resnet18", "hidden_dim": 512, "embed_dim": 128, "blur": 0.0}
+_PAPER = {
+    "lr": 0.06,
+    "weight_decay": 5e-4,
+    "warmup_epochs": 5,
+    "epochs": 200,
+    "jitter": (0.4, 0.4, 0.4, 0.1),
+    "backbone": "resnet18",
+    "hidden_dim": 512,
+    "embed_dim": 128,
+    "blur": 0.0,
+}
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "fashion-mnist": {**_PAPER, "queue_size": 4096, "ema_momentum": 0.99, "lr": 0.15, "warmup_epochs": 1,
-                      "epochs": 50, "jitter": (0.8, 0.8, 0.4, 0.1)},
+    "fashion-mnist": {
+        **_PAPER,
+        "queue_size": 4096,
+        "ema_momentum": 0.99,
+        "lr": 0.15,
+        "warmup_epochs": 1,
+        "epochs": 50,
+        "jitter": (0.8, 0.8, 0.4, 0.1),
+    },
     "cifar10": {**_PAPER, "queue_size": 4096, "ema_momentum": 0.99},
     "cifar100": {**_PAPER, "queue_size": 4096, "ema_momentum": 0.99},
     "stl10": {**_PAPER, "queue_size": 16384, "ema_momentum": 0.996},
     "folder": {**_PAPER, "queue_size": 16384, "ema_momentum": 0.996},
     # The paper's ImageNet recipe: for imagenet:PATH, and folders at 224 px or more.
-    "imagenet": {"backbone": "resnet50", "hidden_dim": 4096, "embed_dim": 512, "queue_size": 131072,
-                 "ema_momentum": 0.999, "lr": 0.05, "weight_decay": 1e-4, "warmup_epochs": 5, "epochs": 200,
-                 "jitter": (0.4, 0.4, 0.4, 0.1), "blur": 0.5},
+    "imagenet": {
+        "backbone": "resnet50",
+        "hidden_dim": 4096,
+        "embed_dim": 512,
+        "queue_size": 131072,
+        "ema_momentum": 0.999,
+        "lr": 0.05,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 5,
+        "epochs": 200,
+        "jitter": (0.4, 0.4, 0.4, 0.1),
+        "blur": 0.5,
+    },
 }
 #: Folder data at this side or more is ImageNet-like and gets the "imagenet" recipe.
 IMAGENET_LIKE_SIZE = 224
@@ -137,9 +163,13 @@ def select_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu")
+        raise ValueError(
+            f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu"
+        )
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return dev
@@ -151,9 +181,13 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported()
     else:
-        supported = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        supported = bool(
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
     if precision == "bf16" and not supported:
-        raise ValueError(f"precision 'bf16' is not supported on this {device.type}; use --precision fp32")
+        raise ValueError(
+            f"precision 'bf16' is not supported on this {device.type}; use --precision fp32"
+        )
     return torch.bfloat16 if supported else None
 
 
@@ -184,11 +218,15 @@ def resolve_settings(**overrides: Any) -> dict[str, Any]:
     """
     unknown = set(overrides) - set(_DEFAULTS)
     if unknown:
-        raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}; valid: {', '.join(_DEFAULTS)}")
+        raise ValueError(
+            f"unknown setting(s): {', '.join(sorted(unknown))}; valid: {', '.join(_DEFAULTS)}"
+        )
     s = dict(_DEFAULTS)
     s.update({k: v for k, v in overrides.items() if v is not None})
     fam = _family(str(s["dataset"]), s["image_size"] if isinstance(s["image_size"], int) else None)
-    if fam not in DATASET_DEFAULTS or (fam in ("folder", "imagenet") and ":" not in str(s["dataset"])):
+    if fam not in DATASET_DEFAULTS or (
+        fam in ("folder", "imagenet") and ":" not in str(s["dataset"])
+    ):
         raise ValueError(
             f"dataset must be one of {', '.join(k for k in DATASET_DEFAULTS if k not in ('folder', 'imagenet'))}, "
             f"folder:PATH or imagenet:PATH, got {s['dataset']!r}"
@@ -198,51 +236,131 @@ def resolve_settings(**overrides: Any) -> dict[str, Any]:
             s[key] = value
     s["crop_scale"] = tuple(float(v) for v in s["crop_scale"])
     s["jitter"] = tuple(float(v) for v in s["jitter"])
-    _check("epochs", isinstance(s["epochs"], int) and s["epochs"] >= 1, "an integer >= 1", s["epochs"])
-    _check("batch_size", isinstance(s["batch_size"], int) and s["batch_size"] >= 2, "an integer >= 2", s["batch_size"])
+    _check(
+        "epochs", isinstance(s["epochs"], int) and s["epochs"] >= 1, "an integer >= 1", s["epochs"]
+    )
+    _check(
+        "batch_size",
+        isinstance(s["batch_size"], int) and s["batch_size"] >= 2,
+        "an integer >= 2",
+        s["batch_size"],
+    )
     _check("backbone", s["backbone"] in BACKBONES, f"one of {', '.join(BACKBONES)}", s["backbone"])
     for key in ("width", "hidden_dim", "embed_dim", "queue_size", "knn_k", "progress_every"):
         _check(key, isinstance(s[key], int) and s[key] >= 1, "an integer >= 1", s[key])
-    _check("knn_every", isinstance(s["knn_every"], int) and s["knn_every"] >= -1,
-           "an integer >= -1 (0: only at the end, -1: never)", s["knn_every"])
+    _check(
+        "knn_every",
+        isinstance(s["knn_every"], int) and s["knn_every"] >= -1,
+        "an integer >= -1 (0: only at the end, -1: never)",
+        s["knn_every"],
+    )
     _check("symmetric", isinstance(s["symmetric"], bool), "True or False", s["symmetric"])
-    per_step = s["batch_size"] * (2 if s["symmetric"] else 1)  # teacher embeddings enqueued per step
-    _check("queue_size", s["queue_size"] >= per_step,
-           f">= 2 x batch_size ({per_step}: symmetric enqueues both crops' teacher embeddings)"
-           if s["symmetric"] else f">= batch_size ({per_step})", s["queue_size"])
+    per_step = s["batch_size"] * (
+        2 if s["symmetric"] else 1
+    )  # teacher embeddings enqueued per step
+    _check(
+        "queue_size",
+        s["queue_size"] >= per_step,
+        f">= 2 x batch_size ({per_step}: symmetric enqueues both crops' teacher embeddings)"
+        if s["symmetric"]
+        else f">= batch_size ({per_step})",
+        s["queue_size"],
+    )
     _check("ema_momentum", 0.0 <= s["ema_momentum"] <= 1.0, "in [0, 1]", s["ema_momentum"])
-    _check("momentum_schedule", s["momentum_schedule"] in ("constant", "cosine"), "'constant' or 'cosine'", s["momentum_schedule"])
+    _check(
+        "momentum_schedule",
+        s["momentum_schedule"] in ("constant", "cosine"),
+        "'constant' or 'cosine'",
+        s["momentum_schedule"],
+    )
     for key in ("student_temperature", "teacher_temperature", "knn_temperature"):
-        _check(key, isinstance(s[key], (int, float)) and 0 < s[key] < math.inf, "a number > 0", s[key])
+        _check(
+            key, isinstance(s[key], (int, float)) and 0 < s[key] < math.inf, "a number > 0", s[key]
+        )
     _check("lr", 0 < s["lr"] < math.inf, "a number > 0", s["lr"])
     _check("weight_decay", 0 <= s["weight_decay"] < math.inf, "a number >= 0", s["weight_decay"])
     _check("sgd_momentum", 0 <= s["sgd_momentum"] < 1, "in [0, 1)", s["sgd_momentum"])
-    _check("warmup_epochs", isinstance(s["warmup_epochs"], int) and 0 <= s["warmup_epochs"], "an integer >= 0", s["warmup_epochs"])
+    _check(
+        "warmup_epochs",
+        isinstance(s["warmup_epochs"], int) and 0 <= s["warmup_epochs"],
+        "an integer >= 0",
+        s["warmup_epochs"],
+    )
     lo, hi = s["crop_scale"] if len(s["crop_scale"]) == 2 else (-1.0, -1.0)
-    _check("crop_scale", len(s["crop_scale"]) == 2 and 0 < lo <= hi <= 1, "two numbers 0 < lo <= hi <= 1", s["crop_scale"])
-    _check("teacher_view", s["teacher_view"] in ("weak", "strong"), "'weak' or 'strong'", s["teacher_view"])
+    _check(
+        "crop_scale",
+        len(s["crop_scale"]) == 2 and 0 < lo <= hi <= 1,
+        "two numbers 0 < lo <= hi <= 1",
+        s["crop_scale"],
+    )
+    _check(
+        "teacher_view",
+        s["teacher_view"] in ("weak", "strong"),
+        "'weak' or 'strong'",
+        s["teacher_view"],
+    )
     if s["crops"] is not None:
         s["crops"] = tuple(s["crops"])
-        _check("crops", len(s["crops"]) >= 1 and all(isinstance(v, int) and v >= 8 for v in s["crops"]),
-               "crop sides >= 8 like (32, 28, 24, 20, 16)", s["crops"])
+        _check(
+            "crops",
+            len(s["crops"]) >= 1 and all(isinstance(v, int) and v >= 8 for v in s["crops"]),
+            "crop sides >= 8 like (32, 28, 24, 20, 16)",
+            s["crops"],
+        )
     if s["crop_scales"] is not None:
         s["crop_scales"] = tuple(tuple(float(v) for v in r) for r in s["crop_scales"])
-        _check("crop_scales", s["crops"] is not None and len(s["crop_scales"]) == len(s["crops"]),
-               "one (lo, hi) range per crop in crops", s["crop_scales"])
-        _check("crop_scales", all(len(r) == 2 and 0 < r[0] <= r[1] <= 1 for r in s["crop_scales"]),
-               "(lo, hi) ranges with 0 < lo <= hi <= 1", s["crop_scales"])
+        _check(
+            "crop_scales",
+            s["crops"] is not None and len(s["crop_scales"]) == len(s["crops"]),
+            "one (lo, hi) range per crop in crops",
+            s["crop_scales"],
+        )
+        _check(
+            "crop_scales",
+            all(len(r) == 2 and 0 < r[0] <= r[1] <= 1 for r in s["crop_scales"]),
+            "(lo, hi) ranges with 0 < lo <= hi <= 1",
+            s["crop_scales"],
+        )
     if s["symmetric"] and s["crops"] is not None and len(s["crops"]) > 1:
-        raise ValueError("symmetric (2x backprop) and multi-crop cannot be combined; drop crops or symmetric")
-    _check("jitter", len(s["jitter"]) == 4 and all(0 <= v < math.inf for v in s["jitter"]) and s["jitter"][3] <= 0.5,
-           "four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)", s["jitter"])
+        raise ValueError(
+            "symmetric (2x backprop) and multi-crop cannot be combined; drop crops or symmetric"
+        )
+    _check(
+        "jitter",
+        len(s["jitter"]) == 4
+        and all(0 <= v < math.inf for v in s["jitter"])
+        and s["jitter"][3] <= 0.5,
+        "four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)",
+        s["jitter"],
+    )
     for key in ("jitter_p", "grayscale_p", "blur"):
         _check(key, 0 <= s[key] <= 1, "a probability in [0, 1]", s[key])
-    _check("precision", s["precision"] in ("auto", "bf16", "fp32"), "'auto', 'bf16' or 'fp32'", s["precision"])
+    _check(
+        "precision",
+        s["precision"] in ("auto", "bf16", "fp32"),
+        "'auto', 'bf16' or 'fp32'",
+        s["precision"],
+    )
     if s["subset"] is not None:
-        _check("subset", isinstance(s["subset"], int) and s["subset"] >= 1, "an integer >= 1", s["subset"])
+        _check(
+            "subset",
+            isinstance(s["subset"], int) and s["subset"] >= 1,
+            "an integer >= 1",
+            s["subset"],
+        )
     if s["image_size"] is not None:
-        _check("image_size", isinstance(s["image_size"], int) and s["image_size"] >= 8, "an integer >= 8", s["image_size"])
-    _check("num_workers", isinstance(s["num_workers"], int) and s["num_workers"] >= 0, "an integer >= 0", s["num_workers"])
+        _check(
+            "image_size",
+            isinstance(s["image_size"], int) and s["image_size"] >= 8,
+            "an integer >= 8",
+            s["image_size"],
+        )
+    _check(
+        "num_workers",
+        isinstance(s["num_workers"], int) and s["num_workers"] >= 0,
+        "an integer >= 0",
+        s["num_workers"],
+    )
     for key in ("data_root", "out"):
         if s[key] is not None:
             s[key] = str(s[key])
@@ -253,7 +371,10 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     # No weight decay on BatchNorm weights and biases (1-d parameters), as the paper's ImageNet recipe.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 class _StopFlag:
@@ -277,23 +398,37 @@ class _StopFlag:
         if self.stop:
             raise KeyboardInterrupt
         self.stop = True
-        log.warning("interrupt: stopping after this step (distributed: at the next progress window) and "
-                    "saving a checkpoint (Ctrl-C again to abort)")
+        log.warning(
+            "interrupt: stopping after this step (distributed: at the next progress window) and "
+            "saving a checkpoint (Ctrl-C again to abort)"
+        )
 
     def __exit__(self, *exc: Any) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
 
 
-def _knn_monitor(model: ReSSL, data: ImageData, s: dict[str, Any], device: torch.device, amp: torch.dtype | None,
-                 world: World) -> dict[str, float]:
+def _knn_monitor(
+    model: ReSSL,
+    data: ImageData,
+    s: dict[str, Any],
+    device: torch.device,
+    amp: torch.dtype | None,
+    world: World,
+) -> dict[str, float]:
     if data.memory is None or data.test is None or not data.classes:
         return {}
     encoder = model.student
     was_training = encoder.training
     encoder.eval()  # BatchNorm in eval mode: no collectives, ranks may run different batches
-    kw: dict[str, Any] = dict(mean=data.mean, std=data.std, batch_size=512, device=device,
-                              autocast_dtype=amp, channels_last=s["channels_last"])
+    kw: dict[str, Any] = dict(
+        mean=data.mean,
+        std=data.std,
+        batch_size=512,
+        device=device,
+        autocast_dtype=amp,
+        channels_last=s["channels_last"],
+    )
 
     def features(source: ImageSource) -> tuple[Tensor, Tensor]:
         n = len(source)
@@ -307,7 +442,9 @@ def _knn_monitor(model: ReSSL, data: ImageData, s: dict[str, Any], device: torch
     mem_f, mem_y = features(data.memory)
     test_f, test_y = features(data.test)
     encoder.train(was_training)
-    acc = knn_accuracy(mem_f, mem_y, test_f, test_y, len(data.classes), s["knn_k"], s["knn_temperature"])
+    acc = knn_accuracy(
+        mem_f, mem_y, test_f, test_y, len(data.classes), s["knn_k"], s["knn_temperature"]
+    )
     return {f"knn_{k}": round(v, 4) for k, v in acc.items()}
 
 
@@ -341,7 +478,9 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def _resume_settings(resume: str | Path, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str], Path]:
+def _resume_settings(
+    resume: str | Path, given: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str], Path]:
     path = Path(resume)
     file = path / "last.safetensors" if path.is_dir() else path
     if not file.exists():
@@ -352,7 +491,9 @@ def _resume_settings(resume: str | Path, given: dict[str, Any]) -> tuple[dict[st
         if value is None or key in _RESUMABLE_OVERRIDES or key in ("out", "progress"):
             continue
         saved = settings.get(key)
-        if json.loads(json.dumps(saved)) != json.loads(json.dumps(value, default=str)) and not (key == "data_root" and str(value) == str(saved)):
+        if json.loads(json.dumps(saved)) != json.loads(json.dumps(value, default=str)) and not (
+            key == "data_root" and str(value) == str(saved)
+        ):
             raise ValueError(
                 f"--resume continues a run with its saved settings, but {key}={value!r} differs from the "
                 f"checkpoint's {key}={saved!r}; drop the option or start a new run"
@@ -408,7 +549,9 @@ def train(
     else:
         s = resolve_settings(**settings)
         state, meta = {}, {}
-        run_dir = Path(s["out"] or Path("runs") / s["dataset"].replace(":", "-", 1).replace("/", "_"))
+        run_dir = Path(
+            s["out"] or Path("runs") / s["dataset"].replace(":", "-", 1).replace("/", "_")
+        )
         if (run_dir / "last.safetensors").exists():
             raise ValueError(
                 f"{run_dir} already holds a run (last.safetensors); continue it with --resume {run_dir} "
@@ -423,8 +566,15 @@ def train(
         world.leave()
 
 
-def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[str, str], run_dir: Path,
-         resuming: bool, notify: Callable[[TrainEvent], None]) -> Path:
+def _run(
+    world: World,
+    s: dict[str, Any],
+    state: dict[str, Tensor],
+    meta: dict[str, str],
+    run_dir: Path,
+    resuming: bool,
+    notify: Callable[[TrainEvent], None],
+) -> Path:
     if s["batch_size"] % world.size:
         raise ValueError(
             f"batch_size is the global batch and must be divisible by the {world.size} processes, "
@@ -434,10 +584,19 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
     device = select_device(world.device(s["device"]))
     amp = _autocast_dtype(s["precision"], device)
     data = load_dataset(
-        s["dataset"], root=s["data_root"], download=s["download"], image_size=s["image_size"], subset=s["subset"]
+        s["dataset"],
+        root=s["data_root"],
+        download=s["download"],
+        image_size=s["image_size"],
+        subset=s["subset"],
     )
-    s.update(image_size=data.image_size, channels=data.channels, mean=list(data.mean), std=list(data.std),
-             num_classes=len(data.classes))
+    s.update(
+        image_size=data.image_size,
+        channels=data.channels,
+        mean=list(data.mean),
+        std=list(data.std),
+        num_classes=len(data.classes),
+    )
     n_train = len(data.train)
     if s["batch_size"] > n_train:
         raise ValueError(
@@ -454,8 +613,13 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
 
     torch.manual_seed(s["seed"])  # the same initial weights and queue on every rank
     model = ReSSL(
-        s["backbone"], in_channels=data.channels, image_size=data.image_size, hidden_dim=s["hidden_dim"],
-        embed_dim=s["embed_dim"], queue_size=s["queue_size"], width=s["width"],
+        s["backbone"],
+        in_channels=data.channels,
+        image_size=data.image_size,
+        hidden_dim=s["hidden_dim"],
+        embed_dim=s["embed_dim"],
+        queue_size=s["queue_size"],
+        width=s["width"],
         generator=torch.Generator().manual_seed(s["seed"] + 1),
     ).to(device)
     if s["channels_last"]:
@@ -464,8 +628,9 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
     if world.distributed:
         convert_batchnorm(model)  # batch statistics over the global batch, student and teacher
         student = wrap_ddp(student, device)
-    optimizer = torch.optim.SGD(_param_groups(model.student, s["weight_decay"]), lr=base_lr,
-                                momentum=s["sgd_momentum"])
+    optimizer = torch.optim.SGD(
+        _param_groups(model.student, s["weight_decay"]), lr=base_lr, momentum=s["sgd_momentum"]
+    )
     # each rank draws its own augmentations; rank 0's stream is the single-process one
     view_gen = torch.Generator(device=device).manual_seed(s["seed"] + 2 + 1_000_003 * world.rank)
 
@@ -476,13 +641,23 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
         load_optimizer_tensors(optimizer, state, meta["optimizer"])
         rng_key = "rng.views" if world.rank == 0 else f"rng.views.rank{world.rank}"
         saved_world = int(meta.get("world_size", "1"))
-        if meta.get("rng_device", "cpu") == device.type and saved_world == world.size and rng_key in state:
+        if (
+            meta.get("rng_device", "cpu") == device.type
+            and saved_world == world.size
+            and rng_key in state
+        ):
             view_gen.set_state(state[rng_key])
         else:  # a generator's state does not carry across device types or world sizes
             if world.main:
-                log.warning("checkpoint was written by %d process(es) on %s, resuming with %d on %s: "
-                            "augmentations are reseeded, so the run continues correctly but not "
-                            "bitwise-identically", saved_world, meta.get("rng_device"), world.size, device.type)
+                log.warning(
+                    "checkpoint was written by %d process(es) on %s, resuming with %d on %s: "
+                    "augmentations are reseeded, so the run continues correctly but not "
+                    "bitwise-identically",
+                    saved_world,
+                    meta.get("rng_device"),
+                    world.size,
+                    device.type,
+                )
             view_gen.manual_seed(s["seed"] + 2 + 1_000_003 * world.rank + int(meta["step"]))
         torch.set_rng_state(state["rng.torch"])
         if "rng.cuda" in state and torch.cuda.is_available():
@@ -496,15 +671,25 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_metrics(metrics_path, rows)
 
-    plan = CropPlan.build(data.image_size, s["crop_scale"], s["crops"], s["crop_scales"], s["symmetric"])
-    strong_kw: dict[str, Any] = dict(jitter=s["jitter"], jitter_p=s["jitter_p"], grayscale_p=s["grayscale_p"],
-                                     blur_p=s["blur"])
-    view_kw: dict[str, Any] = dict(generator=view_gen, mean=data.mean, std=data.std, strong=strong_kw,
-                                   teacher_view=s["teacher_view"])
+    plan = CropPlan.build(
+        data.image_size, s["crop_scale"], s["crops"], s["crop_scales"], s["symmetric"]
+    )
+    strong_kw: dict[str, Any] = dict(
+        jitter=s["jitter"], jitter_p=s["jitter_p"], grayscale_p=s["grayscale_p"], blur_p=s["blur"]
+    )
+    view_kw: dict[str, Any] = dict(
+        generator=view_gen,
+        mean=data.mean,
+        std=data.std,
+        strong=strong_kw,
+        teacher_view=s["teacher_view"],
+    )
     # Streamed folders (FolderImages) are cropped in the DataLoader workers from the full-resolution files.
 
     def checkpoint() -> Path:
-        rng = _rng_tensors(view_gen, world)  # a collective when distributed: every rank calls checkpoint()
+        rng = _rng_tensors(
+            view_gen, world
+        )  # a collective when distributed: every rank calls checkpoint()
         path = run_dir / "last.safetensors"
         if not world.main:
             return path
@@ -513,12 +698,22 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
         tensors.update(opt_tensors)
         tensors.update(rng)
         step = epoch * steps_per_epoch + batch_in_epoch
-        return save_checkpoint(path, tensors, {"world_size": str(world.size),
-            "settings": json.dumps(s), "optimizer": opt_blob, "epoch": str(epoch),
-            "batch_in_epoch": str(batch_in_epoch), "step": str(step),
-            "epoch_loss_sum": repr(loss_sum), "epoch_loss_count": str(loss_count),
-            "metrics": json.dumps(rows[-1] if rows else {}), "rng_device": device.type,
-        })
+        return save_checkpoint(
+            path,
+            tensors,
+            {
+                "world_size": str(world.size),
+                "settings": json.dumps(s),
+                "optimizer": opt_blob,
+                "epoch": str(epoch),
+                "batch_in_epoch": str(batch_in_epoch),
+                "step": str(step),
+                "epoch_loss_sum": repr(loss_sum),
+                "epoch_loss_count": str(loss_count),
+                "metrics": json.dumps(rows[-1] if rows else {}),
+                "rng_device": device.type,
+            },
+        )
 
     def step_fn(batch: Tensor | list[Tensor], lr: float, momentum: float) -> Tensor:
         if isinstance(batch, Tensor):
@@ -531,16 +726,40 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
         for group in optimizer.param_groups:
             group["lr"] = lr
         return training_step(
-            model, optimizer, x_t, x_s, momentum=momentum, student_temperature=s["student_temperature"],
-            teacher_temperature=s["teacher_temperature"], symmetric=plan.symmetric, autocast_dtype=amp,
-            student=student, gather=all_gather_cat if world.distributed else None)
+            model,
+            optimizer,
+            x_t,
+            x_s,
+            momentum=momentum,
+            student_temperature=s["student_temperature"],
+            teacher_temperature=s["teacher_temperature"],
+            symmetric=plan.symmetric,
+            autocast_dtype=amp,
+            student=student,
+            gather=all_gather_cat if world.distributed else None,
+        )
 
-    notify(TrainEvent("start", epoch, epoch * steps_per_epoch + batch_in_epoch, steps_per_epoch, s["epochs"],
-                      batch_in_epoch))
+    notify(
+        TrainEvent(
+            "start",
+            epoch,
+            epoch * steps_per_epoch + batch_in_epoch,
+            steps_per_epoch,
+            s["epochs"],
+            batch_in_epoch,
+        )
+    )
     if world.main:
-        log.info("training %s on %s (%d images, %d steps/epoch) on %s%s%s", s["backbone"], s["dataset"], n_train,
-                 steps_per_epoch, device, " with bf16 autocast" if amp else "",
-                 f", {world.size} processes of {per_rank} images per step" if world.distributed else "")
+        log.info(
+            "training %s on %s (%d images, %d steps/epoch) on %s%s%s",
+            s["backbone"],
+            s["dataset"],
+            n_train,
+            steps_per_epoch,
+            device,
+            " with bf16 autocast" if amp else "",
+            f", {world.size} processes of {per_rank} images per step" if world.distributed else "",
+        )
     saved = False
     stopping = False  # distributed: the ranks' agreed stop, updated together at epoch starts and window ends
 
@@ -556,12 +775,25 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
             batches: Iterator[tuple[Tensor | list[Tensor], Tensor]]
             if isinstance(train_source, FolderImages):
                 batches = train_source.crop_batches(
-                    s["batch_size"], plan.worker_crops, epoch=epoch, seed=s["seed"], device=device,
-                    start=batch_in_epoch, num_workers=s["num_workers"], shard=(world.rank, world.size))
+                    s["batch_size"],
+                    plan.worker_crops,
+                    epoch=epoch,
+                    seed=s["seed"],
+                    device=device,
+                    start=batch_in_epoch,
+                    num_workers=s["num_workers"],
+                    shard=(world.rank, world.size),
+                )
             else:
                 batches = train_source.batches(
-                    s["batch_size"], epoch=epoch, seed=s["seed"], device=device, start=batch_in_epoch,
-                    num_workers=s["num_workers"], shard=(world.rank, world.size))
+                    s["batch_size"],
+                    epoch=epoch,
+                    seed=s["seed"],
+                    device=device,
+                    start=batch_in_epoch,
+                    num_workers=s["num_workers"],
+                    shard=(world.rank, world.size),
+                )
             t_epoch = time.perf_counter()
             seen, t_window, seen_window = 0, time.perf_counter(), 0
             pending: list[Tensor] = []
@@ -575,7 +807,11 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
                 seen_window += labels.shape[0] * world.size
                 # Distributed ranks must agree on when to stop: they check together, at window ends.
                 stop_now = flag.stop and not world.distributed
-                if len(pending) >= s["progress_every"] or batch_in_epoch == steps_per_epoch or stop_now:
+                if (
+                    len(pending) >= s["progress_every"]
+                    or batch_in_epoch == steps_per_epoch
+                    or stop_now
+                ):
                     stopping = agree(flag.stop)
                     losses = torch.stack(pending).tolist()  # the one host sync per window
                     pending.clear()
@@ -584,8 +820,18 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
                     now = time.perf_counter()
                     ips = seen_window / max(now - t_window, 1e-9)
                     t_window, seen_window = now, 0
-                    notify(TrainEvent("step", epoch, step + 1, steps_per_epoch, s["epochs"], batch_in_epoch,
-                                      losses[-1], ips))
+                    notify(
+                        TrainEvent(
+                            "step",
+                            epoch,
+                            step + 1,
+                            steps_per_epoch,
+                            s["epochs"],
+                            batch_in_epoch,
+                            losses[-1],
+                            ips,
+                        )
+                    )
                 if stopping if world.distributed else flag.stop:  # one process: at once
                     stopping = True
                     break
@@ -594,8 +840,12 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
             elapsed = time.perf_counter() - t_epoch
             epoch += 1
             row: dict[str, Any] = {
-                "epoch": epoch, "step": epoch * steps_per_epoch, "loss": loss_sum / max(loss_count, 1),
-                "lr": lr, "ema_momentum": m, "images_per_second": round(seen / max(elapsed, 1e-9), 2),
+                "epoch": epoch,
+                "step": epoch * steps_per_epoch,
+                "loss": loss_sum / max(loss_count, 1),
+                "lr": lr,
+                "ema_momentum": m,
+                "images_per_second": round(seen / max(elapsed, 1e-9), 2),
                 "epoch_seconds": round(elapsed, 3),
             }
             every = s["knn_every"]
@@ -606,19 +856,53 @@ def _run(world: World, s: dict[str, Any], state: dict[str, Tensor], meta: dict[s
             path, saved = checkpoint(), True
             if world.main:
                 _write_metrics(metrics_path, rows)
-            notify(TrainEvent("epoch", epoch, epoch * steps_per_epoch, steps_per_epoch, s["epochs"], 0,
-                              row["loss"], row["images_per_second"], row))
+            notify(
+                TrainEvent(
+                    "epoch",
+                    epoch,
+                    epoch * steps_per_epoch,
+                    steps_per_epoch,
+                    s["epochs"],
+                    0,
+                    row["loss"],
+                    row["images_per_second"],
+                    row,
+                )
+            )
         if stopping and epoch < s["epochs"]:
             path = checkpoint()
             if world.main:
-                log.warning("interrupted: saved %s in epoch %d after batch %d of %d; continue with --resume %s",
-                            path, epoch + 1, batch_in_epoch, steps_per_epoch, run_dir)
-            notify(TrainEvent("end", epoch, epoch * steps_per_epoch + batch_in_epoch, steps_per_epoch,
-                              s["epochs"], batch_in_epoch, metrics={"interrupted": True}))
+                log.warning(
+                    "interrupted: saved %s in epoch %d after batch %d of %d; continue with --resume %s",
+                    path,
+                    epoch + 1,
+                    batch_in_epoch,
+                    steps_per_epoch,
+                    run_dir,
+                )
+            notify(
+                TrainEvent(
+                    "end",
+                    epoch,
+                    epoch * steps_per_epoch + batch_in_epoch,
+                    steps_per_epoch,
+                    s["epochs"],
+                    batch_in_epoch,
+                    metrics={"interrupted": True},
+                )
+            )
             raise KeyboardInterrupt
     path = run_dir / "last.safetensors"
     if not saved and not path.exists():  # resumed a run that had already finished
         path = checkpoint()
-    notify(TrainEvent("end", epoch, epoch * steps_per_epoch, steps_per_epoch, s["epochs"],
-                      metrics=rows[-1] if rows else {}))
+    notify(
+        TrainEvent(
+            "end",
+            epoch,
+            epoch * steps_per_epoch,
+            steps_per_epoch,
+            s["epochs"],
+            metrics=rows[-1] if rows else {},
+        )
+    )
     return path

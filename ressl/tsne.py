@@ -49,7 +49,9 @@ def affinities(
         ValueError: on a non-square input or a perplexity out of range.
     """
     if distances_sq.ndim != 2 or distances_sq.shape[0] != distances_sq.shape[1]:
-        raise ValueError(f"distances_sq must be a square (N, N) matrix, got {tuple(distances_sq.shape)}")
+        raise ValueError(
+            f"distances_sq must be a square (N, N) matrix, got {tuple(distances_sq.shape)}"
+        )
     n = distances_sq.shape[0]
     if not 1.0 <= perplexity < n:
         raise ValueError(f"perplexity must be in [1, N) = [1, {n}), got {perplexity}")
@@ -74,7 +76,9 @@ def affinities(
         too_flat = diff > 0  # entropy too high: sharpen (raise beta)
         lo = torch.where(too_flat, beta, lo)
         hi = torch.where(too_flat, hi, beta)
-        beta = torch.where(too_flat, torch.where(hi.isinf(), beta * 2.0, (beta + hi) / 2.0), (beta + lo) / 2.0)
+        beta = torch.where(
+            too_flat, torch.where(hi.isinf(), beta * 2.0, (beta + hi) / 2.0), (beta + lo) / 2.0
+        )
     return p / p.sum(1, keepdim=True)
 
 
@@ -154,7 +158,9 @@ def tsne(
         early = it < exaggeration_iterations
         p_eff = p * early_exaggeration if early else p
         momentum = 0.5 if early else 0.8
-        num = (1.0 + _squared_distances(y)).reciprocal_().masked_fill_(eye, 0.0)  # (N, N) Student-t kernel
+        num = (
+            (1.0 + _squared_distances(y)).reciprocal_().masked_fill_(eye, 0.0)
+        )  # (N, N) Student-t kernel
         q = (num / num.sum()).clamp_min_(1e-12)
         w = (p_eff - q) * num  # (N, N)
         grad = 4.0 * (w.sum(1, keepdim=True) * y - w @ y)  # (N, dims) dKL/dy

@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 
-def write_image_folder(root: Path, *, classes: int = 3, per_class: int = 12, size: int = 20, seed: int = 0) -> Path:
+def write_image_folder(
+    root: Path, *, classes: int = 3, per_class: int = 12, size: int = 20, seed: int = 0
+) -> Path:
     """``root/{train,test}/class_k/*.png``: each class a distinct colour with noise, so kNN can separate them."""
     rng = np.random.default_rng(seed)
     palette = rng.integers(0, 256, size=(classes, 3))
@@ -33,7 +35,20 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_settings(image_folder: Path) -> dict:
     """Settings for a seconds-long CPU run: small CNN, 16 px, batch 8, queue 32."""
     return dict(
-        dataset=f"folder:{image_folder}", backbone="small", width=4, hidden_dim=16, embed_dim=8,
-        image_size=16, batch_size=8, queue_size=32, epochs=2, warmup_epochs=1, knn_every=1, knn_k=5,
-        device="cpu", seed=0, num_workers=0, progress_every=1,
+        dataset=f"folder:{image_folder}",
+        backbone="small",
+        width=4,
+        hidden_dim=16,
+        embed_dim=8,
+        image_size=16,
+        batch_size=8,
+        queue_size=32,
+        epochs=2,
+        warmup_epochs=1,
+        knn_every=1,
+        knn_k=5,
+        device="cpu",
+        seed=0,
+        num_workers=0,
+        progress_every=1,
     )

@@ -10,7 +10,9 @@ from ressl.checkpoint import load_optimizer_tensors, optimizer_tensors
 
 def test_round_trip_with_metadata(tmp_path):
     t = {"a": torch.arange(6.0).view(2, 3), "b": torch.tensor([1, 2], dtype=torch.long)}
-    path = save_checkpoint(tmp_path / "sub" / "c.safetensors", t, {"settings": json.dumps({"x": 1})})
+    path = save_checkpoint(
+        tmp_path / "sub" / "c.safetensors", t, {"settings": json.dumps({"x": 1})}
+    )
     tensors, meta = load_checkpoint(path)
     assert torch.equal(tensors["a"], t["a"]) and torch.equal(tensors["b"], t["b"])
     assert meta["format"] == "ressl-checkpoint" and json.loads(meta["settings"]) == {"x": 1}

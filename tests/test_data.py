@@ -45,7 +45,14 @@ def _pixels(source: data.ImageSource | None) -> torch.Tensor:
 
 
 def test_dataset_names() -> None:
-    assert dataset_names() == ["fashion-mnist", "cifar10", "cifar100", "stl10", "folder:PATH", "imagenet:PATH"]
+    assert dataset_names() == [
+        "fashion-mnist",
+        "cifar10",
+        "cifar100",
+        "stl10",
+        "folder:PATH",
+        "imagenet:PATH",
+    ]
 
 
 def test_unknown_spec_lists_valid_names() -> None:
@@ -423,7 +430,10 @@ def test_folder_streaming_matches_in_memory(
 def test_imagenet_spec_is_a_folder_at_224_px(tmp_path: Path) -> None:
     _class_tree(tmp_path)
     d = load_dataset(f"imagenet:{tmp_path}")
-    assert d.name == f"imagenet:{tmp_path.resolve()}" and d.image_size == 224 == data.IMAGENET_IMAGE_SIZE
+    assert (
+        d.name == f"imagenet:{tmp_path.resolve()}"
+        and d.image_size == 224 == data.IMAGENET_IMAGE_SIZE
+    )
     assert d.classes == ["cat", "dog", "emu"] and _pixels(d.train).shape == (4, 3, 224, 224)
     with pytest.raises(ValueError, match="'imagenet:' needs a path"):
         load_dataset("imagenet:")
@@ -444,7 +454,9 @@ def test_decode_crops_cuts_boxes_from_the_full_resolution_file(tmp_path: Path) -
     # small crops of a 200 px wide image are mostly one colour; over many draws both colours occur
     colours = set()
     for seed in range(20):
-        small = decode_crops(tmp_path / "a.png", [(16, (0.02, 0.03))], torch.Generator().manual_seed(seed))
+        small = decode_crops(
+            tmp_path / "a.png", [(16, (0.02, 0.03))], torch.Generator().manual_seed(seed)
+        )
         assert small is not None
         red, blue = small[0][0].float().mean(), small[0][2].float().mean()
         colours.add("red" if red > blue else "blue")

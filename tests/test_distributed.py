@@ -35,7 +35,9 @@ from ressl.distributed import (
 )
 from ressl.step import EncodeCrops, training_step
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"
+)
 
 
 def free_port() -> int:
@@ -46,14 +48,25 @@ def free_port() -> int:
 
 def tiny_model() -> ReSSL:
     torch.manual_seed(0)
-    return ReSSL("small", in_channels=3, image_size=16, hidden_dim=16, embed_dim=8, queue_size=64, width=4,
-                 generator=torch.Generator().manual_seed(1))
+    return ReSSL(
+        "small",
+        in_channels=3,
+        image_size=16,
+        hidden_dim=16,
+        embed_dim=8,
+        queue_size=64,
+        width=4,
+        generator=torch.Generator().manual_seed(1),
+    )
 
 
 def batches() -> tuple[torch.Tensor, list[torch.Tensor]]:
     g = torch.Generator().manual_seed(5)
     x_t = torch.randn(16, 3, 16, 16, generator=g)
-    x_s = [torch.randn(16, 3, 16, 16, generator=g), torch.randn(16, 3, 12, 12, generator=g)]  # two student crops
+    x_s = [
+        torch.randn(16, 3, 16, 16, generator=g),
+        torch.randn(16, 3, 12, 12, generator=g),
+    ]  # two student crops
     return x_t, x_s
 
 
@@ -73,7 +86,9 @@ def _step_worker(rank: int, world: int, init: str, out: str) -> None:
         part = slice(rank * per, (rank + 1) * per)
         run_steps(model, x_t[part], [x[part] for x in x_s], student=student, gather=all_gather_cat)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        state["uneven"] = all_gather_rows(torch.full((rank + 1, 2), float(rank)))  # 1 row from rank 0, 2 from rank 1
+        state["uneven"] = all_gather_rows(
+            torch.full((rank + 1, 2), float(rank))
+        )  # 1 row from rank 0, 2 from rank 1
         save_file(state, f"{out}/rank{rank}.safetensors")
     finally:
         dist.destroy_process_group()
@@ -105,13 +120,20 @@ def test_two_process_steps_equal_one_process_on_the_global_batch(tmp_path):
         for got in ranks:
             torch.testing.assert_close(got[key], value, atol=2e-5, rtol=1e-4, msg=key)
     assert torch.equal(ranks[0]["queue"], ranks[1]["queue"])  # identical, not just close
-    assert not torch.allclose(want["student.backbone.features.0.weight"], initial["student.backbone.features.0.weight"])
+    assert not torch.allclose(
+        want["student.backbone.features.0.weight"], initial["student.backbone.features.0.weight"]
+    )
     assert int(want["queue_ptr"]) == 3 * 16
 
 
 def _train_worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     train_module = sys.modules["ressl.train"]
     models: list[ReSSL] = []
 
@@ -122,8 +144,10 @@ def _train_worker(rank: int, world: int, port: int, settings: dict, out: str) ->
 
     train_module.ReSSL = Recorded  # type: ignore[attr-defined]
     train(**settings)
-    save_file({"queue": models[0].queue.contiguous(), "ptr": models[0].queue_ptr.reshape(1)},
-              f"{out}/queue{rank}.safetensors")
+    save_file(
+        {"queue": models[0].queue.contiguous(), "ptr": models[0].queue_ptr.reshape(1)},
+        f"{out}/queue{rank}.safetensors",
+    )
 
 
 def test_distributed_trainer_shares_the_queue_and_resumes_in_one_process(tmp_path, tiny_settings):
@@ -152,8 +176,10 @@ def test_distributed_trainer_shares_the_queue_and_resumes_in_one_process(tmp_pat
 
 
 def test_ranks_get_disjoint_shards_covering_each_batch():
-    source = TensorImages(torch.arange(24, dtype=torch.uint8).view(24, 1, 1, 1).expand(24, 1, 2, 2).contiguous(),
-                          torch.arange(24))
+    source = TensorImages(
+        torch.arange(24, dtype=torch.uint8).view(24, 1, 1, 1).expand(24, 1, 2, 2).contiguous(),
+        torch.arange(24),
+    )
     whole = [y for _, y in source.batches(8, epoch=1, seed=3)]
     shards = [[y for _, y in source.batches(8, epoch=1, seed=3, shard=(r, 2))] for r in range(2)]
     for b, batch in enumerate(whole):
@@ -163,21 +189,60 @@ def test_ranks_get_disjoint_shards_covering_each_batch():
 
 
 def test_source_part_and_gather_of_uneven_rows():
-    source = TensorImages(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous(),
-                          torch.arange(10))
+    source = TensorImages(
+        torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous(),
+        torch.arange(10),
+    )
     part = source_part(source, 3, 7)
-    assert part.labels.tolist() == [3, 4, 5, 6] and part.images.data_ptr() == source.images[3].data_ptr()
+    assert (
+        part.labels.tolist() == [3, 4, 5, 6]
+        and part.images.data_ptr() == source.images[3].data_ptr()
+    )
     with pytest.raises(ValueError, match="0 <= start <= stop <= 10"):
         source_part(source, 5, 11)
 
 
 def test_torchrun_cli_end_to_end(tmp_path, image_folder):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ressl",
-           "train", "--dataset", f"folder:{image_folder}", "--backbone", "small", "--width", "4", "--hidden-dim",
-           "16", "--embed-dim", "8", "--image-size", "16", "--batch-size", "8", "--queue-size", "32", "--epochs",
-           "1", "--warmup-epochs", "0", "--knn-every", "1", "--device", "cpu", "--num-workers", "0", "--out",
-           str(run)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ressl",
+        "train",
+        "--dataset",
+        f"folder:{image_folder}",
+        "--backbone",
+        "small",
+        "--width",
+        "4",
+        "--hidden-dim",
+        "16",
+        "--embed-dim",
+        "8",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--queue-size",
+        "32",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--knn-every",
+        "1",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--out",
+        str(run),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -209,8 +274,13 @@ def test_world_from_environment(monkeypatch):
 def _interrupted_worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
     import signal
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
 
     def ctrl_c_on_rank_1(event):
         if rank == 1 and event.kind == "step" and event.step == 6:  # epoch 2, batch 2 of 4
@@ -226,8 +296,13 @@ def test_ctrl_c_on_one_rank_stops_all_ranks_together(tmp_path, tiny_settings):
     run = tmp_path / "run"
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_interrupted_worker, args=(r, 2, port, dict(tiny_settings, out=str(run)),
-                                                           str(tmp_path))) for r in range(2)]
+    procs = [
+        ctx.Process(
+            target=_interrupted_worker,
+            args=(r, 2, port, dict(tiny_settings, out=str(run)), str(tmp_path)),
+        )
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -241,4 +316,7 @@ def test_ctrl_c_on_one_rank_stops_all_ranks_together(tmp_path, tiny_settings):
     # the ranks agree at the next progress window (every step here): after batch 3 of epoch 2
     assert (meta["epoch"], meta["batch_in_epoch"]) == ("1", "3")
     train(resume=run)  # and the run continues (in one process)
-    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+    ]

@@ -14,9 +14,25 @@ from ressl.train import train
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, image_folder: Path) -> Path:
     run = tmp_path_factory.mktemp("evalrun") / "run"
-    train(dataset=f"folder:{image_folder}", backbone="small", width=4, hidden_dim=16, embed_dim=8, image_size=16,
-          batch_size=8, queue_size=32, epochs=2, warmup_epochs=1, knn_every=1, knn_k=5, device="cpu", seed=0,
-          num_workers=0, progress_every=1, out=str(run))
+    train(
+        dataset=f"folder:{image_folder}",
+        backbone="small",
+        width=4,
+        hidden_dim=16,
+        embed_dim=8,
+        image_size=16,
+        batch_size=8,
+        queue_size=32,
+        epochs=2,
+        warmup_epochs=1,
+        knn_every=1,
+        knn_k=5,
+        device="cpu",
+        seed=0,
+        num_workers=0,
+        progress_every=1,
+        out=str(run),
+    )
     return run
 
 
@@ -28,12 +44,19 @@ def test_eval_knn_prints_and_records(capsys, tiny_run: Path):
     code, out, err = run_cli(capsys, "eval", "knn", tiny_run, "--k", "5", "--device", "cpu")
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert lines[0].startswith("kNN (k 5, t 0.1) on folder:") and "36 train -> 12 test images" in lines[0]
+    assert (
+        lines[0].startswith("kNN (k 5, t 0.1) on folder:")
+        and "36 train -> 12 test images" in lines[0]
+    )
     assert "student backbone features (32-d)" in lines[0]
     assert lines[1].startswith("top-1 ") and "top-5" not in lines[1]  # 3 classes: no top-5
     row = records(tiny_run)[-1]
     assert row["protocol"] == "knn" and row["k"] == 5 and row["temperature"] == 0.1
-    assert row["checkpoint"] == "last.safetensors" and row["epoch"] == 2 and row["weights"] == "student"
+    assert (
+        row["checkpoint"] == "last.safetensors"
+        and row["epoch"] == 2
+        and row["weights"] == "student"
+    )
     assert row["features"] == "backbone" and row["dim"] == 32
     assert row["train_images"] == 36 and row["test_images"] == 12 and 0 <= row["top1"] <= 100
     # The same number as the trainer's own monitor at the end of the run (bf16 there, so allow a little).
@@ -44,8 +67,18 @@ def test_eval_knn_prints_and_records(capsys, tiny_run: Path):
 
 def test_eval_knn_json_teacher_without_record(capsys, tiny_run: Path):
     before = len(records(tiny_run)) if (tiny_run / "eval.jsonl").exists() else 0
-    code, out, err = run_cli(capsys, "eval", "knn", tiny_run / "last.safetensors", "--weights", "teacher",
-                             "--device", "cpu", "--json", "--no-record")
+    code, out, err = run_cli(
+        capsys,
+        "eval",
+        "knn",
+        tiny_run / "last.safetensors",
+        "--weights",
+        "teacher",
+        "--device",
+        "cpu",
+        "--json",
+        "--no-record",
+    )
     assert code == 0, err
     row = json.loads(out)
     assert row["weights"] == "teacher" and row["k"] == 200 and "top1" in row
@@ -54,11 +87,18 @@ def test_eval_knn_json_teacher_without_record(capsys, tiny_run: Path):
 
 
 def test_eval_linear_prints_and_records(capsys, tiny_run: Path):
-    code, out, err = run_cli(capsys, "eval", "linear", tiny_run, "--epochs", "20", "--lr", "0.5", "--device", "cpu")
+    code, out, err = run_cli(
+        capsys, "eval", "linear", tiny_run, "--epochs", "20", "--lr", "0.5", "--device", "cpu"
+    )
     assert code == 0, err
     assert out.splitlines()[0].startswith("linear probe (20 epochs, lr 0.5) on folder:")
     row = records(tiny_run)[-1]
-    assert row["protocol"] == "linear" and row["epochs"] == 20 and row["lr"] == 0.5 and row["weight_decay"] == 0.0
+    assert (
+        row["protocol"] == "linear"
+        and row["epochs"] == 20
+        and row["lr"] == 0.5
+        and row["weight_decay"] == 0.0
+    )
     assert row["train_top1"] >= 90.0  # 36 features of 3 colour classes in 32-d: easily fitted
     assert f"top-1 {row['top1']:.2f}%" in out
 
@@ -78,24 +118,44 @@ def test_eval_onnx_model(capsys, tmp_path: Path, tiny_run: Path, image_folder: P
             self.register_buffer("std", torch.tensor(settings["std"]).view(1, -1, 1, 1))
 
         def forward(self, x):
-            return torch.nn.functional.normalize(self.encoder.features((x - self.mean) / self.std), dim=1)
+            return torch.nn.functional.normalize(
+                self.encoder.features((x - self.mean) / self.std), dim=1
+            )
 
     path = tmp_path / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(Served().eval(), (torch.rand(2, 3, 16, 16),), str(path), dynamo=False,
-                          input_names=["images"], output_names=["embedding"],
-                          dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}})
+        torch.onnx.export(
+            Served().eval(),
+            (torch.rand(2, 3, 16, 16),),
+            str(path),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["embedding"],
+            dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
+        )
     model = onnx.load(str(path))
-    for key, value in {"head": "false", "weights": "student", "settings": json.dumps(settings)}.items():
+    for key, value in {
+        "head": "false",
+        "weights": "student",
+        "settings": json.dumps(settings),
+    }.items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
 
-    code, out, err = run_cli(capsys, "eval", "knn", path, "--k", "5", "--json")  # dataset from the metadata
+    code, out, err = run_cli(
+        capsys, "eval", "knn", path, "--k", "5", "--json"
+    )  # dataset from the metadata
     assert code == 0, err
     row = json.loads(out)
-    assert row["features"] == "onnx:embedding" and row["model"] == "model.onnx" and row["head"] is False
-    code, out, err = run_cli(capsys, "eval", "knn", tiny_run, "--k", "5", "--json", "--device", "cpu")
+    assert (
+        row["features"] == "onnx:embedding"
+        and row["model"] == "model.onnx"
+        and row["head"] is False
+    )
+    code, out, err = run_cli(
+        capsys, "eval", "knn", tiny_run, "--k", "5", "--json", "--device", "cpu"
+    )
     assert abs(json.loads(out)["top1"] - row["top1"]) < 1e-6  # same features, same answer
     code, out, err = run_cli(capsys, "eval", "knn", path, "--k", "5", "--no-record")
     assert code == 0 and "ONNX output 'embedding' (backbone features)" in out
@@ -110,10 +170,16 @@ def test_eval_user_errors_are_one_line(capsys, tmp_path: Path, tiny_run: Path):
         (["eval", "knn", tmp_path / "notes.txt"], "not a readable safetensors file"),
         (["eval", "knn", tmp_path / "bad.onnx"], "not a loadable ONNX model"),
         (["eval", "knn", tiny_run, "--dataset", "mnist"], "unknown dataset 'mnist'"),
-        (["eval", "knn", tiny_run, "--dataset", f"folder:{tmp_path / 'nowhere'}"], "does not exist"),
+        (
+            ["eval", "knn", tiny_run, "--dataset", f"folder:{tmp_path / 'nowhere'}"],
+            "does not exist",
+        ),
         (["eval", "knn", tiny_run, "--k", "0"], "--k must be >= 1"),
         (["eval", "linear", tiny_run, "--epochs", "0"], "--epochs must be >= 1"),
-        (["eval", "linear", tiny_run, "--lr", "-1", "--device", "cpu"], "--lr must be a number > 0"),
+        (
+            ["eval", "linear", tiny_run, "--lr", "-1", "--device", "cpu"],
+            "--lr must be a number > 0",
+        ),
         (["eval", "knn", tiny_run, "--device", "tpu"], "device must be"),
         (["eval", "frobnicate"], "frobnicate"),
     ]

@@ -30,7 +30,9 @@ def test_knn_scores_match_a_hand_computed_vote():
     assert torch.allclose(scores, torch.tensor([[math.exp(9.6), math.exp(8.0)]]), rtol=1e-3)
     # k=3 adds the 0.6 neighbour (class 0).
     scores = knn_predict(memory, labels, query, num_classes=2, k=3, temperature=0.1)
-    assert torch.allclose(scores, torch.tensor([[math.exp(9.6) + math.exp(6.0), math.exp(8.0)]]), rtol=1e-3)
+    assert torch.allclose(
+        scores, torch.tensor([[math.exp(9.6) + math.exp(6.0), math.exp(8.0)]]), rtol=1e-3
+    )
     # k larger than the memory is clipped: every entry votes.
     scores = knn_predict(memory, labels, query, num_classes=2, k=200, temperature=0.1)
     want1 = math.exp(8.0) + math.exp(-6.0)
@@ -79,10 +81,14 @@ def test_linear_probe_separates_linearly_separable_features(device):
     x = torch.randn(3000, 32, generator=g)
     logits = x @ w.T
     top2 = logits.topk(2, dim=1).values
-    x = x[top2[:, 0] - top2[:, 1] > 2.0][:1200]  # a linear rule with a margin: separable by construction
+    x = x[top2[:, 0] - top2[:, 1] > 2.0][
+        :1200
+    ]  # a linear rule with a margin: separable by construction
     y = (x @ w.T).argmax(1)
     xtr, ytr, xte, yte = x[:1000], y[:1000], x[1000:], y[1000:]
-    res = linear_probe(xtr.to(device), ytr.to(device), xte, yte, 4, epochs=30, lr=0.5, device=device)
+    res = linear_probe(
+        xtr.to(device), ytr.to(device), xte, yte, 4, epochs=30, lr=0.5, device=device
+    )
     assert res["train_top1"] >= 99.0 and res["top1"] >= 98.0, res
 
 
@@ -96,7 +102,9 @@ def test_linear_probe_on_shuffled_labels_is_near_chance():
 
 def test_linear_probe_rejects_bad_input():
     x, y = torch.randn(10, 4), torch.zeros(10, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"train_labels must be in \[0, 3\), got values in \[0, 5\]"):
+    with pytest.raises(
+        ValueError, match=r"train_labels must be in \[0, 3\), got values in \[0, 5\]"
+    ):
         linear_probe(x, torch.tensor([0] * 9 + [5]), x, y, 3)
     with pytest.raises(ValueError, match="dim 4 but test features have dim 5"):
         linear_probe(x, y, torch.randn(10, 5), y, 3)
@@ -166,7 +174,9 @@ def test_tsne_keeps_separated_clusters_separated():
     x, y = blobs()
     emb = tsne(x, perplexity=15.0, iterations=400)
     assert emb.shape == (160, 2) and emb.dtype == torch.float32 and torch.isfinite(emb).all()
-    assert neighbour_agreement(emb, y) == 1.0  # every point's 5 nearest neighbours share its cluster
+    assert (
+        neighbour_agreement(emb, y) == 1.0
+    )  # every point's 5 nearest neighbours share its cluster
     centres = torch.stack([emb[y == c].mean(0) for c in range(4)])
     within = max((emb[y == c] - centres[c]).norm(dim=1).mean().item() for c in range(4))
     between = torch.pdist(centres).min().item()

@@ -47,12 +47,20 @@ def reference(net: torch.nn.Module, x: torch.Tensor, mean=MEAN, std=STD) -> np.n
         return F.normalize(net((x - m) / s), dim=1).numpy()
 
 
-def make_checkpoint(path: Path, backbone: str = "small", channels: int = 3, image_size: int = 16,
-                    seed: int = 0) -> tuple[Path, ReSSL, dict]:
+def make_checkpoint(
+    path: Path, backbone: str = "small", channels: int = 3, image_size: int = 16, seed: int = 0
+) -> tuple[Path, ReSSL, dict]:
     """A ressl checkpoint written with the public API (no training); the teacher differs from the student."""
     torch.manual_seed(seed)
-    model = ReSSL(backbone, in_channels=channels, image_size=image_size, hidden_dim=16, embed_dim=8,
-                  queue_size=32, width=4)
+    model = ReSSL(
+        backbone,
+        in_channels=channels,
+        image_size=image_size,
+        hidden_dim=16,
+        embed_dim=8,
+        queue_size=32,
+        width=4,
+    )
     with torch.no_grad():
         for p in model.teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -60,9 +68,19 @@ def make_checkpoint(path: Path, backbone: str = "small", channels: int = 3, imag
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 2.0)
-    settings = dict(backbone=backbone, channels=channels, image_size=image_size, hidden_dim=16, embed_dim=8,
-                    queue_size=32, width=4, mean=list(MEAN[:channels]), std=list(STD[:channels]),
-                    dataset="folder:images", epochs=3)
+    settings = dict(
+        backbone=backbone,
+        channels=channels,
+        image_size=image_size,
+        hidden_dim=16,
+        embed_dim=8,
+        queue_size=32,
+        width=4,
+        mean=list(MEAN[:channels]),
+        std=list(STD[:channels]),
+        dataset="folder:images",
+        epochs=3,
+    )
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     save_checkpoint(path, tensors, {"settings": json.dumps(settings), "epoch": "3", "step": "30"})
     return path, model.eval(), settings
@@ -149,7 +167,9 @@ def test_export_does_not_touch_the_module(tmp_path):
     model = ReSSL("small", image_size=16, queue_size=16, width=4)
     model.train()
     before = copy.deepcopy(model.state_dict())
-    export_onnx(model, tmp_path / "m.onnx", weights="teacher", image_size=16, channels=3, mean=MEAN, std=STD)
+    export_onnx(
+        model, tmp_path / "m.onnx", weights="teacher", image_size=16, channels=3, mean=MEAN, std=STD
+    )
     assert model.training and model.student.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert read_model_info(tmp_path / "m.onnx").weights == "teacher"
@@ -161,7 +181,12 @@ def test_export_does_not_touch_the_module(tmp_path):
 def test_metadata_round_trip(small_onnx, checkpoint):
     path, _, settings = checkpoint
     info = read_model_info(small_onnx)
-    assert (info.backbone, info.image_size, info.channels, info.embedding_dim) == ("small", 16, 3, 32)
+    assert (info.backbone, info.image_size, info.channels, info.embedding_dim) == (
+        "small",
+        16,
+        3,
+        32,
+    )
     assert info.mean == pytest.approx(MEAN) and info.std == pytest.approx(STD)
     assert (info.weights, info.head, info.precision) == ("student", False, "fp32")
     assert info.source == "last.safetensors"
@@ -174,7 +199,9 @@ def test_metadata_round_trip(small_onnx, checkpoint):
     assert Embedder(small_onnx, device="cpu").info == info
     # and the graph itself
     proto = onnx.load(str(small_onnx))
-    assert [i.name for i in proto.graph.input] == ["images"] and [o.name for o in proto.graph.output] == ["embedding"]
+    assert [i.name for i in proto.graph.input] == ["images"] and [
+        o.name for o in proto.graph.output
+    ] == ["embedding"]
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, "height", "width"]
     d = describe_model(small_onnx)
@@ -188,9 +215,25 @@ def test_module_export_needs_its_input_described(tmp_path):
     with pytest.raises(ValueError, match="mean and std need 3 values"):
         export_onnx(net, tmp_path / "x.onnx", image_size=16, channels=3, mean=[0.5], std=[0.2])
     with pytest.raises(ValueError, match="head=True needs an Encoder"):
-        export_onnx(net.backbone, tmp_path / "x.onnx", head=True, image_size=16, channels=3, mean=MEAN, std=STD)
+        export_onnx(
+            net.backbone,
+            tmp_path / "x.onnx",
+            head=True,
+            image_size=16,
+            channels=3,
+            mean=MEAN,
+            std=STD,
+        )
     with pytest.raises(ValueError, match="leave weights unset"):
-        export_onnx(net, tmp_path / "x.onnx", weights="teacher", image_size=16, channels=3, mean=MEAN, std=STD)
+        export_onnx(
+            net,
+            tmp_path / "x.onnx",
+            weights="teacher",
+            image_size=16,
+            channels=3,
+            mean=MEAN,
+            std=STD,
+        )
     assert not list(tmp_path.iterdir())
 
 
@@ -249,7 +292,9 @@ def test_embedder_files_pil_and_arrays_agree(tmp_path, small_onnx, checkpoint):
     assert from_files.shape == (4, 32) and from_files.dtype == np.float32
     pil = [Image.open(p) for p in paths]
     np.testing.assert_array_equal(emb.embed(pil), from_files)
-    np.testing.assert_array_equal(np.concatenate([emb.embed(np.asarray(im)) for im in pil]), from_files)
+    np.testing.assert_array_equal(
+        np.concatenate([emb.embed(np.asarray(im)) for im in pil]), from_files
+    )
     # the preprocessing is the one ressl trains and evaluates folders with
     decoded = torch.stack([decode_image(p, 16) for p in paths]).float() / 255  # (4, 3, 16, 16)
     np.testing.assert_allclose(emb.embed(decoded.numpy()), from_files, atol=1e-6)
@@ -292,7 +337,9 @@ def test_bad_arrays_name_what_was_wrong(small_onnx):
     with pytest.raises(ValueError, match=r"3-channel images but a float array .*\(1 channels"):
         emb.embed(np.zeros((2, 1, 16, 16), np.float32))
     with pytest.raises(ValueError, match=r"values in \[0, 1\], got values in \[0, 255\]"):
-        emb.embed(np.full((1, 3, 16, 16), 255.0, np.float32) * np.linspace(0, 1, 16, dtype=np.float32))
+        emb.embed(
+            np.full((1, 3, 16, 16), 255.0, np.float32) * np.linspace(0, 1, 16, dtype=np.float32)
+        )
     with pytest.raises(TypeError, match="dtype int64"):
         emb.embed(np.zeros((16, 16, 3), np.int64))
     with pytest.raises(ValueError, match=r"\(N, H, W, C\), got shape"):
@@ -308,8 +355,14 @@ def test_bad_model_files(tmp_path, small_onnx):
     (tmp_path / "half.onnx").write_bytes(small_onnx.read_bytes()[:5000])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(torch.nn.Conv2d(3, 4, 3), (torch.zeros(1, 3, 8, 8),), str(tmp_path / "plain.onnx"),
-                          dynamo=False, input_names=["images"], output_names=["embedding"])
+        torch.onnx.export(
+            torch.nn.Conv2d(3, 4, 3),
+            (torch.zeros(1, 3, 8, 8),),
+            str(tmp_path / "plain.onnx"),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["embedding"],
+        )
     for name in ("notes.onnx", "half.onnx"):
         with pytest.raises(ValueError, match=f"{name} is not a valid ONNX"):
             Embedder(tmp_path / name)
@@ -376,7 +429,10 @@ def test_image_files(tmp_path):
     extra = tmp_path / "any.name"
     extra.write_bytes(b"")
     assert image_files([tmp_path / "a", extra, tmp_path / "a" / "1.png"]) == [
-        tmp_path / "a/1.png", tmp_path / "a/b/2.JPG", extra]
+        tmp_path / "a/1.png",
+        tmp_path / "a/b/2.JPG",
+        extra,
+    ]
     with pytest.raises(ValueError, match="empty: no image file"):
         image_files([tmp_path / "empty"])
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
@@ -387,11 +443,19 @@ def test_image_files(tmp_path):
 
 def test_embedding_file_round_trip_and_atomic_writes(tmp_path):
     emb = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
-    out = save_embeddings(tmp_path / "sub" / "e.npz", emb, ["a.png", "b.png", "c.png"], ["bad.png"],
-                          {"backbone": "small"})
+    out = save_embeddings(
+        tmp_path / "sub" / "e.npz",
+        emb,
+        ["a.png", "b.png", "c.png"],
+        ["bad.png"],
+        {"backbone": "small"},
+    )
     got, paths, extra = load_embeddings(out)
     np.testing.assert_array_equal(got, emb)
-    assert paths == ["a.png", "b.png", "c.png"] and extra == {"skipped": ["bad.png"], "model": {"backbone": "small"}}
+    assert paths == ["a.png", "b.png", "c.png"] and extra == {
+        "skipped": ["bad.png"],
+        "model": {"backbone": "small"},
+    }
     with pytest.raises(ValueError, match="3 paths"):
         save_embeddings(tmp_path / "x.npz", emb[:2], ["a", "b", "c"])
 

@@ -1,4 +1,4 @@
-"""``ressl export`` / ``ressl embed`` / ``ressl info MODEL.onnx``: a tiny train -> export -> embed round trip, bad input."""
+"""``ressl export`` / ``embed`` / ``info MODEL.onnx``: a tiny train -> export -> embed round trip, bad input."""
 
 from __future__ import annotations
 
@@ -20,10 +20,37 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) ->
     from ressl.cli.app import main as cli_main
 
     run = tmp_path_factory.mktemp("run") / "run"
-    args = ["train", "--dataset", f"folder:{image_folder}", "--backbone", "small", "--width", "4",
-            "--hidden-dim", "16", "--embed-dim", "8", "--image-size", "16", "--batch-size", "8",
-            "--queue-size", "32", "--epochs", "1", "--warmup-epochs", "1", "--knn-every", "1",
-            "--device", "cpu", "--num-workers", "0", "--out", str(run)]
+    args = [
+        "train",
+        "--dataset",
+        f"folder:{image_folder}",
+        "--backbone",
+        "small",
+        "--width",
+        "4",
+        "--hidden-dim",
+        "16",
+        "--embed-dim",
+        "8",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--queue-size",
+        "32",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "1",
+        "--knn-every",
+        "1",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--out",
+        str(run),
+    ]
     with pytest.raises(SystemExit) as exc:
         cli_main(args)
     assert exc.value.code == 0
@@ -34,7 +61,10 @@ def test_train_export_info_embed_round_trip(capsys, tmp_path, trained_run, image
     model = tmp_path / "models" / "encoder.onnx"
     code, out, err = run_cli(capsys, "export", trained_run, "-o", model, "--weights", "teacher")
     assert code == 0, err
-    assert out.splitlines()[0].startswith(f"wrote {model}") and "small teacher backbone features" in out
+    assert (
+        out.splitlines()[0].startswith(f"wrote {model}")
+        and "small teacher backbone features" in out
+    )
     assert "verified: onnx.checker ok" in out and "passed" in out
 
     code, out, err = run_cli(capsys, "info", model)
@@ -51,9 +81,14 @@ def test_train_export_info_embed_round_trip(capsys, tmp_path, trained_run, image
     expected = sorted(p for p in photos.rglob("*.png") if p.name != "broken.png")
     one_more = image_folder / "train" / "class_0" / "0.png"
     out_file = tmp_path / "emb.npz"
-    code, out, err = run_cli(capsys, "embed", model, photos, one_more, "-o", out_file, "--batch-size", "4")
+    code, out, err = run_cli(
+        capsys, "embed", model, photos, one_more, "-o", out_file, "--batch-size", "4"
+    )
     assert code == 0, err
-    assert f"wrote {out_file}: {len(expected) + 1} embeddings of dim 32" in out and "1 unreadable skipped" in out
+    assert (
+        f"wrote {out_file}: {len(expected) + 1} embeddings of dim 32" in out
+        and "1 unreadable skipped" in out
+    )
     assert "broken.png" in err and "Traceback" not in err
 
     emb, paths, extra = load_embeddings(out_file)
@@ -65,11 +100,20 @@ def test_train_export_info_embed_round_trip(capsys, tmp_path, trained_run, image
 
 
 def test_export_head_fp16_no_verify(capsys, tmp_path, trained_run):
-    code, out, err = run_cli(capsys, "export", trained_run / "last.safetensors", "-o", tmp_path / "h.onnx",
-                             "--head", "--fp16")
+    code, out, err = run_cli(
+        capsys,
+        "export",
+        trained_run / "last.safetensors",
+        "-o",
+        tmp_path / "h.onnx",
+        "--head",
+        "--fp16",
+    )
     assert code == 0, err
     assert "projection head" in out and "fp16" in out and "min cosine >= 0.999: passed" in out
-    code, out, err = run_cli(capsys, "export", trained_run, "-o", tmp_path / "n.onnx", "--no-verify")
+    code, out, err = run_cli(
+        capsys, "export", trained_run, "-o", tmp_path / "n.onnx", "--no-verify"
+    )
     assert code == 0 and "not verified" in out
 
 
@@ -81,23 +125,37 @@ def test_bad_input_is_one_line_and_leaves_nothing(capsys, tmp_path, trained_run,
     (tmp_path / "cut.onnx").write_bytes(good.read_bytes()[:4000])
     (tmp_path / "empty").mkdir()
     four = tmp_path / "four.onnx"  # a model whose input (4 channels) no image file can match
-    export_onnx(SmallCNN(4, width=4), four, image_size=16, channels=4, mean=[0.5] * 4, std=[0.25] * 4)
+    export_onnx(
+        SmallCNN(4, width=4), four, image_size=16, channels=4, mean=[0.5] * 4, std=[0.25] * 4
+    )
     before = sorted(p.name for p in tmp_path.iterdir())
     out = tmp_path / "out.npz"
     cases = [
-        (["embed", tmp_path / "notes.onnx", image_folder, "-o", out], "notes.onnx is not a valid ONNX model"),
-        (["embed", tmp_path / "cut.onnx", image_folder, "-o", out], "cut.onnx is not a valid ONNX model"),
+        (
+            ["embed", tmp_path / "notes.onnx", image_folder, "-o", out],
+            "notes.onnx is not a valid ONNX model",
+        ),
+        (
+            ["embed", tmp_path / "cut.onnx", image_folder, "-o", out],
+            "cut.onnx is not a valid ONNX model",
+        ),
         (["embed", four, image_folder, "-o", out], "4-channel input"),
         (["embed", good, tmp_path / "empty", "-o", out], "no image file in this folder"),
         (["embed", good, tmp_path / "missing", "-o", out], "missing: no such file or folder"),
         (["embed", good, tmp_path / "notes.txt", "-o", out], "none of the 1 files could be read"),
-        (["embed", good, image_folder, "-o", tmp_path / "notes.txt" / "out.npz"], "is not a folder"),
+        (
+            ["embed", good, image_folder, "-o", tmp_path / "notes.txt" / "out.npz"],
+            "is not a folder",
+        ),
         (["embed", good, image_folder, "-o", tmp_path / "out.npy"], "-o must name a .npz file"),
         (["embed", good, image_folder, "-o", out, "--batch-size", "0"], "batch_size must be >= 1"),
         (["embed", tmp_path / "absent.onnx", image_folder, "-o", out], "no such file"),
         (["info", tmp_path / "cut.onnx"], "cut.onnx is not a valid ONNX file"),
         (["info", tmp_path / "notes.onnx"], "notes.onnx is not a valid ONNX file"),
-        (["export", tmp_path / "notes.txt", "-o", tmp_path / "x.onnx"], "not a readable safetensors file"),
+        (
+            ["export", tmp_path / "notes.txt", "-o", tmp_path / "x.onnx"],
+            "not a readable safetensors file",
+        ),
         (["export", tmp_path / "nowhere", "-o", tmp_path / "x.onnx"], "no such file or folder"),
         (["export", trained_run, "-o", tmp_path / "notes.txt" / "x.onnx"], "is not a folder"),
         (["export", trained_run, "-o", tmp_path / "empty"], "is a folder"),
@@ -106,7 +164,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(capsys, tmp_path, trained_run,
     ]
     for args, needle in cases:
         code, _, err = run_cli(capsys, *args)
-        assert_one_line_error(code, err if "none of" not in needle else err.splitlines()[-1], needle)
+        assert_one_line_error(
+            code, err if "none of" not in needle else err.splitlines()[-1], needle
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temp files
     assert not list((tmp_path / "empty").iterdir())
 
@@ -114,8 +174,18 @@ def test_bad_input_is_one_line_and_leaves_nothing(capsys, tmp_path, trained_run,
 def test_embed_accepts_device_and_threads(capsys, tmp_path, trained_run, image_folder):
     model = tmp_path / "m.onnx"
     export_onnx(trained_run, model)
-    code, out, err = run_cli(capsys, "embed", model, image_folder / "test", "-o", tmp_path / "e.npz",
-                             "--device", "cpu", "--threads", "1")
+    code, out, err = run_cli(
+        capsys,
+        "embed",
+        model,
+        image_folder / "test",
+        "-o",
+        tmp_path / "e.npz",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    )
     assert code == 0, err
     assert "(CPU)" in out
     emb, paths, _ = load_embeddings(tmp_path / "e.npz")

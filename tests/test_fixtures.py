@@ -22,7 +22,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 RUN = FIXTURES / "v1-run"
 FINAL = FIXTURES / "v1-final.safetensors"
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not REAL_FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+needs_fmnist = pytest.mark.skipif(
+    not REAL_FMNIST.is_dir(), reason="dataset-fashion-mnist not installed"
+)
 
 
 @pytest.fixture
@@ -36,7 +38,11 @@ def test_v1_metadata_and_encoder_load():
     assert (meta["format"], meta["format_version"]) == ("ressl-checkpoint", "1")
     assert (meta["epoch"], meta["batch_in_epoch"], meta["step"]) == ("1", "1", "4")
     settings = json.loads(meta["settings"])
-    assert settings["backbone"] == "small" and settings["channels"] == 1 and settings["image_size"] == 28
+    assert (
+        settings["backbone"] == "small"
+        and settings["channels"] == 1
+        and settings["image_size"] == 28
+    )
     encoder, loaded = load_encoder(RUN, weights="teacher")
     with torch.no_grad():
         z = encoder(torch.zeros(2, 1, 28, 28))
@@ -54,7 +60,9 @@ def test_v1_info(capsys):
 
 
 def test_v1_exports_verified(capsys, tmp_path: Path):
-    code, out, err = run_cli(capsys, "export", RUN, "-o", tmp_path / "encoder.onnx", "--weights", "teacher")
+    code, out, err = run_cli(
+        capsys, "export", RUN, "-o", tmp_path / "encoder.onnx", "--weights", "teacher"
+    )
     assert code == 0, err
     assert "verified:" in out and (tmp_path / "encoder.onnx").stat().st_size > 0
 
@@ -74,7 +82,9 @@ def test_v1_resumes_to_where_the_old_release_ended(run_copy: Path):
     new, meta = load_checkpoint(path)
     old, old_meta = load_checkpoint(FINAL)
     assert (meta["epoch"], meta["batch_in_epoch"], meta["step"]) == ("2", "0", "6")
-    assert {k for k in new if not k.startswith("rng.")} == {k for k in old if not k.startswith("rng.")}
+    assert {k for k in new if not k.startswith("rng.")} == {
+        k for k in old if not k.startswith("rng.")
+    }
     for key, value in old.items():
         if not key.startswith("rng."):  # fp32 CPU run: equal up to kernel rounding on other CPUs
             torch.testing.assert_close(new[key], value, rtol=1e-4, atol=1e-5, msg=key)

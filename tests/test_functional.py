@@ -56,7 +56,9 @@ def test_relation_matches_softmax_and_log():
     z, q = unit(3, 5), unit(7, 5, seed=1)
     p = relation(z, q, 0.2)
     torch.testing.assert_close(p, torch.softmax(z @ q.T / 0.2, dim=1))
-    torch.testing.assert_close(relation(z, q, 0.2, log=True), torch.log_softmax(z @ q.T / 0.2, dim=1))
+    torch.testing.assert_close(
+        relation(z, q, 0.2, log=True), torch.log_softmax(z @ q.T / 0.2, dim=1)
+    )
     torch.testing.assert_close(p.sum(1), torch.ones(3))
 
 
@@ -131,10 +133,13 @@ def test_symmetric_loss_is_the_mean_of_its_crossed_halves():
     s_a, s_b, t_a, t_b = (unit(6, 8, seed=s) for s in (1, 2, 3, 4))
     q = unit(32, 8, seed=5)
     halves = 0.5 * (reference_loss(s_a, t_b, q, 0.1, 0.04) + reference_loss(s_b, t_a, q, 0.1, 0.04))
-    torch.testing.assert_close(symmetric_relation_loss((s_a, s_b), (t_a, t_b), q).double(), halves,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        symmetric_relation_loss((s_a, s_b), (t_a, t_b), q).double(), halves, rtol=1e-5, atol=1e-6
+    )
     # crossed, not matched: pairing a with a gives another value
-    matched = 0.5 * (reference_loss(s_a, t_a, q, 0.1, 0.04) + reference_loss(s_b, t_b, q, 0.1, 0.04))
+    matched = 0.5 * (
+        reference_loss(s_a, t_a, q, 0.1, 0.04) + reference_loss(s_b, t_b, q, 0.1, 0.04)
+    )
     assert not torch.isclose(halves, matched)
     with pytest.raises(ValueError, match="two crops per side"):
         symmetric_relation_loss((s_a,), (t_a, t_b), q)
@@ -232,7 +237,11 @@ def test_momentum_schedule():
 def test_cosine_lr_warmup_and_decay():
     lrs = [cosine_lr(s, 100, 1.0, warmup_steps=10) for s in range(101)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5) and lrs[100] == pytest.approx(0.0)
+    assert (
+        lrs[10] == pytest.approx(1.0)
+        and lrs[55] == pytest.approx(0.5)
+        and lrs[100] == pytest.approx(0.0)
+    )
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone after warm-up
     with pytest.raises(ValueError, match="warmup_steps"):
         cosine_lr(0, 10, 1.0, warmup_steps=11)

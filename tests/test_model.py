@@ -6,8 +6,13 @@ from ressl import BACKBONES, ProjectionHead, ReSSL, SmallCNN, build_backbone
 
 @pytest.mark.parametrize(
     "name,channels,size,dim",
-    [("small", 1, 28, 256), ("small", 3, 32, 256), ("resnet18", 3, 32, 512), ("resnet18", 1, 28, 512),
-     ("resnet18", 3, 96, 512)],
+    [
+        ("small", 1, 28, 256),
+        ("small", 3, 32, 256),
+        ("resnet18", 3, 32, 512),
+        ("resnet18", 1, 28, 512),
+        ("resnet18", 3, 96, 512),
+    ],
 )
 def test_backbone_feature_shapes(name, channels, size, dim):
     net = build_backbone(name, channels, size, width=32).eval()
@@ -39,7 +44,9 @@ def test_backbone_errors():
 
 
 def test_ressl_teacher_is_a_frozen_copy_and_embeddings_are_unit():
-    m = ReSSL("small", in_channels=1, image_size=28, hidden_dim=32, embed_dim=16, queue_size=64, width=8)
+    m = ReSSL(
+        "small", in_channels=1, image_size=28, hidden_dim=32, embed_dim=16, queue_size=64, width=8
+    )
     assert all(not p.requires_grad for p in m.teacher.parameters())
     for a, b in zip(m.student.parameters(), m.teacher.parameters()):
         assert torch.equal(a, b)
@@ -50,20 +57,27 @@ def test_ressl_teacher_is_a_frozen_copy_and_embeddings_are_unit():
 
 
 def test_queue_and_pointer_are_saved_with_the_weights():
-    m = ReSSL("small", in_channels=1, image_size=28, hidden_dim=8, embed_dim=4, queue_size=8, width=2)
+    m = ReSSL(
+        "small", in_channels=1, image_size=28, hidden_dim=8, embed_dim=4, queue_size=8, width=2
+    )
     keys = torch.eye(4)[:3]
     m.enqueue_(keys)
     state = m.state_dict()
     assert int(state["queue_ptr"]) == 3 and torch.equal(state["queue"][:3], keys)
-    m2 = ReSSL("small", in_channels=1, image_size=28, hidden_dim=8, embed_dim=4, queue_size=8, width=2)
+    m2 = ReSSL(
+        "small", in_channels=1, image_size=28, hidden_dim=8, embed_dim=4, queue_size=8, width=2
+    )
     m2.load_state_dict(state)
     assert torch.equal(m2.queue, m.queue) and int(m2.queue_ptr) == 3
 
 
 @pytest.mark.parametrize(
     "name,image_size,crops,dim",
-    [("small", 32, (32, 28, 24, 20, 16), 64), ("resnet18", 32, (32, 28, 24, 20, 16), 512),
-     ("resnet50", 224, (224, 192, 160, 128, 96), 2048)],
+    [
+        ("small", 32, (32, 28, 24, 20, 16), 64),
+        ("resnet18", 32, (32, 28, 24, 20, 16), 512),
+        ("resnet50", 224, (224, 192, 160, 128, 96), 2048),
+    ],
 )
 def test_every_multicrop_size_goes_through_the_backbone(name, image_size, crops, dim):
     net = build_backbone(name, 3, image_size, width=8).eval()

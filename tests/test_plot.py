@@ -16,9 +16,25 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, image_folder: Path) -> Path:
     run = tmp_path_factory.mktemp("plotrun") / "run"
-    train(dataset=f"folder:{image_folder}", backbone="small", width=4, hidden_dim=16, embed_dim=8, image_size=16,
-          batch_size=8, queue_size=32, epochs=3, warmup_epochs=1, knn_every=1, knn_k=5, device="cpu", seed=0,
-          num_workers=0, progress_every=1, out=str(run))
+    train(
+        dataset=f"folder:{image_folder}",
+        backbone="small",
+        width=4,
+        hidden_dim=16,
+        embed_dim=8,
+        image_size=16,
+        batch_size=8,
+        queue_size=32,
+        epochs=3,
+        warmup_epochs=1,
+        knn_every=1,
+        knn_k=5,
+        device="cpu",
+        seed=0,
+        num_workers=0,
+        progress_every=1,
+        out=str(run),
+    )
     return run
 
 
@@ -30,8 +46,19 @@ def assert_png(path: Path) -> None:
 def test_plot_writes_curves_and_tsne(capsys, tmp_path: Path, tiny_run: Path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "figures"
-    code, stdout, err = run_cli(capsys, "plot", tiny_run, "--out", out, "--tsne-points", "12", "--iterations", "100",
-                                "--device", "cpu")
+    code, stdout, err = run_cli(
+        capsys,
+        "plot",
+        tiny_run,
+        "--out",
+        out,
+        "--tsne-points",
+        "12",
+        "--iterations",
+        "100",
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     assert stdout.split() == [str(out / "curves.png"), str(out / "tsne.png")]
     assert_png(out / "curves.png")
@@ -50,8 +77,9 @@ def test_plot_without_checkpoint_or_tsne_draws_only_curves(capsys, tmp_path: Pat
     assert_png(run / "curves.png")
     # no kNN rows: two panels, still a figure
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if "knn" not in k}) + "\n"
-                                               for r in rows))
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if "knn" not in k}) + "\n" for r in rows)
+    )
     code, stdout, err = run_cli(capsys, "plot", run, "--no-tsne")
     assert code == 0 and stdout.split() == [str(run / "curves.png")] and err == ""
     assert_png(run / "curves.png")

@@ -32,7 +32,9 @@ def assert_same_state(a, b):
 def test_run_writes_checkpoint_and_metrics(tmp_path, tiny_settings):
     path = train(out=tmp_path / "run", **tiny_settings)
     assert path == tmp_path / "run" / "last.safetensors"
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["epoch"] for r in rows] == [1, 2]
     for r in rows:
         assert {"epoch", "step", "loss", "lr", "images_per_second", "knn_top1"} <= r.keys()
@@ -40,7 +42,9 @@ def test_run_writes_checkpoint_and_metrics(tmp_path, tiny_settings):
     assert rows[-1]["step"] == 2 * (36 // 8)
     _, meta = load_checkpoint(path)
     settings = json.loads(meta["settings"])
-    assert settings["queue_size"] == 32 and settings["channels"] == 3 and settings["image_size"] == 16
+    assert (
+        settings["queue_size"] == 32 and settings["channels"] == 3 and settings["image_size"] == 16
+    )
 
 
 def test_train_learns_colour_classes(tmp_path, tiny_settings):
@@ -94,13 +98,17 @@ def test_existing_run_is_never_overwritten(tmp_path, tiny_settings):
 
 
 def test_batch_larger_than_dataset(tmp_path, tiny_settings):
-    with pytest.raises(ValueError, match=r"batch_size 64 is larger than the training set \(36 images\)"):
+    with pytest.raises(
+        ValueError, match=r"batch_size 64 is larger than the training set \(36 images\)"
+    ):
         train(out=tmp_path / "run", **dict(tiny_settings, batch_size=64, queue_size=64))
 
 
 def test_resume_rejects_conflicting_settings_and_non_checkpoints(tmp_path, tiny_settings):
     train(out=tmp_path / "run", **dict(tiny_settings, epochs=1))
-    with pytest.raises(ValueError, match="queue_size=64 differs from the checkpoint's queue_size=32"):
+    with pytest.raises(
+        ValueError, match="queue_size=64 differs from the checkpoint's queue_size=32"
+    ):
         train(resume=tmp_path / "run", queue_size=64)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
@@ -110,11 +118,17 @@ def test_resume_rejects_conflicting_settings_and_non_checkpoints(tmp_path, tiny_
 
 @pytest.mark.parametrize(
     "key,value,message",
-    [("epochs", 0, "epochs must be an integer >= 1"), ("queue_size", 4, "queue_size must be >= batch_size"),
-     ("teacher_temperature", -0.1, "teacher_temperature must be a number > 0"),
-     ("crop_scale", (0.5, 0.2), "crop_scale must be two numbers"), ("dataset", "mnist", "dataset must be one of"),
-     ("backbone", "vit", "backbone must be one of"), ("ema_momentum", 1.5, "ema_momentum must be in"),
-     ("jitter", (0.4, 0.4, 0.4, 0.9), "jitter must be four numbers"), ("grayscale_p", -0.1, "grayscale_p must be")],
+    [
+        ("epochs", 0, "epochs must be an integer >= 1"),
+        ("queue_size", 4, "queue_size must be >= batch_size"),
+        ("teacher_temperature", -0.1, "teacher_temperature must be a number > 0"),
+        ("crop_scale", (0.5, 0.2), "crop_scale must be two numbers"),
+        ("dataset", "mnist", "dataset must be one of"),
+        ("backbone", "vit", "backbone must be one of"),
+        ("ema_momentum", 1.5, "ema_momentum must be in"),
+        ("jitter", (0.4, 0.4, 0.4, 0.9), "jitter must be four numbers"),
+        ("grayscale_p", -0.1, "grayscale_p must be"),
+    ],
 )
 def test_settings_validation(key, value, message):
     with pytest.raises(ValueError, match=message):
@@ -127,7 +141,11 @@ def test_per_dataset_defaults_follow_the_paper():
     stl = resolve_settings(dataset="stl10")
     assert (stl["queue_size"], stl["ema_momentum"]) == (16384, 0.996)
     fm = resolve_settings(dataset="fashion-mnist")
-    assert (fm["lr"], fm["warmup_epochs"], fm["queue_size"]) == (0.15, 1, 4096)  # tuned here, docs/results.md
+    assert (fm["lr"], fm["warmup_epochs"], fm["queue_size"]) == (
+        0.15,
+        1,
+        4096,
+    )  # tuned here, docs/results.md
     assert fm["jitter"] == (0.8, 0.8, 0.4, 0.1)
     assert resolve_settings(dataset="cifar10")["jitter"] == (0.4, 0.4, 0.4, 0.1)
     assert resolve_settings(dataset="cifar100")["warmup_epochs"] == 5
@@ -143,7 +161,9 @@ def test_streamed_folder_crops_in_workers_reproducibly(tmp_path, tiny_settings, 
     assert metrics(tmp_path / "a")[0]["loss"] > 0
 
 
-@pytest.mark.parametrize("extra", [dict(crops=(16, 12, 8)), dict(symmetric=True)], ids=["multicrop", "symmetric"])
+@pytest.mark.parametrize(
+    "extra", [dict(crops=(16, 12, 8)), dict(symmetric=True)], ids=["multicrop", "symmetric"]
+)
 def test_streamed_folder_multicrop_and_symmetric(tmp_path, tiny_settings, monkeypatch, extra):
     import sys
 
@@ -202,10 +222,29 @@ def test_strong_view_options_reach_the_augmentation(tmp_path, tiny_settings, mon
         return real(images, **kw)
 
     monkeypatch.setattr(train_module, "strong_view", spy)
-    train(out=tmp_path / "run", **dict(tiny_settings, epochs=1, jitter=(0.8, 0.8, 0.0, 0.0), jitter_p=1.0,
-                                       grayscale_p=0.0, blur=0.5, crop_scale=(0.3, 0.9)))
-    assert seen and all(k == {"jitter": (0.8, 0.8, 0.0, 0.0), "jitter_p": 1.0, "grayscale_p": 0.0,
-                              "blur_p": 0.5, "scale": (0.3, 0.9)} for k in seen)
+    train(
+        out=tmp_path / "run",
+        **dict(
+            tiny_settings,
+            epochs=1,
+            jitter=(0.8, 0.8, 0.0, 0.0),
+            jitter_p=1.0,
+            grayscale_p=0.0,
+            blur=0.5,
+            crop_scale=(0.3, 0.9),
+        ),
+    )
+    assert seen and all(
+        k
+        == {
+            "jitter": (0.8, 0.8, 0.0, 0.0),
+            "jitter_p": 1.0,
+            "grayscale_p": 0.0,
+            "blur_p": 0.5,
+            "scale": (0.3, 0.9),
+        }
+        for k in seen
+    )
 
 
 def test_multicrop_and_symmetric_runs_train_and_resume(tmp_path, tiny_settings):
@@ -251,7 +290,10 @@ def test_multicrop_student_sees_every_crop_size(tmp_path, tiny_settings, monkeyp
         (dict(symmetric=True, queue_size=12), "queue_size must be >= 2 x batch_size (16"),
         (dict(symmetric=True, crops=(16, 8)), "cannot be combined"),
         (dict(crops=(16, 4)), "crops must be"),
-        (dict(crops=(16, 8), crop_scales=((0.2, 1.0),)), "crop_scales must be one (lo, hi) range per crop"),
+        (
+            dict(crops=(16, 8), crop_scales=((0.2, 1.0),)),
+            "crop_scales must be one (lo, hi) range per crop",
+        ),
     ],
 )
 def test_crop_settings_validation(extra, message, tiny_settings):
@@ -266,10 +308,24 @@ def test_crop_larger_than_image_is_refused_at_start(tmp_path, tiny_settings):
 
 def test_imagenet_recipe_defaults():
     s = resolve_settings(dataset="imagenet:/data/imagenet")
-    expected = dict(backbone="resnet50", hidden_dim=4096, embed_dim=512, queue_size=131072, ema_momentum=0.999,
-                    lr=0.05, weight_decay=1e-4, warmup_epochs=5, epochs=200, blur=0.5,
-                    jitter=(0.4, 0.4, 0.4, 0.1), student_temperature=0.1, teacher_temperature=0.04,
-                    batch_size=256, crop_scale=(0.2, 1.0), sgd_momentum=0.9)
+    expected = dict(
+        backbone="resnet50",
+        hidden_dim=4096,
+        embed_dim=512,
+        queue_size=131072,
+        ema_momentum=0.999,
+        lr=0.05,
+        weight_decay=1e-4,
+        warmup_epochs=5,
+        epochs=200,
+        blur=0.5,
+        jitter=(0.4, 0.4, 0.4, 0.1),
+        student_temperature=0.1,
+        teacher_temperature=0.04,
+        batch_size=256,
+        crop_scale=(0.2, 1.0),
+        sgd_momentum=0.9,
+    )
     assert {k: s[k] for k in expected} == expected
     # a folder at 224 px or more is ImageNet-like; at the default 64 px it is not
     assert resolve_settings(dataset="folder:/x", image_size=224)["queue_size"] == 131072

@@ -176,9 +176,17 @@ def test_precropped_input_is_only_flipped_then_coloured(view, c):
 
 
 def test_multicrop_scales_are_the_papers():
-    paper = [(0.2, 1), (0.172, 0.86), (0.143, 0.715), (0.114, 0.571), (0.086, 0.429)]  # RESSL.md, ImageNet
+    paper = [
+        (0.2, 1),
+        (0.172, 0.86),
+        (0.143, 0.715),
+        (0.114, 0.571),
+        (0.086, 0.429),
+    ]  # RESSL.md, ImageNet
     got = multicrop_scales([224, 192, 160, 128, 96], 224, (0.2, 1.0))
-    assert [v for r in got for v in r] == pytest.approx([v for r in paper for v in r], abs=5e-3)  # paper rounds
+    assert [v for r in got for v in r] == pytest.approx(
+        [v for r in paper for v in r], abs=5e-3
+    )  # paper rounds
     assert multicrop_scales([32, 16], 32, (0.3, 0.9)) == [(0.3, 0.9), (0.15, 0.45)]
     with pytest.raises(ValueError, match=r"each crop size must be an int in \[1, 32\]"):
         multicrop_scales([48], 32)
