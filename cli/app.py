@@ -365,15 +365,13 @@ def _is_usage_error(e: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: run the app, turn user errors into one line and an exit status."""
-    from ressl.checkpoint import CheckpointError
-
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("ressl").setLevel(logging.WARNING)
     try:
         code = app(args=list(argv) if argv is not None else None, standalone_mode=False)
-    except (UserError, CheckpointError) as e:
+    except UserError as e:
         _die(str(e))
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         _die(str(e) or type(e).__name__)

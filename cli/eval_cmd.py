@@ -16,11 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
-import torch
 import typer
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported by the commands, not by ressl --help
+    import torch
+    from torch import Tensor
 
 eval_app = typer.Typer(
     name="eval",
@@ -121,6 +123,8 @@ def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
     )
     dataset = meta.get("dataset") or settings.get("dataset")
 
+    import torch
+
     def run(x: Tensor) -> Tensor:
         (y,) = session.run([out_name], {inp.name: x.detach().cpu().float().numpy()})
         return torch.from_numpy(y).to(x.device)
@@ -220,6 +224,8 @@ def _setup(
     data_root: Path | None,
     batch_size: int,
 ) -> tuple[FeatureSource, Any, torch.device, tuple[Tensor, ...], float]:
+    import torch
+
     dev = pick_device(device)
     if batch_size < 1:
         fail(f"--batch-size must be >= 1, got {batch_size}")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
+
+if TYPE_CHECKING:
+    import torch
 
 from .eval_cmd import (
     DataRootOpt,
@@ -144,6 +146,8 @@ def plot_cmd(
     seed: Annotated[int, typer.Option(help="Seed for the choice of t-SNE points.")] = 0,
 ) -> None:
     """Draw a run's curves (curves.png) and a t-SNE of test-set features coloured by class (tsne.png)."""
+    import torch
+
     from ressl.evaluate import extract_features
     from ressl.tsne import tsne as run_tsne
 

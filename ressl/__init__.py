@@ -4,20 +4,20 @@ Composable pure pieces (relation, sharpen, relation loss, queue and EMA
 updates, weak/strong views), a minimal trainer built from them, safetensors
 checkpoints, and evaluation protocols. ONNX export and serving live in
 ``ressl.export``; the command line in ``ressl.cli``.
+
+Every name below is imported on first use (PEP 562), so ``import ressl`` loads
+no PyTorch: the command line starts fast, and a serving machine without torch
+can still use ``ressl.export.Embedder``.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 
-try:
-    import torch as _torch  # noqa: F401  (the library needs it; serving with ressl.export does not)
-except (
-    ImportError
-):  # a serving machine: ressl.export.Embedder runs on onnxruntime, numpy and pillow
-    _HAVE_TORCH = False
-else:
-    _HAVE_TORCH = True
-
-if _HAVE_TORCH:
+if TYPE_CHECKING:
     from .checkpoint import (
         CheckpointError,
         load_checkpoint,
@@ -52,6 +52,45 @@ if _HAVE_TORCH:
     from .train import DATASET_DEFAULTS, TrainEvent, resolve_settings, train
     from .tsne import tsne
     from .views import multicrop_scales, random_resized_crop, strong_view, weak_view
+
+# public name -> the module that defines it
+_HOME: dict[str, str] = {
+    **dict.fromkeys(
+        ["sharpen", "relation", "relation_loss", "symmetric_relation_loss", "queue_push_"]
+        + ["ema_update_", "momentum_schedule", "cosine_lr", "random_queue"],
+        "functional",
+    ),
+    **dict.fromkeys(
+        ["weak_view", "strong_view", "random_resized_crop", "multicrop_scales"], "views"
+    ),
+    "CropPlan": "crops",
+    **dict.fromkeys(
+        [
+            "ImageData",
+            "ImageSource",
+            "TensorImages",
+            "FolderImages",
+            "load_dataset",
+            "dataset_names",
+        ],
+        "data",
+    ),
+    **dict.fromkeys(
+        ["BACKBONES", "SmallCNN", "ProjectionHead", "Encoder", "ReSSL", "build_backbone"], "model"
+    ),
+    **dict.fromkeys(["train", "resolve_settings", "TrainEvent", "DATASET_DEFAULTS"], "train"),
+    **dict.fromkeys(["training_step", "EncodeCrops"], "step"),
+    **dict.fromkeys(["CrossRankBatchNorm", "convert_batchnorm", "all_gather_cat"], "distributed"),
+    **dict.fromkeys(
+        ["extract_features", "split_features", "knn_predict", "knn_accuracy", "linear_probe"],
+        "evaluate",
+    ),
+    "tsne": "tsne",
+    **dict.fromkeys(
+        ["save_checkpoint", "load_checkpoint", "read_metadata", "load_encoder", "CheckpointError"],
+        "checkpoint",
+    ),
+}
 
 __all__ = [
     "__version__",
@@ -112,10 +151,23 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    if name in __all__ and not _HAVE_TORCH:
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'ressl' has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f".{home}", __name__)
+    except ImportError as e:
+        if "torch" not in f"{e.name} {e}":  # not torch (or torchvision) missing: a real bug
+            raise
         raise ImportError(
             f"ressl.{name} needs PyTorch, which is not installed here; pip install torch "
             "(serving embeddings with ressl.export.Embedder needs only onnxruntime, numpy and pillow)"
-        )
-    raise AttributeError(f"module 'ressl' has no attribute {name!r}")
+        ) from None
+    value = getattr(module, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,11 +1,14 @@
 import subprocess
 import sys
 
+import pytest
+
 import ressl
 
 
 def test_every_public_name_resolves():
     assert len(ressl.__all__) == len(set(ressl.__all__))
+    assert set(ressl.__all__) == {"__version__", *ressl._HOME}  # each lazy name is public
     for name in ressl.__all__:
         assert getattr(ressl, name) is not None, name
 
@@ -16,3 +19,32 @@ def test_core_import_stays_free_of_cli_and_onnx():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def _modules_after(code: str) -> set[str]:
+    """Top-level modules loaded by ``code`` in a fresh interpreter."""
+    probe = f"{code}\nimport sys; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split())
+
+
+def test_light_import_loads_no_torch_until_a_torch_name_is_used():
+    assert "torch" not in _modules_after("import ressl, ressl.export")
+    assert "torch" not in _modules_after("from ressl.export import Embedder")
+    assert "torch" in _modules_after("import ressl; ressl.relation_loss")
+
+
+def test_cli_help_loads_no_torch():
+    for args in (["--help"], ["train", "--help"], ["eval", "knn", "--help"], ["export", "--help"]):
+        code = (
+            f"from ressl.cli.app import main\ntry:\n    main({args!r})\nexcept SystemExit as e:\n"
+        )
+        code += "    assert not e.code"
+        assert "torch" not in _modules_after(code), args
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'frobnicate'"):
+        _ = ressl.frobnicate
+    assert "train" in dir(ressl)
