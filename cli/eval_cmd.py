@@ -14,11 +14,14 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+from ressl.runs import EVAL_LOG
+
+from .common import DeviceOpt, Weights, WeightsOpt, checkpoint_file, existing, fail
 
 if TYPE_CHECKING:  # torch is imported by the commands, not by ressl --help
     import torch
@@ -29,20 +32,6 @@ eval_app = typer.Typer(
     help="Evaluate a trained encoder on a dataset's train -> test split: weighted kNN or a linear probe.",
     no_args_is_help=True,
 )
-
-EVAL_LOG = "eval.jsonl"
-
-
-class Weights(str, Enum):
-    student = "student"
-    teacher = "teacher"
-
-
-def fail(message: str) -> NoReturn:
-    """Stop with a one-line user error (``ressl: error: ...``, exit status 2)."""
-    from .app import UserError  # imported here: app.py imports this module while it loads
-
-    raise UserError(message)
 
 
 @dataclass
@@ -64,15 +53,15 @@ class FeatureSource:
 def _checkpoint_source(path: Path, weights: str, device: torch.device) -> FeatureSource:
     from ressl.checkpoint import load_encoder, read_metadata
 
-    encoder, settings = load_encoder(path, weights=weights)
+    file = checkpoint_file(path)
+    encoder, settings = load_encoder(file, weights=weights)
     encoder.to(device).eval()
 
     def backbone(x: Tensor) -> Tensor:
         out: Tensor = encoder.features(x)  # type: ignore[operator]
         return out
 
-    meta = read_metadata(path)
-    file = path / "last.safetensors" if path.is_dir() else path
+    meta = read_metadata(file)
     return FeatureSource(
         fn=backbone, mean=tuple(settings["mean"]), std=tuple(settings["std"]),
         channels=int(settings["channels"]), image_size=int(settings["image_size"]),
@@ -153,8 +142,7 @@ def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
 
 def load_source(path: Path, weights: str, device: torch.device) -> FeatureSource:
     """A checkpoint file / run folder, or an ``.onnx`` model, as a :class:`FeatureSource`."""
-    if not path.exists():
-        fail(f"{path}: no such file or folder")
+    existing(path)
     if path.suffix.lower() == ".onnx" and path.is_file():
         return _onnx_source(path, device)
     return _checkpoint_source(path, weights, device)
@@ -265,10 +253,6 @@ DatasetOpt = Annotated[
         help="fashion-mnist, cifar10, cifar100, stl10 or folder:PATH (default: the checkpoint's)."
     ),
 ]
-WeightsOpt = Annotated[
-    Weights, typer.Option(help="Checkpoint weights: the student, or the EMA teacher.")
-]
-DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 DataRootOpt = Annotated[
     Path | None, typer.Option(help="Where datasets are looked for / downloaded.")
 ]

@@ -6,7 +6,6 @@ skipped-file notes to stderr.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from enum import Enum
@@ -17,12 +16,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .app import app, fail
-
-
-class Weights(str, Enum):
-    student = "student"
-    teacher = "teacher"
+from .common import Weights, fail
+from .info_cmd import size_text
 
 
 class Device(str, Enum):
@@ -31,11 +26,6 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
-@app.command("export")
 def export_cmd(
     checkpoint: Annotated[
         Path, typer.Argument(help="A ressl checkpoint (.safetensors) or run folder.")
@@ -67,7 +57,7 @@ def export_cmd(
     report = export_onnx(
         checkpoint, out, weights=weights.value, head=head, fp16=fp16, verify=verify, opset=opset
     )
-    typer.echo(f"wrote {report.path} ({_size(report.size_bytes)}): {report.info.describe()}")
+    typer.echo(f"wrote {report.path} ({size_text(report.size_bytes)}): {report.info.describe()}")
     typer.echo(
         f"verified: {report.verification.describe()}"
         if report.verification is not None
@@ -105,7 +95,6 @@ class _EmbedProgress:
         self.progress.update(self.task, completed=done, ips=f"{ips:,.0f}")
 
 
-@app.command("embed")
 def embed_cmd(
     model: Annotated[Path, typer.Argument(help="An ONNX encoder written by `ressl export`.")],
     paths: Annotated[
@@ -127,7 +116,9 @@ def embed_cmd(
     """Embed image files and folders with an exported encoder; write OUT.npz (see docs/export.md)."""
     from ressl.export.embedder import Embedder
     from ressl.export.images import image_files
-    from ressl.export.outputs import check_writable, save_embeddings
+    from ressl.export.outputs import save_embeddings
+
+    from ressl.atomic import check_writable
 
     if out.suffix.lower() != ".npz":
         fail(
@@ -156,60 +147,3 @@ def embed_cmd(
         f"wrote {out}: {len(result.paths)} embeddings of dim {result.embeddings.shape[1]} "
         f"({embedder.provider.removesuffix('ExecutionProvider')}{skipped})"
     )
-
-
-def onnx_info(path: Path, as_json: bool) -> str:
-    """What ``ressl info`` prints for an exported ONNX file."""
-    from ressl.export.modelfile import describe_model
-
-    d = describe_model(path)
-    info = d["info"]
-    meta = d["metadata"]
-    if as_json:
-        plain = {k: v for k, v in meta.items() if k not in ("settings", "verification")}
-        return json.dumps(
-            {
-                "file": d["file"],
-                "size_bytes": d["size_bytes"],
-                "opset": d["opset"],
-                "producer": d["producer"],
-                "inputs": d["inputs"],
-                "outputs": d["outputs"],
-                "metadata": plain,
-                "verification": json.loads(meta.get("verification") or "null"),
-                "settings": info.settings,
-            },
-            indent=2,
-        )
-
-    def sig(v: dict[str, Any]) -> str:
-        return f"{v['name']} {v['dtype']} ({', '.join(map(str, v['shape']))})"
-
-    mode = {1: "grey", 3: "RGB"}.get(info.channels, f"{info.channels}-channel")
-    lines = [
-        f"onnx encoder   {path} ({_size(d['size_bytes'])}, opset {d['opset']}, ressl {info.ressl_version})",
-        f"computes       {info.describe()}",
-        f"input          {sig(d['inputs'][0])}, values in [0, 1]; served at {info.image_size}x{info.image_size}"
-        + (" (any size accepted)" if info.dynamic_spatial else ""),
-        f"preprocess     {mode}; {meta.get('preprocess', '')}",
-        f"normalise      mean {list(info.mean)} std {list(info.std)} (inside the graph)",
-        f"output         {sig(d['outputs'][0])}, L2-normalised",
-    ]
-    if info.source:
-        progress = (
-            f", epoch {meta['epoch']} step {meta['step']}"
-            if "epoch" in meta and "step" in meta
-            else ""
-        )
-        lines.append(f"source         {info.source} (sha256 {info.source_sha256}{progress})")
-    if meta.get("verification"):
-        v = json.loads(meta["verification"])
-        lines.append(
-            f"verified       max |diff| {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.6f} "
-            f"({v['criterion']})"
-        )
-    if info.settings:
-        lines.append("settings")
-        width = max(len(k) for k in info.settings)
-        lines += [f"  {k:<{width}}  {json.dumps(v)}" for k, v in info.settings.items()]
-    return "\n".join(lines)

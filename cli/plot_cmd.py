@@ -16,22 +16,16 @@ import typer
 if TYPE_CHECKING:
     import torch
 
-from .eval_cmd import (
-    DataRootOpt,
-    DeviceOpt,
-    Weights,
-    WeightsOpt,
-    fail,
-    load_eval_data,
-    load_source,
-    pick_device,
-)
+from ressl.runs import CHECKPOINT, METRICS
 
-METRICS = "metrics.jsonl"
+from .common import DeviceOpt, Weights, WeightsOpt, fail
+from .eval_cmd import DataRootOpt, load_eval_data, load_source, pick_device
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The per-epoch rows of a run folder's ``metrics.jsonl``; one-line errors for anything else."""
+    from ressl import runs
+
     if not run_dir.exists():
         fail(f"{run_dir}: no such folder")
     if not run_dir.is_dir():
@@ -41,19 +35,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         fail(
             f"{run_dir} has no {METRICS}: not a ressl run folder (ressl train --out RUN_DIR writes one)"
         )
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            fail(f"{path} line {number} is not JSON")
-        if not isinstance(row, dict) or "epoch" not in row:
-            fail(f"{path} line {number} has no 'epoch' field")
-        rows.append(row)
+    rows = runs.read_metrics(path)
     if not rows:
         fail(f"{path} is empty: the run has not finished an epoch yet")
+    if any("epoch" not in row for row in rows):
+        fail(f"{path} has a row without an 'epoch' field")
     return rows
 
 
@@ -158,7 +144,7 @@ def plot_cmd(
     plt = _pyplot()
     out = out or run_dir
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = run_dir / "last.safetensors"
+    checkpoint = run_dir / CHECKPOINT
     settings: dict[str, Any] = {}
     if checkpoint.is_file():
         from ressl.checkpoint import read_metadata
@@ -178,7 +164,7 @@ def plot_cmd(
     if not tsne:
         return
     if not checkpoint.is_file():
-        typer.echo(f"no t-SNE: {run_dir} has no last.safetensors", err=True)
+        typer.echo(f"no t-SNE: {run_dir} has no {CHECKPOINT}", err=True)
         return
     source = load_source(checkpoint, weights.value, dev)
     data = load_eval_data(source, dataset, data_root)

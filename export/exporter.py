@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ressl._version import __version__
+from ressl.atomic import check_writable, write_atomic
 from ressl.checkpoint import load_encoder, read_metadata
 from ressl.model import Encoder, ReSSL
+from ressl.runs import resolve_checkpoint
 
 from .embedder import open_session
 from .metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
-from .outputs import check_writable, write_atomic
 
 __all__ = [
     "ExportError",
@@ -161,13 +162,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _resolve_checkpoint(path: Path) -> Path:
-    file = path / "last.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file or run folder")
-    return file
-
-
 def _pick_net(encoder: nn.Module, head: bool) -> nn.Module:
     if isinstance(encoder, Encoder):
         return nn.Sequential(encoder.backbone, encoder.head) if head else encoder.backbone
@@ -182,7 +176,7 @@ def _pick_net(encoder: nn.Module, head: bool) -> nn.Module:
 def _from_checkpoint(
     path: Path, weights: str, head: bool
 ) -> tuple[nn.Module, dict[str, Any], dict[str, str]]:
-    file = _resolve_checkpoint(path)
+    file = resolve_checkpoint(path)
     sha = _sha256(file)
     encoder, settings = load_encoder(file, weights)
     meta = read_metadata(file)
@@ -475,7 +469,7 @@ def export_onnx(
     for key, value in sorted(info.to_metadata().items()):
         proto.metadata_props.add(key=key, value=value)
     data = proto.SerializeToString()
-    write_atomic(out, lambda f: f.write(data))
+    write_atomic(out, data, "ONNX file")
     return ExportReport(
         out, ModelInfo.from_metadata(info.to_metadata(), str(out)), len(data), verification
     )

@@ -1,4 +1,4 @@
-"""Writing outputs atomically (ONNX files, embedding files) and the embedding file format.
+"""The embedding file format, written atomically (``ressl.atomic``).
 
 An embedding file is a numpy ``.npz`` archive, readable with
 ``np.load(path)`` (no pickle):
@@ -13,63 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-__all__ = ["check_writable", "write_atomic", "save_embeddings", "load_embeddings"]
+from ressl.atomic import write_atomic  # torch-free
 
-
-def check_writable(path: str | os.PathLike[str], what: str = "output") -> Path:
-    """Fail early, before any work, when ``path`` cannot be written.
-
-    Missing parent folders are fine (they are created on writing).
-
-    Raises:
-        ValueError: ``path`` is a folder, or a parent is a file, or the folder is not writable.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{what} {path} is a folder; name a file")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"cannot write {what} {path}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {what} {path}: folder {parent} is not writable")
-    return path
-
-
-def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
-    """Write a file through ``write(f)`` to a temporary name beside ``path``, then rename it over ``path``.
-
-    A crash or Ctrl-C leaves the old file or none, never a half-written one.
-    Parent folders are created.
-    """
-    path = check_writable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+__all__ = ["save_embeddings", "load_embeddings"]
 
 
 def save_embeddings(
@@ -101,7 +53,7 @@ def save_embeddings(
         "skipped": np.array(list(skipped), dtype=np.str_).reshape(len(skipped)),
         "model": np.array(json.dumps(dict(model or {}), sort_keys=True)),
     }
-    return write_atomic(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
+    return write_atomic(path, lambda f: np.savez(f, **arrays), "embedding file")  # type: ignore[arg-type]
 
 
 def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str], dict[str, Any]]:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         read_metadata,
         save_checkpoint,
     )
+    from .config import ConfigError, TrainConfig
     from .crops import CropPlan
     from .data import (
         FolderImages,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
         dataset_names,
         load_dataset,
     )
+    from .datasets import DATASETS, DatasetInfo
     from .distributed import CrossRankBatchNorm, all_gather_cat, convert_batchnorm
     from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe, split_features
     from .functional import (
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
     )
     from .model import BACKBONES, Encoder, ProjectionHead, ReSSL, SmallCNN, build_backbone
     from .step import EncodeCrops, training_step
-    from .train import DATASET_DEFAULTS, TrainEvent, resolve_settings, train
+    from .train import TrainEvent, train
     from .tsne import tsne
     from .views import multicrop_scales, random_resized_crop, strong_view, weak_view
 
@@ -78,7 +80,9 @@ _HOME: dict[str, str] = {
     **dict.fromkeys(
         ["BACKBONES", "SmallCNN", "ProjectionHead", "Encoder", "ReSSL", "build_backbone"], "model"
     ),
-    **dict.fromkeys(["train", "resolve_settings", "TrainEvent", "DATASET_DEFAULTS"], "train"),
+    **dict.fromkeys(["train", "TrainEvent"], "train"),
+    **dict.fromkeys(["TrainConfig", "ConfigError"], "config"),
+    **dict.fromkeys(["DATASETS", "DatasetInfo"], "datasets"),
     **dict.fromkeys(["training_step", "EncodeCrops"], "step"),
     **dict.fromkeys(["CrossRankBatchNorm", "convert_batchnorm", "all_gather_cat"], "distributed"),
     **dict.fromkeys(
@@ -126,15 +130,17 @@ __all__ = [
     "build_backbone",
     # training
     "train",
+    "TrainConfig",
+    "ConfigError",
+    "DATASETS",
+    "DatasetInfo",
     "training_step",
     "EncodeCrops",
     # distributed
     "CrossRankBatchNorm",
     "convert_batchnorm",
     "all_gather_cat",
-    "resolve_settings",
     "TrainEvent",
-    "DATASET_DEFAULTS",
     # evaluation
     "extract_features",
     "split_features",

@@ -9,8 +9,6 @@ settings as JSON, and the epoch/step counters.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,8 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from ._version import __version__
+from .atomic import write_atomic
+from .runs import CheckpointError, resolve_checkpoint
 
 __all__ = [
     "FORMAT",
@@ -33,14 +33,11 @@ __all__ = [
     "optimizer_tensors",
     "load_optimizer_tensors",
     "load_encoder",
+    "resolve_checkpoint",
 ]
 
 FORMAT = "ressl-checkpoint"
 FORMAT_VERSION = "1"
-
-
-class CheckpointError(ValueError):
-    """A file is missing, not a safetensors file, or not a ressl checkpoint."""
 
 
 def save_checkpoint(
@@ -61,30 +58,10 @@ def save_checkpoint(
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {str(k): str(v) for k, v in metadata.items()}
     meta.update(format=FORMAT, format_version=FORMAT_VERSION, ressl_version=__version__)
     payload = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
+    return write_atomic(path, payload, "checkpoint")
 
 
 def _check_meta(path: Path, meta: Mapping[str, str] | None) -> dict[str, str]:
@@ -101,22 +78,13 @@ def _check_meta(path: Path, meta: Mapping[str, str] | None) -> dict[str, str]:
     return meta
 
 
-def _resolve(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "last.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    return path
-
-
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The metadata of a ressl checkpoint (a file, or a run folder's ``last.safetensors``).
 
     Raises:
         CheckpointError: if the file is missing, not safetensors, or not a ressl checkpoint.
     """
-    path = _resolve(path)
+    path = resolve_checkpoint(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return _check_meta(path, f.metadata())
@@ -136,7 +104,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
     Raises:
         CheckpointError: if the file is missing, not safetensors, or not a ressl checkpoint.
     """
-    path = _resolve(path)
+    path = resolve_checkpoint(path)
     meta = read_metadata(path)
     try:
         tensors = st_load(path.read_bytes())

@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .config import ConfigError
 from .views import multicrop_scales, resized_crop, sample_crop_boxes, strong_view, weak_view
 
 __all__ = ["CropPlan"]
@@ -74,18 +75,20 @@ class CropPlan:
         sides = list(crops) if crops else [image_size]
         for side in sides:
             if not isinstance(side, int) or isinstance(side, bool) or not 8 <= side <= image_size:
-                raise ValueError(
-                    f"crops must be sides in [8, {image_size}] (the image size), e.g. "
-                    f"{_example(image_size)}; got {list(sides)}"
+                raise ConfigError(
+                    f"{{crops}} must be sides in [8, {image_size}] (the image size), e.g. "
+                    f"{_example(image_size)}; got {list(sides)}",
+                    "crops",
                 )
         if crop_scales is None:
             scales = multicrop_scales(sides, image_size, crop_scale)
         else:
             scales = [(float(lo), float(hi)) for lo, hi in crop_scales]
             if len(scales) != len(sides):
-                raise ValueError(
-                    f"crop_scales needs one (lo, hi) range per crop: {len(sides)} crop(s) {sides}, "
-                    f"got {len(scales)} range(s)"
+                raise ConfigError(
+                    f"{{crop_scales}} needs one (lo, hi) range per crop: {len(sides)} crop(s) "
+                    f"{sides}, got {len(scales)} range(s)",
+                    "crop_scales",
                 )
         full = (image_size, (float(crop_scale[0]), float(crop_scale[1])))
         student = tuple(zip(sides, scales))

@@ -9,11 +9,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from .config import BACKBONES
 from .functional import queue_push_, random_queue
 
 __all__ = ["BACKBONES", "SmallCNN", "ProjectionHead", "Encoder", "ReSSL", "build_backbone"]
-
-BACKBONES = ("small", "resnet18", "resnet50")
 
 
 class SmallCNN(nn.Module):

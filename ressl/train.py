@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -27,8 +26,10 @@ from .checkpoint import (
     load_checkpoint,
     load_optimizer_tensors,
     optimizer_tensors,
+    resolve_checkpoint,
     save_checkpoint,
 )
+from .config import ConfigError, TrainConfig
 from .crops import CropPlan
 from .data import FolderImages, ImageData, ImageSource, load_dataset, source_part
 from .distributed import (
@@ -41,104 +42,13 @@ from .distributed import (
 )
 from .evaluate import extract_features, knn_accuracy
 from .functional import cosine_lr, momentum_schedule
-from .model import BACKBONES, ReSSL
+from .model import ReSSL
+from .runs import CHECKPOINT, METRICS, read_metrics, write_metrics
 from .step import EncodeCrops, training_step
 
-__all__ = ["train", "resolve_settings", "DATASET_DEFAULTS", "TrainEvent", "select_device"]
+__all__ = ["train", "TrainEvent", "select_device"]
 
 log = logging.getLogger("ressl")
-
-# Per-dataset recipe (RESSL.md; Fashion-MNIST tuned here, see docs/results.md).
-# Fashion-MNIST is not in the paper: lr 0.15, 1 warm-up epoch and stronger brightness /
-# contrast jitter (the only colour ops that act on grayscale) won a search over crop
-# scale, lr, queue size, tau_t, blur and jitter (docs/results.md); the rest is the CIFAR recipe.
-_PAPER = {
-    "lr": 0.06,
-    "weight_decay": 5e-4,
-    "warmup_epochs": 5,
-    "epochs": 200,
-    "jitter": (0.4, 0.4, 0.4, 0.1),
-    "backbone": "resnet18",
-    "hidden_dim": 512,
-    "embed_dim": 128,
-    "blur": 0.0,
-}
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "fashion-mnist": {
-        **_PAPER,
-        "queue_size": 4096,
-        "ema_momentum": 0.99,
-        "lr": 0.15,
-        "warmup_epochs": 1,
-        "epochs": 50,
-        "jitter": (0.8, 0.8, 0.4, 0.1),
-    },
-    "cifar10": {**_PAPER, "queue_size": 4096, "ema_momentum": 0.99},
-    "cifar100": {**_PAPER, "queue_size": 4096, "ema_momentum": 0.99},
-    "stl10": {**_PAPER, "queue_size": 16384, "ema_momentum": 0.996},
-    "folder": {**_PAPER, "queue_size": 16384, "ema_momentum": 0.996},
-    # The paper's ImageNet recipe: for imagenet:PATH, and folders at 224 px or more.
-    "imagenet": {
-        "backbone": "resnet50",
-        "hidden_dim": 4096,
-        "embed_dim": 512,
-        "queue_size": 131072,
-        "ema_momentum": 0.999,
-        "lr": 0.05,
-        "weight_decay": 1e-4,
-        "warmup_epochs": 5,
-        "epochs": 200,
-        "jitter": (0.4, 0.4, 0.4, 0.1),
-        "blur": 0.5,
-    },
-}
-#: Folder data at this side or more is ImageNet-like and gets the "imagenet" recipe.
-IMAGENET_LIKE_SIZE = 224
-
-# Settings a resumed run may change; everything else comes from the checkpoint.
-_RESUMABLE_OVERRIDES = ("epochs", "device", "num_workers", "progress_every", "knn_every")
-
-_DEFAULTS: dict[str, Any] = dict(
-    dataset="fashion-mnist",
-    data_root=None,
-    out=None,
-    epochs=None,
-    batch_size=256,
-    backbone=None,
-    width=32,
-    hidden_dim=None,
-    embed_dim=None,
-    queue_size=None,
-    ema_momentum=None,
-    momentum_schedule="constant",
-    student_temperature=0.1,
-    teacher_temperature=0.04,
-    lr=None,
-    weight_decay=None,
-    sgd_momentum=0.9,
-    warmup_epochs=None,
-    crop_scale=(0.2, 1.0),
-    crops=None,
-    crop_scales=None,
-    symmetric=False,
-    teacher_view="weak",
-    jitter=None,
-    jitter_p=0.8,
-    grayscale_p=0.2,
-    blur=None,
-    image_size=None,
-    subset=None,
-    knn_every=5,
-    knn_k=200,
-    knn_temperature=0.1,
-    device="auto",
-    precision="auto",
-    channels_last=True,
-    seed=0,
-    num_workers=4,
-    progress_every=10,
-    download=True,
-)
 
 
 @dataclass
@@ -189,182 +99,6 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             f"precision 'bf16' is not supported on this {device.type}; use --precision fp32"
         )
     return torch.bfloat16 if supported else None
-
-
-def _family(dataset: str, image_size: int | None = None) -> str:
-    """The ``DATASET_DEFAULTS`` entry of a dataset spec."""
-    kind = dataset.split(":", 1)[0].lower() if ":" in dataset else dataset
-    if kind == "imagenet" or (kind == "folder" and (image_size or 0) >= IMAGENET_LIKE_SIZE):
-        return "imagenet"
-    return kind
-
-
-def _check(name: str, ok: bool, expect: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {expect}, got {value!r}")
-
-
-def resolve_settings(**overrides: Any) -> dict[str, Any]:
-    """Fill the per-dataset defaults into a set of training settings and validate them.
-
-    Args:
-        **overrides: any keyword of ``train``; ``None`` means "default".
-
-    Returns:
-        The complete settings dict (JSON-serialisable).
-
-    Raises:
-        ValueError: naming any setting whose value is out of range.
-    """
-    unknown = set(overrides) - set(_DEFAULTS)
-    if unknown:
-        raise ValueError(
-            f"unknown setting(s): {', '.join(sorted(unknown))}; valid: {', '.join(_DEFAULTS)}"
-        )
-    s = dict(_DEFAULTS)
-    s.update({k: v for k, v in overrides.items() if v is not None})
-    fam = _family(str(s["dataset"]), s["image_size"] if isinstance(s["image_size"], int) else None)
-    if fam not in DATASET_DEFAULTS or (
-        fam in ("folder", "imagenet") and ":" not in str(s["dataset"])
-    ):
-        raise ValueError(
-            f"dataset must be one of {', '.join(k for k in DATASET_DEFAULTS if k not in ('folder', 'imagenet'))}, "
-            f"folder:PATH or imagenet:PATH, got {s['dataset']!r}"
-        )
-    for key, value in DATASET_DEFAULTS[fam].items():
-        if s.get(key) is None:
-            s[key] = value
-    s["crop_scale"] = tuple(float(v) for v in s["crop_scale"])
-    s["jitter"] = tuple(float(v) for v in s["jitter"])
-    _check(
-        "epochs", isinstance(s["epochs"], int) and s["epochs"] >= 1, "an integer >= 1", s["epochs"]
-    )
-    _check(
-        "batch_size",
-        isinstance(s["batch_size"], int) and s["batch_size"] >= 2,
-        "an integer >= 2",
-        s["batch_size"],
-    )
-    _check("backbone", s["backbone"] in BACKBONES, f"one of {', '.join(BACKBONES)}", s["backbone"])
-    for key in ("width", "hidden_dim", "embed_dim", "queue_size", "knn_k", "progress_every"):
-        _check(key, isinstance(s[key], int) and s[key] >= 1, "an integer >= 1", s[key])
-    _check(
-        "knn_every",
-        isinstance(s["knn_every"], int) and s["knn_every"] >= -1,
-        "an integer >= -1 (0: only at the end, -1: never)",
-        s["knn_every"],
-    )
-    _check("symmetric", isinstance(s["symmetric"], bool), "True or False", s["symmetric"])
-    per_step = s["batch_size"] * (
-        2 if s["symmetric"] else 1
-    )  # teacher embeddings enqueued per step
-    _check(
-        "queue_size",
-        s["queue_size"] >= per_step,
-        f">= 2 x batch_size ({per_step}: symmetric enqueues both crops' teacher embeddings)"
-        if s["symmetric"]
-        else f">= batch_size ({per_step})",
-        s["queue_size"],
-    )
-    _check("ema_momentum", 0.0 <= s["ema_momentum"] <= 1.0, "in [0, 1]", s["ema_momentum"])
-    _check(
-        "momentum_schedule",
-        s["momentum_schedule"] in ("constant", "cosine"),
-        "'constant' or 'cosine'",
-        s["momentum_schedule"],
-    )
-    for key in ("student_temperature", "teacher_temperature", "knn_temperature"):
-        _check(
-            key, isinstance(s[key], (int, float)) and 0 < s[key] < math.inf, "a number > 0", s[key]
-        )
-    _check("lr", 0 < s["lr"] < math.inf, "a number > 0", s["lr"])
-    _check("weight_decay", 0 <= s["weight_decay"] < math.inf, "a number >= 0", s["weight_decay"])
-    _check("sgd_momentum", 0 <= s["sgd_momentum"] < 1, "in [0, 1)", s["sgd_momentum"])
-    _check(
-        "warmup_epochs",
-        isinstance(s["warmup_epochs"], int) and 0 <= s["warmup_epochs"],
-        "an integer >= 0",
-        s["warmup_epochs"],
-    )
-    lo, hi = s["crop_scale"] if len(s["crop_scale"]) == 2 else (-1.0, -1.0)
-    _check(
-        "crop_scale",
-        len(s["crop_scale"]) == 2 and 0 < lo <= hi <= 1,
-        "two numbers 0 < lo <= hi <= 1",
-        s["crop_scale"],
-    )
-    _check(
-        "teacher_view",
-        s["teacher_view"] in ("weak", "strong"),
-        "'weak' or 'strong'",
-        s["teacher_view"],
-    )
-    if s["crops"] is not None:
-        s["crops"] = tuple(s["crops"])
-        _check(
-            "crops",
-            len(s["crops"]) >= 1 and all(isinstance(v, int) and v >= 8 for v in s["crops"]),
-            "crop sides >= 8 like (32, 28, 24, 20, 16)",
-            s["crops"],
-        )
-    if s["crop_scales"] is not None:
-        s["crop_scales"] = tuple(tuple(float(v) for v in r) for r in s["crop_scales"])
-        _check(
-            "crop_scales",
-            s["crops"] is not None and len(s["crop_scales"]) == len(s["crops"]),
-            "one (lo, hi) range per crop in crops",
-            s["crop_scales"],
-        )
-        _check(
-            "crop_scales",
-            all(len(r) == 2 and 0 < r[0] <= r[1] <= 1 for r in s["crop_scales"]),
-            "(lo, hi) ranges with 0 < lo <= hi <= 1",
-            s["crop_scales"],
-        )
-    if s["symmetric"] and s["crops"] is not None and len(s["crops"]) > 1:
-        raise ValueError(
-            "symmetric (2x backprop) and multi-crop cannot be combined; drop crops or symmetric"
-        )
-    _check(
-        "jitter",
-        len(s["jitter"]) == 4
-        and all(0 <= v < math.inf for v in s["jitter"])
-        and s["jitter"][3] <= 0.5,
-        "four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)",
-        s["jitter"],
-    )
-    for key in ("jitter_p", "grayscale_p", "blur"):
-        _check(key, 0 <= s[key] <= 1, "a probability in [0, 1]", s[key])
-    _check(
-        "precision",
-        s["precision"] in ("auto", "bf16", "fp32"),
-        "'auto', 'bf16' or 'fp32'",
-        s["precision"],
-    )
-    if s["subset"] is not None:
-        _check(
-            "subset",
-            isinstance(s["subset"], int) and s["subset"] >= 1,
-            "an integer >= 1",
-            s["subset"],
-        )
-    if s["image_size"] is not None:
-        _check(
-            "image_size",
-            isinstance(s["image_size"], int) and s["image_size"] >= 8,
-            "an integer >= 8",
-            s["image_size"],
-        )
-    _check(
-        "num_workers",
-        isinstance(s["num_workers"], int) and s["num_workers"] >= 0,
-        "an integer >= 0",
-        s["num_workers"],
-    )
-    for key in ("data_root", "out"):
-        if s[key] is not None:
-            s[key] = str(s[key])
-    return s
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -460,52 +194,23 @@ def _rng_tensors(view_gen: torch.Generator, world: World) -> dict[str, Tensor]:
     return out
 
 
-def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row.get("epoch", 0) <= upto_epoch:
-                rows.append(row)
-    return rows
-
-
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-
-
-def _resume_settings(
+def _resume_config(
     resume: str | Path, given: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str], Path]:
-    path = Path(resume)
-    file = path / "last.safetensors" if path.is_dir() else path
-    if not file.exists():
-        raise CheckpointError(f"nothing to resume at {path}: no checkpoint file there")
+) -> tuple[TrainConfig, dict[str, Tensor], dict[str, str], Path]:
+    file = resolve_checkpoint(resume)
     tensors, meta = load_checkpoint(file)
-    settings = json.loads(meta["settings"])
-    for key, value in given.items():
-        if value is None or key in _RESUMABLE_OVERRIDES or key in ("out", "progress"):
-            continue
-        saved = settings.get(key)
-        if json.loads(json.dumps(saved)) != json.loads(json.dumps(value, default=str)) and not (
-            key == "data_root" and str(value) == str(saved)
-        ):
-            raise ValueError(
-                f"--resume continues a run with its saved settings, but {key}={value!r} differs from the "
-                f"checkpoint's {key}={saved!r}; drop the option or start a new run"
-            )
-    for key in _RESUMABLE_OVERRIDES:
-        if given.get(key) is not None:
-            settings[key] = given[key]
-    settings["out"] = str(file.parent)
-    return settings, tensors, meta, file.parent
+    try:
+        saved = json.loads(meta["settings"])
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{file} holds no training settings; it cannot be resumed") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{file}: its settings are not a JSON object; it cannot be resumed")
+    config = TrainConfig.from_saved(saved).resumed(given).replace(out=str(file.parent))
+    return config, tensors, meta, file.parent
 
 
 def train(
+    config: TrainConfig | None = None,
     *,
     resume: str | Path | None = None,
     callback: Callable[[TrainEvent], None] | None = None,
@@ -513,73 +218,69 @@ def train(
 ) -> Path:
     """Pre-train an encoder with ReSSL and return the path of the final checkpoint.
 
-    Every keyword is a setting (see ``resolve_settings`` for the list and
-    ``DATASET_DEFAULTS`` for per-dataset values); ``None`` means the default.
-    The main ones: ``dataset`` ("fashion-mnist", "cifar10", "cifar100", "stl10",
-    "folder:PATH"), ``epochs`` (the total, also when resuming), ``batch_size``,
-    ``backbone`` ("small", "resnet18", "resnet50"), ``out`` (run folder),
-    ``queue_size``, ``ema_momentum``, ``student_temperature``,
-    ``teacher_temperature``, ``lr`` (per 256 images; scaled by batch/256),
-    ``device`` ("auto", "cpu", "cuda"), ``seed``, ``subset``.
+    The configuration is ``config`` (a :class:`ressl.config.TrainConfig`) or, config-free,
+    the keyword arguments: every field of ``TrainConfig`` is a keyword (``ressl train
+    --help`` lists them), ``None`` means the default, and the dataset's recipe fills the
+    rest (``ressl.datasets``). The main ones: ``dataset`` ("fashion-mnist", "cifar10",
+    "cifar100", "stl10", "folder:PATH", "imagenet:PATH"), ``epochs`` (the total, also when
+    resuming), ``batch_size``, ``backbone``, ``out`` (run folder), ``queue_size``,
+    ``ema_momentum``, ``lr`` (per 256 images), ``device``, ``seed``.
 
     The run folder gets ``last.safetensors`` (rewritten atomically at every
     epoch end and on Ctrl-C) and ``metrics.jsonl`` (one JSON object per epoch).
 
     Args:
+        config: the whole configuration; then no other settings may be given.
         resume: a run folder or checkpoint file to continue from; the saved
-            settings are used, except ``epochs``, ``device``, ``num_workers``,
-            ``knn_every`` and ``progress_every``, which may be changed.
+            settings are used, and only those marked resumable (``epochs``,
+            ``device``, ``num_workers``, ``knn_every``, ``progress_every``) may
+            be given with a new value.
         callback: receives a ``TrainEvent`` at start, every ``progress_every``
             steps, at each epoch end and at the end (the CLI draws its progress
             bar from these).
-        **settings: the training configuration.
+        **settings: the training configuration, config-free.
 
     Returns:
         Path of ``RUN_DIR/last.safetensors``.
 
     Raises:
-        ValueError: on invalid settings (naming the setting and the valid range),
-            a batch larger than the dataset, or an existing run in ``out``.
+        ConfigError: (a ``ValueError``) on invalid settings, naming the setting and
+            its valid range, a batch larger than the dataset, or an existing run in ``out``.
         CheckpointError: if ``resume`` is not a ressl checkpoint.
     """
     notify = callback or (lambda event: None)
+    if config is not None and (settings or resume is not None):
+        raise TypeError("pass either config or keyword settings (or resume=), not both")
     if resume is not None:
-        s, state, meta, run_dir = _resume_settings(resume, settings)
-        s = resolve_settings(**{k: v for k, v in s.items() if k in _DEFAULTS})
+        cfg, state, meta, run_dir = _resume_config(resume, settings)
     else:
-        s = resolve_settings(**settings)
+        cfg = config if config is not None else TrainConfig.from_keywords(**settings)
         state, meta = {}, {}
-        run_dir = Path(
-            s["out"] or Path("runs") / s["dataset"].replace(":", "-", 1).replace("/", "_")
-        )
-        if (run_dir / "last.safetensors").exists():
-            raise ValueError(
-                f"{run_dir} already holds a run (last.safetensors); continue it with --resume {run_dir} "
-                "or choose another --out"
+        run_dir = cfg.run_dir
+        if (run_dir / CHECKPOINT).exists():
+            raise ConfigError(
+                f"{run_dir} already holds a run (last.safetensors); continue it with --resume "
+                f"{run_dir} or choose another {{out}}",
+                "out",
             )
-        s["out"] = str(run_dir)
-
-    world = World.join(s["device"])
+        cfg = cfg.replace(out=str(run_dir))
+    world = World.join(cfg.device)
     try:
-        return _run(world, s, state, meta, run_dir, resume is not None, notify)
+        return _run(world, cfg, state, meta, run_dir, resume is not None, notify)
     finally:
         world.leave()
 
 
 def _run(
     world: World,
-    s: dict[str, Any],
+    cfg: TrainConfig,
     state: dict[str, Tensor],
     meta: dict[str, str],
     run_dir: Path,
     resuming: bool,
     notify: Callable[[TrainEvent], None],
 ) -> Path:
-    if s["batch_size"] % world.size:
-        raise ValueError(
-            f"batch_size is the global batch and must be divisible by the {world.size} processes, "
-            f"got {s['batch_size']}; use a multiple of {world.size}"
-        )
+    s = cfg.to_dict()
     per_rank = s["batch_size"] // world.size
     device = select_device(world.device(s["device"]))
     amp = _autocast_dtype(s["precision"], device)
@@ -598,11 +299,9 @@ def _run(
         num_classes=len(data.classes),
     )
     n_train = len(data.train)
-    if s["batch_size"] > n_train:
-        raise ValueError(
-            f"batch_size {s['batch_size']} is larger than the training set ({n_train} images); "
-            f"use a batch size <= {n_train}"
-        )
+    for note in cfg.notes() + cfg.check_data(n_train, world.size):
+        if world.main:
+            log.warning("%s", note)
     train_source = data.train.to(device) if hasattr(data.train, "to") else data.train
     if hasattr(data.memory, "to") and data.memory is data.train:
         data.memory = train_source
@@ -635,7 +334,7 @@ def _run(
     view_gen = torch.Generator(device=device).manual_seed(s["seed"] + 2 + 1_000_003 * world.rank)
 
     epoch, batch_in_epoch, loss_sum, loss_count = 0, 0, 0.0, 0
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run_dir / METRICS
     if resuming:
         model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         load_optimizer_tensors(optimizer, state, meta["optimizer"])
@@ -666,10 +365,10 @@ def _run(
         loss_sum, loss_count = float(meta["epoch_loss_sum"]), int(meta["epoch_loss_count"])
         if world.main:
             log.info("resuming %s at epoch %d, batch %d", run_dir, epoch, batch_in_epoch)
-    rows = _read_metrics(metrics_path, epoch)
+    rows = read_metrics(metrics_path, epoch)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_metrics(metrics_path, rows)
+        write_metrics(metrics_path, rows)
 
     plan = CropPlan.build(
         data.image_size, s["crop_scale"], s["crops"], s["crop_scales"], s["symmetric"]
@@ -690,7 +389,7 @@ def _run(
         rng = _rng_tensors(
             view_gen, world
         )  # a collective when distributed: every rank calls checkpoint()
-        path = run_dir / "last.safetensors"
+        path = run_dir / CHECKPOINT
         if not world.main:
             return path
         opt_tensors, opt_blob = optimizer_tensors(optimizer)
@@ -855,7 +554,7 @@ def _run(
             batch_in_epoch, loss_sum, loss_count = 0, 0.0, 0
             path, saved = checkpoint(), True
             if world.main:
-                _write_metrics(metrics_path, rows)
+                write_metrics(metrics_path, rows)
             notify(
                 TrainEvent(
                     "epoch",
@@ -892,7 +591,7 @@ def _run(
                 )
             )
             raise KeyboardInterrupt
-    path = run_dir / "last.safetensors"
+    path = run_dir / CHECKPOINT
     if not saved and not path.exists():  # resumed a run that had already finished
         path = checkpoint()
     notify(

@@ -32,7 +32,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("ressl.checkpoint.os.fsync", boom)
+    monkeypatch.setattr("ressl.atomic.os.fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, {"a": torch.zeros(2)}, {})
     assert path.read_bytes() == before

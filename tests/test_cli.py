@@ -70,14 +70,14 @@ def test_user_errors_are_one_line(capsys, tmp_path, image_folder):
         (["train", "--resume", tmp_path / "notes.txt"], "not a readable safetensors file"),
         (["train", "--resume", tmp_path / "nowhere"], "no such file or folder"),
         (["train", "--epochs", "abc"], "--epochs"),
-        (["train", "--epochs", "0"], "epochs must be an integer >= 1"),
-        (["train", "--teacher-temperature", "-1"], "teacher_temperature must be a number > 0"),
+        (["train", "--epochs", "0"], "--epochs must be an integer >= 1"),
+        (["train", "--teacher-temperature", "-1"], "--teacher-temperature must be a number > 0"),
         (["train", "--crop-scale", "big"], "--crop-scale must be 2 comma-separated numbers"),
         (["train", "--jitter", "0.4,0.4"], "--jitter must be 4 comma-separated numbers"),
-        (["train", "--jitter-p", "1.5"], "jitter_p must be a probability in [0, 1]"),
+        (["train", "--jitter-p", "1.5"], "--jitter-p must be a probability in [0, 1]"),
         (["train", "--backbone", "vit"], "--backbone"),
-        (["train", "--dataset", "mnist"], "dataset must be one of"),
-        (["train", "--device", "tpu"], "device must be"),
+        (["train", "--dataset", "mnist"], "--dataset must be one of"),
+        (["train", "--device", "tpu"], "--device must be"),
         (["info", tmp_path / "notes.txt"], "not a readable safetensors file"),
         (["info", tmp_path / "absent.safetensors"], "no such file or folder"),
         (["frobnicate"], "frobnicate"),
@@ -89,7 +89,7 @@ def test_user_errors_are_one_line(capsys, tmp_path, image_folder):
     args[args.index("--batch-size") + 1] = "64"
     args[args.index("--queue-size") + 1] = "64"
     code, _, err = run_cli(capsys, *args)
-    assert_one_line_error(code, err, "larger than the training set")
+    assert_one_line_error(code, err, "--batch-size 64 is larger than the training set")
 
 
 def test_console_entry_point_reports_errors_without_traceback(tmp_path):
@@ -122,10 +122,84 @@ def test_multicrop_and_symmetric_options(capsys, tmp_path, image_folder):
     code, _, err = run_cli(
         capsys, *tiny_args(image_folder, tmp_path / "sym"), "--symmetric", "--queue-size", "12"
     )
-    assert_one_line_error(code, err, "queue_size must be >= 2 x batch_size")
+    assert_one_line_error(code, err, "--queue-size must be >= 2 x --batch-size")
     code, _, err = run_cli(capsys, *tiny_args(image_folder, tmp_path / "x"), "--crops", "16,big")
     assert_one_line_error(code, err, "--crops must be comma-separated crop sides")
     code, _, err = run_cli(
         capsys, *tiny_args(image_folder, tmp_path / "y"), "--crops", "16,8", "--crop-scales", "0.2"
     )
     assert_one_line_error(code, err, "--crop-scales must be comma-separated lo:hi ranges")
+
+
+def _commands():
+    """Every ``ressl`` command, by its full name (``train``, ``eval knn``, ...)."""
+    import typer
+    from ressl.cli.app import app
+
+    def walk(group, prefix):
+        for name, cmd in group.commands.items():
+            if hasattr(cmd, "commands"):
+                yield from walk(cmd, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", cmd
+
+    return dict(walk(typer.main.get_command(app), ""))
+
+
+def test_every_setting_has_a_flag_with_the_config_default():
+    from ressl.config import TrainConfig, flag, settings
+    from ressl.config import _coerce as coerce
+
+    options = {p.name: p for p in _commands()["train"].params}
+    assert set(options) == {name for name, _, _ in settings()} | {"resume"}
+    for name, default, meta in settings():
+        option = options[name]
+        assert flag(name) in option.opts, name
+        cli = None if option.default is None else coerce(name, option.default)
+        assert cli == default, name  # the same default, typed as text where it is a tuple
+        if meta.rule.expect == "True or False":
+            assert option.secondary_opts == [f"--no-{flag(name)[2:]}"], name
+    assert TrainConfig().to_dict() == {n: d for n, d, _ in settings()} | {
+        n: getattr(TrainConfig(), n) for n, _, m in settings() if m.recipe
+    }
+
+
+def test_readme_and_options_doc_are_generated_from_the_config():
+    from pathlib import Path
+
+    from ressl.cli.train_cmd import README_BEGIN, README_END, options_summary, options_table
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip()
+    assert block == options_summary(), "README option list is stale: python -m ressl.cli.train_cmd"
+    stale = "docs/options.md is stale: python -m ressl.cli.train_cmd"
+    assert (root / "docs" / "options.md").read_text() == options_table(), stale
+
+
+def test_every_flag_the_readme_mentions_exists():
+    import re
+    from pathlib import Path
+
+    torchrun = {"--standalone", "--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint"}
+    other = {"--rdzv_id", "--help", "--check"}  # torchrun's, every command's, ruff's
+    known = {
+        o for cmd in _commands().values() for p in cmd.params for o in p.opts + p.secondary_opts
+    }
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", readme))
+    assert mentioned - known - torchrun - other == set()
+
+
+def test_errors_name_the_flag_the_user_typed(capsys):
+    cases = [
+        (["train", "--batch-size", "1"], "--batch-size must be an integer >= 2, got 1"),
+        (["train", "--sgd-momentum", "1.5"], "--sgd-momentum must be a number >= 0 and < 1"),
+        (["train", "--backbone", "vit"], "--backbone must be one of 'small', 'resnet18'"),
+        (["train", "--queue-size", "64"], "--queue-size must be >= --batch-size (256), got 64"),
+        (["train", "--crop-scales", "0.2:1"], "--crop-scales must be one (lo, hi) range per crop"),
+        (["train", "--lr", "abc"], "'--lr'"),
+    ]
+    for args, needle in cases:
+        code, _, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, needle)

@@ -247,7 +247,7 @@ def test_checkpoint_export_bad_arguments(tmp_path, checkpoint):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         export_onnx(tmp_path / "notes.txt", tmp_path / "x.onnx")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="checkpoint not found"):  # a CheckpointError
         export_onnx(tmp_path / "missing.safetensors", tmp_path / "x.onnx")
     with pytest.raises(TypeError, match="source must be"):
         export_onnx(42, tmp_path / "x.onnx")  # type: ignore[arg-type]

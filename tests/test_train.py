@@ -4,7 +4,7 @@ import signal
 import pytest
 import torch
 
-from ressl import load_checkpoint, load_encoder, resolve_settings, train
+from ressl import TrainConfig, load_checkpoint, load_encoder, train
 from ressl.checkpoint import CheckpointError
 
 TIMING = {"images_per_second", "epoch_seconds"}
@@ -106,9 +106,7 @@ def test_batch_larger_than_dataset(tmp_path, tiny_settings):
 
 def test_resume_rejects_conflicting_settings_and_non_checkpoints(tmp_path, tiny_settings):
     train(out=tmp_path / "run", **dict(tiny_settings, epochs=1))
-    with pytest.raises(
-        ValueError, match="queue_size=64 differs from the checkpoint's queue_size=32"
-    ):
+    with pytest.raises(ValueError, match="but queue_size 64 differs from the checkpoint's 32"):
         train(resume=tmp_path / "run", queue_size=64)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
@@ -132,25 +130,22 @@ def test_resume_rejects_conflicting_settings_and_non_checkpoints(tmp_path, tiny_
 )
 def test_settings_validation(key, value, message):
     with pytest.raises(ValueError, match=message):
-        resolve_settings(**{key: value})
+        TrainConfig.from_keywords(**{key: value})
 
 
 def test_per_dataset_defaults_follow_the_paper():
-    assert resolve_settings(dataset="cifar10")["queue_size"] == 4096
-    assert resolve_settings(dataset="cifar10")["ema_momentum"] == 0.99
-    stl = resolve_settings(dataset="stl10")
-    assert (stl["queue_size"], stl["ema_momentum"]) == (16384, 0.996)
-    fm = resolve_settings(dataset="fashion-mnist")
-    assert (fm["lr"], fm["warmup_epochs"], fm["queue_size"]) == (
-        0.15,
-        1,
-        4096,
-    )  # tuned here, docs/results.md
-    assert fm["jitter"] == (0.8, 0.8, 0.4, 0.1)
-    assert resolve_settings(dataset="cifar10")["jitter"] == (0.4, 0.4, 0.4, 0.1)
-    assert resolve_settings(dataset="cifar100")["warmup_epochs"] == 5
+    assert TrainConfig(dataset="cifar10").queue_size == 4096
+    assert TrainConfig(dataset="cifar10").ema_momentum == 0.99
+    stl = TrainConfig(dataset="stl10")
+    assert (stl.queue_size, stl.ema_momentum) == (16384, 0.996)
+    fm = TrainConfig(dataset="fashion-mnist")
+    # tuned here, docs/results.md
+    assert (fm.lr, fm.warmup_epochs, fm.queue_size) == (0.15, 1, 4096)
+    assert fm.jitter == (0.8, 0.8, 0.4, 0.1)
+    assert TrainConfig(dataset="cifar10").jitter == (0.4, 0.4, 0.4, 0.1)
+    assert TrainConfig(dataset="cifar100").warmup_epochs == 5
     with pytest.raises(ValueError, match="unknown setting"):
-        resolve_settings(queue=3)
+        TrainConfig.from_keywords(queue=3)
 
 
 def test_streamed_folder_crops_in_workers_reproducibly(tmp_path, tiny_settings, monkeypatch):
@@ -194,7 +189,7 @@ def test_knn_every_minus_one_never_runs_the_monitor(tmp_path, tiny_settings):
     train(out=tmp_path / "run", **dict(tiny_settings, knn_every=-1))
     assert all("knn_top1" not in row for row in metrics(tmp_path / "run"))
     with pytest.raises(ValueError, match="knn_every must be an integer >= -1"):
-        resolve_settings(**dict(tiny_settings, knn_every=-2))
+        TrainConfig.from_keywords(**dict(tiny_settings, knn_every=-2))
 
 
 def test_unlabelled_flat_folder_trains_without_monitor(tmp_path, tiny_settings, image_folder):
@@ -298,7 +293,7 @@ def test_multicrop_student_sees_every_crop_size(tmp_path, tiny_settings, monkeyp
 )
 def test_crop_settings_validation(extra, message, tiny_settings):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        resolve_settings(**dict(tiny_settings, **extra))
+        TrainConfig.from_keywords(**dict(tiny_settings, **extra))
 
 
 def test_crop_larger_than_image_is_refused_at_start(tmp_path, tiny_settings):
@@ -307,7 +302,7 @@ def test_crop_larger_than_image_is_refused_at_start(tmp_path, tiny_settings):
 
 
 def test_imagenet_recipe_defaults():
-    s = resolve_settings(dataset="imagenet:/data/imagenet")
+    s = TrainConfig(dataset="imagenet:/data/imagenet")
     expected = dict(
         backbone="resnet50",
         hidden_dim=4096,
@@ -326,10 +321,10 @@ def test_imagenet_recipe_defaults():
         crop_scale=(0.2, 1.0),
         sgd_momentum=0.9,
     )
-    assert {k: s[k] for k in expected} == expected
+    assert {k: getattr(s, k) for k in expected} == expected
     # a folder at 224 px or more is ImageNet-like; at the default 64 px it is not
-    assert resolve_settings(dataset="folder:/x", image_size=224)["queue_size"] == 131072
-    small = resolve_settings(dataset="folder:/x")
-    assert (small["backbone"], small["queue_size"], small["blur"]) == ("resnet18", 16384, 0.0)
+    assert TrainConfig(dataset="folder:/x", image_size=224).queue_size == 131072
+    small = TrainConfig(dataset="folder:/x")
+    assert (small.backbone, small.queue_size, small.blur) == ("resnet18", 16384, 0.0)
     with pytest.raises(ValueError, match="imagenet:PATH"):
-        resolve_settings(dataset="imagenet")
+        TrainConfig(dataset="imagenet")

@@ -1,0 +1,84 @@
+"""What every ``ressl`` command shares: the one-line user error, option types, and helpers.
+
+Command modules import from here, and ``cli/app.py`` imports the command modules to
+register them, so no command module imports the app (no import cycles).
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+__all__ = [
+    "DeviceOpt",
+    "UserError",
+    "Weights",
+    "WeightsOpt",
+    "checkpoint_file",
+    "existing",
+    "explicit_options",
+    "fail",
+    "launch_rank",
+]
+
+
+class UserError(Exception):
+    """An error caused by the user's input; ``ressl`` prints it as one line, exit status 2."""
+
+
+def fail(message: str) -> NoReturn:
+    """Stop with a one-line user error (``ressl: error: MESSAGE``, exit status 2)."""
+    raise UserError(message)
+
+
+class Weights(str, Enum):
+    """Which of a checkpoint's encoders: the student, or the EMA teacher."""
+
+    student = "student"
+    teacher = "teacher"
+
+
+WeightsOpt = Annotated[
+    Weights, typer.Option(help="Checkpoint weights: the student, or the EMA teacher.")
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+
+
+def existing(path: Path, what: str = "file or folder") -> Path:
+    """``path``, or a one-line error when it does not exist."""
+    if not path.exists():
+        fail(f"{path}: no such {what}")
+    return path
+
+
+def checkpoint_file(path: Path) -> Path:
+    """The checkpoint a path names (a run folder's ``last.safetensors``), or a one-line error."""
+    from ressl.runs import CheckpointError, resolve_checkpoint
+
+    existing(path)
+    try:
+        return resolve_checkpoint(path)
+    except CheckpointError as e:
+        fail(str(e))
+
+
+def explicit_options(ctx: typer.Context) -> set[str]:
+    """Names of the options the user actually typed (not defaults)."""
+    out = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and getattr(source, "name", "") not in ("DEFAULT", "DEFAULT_MAP"):
+            out.add(name)
+    return out
+
+
+def launch_rank() -> int:
+    """This process's rank under ``torchrun`` (0 when not distributed)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0

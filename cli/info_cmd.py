@@ -1,0 +1,129 @@
+"""``ressl info``: what a checkpoint, run folder or exported ONNX encoder holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .common import fail
+
+__all__ = ["info_cmd", "onnx_info", "size_text"]
+
+
+def size_text(n: int) -> str:
+    """A file size for people: ``12.3 MB`` or ``45.6 kB``."""
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def info_cmd(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A ressl checkpoint (.safetensors), run folder or exported .onnx file."
+        ),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
+) -> None:
+    """Describe a checkpoint (format, versions, progress, metrics, settings) or an exported ONNX encoder."""
+    from ressl.checkpoint import read_metadata
+
+    if not path.exists():
+        fail(f"{path}: no such file or folder")
+    if path.suffix.lower() == ".onnx":
+        typer.echo(onnx_info(path, as_json))
+        return
+    meta = read_metadata(path)
+    settings = json.loads(meta.get("settings", "{}"))
+    metrics = json.loads(meta.get("metrics", "{}") or "{}")
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "metadata": {
+                        k: v
+                        for k, v in meta.items()
+                        if k not in ("settings", "optimizer", "metrics")
+                    },
+                    "settings": settings,
+                    "metrics": metrics,
+                },
+                indent=2,
+            )
+        )
+        return
+    lines = [
+        f"checkpoint     {path}",
+        f"format         {meta['format']} v{meta['format_version']} (ressl {meta.get('ressl_version', '?')})",
+        f"progress       epoch {meta.get('epoch')}/{settings.get('epochs')}, step {meta.get('step')}"
+        + (
+            f" (mid-epoch, batch {meta['batch_in_epoch']})"
+            if meta.get("batch_in_epoch", "0") != "0"
+            else ""
+        ),
+    ]
+    if metrics:
+        lines.append("last metrics   " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+    lines.append("settings")
+    width = max((len(k) for k in settings), default=0)
+    lines += [f"  {k:<{width}}  {json.dumps(v)}" for k, v in settings.items()]
+    typer.echo("\n".join(lines))
+
+
+def onnx_info(path: Path, as_json: bool) -> str:
+    """What ``ressl info`` prints for an exported ONNX file."""
+    from ressl.export.modelfile import describe_model
+
+    d = describe_model(path)
+    info = d["info"]
+    meta = d["metadata"]
+    if as_json:
+        plain = {k: v for k, v in meta.items() if k not in ("settings", "verification")}
+        return json.dumps(
+            {
+                "file": d["file"],
+                "size_bytes": d["size_bytes"],
+                "opset": d["opset"],
+                "producer": d["producer"],
+                "inputs": d["inputs"],
+                "outputs": d["outputs"],
+                "metadata": plain,
+                "verification": json.loads(meta.get("verification") or "null"),
+                "settings": info.settings,
+            },
+            indent=2,
+        )
+
+    def sig(v: dict[str, Any]) -> str:
+        return f"{v['name']} {v['dtype']} ({', '.join(map(str, v['shape']))})"
+
+    mode = {1: "grey", 3: "RGB"}.get(info.channels, f"{info.channels}-channel")
+    lines = [
+        f"onnx encoder   {path} ({size_text(d['size_bytes'])}, opset {d['opset']}, ressl {info.ressl_version})",
+        f"computes       {info.describe()}",
+        f"input          {sig(d['inputs'][0])}, values in [0, 1]; served at {info.image_size}x{info.image_size}"
+        + (" (any size accepted)" if info.dynamic_spatial else ""),
+        f"preprocess     {mode}; {meta.get('preprocess', '')}",
+        f"normalise      mean {list(info.mean)} std {list(info.std)} (inside the graph)",
+        f"output         {sig(d['outputs'][0])}, L2-normalised",
+    ]
+    if info.source:
+        progress = (
+            f", epoch {meta['epoch']} step {meta['step']}"
+            if "epoch" in meta and "step" in meta
+            else ""
+        )
+        lines.append(f"source         {info.source} (sha256 {info.source_sha256}{progress})")
+    if meta.get("verification"):
+        v = json.loads(meta["verification"])
+        lines.append(
+            f"verified       max |diff| {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.6f} "
+            f"({v['criterion']})"
+        )
+    if info.settings:
+        lines.append("settings")
+        width = max(len(k) for k in info.settings)
+        lines += [f"  {k:<{width}}  {json.dumps(v)}" for k, v in info.settings.items()]
+    return "\n".join(lines)

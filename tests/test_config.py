@@ -1,0 +1,130 @@
+"""ressl.config: one typed source for every training setting; ressl.datasets: recipes as data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from ressl.config import BACKBONES, ConfigError, TrainConfig, flag, settings
+from ressl.datasets import DATASETS, find, recipe_for
+
+
+def test_config_is_frozen_keyword_only_and_resolved():
+    config = TrainConfig(dataset="cifar10", epochs=3)
+    assert (config.lr, config.queue_size, config.backbone, config.epochs) == (
+        0.06,
+        4096,
+        "resnet18",
+        3,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        TrainConfig("cifar10")  # type: ignore[misc]
+
+
+def test_every_recipe_fills_exactly_the_recipe_fields():
+    recipe_fields = {name for name, _, meta in settings() if meta.recipe}
+    for entry in DATASETS.values():
+        assert set(entry.recipe) == recipe_fields, entry.name
+        config = TrainConfig(dataset=entry.spec.replace("PATH", "/data"))
+        assert {k: getattr(config, k) for k in recipe_fields} == dict(entry.recipe)
+    for name, default, meta in settings():
+        assert (default is None) == (meta.recipe or meta.optional), name
+
+
+def test_from_keywords_takes_none_as_default_and_refuses_unknown_names():
+    assert TrainConfig.from_keywords(batch_size=None, lr=None) == TrainConfig()
+    with pytest.raises(ConfigError, match="unknown setting.*batch_sise.*valid: dataset"):
+        TrainConfig.from_keywords(batch_sise=8)
+
+
+def test_values_are_coerced_to_the_field_types():
+    config = TrainConfig(crop_scale=[0.3, 1], crops="16,12", crop_scales="0.2:1,0.1:0.5", lr=1)
+    assert config.crop_scale == (0.3, 1.0) and config.crops == (16, 12)
+    assert config.crop_scales == ((0.2, 1.0), (0.1, 0.5))
+    assert isinstance(config.lr, float) and config.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(epochs=0), "epochs must be an integer >= 1, got 0"),
+        (dict(epochs=2.5), "epochs must be an integer >= 1, got 2.5"),
+        (dict(batch_size=True), "batch_size must be an integer >= 2, got True"),
+        (dict(lr=float("nan")), "lr must be a number > 0, got nan"),
+        (dict(lr=float("inf")), "lr must be a number > 0, got inf"),
+        (dict(sgd_momentum=1.0), "sgd_momentum must be a number >= 0 and < 1, got 1.0"),
+        (
+            dict(backbone="vit"),
+            "backbone must be one of 'small', 'resnet18', 'resnet50', got 'vit'",
+        ),
+        (dict(precision="fp8"), "precision must be one of 'auto', 'bf16', 'fp32'"),
+        (dict(device="tpu"), "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+        (dict(crop_scale="big"), "crop_scale must be 2 comma-separated numbers like 0.2,1.0"),
+        (dict(crops=(16, 4)), "crops must be crop sides >= 8"),
+        (dict(dataset="mnist"), "dataset must be one of fashion-mnist, cifar10"),
+        (dict(dataset="folder:"), "dataset folder:PATH needs the folder's path"),
+        (dict(symmetric="yes"), "symmetric must be True or False, got 'yes'"),
+    ],
+)
+def test_each_rule_names_the_setting_and_the_valid_range(changes, message):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**changes)
+    assert message in str(e.value)
+    name = next(iter(changes))
+    assert e.value.render(flag).startswith(flag(name))  # the CLI's wording of the same error
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match=r"queue_size must be >= batch_size \(64\), got 32"):
+        TrainConfig(batch_size=64, queue_size=32)
+    with pytest.raises(ConfigError, match=r"queue_size must be >= 2 x batch_size \(128"):
+        TrainConfig(batch_size=64, queue_size=100, symmetric=True)
+    with pytest.raises(ConfigError, match="symmetric .* and multi-crop .* cannot be combined"):
+        TrainConfig(symmetric=True, crops=(28, 20))
+    with pytest.raises(ConfigError, match="crop_scales must be one .* per crop in crops"):
+        TrainConfig(crop_scales=((0.2, 1.0),))
+    error = ConfigError("{queue_size} must be >= {batch_size}", "queue_size", "batch_size")
+    assert error.render(flag) == "--queue-size must be >= --batch-size"
+
+
+def test_notes_and_checks_against_the_data():
+    assert TrainConfig(epochs=10).notes() == []
+    (note,) = TrainConfig(epochs=1, dataset="cifar10").notes()
+    assert "warmup_epochs (5) >= epochs (1)" in note
+    config = TrainConfig(batch_size=8, queue_size=64)
+    assert config.check_data(100) == []
+    assert "larger than the training set (36 images)" in config.check_data(36)[0]
+    with pytest.raises(ConfigError, match="batch_size 8 is larger than the training set"):
+        config.check_data(5)
+    with pytest.raises(ConfigError, match="divisible by the 3 processes"):
+        config.check_data(100, world_size=3)
+
+
+def test_resumed_changes_only_what_may_change():
+    saved = TrainConfig(dataset="cifar10", epochs=10, queue_size=4096)
+    assert saved.resumed({"epochs": 20, "device": "cpu", "queue_size": 4096}).epochs == 20
+    assert saved.resumed({"crop_scale": "0.2,1"}) == saved  # the same value, typed as text
+    with pytest.raises(ConfigError, match="but queue_size 1024 differs from the checkpoint's 4096"):
+        saved.resumed({"queue_size": 1024})
+    with pytest.raises(ConfigError, match="epochs must be an integer >= 1"):
+        saved.resumed({"epochs": 0})
+
+
+def test_saved_settings_round_trip_through_json():
+    config = TrainConfig(dataset="folder:/x", crops=(48, 32), crop_scales=((0.2, 1.0), (0.1, 0.6)))
+    saved = json.loads(json.dumps({**config.to_dict(), "channels": 3, "mean": [0.5] * 3}))
+    assert TrainConfig.from_saved(saved) == config
+
+
+def test_recipes_are_data():
+    assert find("CIFAR_10")[0] is DATASETS["cifar10"] and find("folder:/a:b")[1] == "/a:b"
+    assert recipe_for("folder:/x", image_size=224) is DATASETS["imagenet"].recipe
+    assert recipe_for("folder:/x", image_size=96) is DATASETS["folder"].recipe
+    for spec in ("mnist", "cifar10:/x"):
+        with pytest.raises(ValueError, match="unknown dataset"):
+            find(spec)
+    assert set(BACKBONES) == {"small", "resnet18", "resnet50"}
