@@ -632,9 +632,9 @@ def questions(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 
 def _amp_name() -> str:
-    from ressl.train import _autocast_dtype
+    from ressl.device import autocast_dtype
 
-    dtype = _autocast_dtype("auto", torch.device("cpu"))
+    dtype = autocast_dtype("auto", torch.device("cpu"))
     return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from ressl.config import ConfigError, flag
+from ressl.rules import ConfigError, flag
 
 from .common import UserError
 from .eval_cmd import eval_app

@@ -199,7 +199,7 @@ def record(source: FeatureSource, row: dict[str, Any], enabled: bool) -> Path | 
 
 def pick_device(name: str) -> torch.device:
     """``auto`` -> CUDA when present, else CPU; a named device is checked."""
-    from ressl.train import select_device
+    from ressl.device import select_device
 
     return select_device(name)
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import inspect
 import logging
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from ressl.config import Setting, TrainConfig, flag, settings
+from ressl.config import TrainConfig, settings
 from ressl.datasets import DATASETS
+from ressl.rules import Setting, flag
 
 from .common import existing, explicit_options, launch_rank
 
@@ -49,9 +51,11 @@ def cli_default(default: Any) -> Any:
 
 
 def _option(name: str, default: Any, meta: Setting, kind: Any) -> inspect.Parameter:
-    base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-    if meta.parse is not None or typing.get_origin(base) is tuple:
-        base = str  # parsed by the config (ressl.config: "0.2,1.0" -> (0.2, 1.0))
+    base = kind
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None -> X
+        base = next(a for a in typing.get_args(kind) if a is not type(None))
+    if meta.parse is not None or typing.get_origin(base) in (tuple, typing.Literal):
+        base = str  # checked (and parsed: "0.2,1.0" -> (0.2, 1.0)) by the config
     decls = [f"{flag(name)}/--no-{flag(name)[2:]}" if base is bool else flag(name)]
     if meta.short:
         decls.append(meta.short)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
         read_metadata,
         save_checkpoint,
     )
-    from .config import ConfigError, TrainConfig
+    from .config import TrainConfig
     from .crops import CropPlan
     from .data import (
         FolderImages,
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
         symmetric_relation_loss,
     )
     from .model import BACKBONES, Encoder, ProjectionHead, ReSSL, SmallCNN, build_backbone
+    from .rules import ConfigError
     from .step import EncodeCrops, training_step
     from .train import TrainEvent, train
     from .tsne import tsne
@@ -81,7 +82,8 @@ _HOME: dict[str, str] = {
         ["BACKBONES", "SmallCNN", "ProjectionHead", "Encoder", "ReSSL", "build_backbone"], "model"
     ),
     **dict.fromkeys(["train", "TrainEvent"], "train"),
-    **dict.fromkeys(["TrainConfig", "ConfigError"], "config"),
+    "TrainConfig": "config",
+    "ConfigError": "rules",
     **dict.fromkeys(["DATASETS", "DatasetInfo"], "datasets"),
     **dict.fromkeys(["training_step", "EncodeCrops"], "step"),
     **dict.fromkeys(["CrossRankBatchNorm", "convert_batchnorm", "all_gather_cat"], "distributed"),

@@ -3,15 +3,19 @@
 A training checkpoint holds every tensor needed to resume (``model.*`` for the
 student, teacher, queue and pointer; ``optimizer.*``; ``rng.*``) and string
 metadata: the format and its version, the package version, the training
-settings as JSON, and the epoch/step counters.
+settings as JSON, and the epoch/step counters. :class:`TrainState` is what a run
+changes as it trains; :func:`save_state` and :func:`restore_state` write it into
+a checkpoint and read it back, side by side (docs/checkpoints.md lists the keys).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,6 +26,12 @@ from torch import Tensor, nn
 from ._version import __version__
 from .atomic import write_atomic
 from .runs import CheckpointError, resolve_checkpoint
+
+if TYPE_CHECKING:
+    from .distributed import World
+    from .model import ReSSL
+
+log = logging.getLogger("ressl")
 
 __all__ = [
     "FORMAT",
@@ -34,6 +44,9 @@ __all__ = [
     "load_optimizer_tensors",
     "load_encoder",
     "resolve_checkpoint",
+    "TrainState",
+    "save_state",
+    "restore_state",
 ]
 
 FORMAT = "ressl-checkpoint"
@@ -140,6 +153,123 @@ def load_optimizer_tensors(
     for idx, entry in rest["state"].items():
         state.setdefault(int(idx), {}).update(entry)
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+
+
+@dataclass
+class TrainState:
+    """What a training run changes as it trains: saved whole in every checkpoint.
+
+    Attributes:
+        model: Student, teacher, queue and queue pointer.
+        optimizer: SGD over the student's parameters (momentum buffers included).
+        views: This rank's augmentation generator, on the training device.
+        epoch: Finished epochs.
+        batch_in_epoch: Finished batches of the epoch in progress.
+        loss_sum: Sum of the losses of those batches (for the epoch's mean).
+        loss_count: How many losses ``loss_sum`` holds.
+        rows: The ``metrics.jsonl`` rows of the finished epochs.
+    """
+
+    model: ReSSL
+    optimizer: torch.optim.Optimizer
+    views: torch.Generator
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def step(self, steps_per_epoch: int) -> int:
+        """Optimisation steps taken so far."""
+        return self.epoch * steps_per_epoch + self.batch_in_epoch
+
+    def next_epoch(self, row: dict[str, Any]) -> None:
+        """Close the epoch in progress with its metrics ``row``."""
+        self.rows.append(row)
+        self.epoch += 1
+        self.batch_in_epoch, self.loss_sum, self.loss_count = 0, 0.0, 0
+
+
+def _generator_tensors(views: torch.Generator, world: World) -> dict[str, Tensor]:
+    """The generators' states; distributed, every rank's view generator (a collective)."""
+    out = {"rng.views": views.get_state(), "rng.torch": torch.get_rng_state()}
+    if world.distributed:
+        states: list[Any] = [None] * world.size
+        torch.distributed.all_gather_object(states, views.get_state())
+        out.update({f"rng.views.rank{r}": state for r, state in enumerate(states) if r > 0})
+    if torch.cuda.is_available():
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def save_state(
+    path: Path,
+    state: TrainState,
+    *,
+    settings: Mapping[str, Any],
+    steps_per_epoch: int,
+    world: World,
+) -> Path:
+    """Write ``state`` and the run's ``settings`` into the checkpoint at ``path``, atomically.
+
+    Every rank must call it (the view generators are gathered); rank 0 writes.
+    """
+    generators = _generator_tensors(state.views, world)
+    if not world.main:
+        return path
+    opt_tensors, opt_blob = optimizer_tensors(state.optimizer)
+    tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
+    tensors.update(opt_tensors)
+    tensors.update(generators)
+    meta = {
+        "world_size": str(world.size),
+        "settings": json.dumps(dict(settings)),
+        "optimizer": opt_blob,
+        "epoch": str(state.epoch),
+        "batch_in_epoch": str(state.batch_in_epoch),
+        "step": str(state.step(steps_per_epoch)),
+        "epoch_loss_sum": repr(state.loss_sum),
+        "epoch_loss_count": str(state.loss_count),
+        "metrics": json.dumps(state.rows[-1] if state.rows else {}),
+        "rng_device": torch.device(state.views.device).type,
+    }
+    return save_checkpoint(path, tensors, meta)
+
+
+def restore_state(
+    state: TrainState,
+    tensors: Mapping[str, Tensor],
+    meta: Mapping[str, str],
+    *,
+    world: World,
+    reseed: int,
+) -> None:
+    """Load a checkpoint written by :func:`save_state` into a freshly built ``state``.
+
+    A generator's state does not carry across device types or process counts: then
+    this rank's view generator is seeded with ``reseed + step`` instead (the run
+    continues correctly, not bitwise-identically, and says so).
+    """
+    state.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    load_optimizer_tensors(state.optimizer, tensors, meta["optimizer"])
+    key = "rng.views" if world.rank == 0 else f"rng.views.rank{world.rank}"
+    saved_world, device = int(meta.get("world_size", "1")), torch.device(state.views.device).type
+    if meta.get("rng_device", "cpu") == device and saved_world == world.size and key in tensors:
+        state.views.set_state(tensors[key])
+    else:
+        if world.main:
+            log.warning(
+                "checkpoint was written by %d process(es) on %s, resuming with %d on %s: "
+                "augmentations are reseeded, so the run continues correctly but not "
+                "bitwise-identically",
+                saved_world, meta.get("rng_device"), world.size, device,
+            )  # fmt: skip
+        state.views.manual_seed(reseed + int(meta["step"]))
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    state.epoch, state.batch_in_epoch = int(meta["epoch"]), int(meta["batch_in_epoch"])
+    state.loss_sum, state.loss_count = float(meta["epoch_loss_sum"]), int(meta["epoch_loss_count"])
 
 
 def load_encoder(path: str | Path, weights: str = "student") -> tuple[nn.Module, dict[str, Any]]:

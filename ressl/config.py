@@ -22,133 +22,41 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import numbers
-import re
-import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .datasets import DATASETS, find, recipe_for
+from .rules import (
+    BOOL,
+    CROP_SCALES,
+    CROPS,
+    DEVICE,
+    JITTER,
+    PATH,
+    PROBABILITY,
+    SCALE,
+    ConfigError,
+    Rule,
+    Setting,
+    as_type,
+    choice,
+    integer,
+    interval,
+    is_int,
+    lit,
+    number,
+    numbers_text,
+    ranges_text,
+    sides_text,
+)
 
-__all__ = [
-    "BACKBONES",
-    "ConfigError",
-    "Setting",
-    "TrainConfig",
-    "flag",
-    "settings",
-]
+__all__ = ["BACKBONES", "TrainConfig", "settings"]
 
 #: The backbones ``ressl.model.build_backbone`` builds.
 BACKBONES = ("small", "resnet18", "resnet50")
-
-
-def flag(name: str) -> str:
-    """The command-line flag of a setting: ``batch_size`` -> ``--batch-size``."""
-    return "--" + name.replace("_", "-")
-
-
-class ConfigError(ValueError):
-    """An invalid setting. The message names settings as ``{name}`` placeholders, so it
-    reads with Python keywords (``str(e)``) or with command-line flags (``e.render(flag)``).
-    """
-
-    def __init__(self, template: str, *names: str) -> None:
-        self.template = template
-        self.names = names
-        super().__init__(self.render(str))
-
-    def render(self, name: Callable[[str], str]) -> str:
-        """The message with every setting called ``name(setting)``."""
-        return self.template.format_map({n: name(n) for n in self.names})
-
-    @classmethod
-    def invalid(cls, setting: str, expect: str, value: Any) -> ConfigError:
-        """``"{setting} must be <expect>, got <value>"``."""
-        return cls(f"{{{setting}}} must be {expect}, got {_lit(value)}", setting)
-
-
-# --------------------------------------------------------------------------- rules
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A valid range: ``ok(value)``, described by ``expect`` ("an integer >= 1")."""
-
-    expect: str
-    ok: Callable[[Any], bool]
-    choices: tuple[str, ...] = ()  # the valid values, when they can be listed
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def integer(low: int | None = None, note: str = "") -> Rule:
-    """An int (no bool) >= ``low``."""
-    expect = "an integer" + (f" >= {low}" if low is not None else "") + note
-    return Rule(expect, lambda v: _is_int(v) and (low is None or v >= low))
-
-
-def number(low: float = 0.0, *, strict: bool = True, below: float = math.inf) -> Rule:
-    """A finite number > ``low`` (>= when not ``strict``) and < ``below``."""
-    rel = ">" if strict else ">="
-    expect = f"a number {rel} {low:g}" + ("" if below == math.inf else f" and < {below:g}")
-    return Rule(
-        expect,
-        lambda v: _is_number(v) and (v > low if strict else v >= low) and v < below,
-    )
-
-
-def interval(low: float, high: float, expect: str) -> Rule:
-    """A finite number in ``[low, high]``."""
-    return Rule(expect, lambda v: _is_number(v) and low <= v <= high)
-
-
-def choice(*values: str) -> Rule:
-    return Rule("one of " + ", ".join(repr(v) for v in values), lambda v: v in values, values)
-
-
-def _scale_range(v: Any) -> bool:
-    return (
-        isinstance(v, tuple) and len(v) == 2 and all(map(_is_number, v)) and 0 < v[0] <= v[1] <= 1
-    )
-
-
-BOOL = Rule("True or False", lambda v: isinstance(v, bool))
-TEXT = Rule("a string", lambda v: isinstance(v, str))
-PATH = Rule("a path", lambda v: isinstance(v, str) and v != "")
-SCALE = Rule("two numbers 0 < lo <= hi <= 1", _scale_range)
-JITTER = Rule(
-    "four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)",
-    lambda v: (
-        isinstance(v, tuple)
-        and len(v) == 4
-        and all(_is_number(x) and x >= 0 for x in v)
-        and v[3] <= 0.5
-    ),
-)
-CROPS = Rule(
-    "crop sides >= 8 like (32, 28, 24, 20, 16)",
-    lambda v: isinstance(v, tuple) and len(v) >= 1 and all(_is_int(x) and x >= 8 for x in v),
-)
-CROP_SCALES = Rule(
-    "(lo, hi) ranges with 0 < lo <= hi <= 1",
-    lambda v: isinstance(v, tuple) and len(v) >= 1 and all(map(_scale_range, v)),
-)
-DEVICE = Rule(
-    "'auto', 'cpu', 'cuda' or 'cuda:N'",
-    lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
-)
-PROBABILITY = interval(0.0, 1.0, "a probability in [0, 1]")
 
 
 def _check_dataset(value: Any) -> None:
@@ -158,7 +66,7 @@ def _check_dataset(value: Any) -> None:
     if entry is not None and entry.takes_path and not path.strip():
         raise ConfigError(
             f"{{dataset}} {kind}:PATH needs the folder's path, e.g. {kind}:/data/images, "
-            f"got {_lit(value)}",
+            f"got {lit(value)}",
             "dataset",
         )
 
@@ -179,77 +87,14 @@ DATASET = Rule(
 )
 
 
-# --------------------------------------------------------------------------- parsing text
-
-
-def _numbers(count: int, example: str) -> Callable[[str], tuple[float, ...]]:
-    def parse(text: str) -> tuple[float, ...]:
-        try:
-            values = tuple(float(v) for v in text.split(","))
-        except ValueError:
-            values = ()
-        if len(values) != count:
-            raise ValueError(f"{count} comma-separated numbers like {example}")
-        return values
-
-    return parse
-
-
-def _sides(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError("comma-separated crop sides like 32,28,24,20,16") from None
-
-
-def _ranges(text: str) -> tuple[tuple[float, float], ...]:
-    try:
-        pairs = [tuple(float(v) for v in part.split(":")) for part in text.split(",")]
-    except ValueError:
-        pairs = []
-    if not pairs or any(len(p) != 2 for p in pairs):
-        raise ValueError("comma-separated lo:hi ranges like 0.2:1,0.15:0.75")
-    return tuple((p[0], p[1]) for p in pairs)
-
-
-# --------------------------------------------------------------------------- fields
-
-
-@dataclass(frozen=True)
-class Setting:
-    """What a ``TrainConfig`` field declares besides its type and default.
-
-    Attributes:
-        help: One sentence for ``--help`` and the docs.
-        rule: The valid values (checked on every construction).
-        recipe: None means "the dataset's recipe value" (``ressl.datasets``).
-        resumable: ``--resume`` may change it (everything else must match the checkpoint).
-        panel: The ``--help`` section it is listed in.
-        parse: Reads the value from command-line text (tuples); None: the field's type.
-        metavar: How ``--help`` shows the value (for parsed text).
-        optional: None is a valid value (not a recipe placeholder).
-        short: A one-letter alias, e.g. ``-o``.
-    """
-
-    help: str
-    rule: Rule
-    recipe: bool = False
-    resumable: bool = False
-    panel: str = "Training"
-    parse: Callable[[str], Any] | None = None
-    metavar: str | None = None
-    optional: bool = False
-    short: str | None = None
-
-
-def _field(default: Any, help: str, rule: Rule, **kw: Any) -> Any:
+def _field(panel: str, default: Any, help: str, rule: Rule, **kw: Any) -> Any:
     """A dataclass field carrying its :class:`Setting` (typed Any so recipe fields may
     default to None while their type says what they hold once resolved)."""
-    return field(default=default, metadata={"setting": Setting(help, rule, **kw)})
+    return field(default=default, metadata={"setting": Setting(help, rule, panel=panel, **kw)})
 
 
-def _recipe(help: str, rule: Rule, **kw: Any) -> Any:
-    return _field(None, help, rule, recipe=True, **kw)
+def _recipe(panel: str, help: str, rule: Rule, **kw: Any) -> Any:
+    return _field(panel, None, help, rule, recipe=True, **kw)
 
 
 DATA, MODEL, METHOD, OPTIM, VIEWS, MONITOR, RUN = (
@@ -270,172 +115,147 @@ class TrainConfig:
     """
 
     dataset: str = _field(
+        DATA,
         "fashion-mnist",
         "fashion-mnist, cifar10, cifar100, stl10, folder:PATH or imagenet:PATH "
         "(a folder with the ImageNet recipe).",
         DATASET,
-        panel=DATA,
     )
     data_root: str | None = _field(
-        None,
-        "Where built-in datasets are looked for and downloaded to.",
-        PATH,
-        panel=DATA,
-        optional=True,
+        DATA, None, "Where built-in datasets are looked for and downloaded to.", PATH, optional=True
     )
     image_size: int | None = _field(
+        DATA,
         None,
         "Side of the stored images (default: per dataset: 28, 32, 64, 224 for imagenet:PATH).",
         integer(8),
-        panel=DATA,
         optional=True,
     )
     subset: int | None = _field(
-        None,
-        "Train on the first N images only (quick runs).",
-        integer(1),
-        panel=DATA,
-        optional=True,
+        DATA, None, "Train on the first N images only (quick runs).", integer(1), optional=True
     )
     download: bool = _field(
-        True, "Download a missing built-in dataset with torchvision.", BOOL, panel=DATA
+        DATA, True, "Download a missing built-in dataset with torchvision.", BOOL
     )
     num_workers: int = _field(
-        4, "DataLoader workers for streamed folders.", integer(0), resumable=True, panel=DATA
+        DATA, 4, "DataLoader workers for streamed folders.", integer(0), resumable=True
     )
     backbone: str = _recipe(
-        "Encoder; 'small' is a fast CNN for CPU runs.", choice(*BACKBONES), panel=MODEL
+        MODEL, "Encoder; 'small' is a fast CNN for CPU runs.", choice(*BACKBONES)
     )
-    width: int = _field(32, "Width of the small CNN's first stage.", integer(1), panel=MODEL)
-    hidden_dim: int = _recipe("Projection head hidden width.", integer(1), panel=MODEL)
-    embed_dim: int = _recipe("Embedding dimension D.", integer(1), panel=MODEL)
-    queue_size: int = _recipe("Relation queue length K.", integer(1), panel=METHOD)
+    width: int = _field(MODEL, 32, "Width of the small CNN's first stage.", integer(1))
+    hidden_dim: int = _recipe(MODEL, "Projection head hidden width.", integer(1))
+    embed_dim: int = _recipe(MODEL, "Embedding dimension D.", integer(1))
+    queue_size: int = _recipe(METHOD, "Relation queue length K.", integer(1))
     ema_momentum: float = _recipe(
-        "Teacher EMA momentum m.", interval(0.0, 1.0, "in [0, 1]"), panel=METHOD
+        METHOD, "Teacher EMA momentum m.", interval(0.0, 1.0, "in [0, 1]")
     )
-    momentum_schedule: str = _field(
+    momentum_schedule: Literal["constant", "cosine"] = _field(
+        METHOD,
         "constant",
         "EMA momentum schedule: constant m (the paper), or cosine from m to 1.",
         choice("constant", "cosine"),
-        panel=METHOD,
     )
-    student_temperature: float = _field(0.1, "tau_s.", number(0.0), panel=METHOD)
-    teacher_temperature: float = _field(
-        0.04, "tau_t (sharper than tau_s).", number(0.0), panel=METHOD
-    )
-    epochs: int = _recipe(
-        "Total epochs (also when resuming).", integer(1), resumable=True, panel=OPTIM
-    )
+    student_temperature: float = _field(METHOD, 0.1, "tau_s.", number(0.0))
+    teacher_temperature: float = _field(METHOD, 0.04, "tau_t (sharper than tau_s).", number(0.0))
+    epochs: int = _recipe(OPTIM, "Total epochs (also when resuming).", integer(1), resumable=True)
     batch_size: int = _field(
-        256, "Images per step (the global batch when distributed).", integer(2), panel=OPTIM
+        OPTIM, 256, "Images per step (the global batch when distributed).", integer(2)
     )
     lr: float = _recipe(
-        "SGD learning rate per 256 images (scaled by batch_size / 256).", number(0.0), panel=OPTIM
+        OPTIM, "SGD learning rate per 256 images (scaled by batch_size / 256).", number(0.0)
     )
     weight_decay: float = _recipe(
-        "Weight decay (not on BatchNorm weights and biases).",
-        number(0.0, strict=False),
-        panel=OPTIM,
+        OPTIM, "Weight decay (not on BatchNorm weights and biases).", number(0.0, strict=False)
     )
-    sgd_momentum: float = _field(
-        0.9, "SGD momentum.", number(0.0, strict=False, below=1.0), panel=OPTIM
-    )
+    sgd_momentum: float = _field(OPTIM, 0.9, "SGD momentum.", number(0.0, strict=False, below=1.0))
     warmup_epochs: int = _recipe(
-        "Linear warm-up epochs before the cosine decay.", integer(0), panel=OPTIM
+        OPTIM, "Linear warm-up epochs before the cosine decay.", integer(0)
     )
     crop_scale: tuple[float, float] = _field(
+        VIEWS,
         (0.2, 1.0),
         "RandomResizedCrop area range of full-size crops.",
         SCALE,
-        panel=VIEWS,
-        parse=_numbers(2, "0.2,1.0"),
+        parse=numbers_text(2, "0.2,1.0"),
         metavar="LO,HI",
     )
     crops: tuple[int, ...] | None = _field(
+        VIEWS,
         None,
         "Multi-crop: the student's crop sides, e.g. 32,28,24,20,16 or 224,192,160,128,96.",
         CROPS,
-        panel=VIEWS,
-        parse=_sides,
+        parse=sides_text,
         metavar="S1,S2,...",
         optional=True,
     )
     crop_scales: tuple[tuple[float, float], ...] | None = _field(
+        VIEWS,
         None,
         "Area range per --crops side, e.g. 0.2:1,0.15:0.75 (default: crop scale x side / image size).",
         CROP_SCALES,
-        panel=VIEWS,
-        parse=_ranges,
+        parse=ranges_text,
         metavar="LO:HI,...",
         optional=True,
     )
     symmetric: bool = _field(
-        False, "2x backprop: two crops per image, each seen by both networks.", BOOL, panel=VIEWS
+        VIEWS, False, "2x backprop: two crops per image, each seen by both networks.", BOOL
     )
-    teacher_view: str = _field(
-        "weak", "Teacher augmentation (the paper: weak).", choice("weak", "strong"), panel=VIEWS
+    teacher_view: Literal["weak", "strong"] = _field(
+        VIEWS, "weak", "Teacher augmentation (the paper: weak).", choice("weak", "strong")
     )
     jitter: tuple[float, float, float, float] = _recipe(
+        VIEWS,
         "Strong view colour jitter strengths.",
         JITTER,
-        panel=VIEWS,
-        parse=_numbers(4, "0.4,0.4,0.4,0.1"),
+        parse=numbers_text(4, "0.4,0.4,0.4,0.1"),
         metavar="B,C,S,H",
     )
     jitter_p: float = _field(
-        0.8, "Probability of colour jitter on the strong view.", PROBABILITY, panel=VIEWS
+        VIEWS, 0.8, "Probability of colour jitter on the strong view.", PROBABILITY
     )
     grayscale_p: float = _field(
-        0.2, "Probability of grayscale on the strong view.", PROBABILITY, panel=VIEWS
+        VIEWS, 0.2, "Probability of grayscale on the strong view.", PROBABILITY
     )
-    blur: float = _recipe(
-        "Probability of Gaussian blur on the strong view.", PROBABILITY, panel=VIEWS
-    )
+    blur: float = _recipe(VIEWS, "Probability of Gaussian blur on the strong view.", PROBABILITY)
     knn_every: int = _field(
+        MONITOR,
         5,
         "kNN monitor every N epochs (0: only at the end, -1: never, e.g. for ImageNet-size data).",
         integer(-1, " (0: only at the end, -1: never)"),
         resumable=True,
-        panel=MONITOR,
     )
-    knn_k: int = _field(200, "Neighbours that vote in the kNN monitor.", integer(1), panel=MONITOR)
+    knn_k: int = _field(MONITOR, 200, "Neighbours that vote in the kNN monitor.", integer(1))
     knn_temperature: float = _field(
-        0.1, "kNN vote weight exp(similarity / t).", number(0.0), panel=MONITOR
+        MONITOR, 0.1, "kNN vote weight exp(similarity / t).", number(0.0)
     )
     progress_every: int = _field(
+        MONITOR,
         10,
         "Steps between progress reports (the one host sync per window).",
         integer(1),
         resumable=True,
-        panel=MONITOR,
     )
     out: str | None = _field(
-        None,
-        "Run folder (default: runs/DATASET).",
-        PATH,
-        panel=RUN,
-        optional=True,
-        short="-o",
+        RUN, None, "Run folder (default: runs/DATASET).", PATH, optional=True, short="-o"
     )
     device: str = _field(
-        "auto", "auto (CUDA when present), cpu, cuda or cuda:N.", DEVICE, resumable=True, panel=RUN
+        RUN, "auto", "auto (CUDA when present), cpu, cuda or cuda:N.", DEVICE, resumable=True
     )
-    precision: str = _field(
+    precision: Literal["auto", "bf16", "fp32"] = _field(
+        RUN,
         "auto",
         "auto: bf16 autocast where supported; bf16; fp32.",
         choice("auto", "bf16", "fp32"),
-        panel=RUN,
     )
     channels_last: bool = _field(
-        True, "Channels-last memory format for images and weights.", BOOL, panel=RUN
+        RUN, True, "Channels-last memory format for images and weights.", BOOL
     )
-    seed: int = _field(
-        0, "Random seed (model init, data order, augmentations).", integer(), panel=RUN
-    )
+    seed: int = _field(RUN, 0, "Random seed (model init, data order, augmentations).", integer())
 
     def __post_init__(self) -> None:
         _check_dataset(self.dataset)
-        size = self.image_size if _is_int(self.image_size) else None
+        size = self.image_size if is_int(self.image_size) else None
         recipe = recipe_for(self.dataset, size) if _dataset_ok(self.dataset) else {}
         for f, meta in _settings():
             value = getattr(self, f.name)
@@ -569,8 +389,8 @@ class TrainConfig:
                 changes[key] = value
             elif value != getattr(self, key):
                 raise ConfigError(
-                    f"--resume continues a run with its saved settings, but {{{key}}} {_lit(value)} "
-                    f"differs from the checkpoint's {_lit(getattr(self, key))}; drop the option or "
+                    f"--resume continues a run with its saved settings, but {{{key}}} {lit(value)} "
+                    f"differs from the checkpoint's {lit(getattr(self, key))}; drop the option or "
                     "start a new run",
                     key,
                 )
@@ -597,11 +417,6 @@ def settings() -> list[tuple[str, Any, Setting]]:
     return [(f.name, f.default, meta) for f, meta in _settings()]
 
 
-def _lit(value: Any) -> str:
-    """``repr(value)``, safe inside a ``ConfigError`` template."""
-    return repr(value).replace("{", "{{").replace("}", "}}")
-
-
 @functools.cache
 def _types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
@@ -616,26 +431,7 @@ def _coerce(name: str, value: Any) -> Any:
         try:
             return meta.parse(value)
         except ValueError as e:
-            raise ConfigError(f"{{{name}}} must be {e}, got {_lit(value)}", name) from None
+            raise ConfigError(f"{{{name}}} must be {e}, got {lit(value)}", name) from None
     if isinstance(value, Path):
         return str(value)
-    return _as(_types()[name], value)
-
-
-def _as(kind: Any, value: Any) -> Any:
-    """``value`` converted to the type ``kind`` where that is lossless (int -> float, list -> tuple)."""
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        return _as(args[0], value) if len(args) == 1 else value
-    if kind is float and _is_int(value):
-        return float(value)
-    if (
-        typing.get_origin(kind) is tuple
-        and isinstance(value, Sequence)
-        and not isinstance(value, str)
-    ):
-        items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-        if len(items) != len(value):
-            return tuple(value)  # the wrong length: the rule says what is expected
-        return tuple(_as(k, v) for k, v in zip(items, value))
-    return value
+    return as_type(_types()[name], value)

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .config import ConfigError
+from .rules import ConfigError
 from .views import multicrop_scales, resized_crop, sample_crop_boxes, strong_view, weak_view
 
 __all__ = ["CropPlan"]

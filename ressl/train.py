@@ -1,9 +1,11 @@
-"""The ReSSL trainer: one function whose keyword arguments are the whole configuration.
+"""The ReSSL trainer: ``train()`` reads build -> restore -> epochs -> end.
 
-``train()`` composes the functional pieces top to bottom: views -> student and
-EMA teacher -> relation loss against the queue -> SGD step -> enqueue -> log ->
-checkpoint. Settings left as ``None`` take the per-dataset defaults of the
-paper (``DATASET_DEFAULTS``); the resolved settings are stored in every
+One step composes the functional pieces (``ressl.step.training_step``): views ->
+student and EMA teacher -> relation loss against the queue -> SGD step -> enqueue.
+Around it: the run is *built* from a :class:`ressl.config.TrainConfig` (data, model,
+optimiser, crop plan, state), *restored* from a checkpoint when resuming, trained
+*epoch* by epoch (progress windows, the kNN monitor, a checkpoint per epoch), and
+*ended* with a final checkpoint. The resolved settings are stored in every
 checkpoint, so ``train(resume=run_dir)`` needs nothing else.
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,30 +24,31 @@ from torch import Tensor, nn
 
 from .checkpoint import (
     CheckpointError,
+    TrainState,
     load_checkpoint,
-    load_optimizer_tensors,
-    optimizer_tensors,
     resolve_checkpoint,
-    save_checkpoint,
+    restore_state,
+    save_state,
 )
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .crops import CropPlan
-from .data import FolderImages, ImageData, ImageSource, load_dataset, source_part
+from .data import FolderImages, ImageData, ImageSource, TensorImages, load_dataset
+from .device import autocast_dtype, select_device
 from .distributed import (
     World,
     all_gather_cat,
-    all_gather_rows,
-    any_rank,
     convert_batchnorm,
     wrap_ddp,
 )
-from .evaluate import extract_features, knn_accuracy
 from .functional import cosine_lr, momentum_schedule
 from .model import ReSSL
+from .monitor import knn_monitor
+from .rules import ConfigError
 from .runs import CHECKPOINT, METRICS, read_metrics, write_metrics
 from .step import EncodeCrops, training_step
+from .stopping import StopAgreement
 
-__all__ = ["train", "TrainEvent", "select_device"]
+__all__ = ["train", "TrainEvent"]
 
 log = logging.getLogger("ressl")
 
@@ -66,41 +68,6 @@ class TrainEvent:
     metrics: dict[str, Any] | None = None
 
 
-def select_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when present, else CPU; otherwise the named device, checked."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(
-            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu"
-        )
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    return dev
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = bool(
-            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        )
-    if precision == "bf16" and not supported:
-        raise ValueError(
-            f"precision 'bf16' is not supported on this {device.type}; use --precision fp32"
-        )
-    return torch.bfloat16 if supported else None
-
-
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     # No weight decay on BatchNorm weights and biases (1-d parameters), as the paper's ImageNet recipe.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
@@ -111,87 +78,253 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     ]
 
 
-class _StopFlag:
-    """First Ctrl-C asks the loop to stop after the current step (and save); a second one aborts."""
+@dataclass
+class _Run:
+    """A built run: everything the epochs need, and the state they change."""
 
-    def __init__(self, also_sigterm: bool = False) -> None:
-        self.stop = False
-        # torchrun answers Ctrl-C by sending SIGTERM to its workers: treat it as the first Ctrl-C
-        self._signals = [signal.SIGINT, signal.SIGTERM] if also_sigterm else [signal.SIGINT]
-        self._previous: dict[int, Any] = {}
+    config: TrainConfig
+    world: World
+    device: torch.device
+    amp: torch.dtype | None
+    data: ImageData
+    source: ImageSource  # the training split, on the device when it fits there
+    plan: CropPlan
+    student: nn.Module  # the student's forward over a step's crops (DDP-wrapped when distributed)
+    state: TrainState
+    run_dir: Path
+    settings: dict[str, Any]  # stored in checkpoints: the config and what the data told
+    steps_per_epoch: int
+    base_lr: float
 
-    def __enter__(self) -> _StopFlag:
-        try:
-            for sig in self._signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not in the main thread: leave signals alone
-            pass
-        return self
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * self.steps_per_epoch
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop:
-            raise KeyboardInterrupt
-        self.stop = True
-        log.warning(
-            "interrupt: stopping after this step (distributed: at the next progress window) and "
-            "saving a checkpoint (Ctrl-C again to abort)"
-        )
+    @property
+    def warmup_steps(self) -> int:
+        return min(self.config.warmup_epochs * self.steps_per_epoch, self.total_steps)
 
-    def __exit__(self, *exc: Any) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+    def event(self, kind: str, **fields: Any) -> TrainEvent:
+        s = self.state
+        return TrainEvent(kind, s.epoch, s.step(self.steps_per_epoch), self.steps_per_epoch,
+                          self.config.epochs, s.batch_in_epoch, **fields)  # fmt: skip
 
+    def save(self) -> Path:
+        """The checkpoint of the current state (a collective when distributed)."""
+        return save_state(self.run_dir / CHECKPOINT, self.state, settings=self.settings,
+                          steps_per_epoch=self.steps_per_epoch, world=self.world)  # fmt: skip
 
-def _knn_monitor(
-    model: ReSSL,
-    data: ImageData,
-    s: dict[str, Any],
-    device: torch.device,
-    amp: torch.dtype | None,
-    world: World,
-) -> dict[str, float]:
-    if data.memory is None or data.test is None or not data.classes:
-        return {}
-    encoder = model.student
-    was_training = encoder.training
-    encoder.eval()  # BatchNorm in eval mode: no collectives, ranks may run different batches
-    kw: dict[str, Any] = dict(
-        mean=data.mean,
-        std=data.std,
-        batch_size=512,
-        device=device,
-        autocast_dtype=amp,
-        channels_last=s["channels_last"],
-    )
+    def batches(self) -> Iterator[tuple[Tensor | list[Tensor], Tensor]]:
+        """The rest of the epoch in progress; streamed folders are cropped in the workers."""
+        c, s = self.config, self.state
+        kw: dict[str, Any] = dict(epoch=s.epoch, seed=c.seed, device=self.device,
+            start=s.batch_in_epoch, num_workers=c.num_workers,
+            shard=(self.world.rank, self.world.size))  # fmt: skip
+        if isinstance(self.source, FolderImages):
+            return self.source.crop_batches(c.batch_size, self.plan.worker_crops, **kw)
+        return self.source.batches(c.batch_size, **kw)  # type: ignore[return-value]
 
-    def features(source: ImageSource) -> tuple[Tensor, Tensor]:
-        n = len(source)
-        if not world.distributed or n < world.size:
-            return extract_features(encoder.features, source, **kw)
-        # each rank extracts its contiguous part; the parts are gathered in rank order
-        part = source_part(source, n * world.rank // world.size, n * (world.rank + 1) // world.size)
-        f, y = extract_features(encoder.features, part, **kw)
-        return all_gather_rows(f), all_gather_rows(y)
-
-    mem_f, mem_y = features(data.memory)
-    test_f, test_y = features(data.test)
-    encoder.train(was_training)
-    acc = knn_accuracy(
-        mem_f, mem_y, test_f, test_y, len(data.classes), s["knn_k"], s["knn_temperature"]
-    )
-    return {f"knn_{k}": round(v, 4) for k, v in acc.items()}
+    def step(self, batch: Tensor | list[Tensor], lr: float, momentum: float) -> Tensor:
+        """One optimisation step on a batch (whole images, or crops cut in the workers)."""
+        c = self.config
+        view_kw: dict[str, Any] = dict(generator=self.state.views, mean=self.data.mean,
+            std=self.data.std, strong=dict(jitter=c.jitter, jitter_p=c.jitter_p,
+            grayscale_p=c.grayscale_p, blur_p=c.blur), teacher_view=c.teacher_view)  # fmt: skip
+        if isinstance(batch, Tensor):
+            x_t, x_s = self.plan.views(batch, **view_kw)
+        else:
+            x_t, x_s = self.plan.views_of_crops(batch, **view_kw)
+        if c.channels_last:
+            x_t = [x.contiguous(memory_format=torch.channels_last) for x in x_t]
+            x_s = [x.contiguous(memory_format=torch.channels_last) for x in x_s]
+        for group in self.state.optimizer.param_groups:
+            group["lr"] = lr
+        return training_step(
+            self.state.model, self.state.optimizer, x_t, x_s, momentum=momentum,
+            student_temperature=c.student_temperature, teacher_temperature=c.teacher_temperature,
+            symmetric=self.plan.symmetric, autocast_dtype=self.amp, student=self.student,
+            gather=all_gather_cat if self.world.distributed else None,
+        )  # fmt: skip
 
 
-def _rng_tensors(view_gen: torch.Generator, world: World) -> dict[str, Tensor]:
-    """The generators' states; distributed, every rank's view generator (a collective)."""
-    out = {"rng.views": view_gen.get_state(), "rng.torch": torch.get_rng_state()}
+class _Window:
+    """The steps between two host syncs: their losses stay on the device until ``flush``."""
+
+    def __init__(self) -> None:
+        self.losses: list[Tensor] = []
+        self.images = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: Tensor, images: int) -> None:
+        self.losses.append(loss)
+        self.images += images
+
+    def flush(self, state: TrainState) -> tuple[float, float]:
+        """Add the window's losses to the epoch's; ``(last loss, images per second)``."""
+        losses = torch.stack(self.losses).tolist()  # the one host sync per window
+        state.loss_sum += sum(losses)
+        state.loss_count += len(losses)
+        now = time.perf_counter()
+        ips = self.images / max(now - self.start, 1e-9)
+        self.losses, self.images, self.start = [], 0, now
+        return losses[-1], ips
+
+
+def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
+    """Phase 1: data, model, optimiser, crop plan and a fresh state, from the config.
+
+    The order of random draws (weights, queue, generators) is fixed: resumed and
+    distributed runs depend on it.
+    """
+    device = select_device(world.device(config.device))
+    amp = autocast_dtype(config.precision, device)
+    data = load_dataset(config.dataset, root=config.data_root, download=config.download,
+                        image_size=config.image_size, subset=config.subset)  # fmt: skip
+    for note in config.notes() + config.check_data(len(data.train), world.size):
+        if world.main:
+            log.warning("%s", note)
+    source = data.train.to(device) if isinstance(data.train, TensorImages) else data.train
+    if data.memory is data.train:
+        data.memory = source  # the kNN monitor's memory bank is the training split
+    settings = {**config.to_dict(), "image_size": data.image_size, "channels": data.channels,
+                "mean": list(data.mean), "std": list(data.std), "num_classes": len(data.classes)}  # fmt: skip
+    torch.manual_seed(config.seed)  # the same initial weights and queue on every rank
+    model = ReSSL(
+        config.backbone, in_channels=data.channels, image_size=data.image_size,
+        hidden_dim=config.hidden_dim, embed_dim=config.embed_dim, queue_size=config.queue_size,
+        width=config.width, generator=torch.Generator().manual_seed(config.seed + 1),
+    ).to(device)  # fmt: skip
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
+    student: nn.Module = EncodeCrops(model.student)
     if world.distributed:
-        states: list[Any] = [None] * world.size
-        torch.distributed.all_gather_object(states, view_gen.get_state())
-        out.update({f"rng.views.rank{r}": state for r, state in enumerate(states) if r > 0})
-    if torch.cuda.is_available():
-        out["rng.cuda"] = torch.cuda.get_rng_state()
-    return out
+        convert_batchnorm(model)  # batch statistics over the global batch, student and teacher
+        student = wrap_ddp(student, device)
+    optimizer = torch.optim.SGD(_param_groups(model.student, config.weight_decay),
+                                lr=config.lr * config.batch_size / 256, momentum=config.sgd_momentum)  # fmt: skip
+    # each rank draws its own augmentations; rank 0's stream is the single-process one
+    views = torch.Generator(device=device).manual_seed(_view_seed(config, world))
+    plan = CropPlan.build(data.image_size, config.crop_scale, config.crops, config.crop_scales,
+                          config.symmetric)  # fmt: skip
+    return _Run(
+        config, world, device, amp, data, source, plan, student,
+        TrainState(model, optimizer, views), run_dir, settings,
+        steps_per_epoch=len(data.train) // config.batch_size,
+        base_lr=config.lr * config.batch_size / 256,
+    )  # fmt: skip
+
+
+def _view_seed(config: TrainConfig, world: World) -> int:
+    return config.seed + 2 + 1_000_003 * world.rank
+
+
+def _restore(run: _Run, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+    """Phase 2 (resuming): the checkpoint's state, then the metrics rows it had written."""
+    restore_state(
+        run.state, tensors, meta, world=run.world, reseed=_view_seed(run.config, run.world)
+    )
+    if run.world.main:
+        log.info("resuming %s at epoch %d, batch %d", run.run_dir, run.state.epoch,
+                 run.state.batch_in_epoch)  # fmt: skip
+
+
+def _open_folder(run: _Run) -> None:
+    """The run folder and its metrics, cut back to the state's epoch (a resumed run's later
+    rows belong to a future it will write again)."""
+    run.state.rows = read_metrics(run.run_dir / METRICS, run.state.epoch)
+    if run.world.main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        write_metrics(run.run_dir / METRICS, run.state.rows)
+
+
+def _epochs(run: _Run, notify: Callable[[TrainEvent], None]) -> Path:
+    """Phase 3: epoch after epoch until the last, or until a stop (saved, then re-raised)."""
+    c, state, world = run.config, run.state, run.world
+    notify(run.event("start"))
+    if world.main:
+        log.info("training %s on %s (%d images, %d steps/epoch) on %s%s%s", c.backbone, c.dataset,
+                 len(run.data.train), run.steps_per_epoch, run.device,
+                 " with bf16 autocast" if run.amp else "",
+                 f", {world.size} processes of {c.batch_size // world.size} images per step"
+                 if world.distributed else "")  # fmt: skip
+    saved = False
+    with StopAgreement(world, run.device) as stop:
+        while state.epoch < c.epochs and not stop.agree():
+            done = _epoch(run, stop, notify)
+            if done is None:  # interrupted mid-epoch
+                break
+            _end_epoch(run, *done, notify)
+            saved = True
+        if stop.stopping and state.epoch < c.epochs:
+            path = run.save()
+            if world.main:
+                log.warning("interrupted: saved %s in epoch %d after batch %d of %d; continue with "
+                            "--resume %s", path, state.epoch + 1, state.batch_in_epoch,
+                            run.steps_per_epoch, run.run_dir)  # fmt: skip
+            notify(run.event("end", metrics={"interrupted": True}))
+            raise KeyboardInterrupt
+    return _end(run, saved, notify)
+
+
+def _epoch(
+    run: _Run, stop: StopAgreement, notify: Callable[[TrainEvent], None]
+) -> tuple[int, float, float, float] | None:
+    """The batches of one epoch; ``(images, seconds, last lr, last EMA momentum)``, or None
+    when a stop came first."""
+    c, state, world = run.config, run.state, run.world
+    state.model.train()
+    t_epoch, seen, window = time.perf_counter(), 0, _Window()
+    lr = momentum = 0.0
+    for images, labels in run.batches():
+        step = state.step(run.steps_per_epoch)
+        lr = cosine_lr(step, run.total_steps, run.base_lr, run.warmup_steps)
+        momentum = momentum_schedule(step, run.total_steps, c.ema_momentum, c.momentum_schedule)
+        window.add(run.step(images, lr, momentum), labels.shape[0] * world.size)
+        state.batch_in_epoch += 1
+        seen += labels.shape[0] * world.size  # images of the global batch
+        ends = len(window.losses) >= c.progress_every or state.batch_in_epoch == run.steps_per_epoch
+        if ends or stop.flush_now:  # distributed ranks end windows together, and agree there
+            stop.agree()
+            loss, ips = window.flush(state)
+            notify(run.event("step", loss=loss, images_per_second=ips))
+        if stop.after_step():
+            break
+    if state.batch_in_epoch < run.steps_per_epoch:
+        return None
+    return seen, time.perf_counter() - t_epoch, lr, momentum
+
+
+def _end_epoch(
+    run: _Run, seen: int, seconds: float, lr: float, momentum: float,
+    notify: Callable[[TrainEvent], None],
+) -> None:  # fmt: skip
+    """An epoch's metrics row (with the kNN monitor when due), checkpoint and metrics file."""
+    c, state = run.config, run.state
+    epoch = state.epoch + 1
+    row: dict[str, Any] = {
+        "epoch": epoch, "step": epoch * run.steps_per_epoch,
+        "loss": state.loss_sum / max(state.loss_count, 1), "lr": lr, "ema_momentum": momentum,
+        "images_per_second": round(seen / max(seconds, 1e-9), 2), "epoch_seconds": round(seconds, 3),
+    }  # fmt: skip
+    every = c.knn_every
+    if every >= 0 and ((every and epoch % every == 0) or epoch == c.epochs):
+        model = run.state.model
+        row.update(knn_monitor(model.student, run.data, c, run.device, run.amp, run.world))
+    state.next_epoch(row)
+    run.save()
+    if run.world.main:
+        write_metrics(run.run_dir / METRICS, state.rows)
+    notify(TrainEvent("epoch", epoch, epoch * run.steps_per_epoch, run.steps_per_epoch, c.epochs,
+                      0, row["loss"], row["images_per_second"], row))  # fmt: skip
+
+
+def _end(run: _Run, saved: bool, notify: Callable[[TrainEvent], None]) -> Path:
+    """Phase 4: the final checkpoint (written now if this call trained nothing) and the end event."""
+    path = run.run_dir / CHECKPOINT
+    if not saved and not path.exists():
+        path = run.save()
+    notify(run.event("end", metrics=run.state.rows[-1] if run.state.rows else {}))
+    return path
 
 
 def _resume_config(
@@ -266,342 +399,10 @@ def train(
         cfg = cfg.replace(out=str(run_dir))
     world = World.join(cfg.device)
     try:
-        return _run(world, cfg, state, meta, run_dir, resume is not None, notify)
+        run = _build(cfg, world, run_dir)
+        if resume is not None:
+            _restore(run, state, meta)
+        _open_folder(run)
+        return _epochs(run, notify)
     finally:
         world.leave()
-
-
-def _run(
-    world: World,
-    cfg: TrainConfig,
-    state: dict[str, Tensor],
-    meta: dict[str, str],
-    run_dir: Path,
-    resuming: bool,
-    notify: Callable[[TrainEvent], None],
-) -> Path:
-    s = cfg.to_dict()
-    per_rank = s["batch_size"] // world.size
-    device = select_device(world.device(s["device"]))
-    amp = _autocast_dtype(s["precision"], device)
-    data = load_dataset(
-        s["dataset"],
-        root=s["data_root"],
-        download=s["download"],
-        image_size=s["image_size"],
-        subset=s["subset"],
-    )
-    s.update(
-        image_size=data.image_size,
-        channels=data.channels,
-        mean=list(data.mean),
-        std=list(data.std),
-        num_classes=len(data.classes),
-    )
-    n_train = len(data.train)
-    for note in cfg.notes() + cfg.check_data(n_train, world.size):
-        if world.main:
-            log.warning("%s", note)
-    train_source = data.train.to(device) if hasattr(data.train, "to") else data.train
-    if hasattr(data.memory, "to") and data.memory is data.train:
-        data.memory = train_source
-    steps_per_epoch = n_train // s["batch_size"]
-    total_steps = s["epochs"] * steps_per_epoch
-    warmup_steps = min(s["warmup_epochs"] * steps_per_epoch, total_steps)
-    base_lr = s["lr"] * s["batch_size"] / 256
-
-    torch.manual_seed(s["seed"])  # the same initial weights and queue on every rank
-    model = ReSSL(
-        s["backbone"],
-        in_channels=data.channels,
-        image_size=data.image_size,
-        hidden_dim=s["hidden_dim"],
-        embed_dim=s["embed_dim"],
-        queue_size=s["queue_size"],
-        width=s["width"],
-        generator=torch.Generator().manual_seed(s["seed"] + 1),
-    ).to(device)
-    if s["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
-    student: nn.Module = EncodeCrops(model.student)
-    if world.distributed:
-        convert_batchnorm(model)  # batch statistics over the global batch, student and teacher
-        student = wrap_ddp(student, device)
-    optimizer = torch.optim.SGD(
-        _param_groups(model.student, s["weight_decay"]), lr=base_lr, momentum=s["sgd_momentum"]
-    )
-    # each rank draws its own augmentations; rank 0's stream is the single-process one
-    view_gen = torch.Generator(device=device).manual_seed(s["seed"] + 2 + 1_000_003 * world.rank)
-
-    epoch, batch_in_epoch, loss_sum, loss_count = 0, 0, 0.0, 0
-    metrics_path = run_dir / METRICS
-    if resuming:
-        model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
-        load_optimizer_tensors(optimizer, state, meta["optimizer"])
-        rng_key = "rng.views" if world.rank == 0 else f"rng.views.rank{world.rank}"
-        saved_world = int(meta.get("world_size", "1"))
-        if (
-            meta.get("rng_device", "cpu") == device.type
-            and saved_world == world.size
-            and rng_key in state
-        ):
-            view_gen.set_state(state[rng_key])
-        else:  # a generator's state does not carry across device types or world sizes
-            if world.main:
-                log.warning(
-                    "checkpoint was written by %d process(es) on %s, resuming with %d on %s: "
-                    "augmentations are reseeded, so the run continues correctly but not "
-                    "bitwise-identically",
-                    saved_world,
-                    meta.get("rng_device"),
-                    world.size,
-                    device.type,
-                )
-            view_gen.manual_seed(s["seed"] + 2 + 1_000_003 * world.rank + int(meta["step"]))
-        torch.set_rng_state(state["rng.torch"])
-        if "rng.cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["rng.cuda"])
-        epoch, batch_in_epoch = int(meta["epoch"]), int(meta["batch_in_epoch"])
-        loss_sum, loss_count = float(meta["epoch_loss_sum"]), int(meta["epoch_loss_count"])
-        if world.main:
-            log.info("resuming %s at epoch %d, batch %d", run_dir, epoch, batch_in_epoch)
-    rows = read_metrics(metrics_path, epoch)
-    if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_metrics(metrics_path, rows)
-
-    plan = CropPlan.build(
-        data.image_size, s["crop_scale"], s["crops"], s["crop_scales"], s["symmetric"]
-    )
-    strong_kw: dict[str, Any] = dict(
-        jitter=s["jitter"], jitter_p=s["jitter_p"], grayscale_p=s["grayscale_p"], blur_p=s["blur"]
-    )
-    view_kw: dict[str, Any] = dict(
-        generator=view_gen,
-        mean=data.mean,
-        std=data.std,
-        strong=strong_kw,
-        teacher_view=s["teacher_view"],
-    )
-    # Streamed folders (FolderImages) are cropped in the DataLoader workers from the full-resolution files.
-
-    def checkpoint() -> Path:
-        rng = _rng_tensors(
-            view_gen, world
-        )  # a collective when distributed: every rank calls checkpoint()
-        path = run_dir / CHECKPOINT
-        if not world.main:
-            return path
-        opt_tensors, opt_blob = optimizer_tensors(optimizer)
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors.update(opt_tensors)
-        tensors.update(rng)
-        step = epoch * steps_per_epoch + batch_in_epoch
-        return save_checkpoint(
-            path,
-            tensors,
-            {
-                "world_size": str(world.size),
-                "settings": json.dumps(s),
-                "optimizer": opt_blob,
-                "epoch": str(epoch),
-                "batch_in_epoch": str(batch_in_epoch),
-                "step": str(step),
-                "epoch_loss_sum": repr(loss_sum),
-                "epoch_loss_count": str(loss_count),
-                "metrics": json.dumps(rows[-1] if rows else {}),
-                "rng_device": device.type,
-            },
-        )
-
-    def step_fn(batch: Tensor | list[Tensor], lr: float, momentum: float) -> Tensor:
-        if isinstance(batch, Tensor):
-            x_t, x_s = plan.views(batch, **view_kw)
-        else:
-            x_t, x_s = plan.views_of_crops(batch, **view_kw)
-        if s["channels_last"]:
-            x_t = [x.contiguous(memory_format=torch.channels_last) for x in x_t]
-            x_s = [x.contiguous(memory_format=torch.channels_last) for x in x_s]
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return training_step(
-            model,
-            optimizer,
-            x_t,
-            x_s,
-            momentum=momentum,
-            student_temperature=s["student_temperature"],
-            teacher_temperature=s["teacher_temperature"],
-            symmetric=plan.symmetric,
-            autocast_dtype=amp,
-            student=student,
-            gather=all_gather_cat if world.distributed else None,
-        )
-
-    notify(
-        TrainEvent(
-            "start",
-            epoch,
-            epoch * steps_per_epoch + batch_in_epoch,
-            steps_per_epoch,
-            s["epochs"],
-            batch_in_epoch,
-        )
-    )
-    if world.main:
-        log.info(
-            "training %s on %s (%d images, %d steps/epoch) on %s%s%s",
-            s["backbone"],
-            s["dataset"],
-            n_train,
-            steps_per_epoch,
-            device,
-            " with bf16 autocast" if amp else "",
-            f", {world.size} processes of {per_rank} images per step" if world.distributed else "",
-        )
-    saved = False
-    stopping = False  # distributed: the ranks' agreed stop, updated together at epoch starts and window ends
-
-    def agree(flag_value: bool) -> bool:
-        return any_rank(flag_value, device) if world.distributed else flag_value
-
-    with _StopFlag(also_sigterm=world.distributed) as flag:
-        while epoch < s["epochs"]:
-            stopping = agree(flag.stop)
-            if stopping:
-                break
-            model.train()
-            batches: Iterator[tuple[Tensor | list[Tensor], Tensor]]
-            if isinstance(train_source, FolderImages):
-                batches = train_source.crop_batches(
-                    s["batch_size"],
-                    plan.worker_crops,
-                    epoch=epoch,
-                    seed=s["seed"],
-                    device=device,
-                    start=batch_in_epoch,
-                    num_workers=s["num_workers"],
-                    shard=(world.rank, world.size),
-                )
-            else:
-                batches = train_source.batches(
-                    s["batch_size"],
-                    epoch=epoch,
-                    seed=s["seed"],
-                    device=device,
-                    start=batch_in_epoch,
-                    num_workers=s["num_workers"],
-                    shard=(world.rank, world.size),
-                )
-            t_epoch = time.perf_counter()
-            seen, t_window, seen_window = 0, time.perf_counter(), 0
-            pending: list[Tensor] = []
-            for images, labels in batches:
-                step = epoch * steps_per_epoch + batch_in_epoch
-                lr = cosine_lr(step, total_steps, base_lr, warmup_steps)
-                m = momentum_schedule(step, total_steps, s["ema_momentum"], s["momentum_schedule"])
-                pending.append(step_fn(images, lr, m))
-                batch_in_epoch += 1
-                seen += labels.shape[0] * world.size  # images of the global batch
-                seen_window += labels.shape[0] * world.size
-                # Distributed ranks must agree on when to stop: they check together, at window ends.
-                stop_now = flag.stop and not world.distributed
-                if (
-                    len(pending) >= s["progress_every"]
-                    or batch_in_epoch == steps_per_epoch
-                    or stop_now
-                ):
-                    stopping = agree(flag.stop)
-                    losses = torch.stack(pending).tolist()  # the one host sync per window
-                    pending.clear()
-                    loss_sum += sum(losses)
-                    loss_count += len(losses)
-                    now = time.perf_counter()
-                    ips = seen_window / max(now - t_window, 1e-9)
-                    t_window, seen_window = now, 0
-                    notify(
-                        TrainEvent(
-                            "step",
-                            epoch,
-                            step + 1,
-                            steps_per_epoch,
-                            s["epochs"],
-                            batch_in_epoch,
-                            losses[-1],
-                            ips,
-                        )
-                    )
-                if stopping if world.distributed else flag.stop:  # one process: at once
-                    stopping = True
-                    break
-            if batch_in_epoch < steps_per_epoch:  # interrupted mid-epoch
-                break
-            elapsed = time.perf_counter() - t_epoch
-            epoch += 1
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "step": epoch * steps_per_epoch,
-                "loss": loss_sum / max(loss_count, 1),
-                "lr": lr,
-                "ema_momentum": m,
-                "images_per_second": round(seen / max(elapsed, 1e-9), 2),
-                "epoch_seconds": round(elapsed, 3),
-            }
-            every = s["knn_every"]
-            if every >= 0 and ((every and epoch % every == 0) or epoch == s["epochs"]):
-                row.update(_knn_monitor(model, data, s, device, amp, world))
-            rows.append(row)
-            batch_in_epoch, loss_sum, loss_count = 0, 0.0, 0
-            path, saved = checkpoint(), True
-            if world.main:
-                write_metrics(metrics_path, rows)
-            notify(
-                TrainEvent(
-                    "epoch",
-                    epoch,
-                    epoch * steps_per_epoch,
-                    steps_per_epoch,
-                    s["epochs"],
-                    0,
-                    row["loss"],
-                    row["images_per_second"],
-                    row,
-                )
-            )
-        if stopping and epoch < s["epochs"]:
-            path = checkpoint()
-            if world.main:
-                log.warning(
-                    "interrupted: saved %s in epoch %d after batch %d of %d; continue with --resume %s",
-                    path,
-                    epoch + 1,
-                    batch_in_epoch,
-                    steps_per_epoch,
-                    run_dir,
-                )
-            notify(
-                TrainEvent(
-                    "end",
-                    epoch,
-                    epoch * steps_per_epoch + batch_in_epoch,
-                    steps_per_epoch,
-                    s["epochs"],
-                    batch_in_epoch,
-                    metrics={"interrupted": True},
-                )
-            )
-            raise KeyboardInterrupt
-    path = run_dir / CHECKPOINT
-    if not saved and not path.exists():  # resumed a run that had already finished
-        path = checkpoint()
-    notify(
-        TrainEvent(
-            "end",
-            epoch,
-            epoch * steps_per_epoch,
-            steps_per_epoch,
-            s["epochs"],
-            metrics=rows[-1] if rows else {},
-        )
-    )
-    return path

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from ressl.config import BACKBONES, ConfigError, TrainConfig, flag, settings
+from ressl.config import BACKBONES, TrainConfig, settings
 from ressl.datasets import DATASETS, find, recipe_for
+from ressl.rules import ConfigError, flag
 
 
 def test_config_is_frozen_keyword_only_and_resolved():

@@ -1,0 +1,220 @@
+"""Valid ranges, command-line text and errors of settings: the vocabulary of ``ressl.config``.
+
+A :class:`Rule` says which values a setting takes and how to say so; a
+:class:`Setting` is what a configuration field declares besides its type and default;
+a :class:`ConfigError` names settings as placeholders, so one message reads with
+Python keywords in the API and with flags on the command line. No torch here.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "Rule",
+    "Setting",
+    "as_type",
+    "choice",
+    "flag",
+    "integer",
+    "interval",
+    "lit",
+    "number",
+]
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a setting: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+class ConfigError(ValueError):
+    """An invalid setting. The message names settings as ``{name}`` placeholders, so it
+    reads with Python keywords (``str(e)``) or with command-line flags (``e.render(flag)``).
+    """
+
+    def __init__(self, template: str, *names: str) -> None:
+        self.template = template
+        self.names = names
+        super().__init__(self.render(str))
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with every setting called ``name(setting)``."""
+        return self.template.format_map({n: name(n) for n in self.names})
+
+    @classmethod
+    def invalid(cls, setting: str, expect: str, value: Any) -> ConfigError:
+        """``"{setting} must be <expect>, got <value>"``."""
+        return cls(f"{{{setting}}} must be {expect}, got {lit(value)}", setting)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A valid range: ``ok(value)``, described by ``expect`` ("an integer >= 1")."""
+
+    expect: str
+    ok: Callable[[Any], bool]
+    choices: tuple[str, ...] = ()  # the valid values, when they can be listed
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(low: int | None = None, note: str = "") -> Rule:
+    """An int (no bool) >= ``low``."""
+    expect = "an integer" + (f" >= {low}" if low is not None else "") + note
+    return Rule(expect, lambda v: is_int(v) and (low is None or v >= low))
+
+
+def number(low: float = 0.0, *, strict: bool = True, below: float = math.inf) -> Rule:
+    """A finite number > ``low`` (>= when not ``strict``) and < ``below``."""
+    rel = ">" if strict else ">="
+    expect = f"a number {rel} {low:g}" + ("" if below == math.inf else f" and < {below:g}")
+    return Rule(
+        expect,
+        lambda v: is_number(v) and (v > low if strict else v >= low) and v < below,
+    )
+
+
+def interval(low: float, high: float, expect: str) -> Rule:
+    """A finite number in ``[low, high]``."""
+    return Rule(expect, lambda v: is_number(v) and low <= v <= high)
+
+
+def choice(*values: str) -> Rule:
+    return Rule("one of " + ", ".join(repr(v) for v in values), lambda v: v in values, values)
+
+
+def _scale_range(v: Any) -> bool:
+    return isinstance(v, tuple) and len(v) == 2 and all(map(is_number, v)) and 0 < v[0] <= v[1] <= 1
+
+
+BOOL = Rule("True or False", lambda v: isinstance(v, bool))
+TEXT = Rule("a string", lambda v: isinstance(v, str))
+PATH = Rule("a path", lambda v: isinstance(v, str) and v != "")
+SCALE = Rule("two numbers 0 < lo <= hi <= 1", _scale_range)
+JITTER = Rule(
+    "four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)",
+    lambda v: (
+        isinstance(v, tuple)
+        and len(v) == 4
+        and all(is_number(x) and x >= 0 for x in v)
+        and v[3] <= 0.5
+    ),
+)
+CROPS = Rule(
+    "crop sides >= 8 like (32, 28, 24, 20, 16)",
+    lambda v: isinstance(v, tuple) and len(v) >= 1 and all(is_int(x) and x >= 8 for x in v),
+)
+CROP_SCALES = Rule(
+    "(lo, hi) ranges with 0 < lo <= hi <= 1",
+    lambda v: isinstance(v, tuple) and len(v) >= 1 and all(map(_scale_range, v)),
+)
+DEVICE = Rule(
+    "'auto', 'cpu', 'cuda' or 'cuda:N'",
+    lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+)
+PROBABILITY = interval(0.0, 1.0, "a probability in [0, 1]")
+
+
+# --------------------------------------------------------------------------- parsing text
+
+
+def numbers_text(count: int, example: str) -> Callable[[str], tuple[float, ...]]:
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count:
+            raise ValueError(f"{count} comma-separated numbers like {example}")
+        return values
+
+    return parse
+
+
+def sides_text(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError("comma-separated crop sides like 32,28,24,20,16") from None
+
+
+def ranges_text(text: str) -> tuple[tuple[float, float], ...]:
+    try:
+        pairs = [tuple(float(v) for v in part.split(":")) for part in text.split(",")]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError("comma-separated lo:hi ranges like 0.2:1,0.15:0.75")
+    return tuple((p[0], p[1]) for p in pairs)
+
+
+# --------------------------------------------------------------------------- fields
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a ``TrainConfig`` field declares besides its type and default.
+
+    Attributes:
+        help: One sentence for ``--help`` and the docs.
+        rule: The valid values (checked on every construction).
+        recipe: None means "the dataset's recipe value" (``ressl.datasets``).
+        resumable: ``--resume`` may change it (everything else must match the checkpoint).
+        panel: The ``--help`` section it is listed in.
+        parse: Reads the value from command-line text (tuples); None: the field's type.
+        metavar: How ``--help`` shows the value (for parsed text).
+        optional: None is a valid value (not a recipe placeholder).
+        short: A one-letter alias, e.g. ``-o``.
+    """
+
+    help: str
+    rule: Rule
+    recipe: bool = False
+    resumable: bool = False
+    panel: str = "Training"
+    parse: Callable[[str], Any] | None = None
+    metavar: str | None = None
+    optional: bool = False
+    short: str | None = None
+
+
+def lit(value: Any) -> str:
+    """``repr(value)``, safe inside a ``ConfigError`` template."""
+    return repr(value).replace("{", "{{").replace("}", "}}")
+
+
+def as_type(kind: Any, value: Any) -> Any:
+    """``value`` converted to the type ``kind`` where that is lossless (int -> float, list -> tuple)."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return as_type(args[0], value) if len(args) == 1 else value
+    if kind is float and is_int(value):
+        return float(value)
+    if (
+        typing.get_origin(kind) is tuple
+        and isinstance(value, Sequence)
+        and not isinstance(value, str)
+    ):
+        items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            return tuple(value)  # the wrong length: the rule says what is expected
+        return tuple(as_type(k, v) for k, v in zip(items, value))
+    return value
