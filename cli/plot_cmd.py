@@ -135,7 +135,7 @@ def plot_cmd(
     import torch
 
     from ressl.evaluate import extract_features
-    from ressl.tsne import tsne as run_tsne
+    from ressl.manifold import tsne as run_tsne
 
     rows = read_metrics(run_dir)
     if tsne_points < 4:

@@ -15,7 +15,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ressl.train import TrainEvent
+from ressl.trainer import TrainEvent
 
 
 class TrainProgress:

@@ -95,7 +95,7 @@ def _parameters() -> list[inspect.Parameter]:
 
 def train_cmd(ctx: typer.Context, **options: Any) -> None:
     """Pre-train an encoder with ReSSL; writes RUN/last.safetensors and RUN/metrics.jsonl."""
-    from ressl.train import train
+    from ressl.trainer import train
 
     from .progress import TrainProgress
 

@@ -37,6 +37,7 @@ from ressl.atomic import check_writable, write_atomic
 from ressl.checkpoint import load_encoder, read_metadata
 from ressl.model import Encoder, ReSSL
 from ressl.runs import resolve_checkpoint
+from ressl.views import normalize
 
 from .embedder import open_session
 from .metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
@@ -70,22 +71,16 @@ class ServingEncoder(nn.Module):
         fp16: run ``net`` in float16 (normalisation and the L2 norm stay in float32).
     """
 
-    mean: Tensor
-    std: Tensor
-
     def __init__(
         self, net: nn.Module, mean: Sequence[float], std: Sequence[float], fp16: bool = False
     ) -> None:
         super().__init__()
         self.net = net.half() if fp16 else net
         self.fp16 = fp16
-        self.register_buffer(
-            "mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
-        )
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
     def forward(self, images: Tensor) -> Tensor:
-        x = (images - self.mean) / self.std  # (N, C, H, W)
+        x = normalize(images, self.mean, self.std)  # (N, C, H, W), constants in the graph
         if self.fp16:
             x = x.half()
         return F.normalize(self.net(x).float(), dim=1)  # (N, D)

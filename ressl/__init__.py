@@ -49,12 +49,20 @@ if TYPE_CHECKING:
         sharpen,
         symmetric_relation_loss,
     )
+    from .manifold import tsne
     from .model import BACKBONES, Encoder, ProjectionHead, ReSSL, SmallCNN, build_backbone
     from .rules import ConfigError
     from .step import EncodeCrops, training_step
-    from .train import TrainEvent, train
-    from .tsne import tsne
-    from .views import multicrop_scales, random_resized_crop, strong_view, weak_view
+    from .trainer import TrainEvent, train
+    from .views import (
+        StrongView,
+        WeakView,
+        multicrop_scales,
+        normalize,
+        random_resized_crop,
+        strong_view,
+        weak_view,
+    )
 
 # public name -> the module that defines it
 _HOME: dict[str, str] = {
@@ -81,7 +89,7 @@ _HOME: dict[str, str] = {
     **dict.fromkeys(
         ["BACKBONES", "SmallCNN", "ProjectionHead", "Encoder", "ReSSL", "build_backbone"], "model"
     ),
-    **dict.fromkeys(["train", "TrainEvent"], "train"),
+    **dict.fromkeys(["train", "TrainEvent"], "trainer"),
     "TrainConfig": "config",
     "ConfigError": "rules",
     **dict.fromkeys(["DATASETS", "DatasetInfo"], "datasets"),
@@ -91,7 +99,7 @@ _HOME: dict[str, str] = {
         ["extract_features", "split_features", "knn_predict", "knn_accuracy", "linear_probe"],
         "evaluate",
     ),
-    "tsne": "tsne",
+    "tsne": "manifold",
     **dict.fromkeys(
         ["save_checkpoint", "load_checkpoint", "read_metadata", "load_encoder", "CheckpointError"],
         "checkpoint",
@@ -113,6 +121,9 @@ __all__ = [
     # views
     "weak_view",
     "strong_view",
+    "WeakView",
+    "StrongView",
+    "normalize",
     "random_resized_crop",
     "multicrop_scales",
     "CropPlan",

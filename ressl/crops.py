@@ -24,10 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .rules import ConfigError
-from .views import multicrop_scales, resized_crop, sample_crop_boxes, strong_view, weak_view
+from .views import StrongView, WeakView, multicrop_scales, resized_crop, sample_crop_boxes
 
 __all__ = ["CropPlan"]
 
@@ -113,11 +114,11 @@ class CropPlan:
         self,
         images: Tensor,
         *,
-        generator: Any,
+        generator: torch.Generator,
         mean: Sequence[float],
         std: Sequence[float],
-        strong: dict[str, Any],
-        teacher_view: str = "weak",
+        student: StrongView,
+        teacher: WeakView | StrongView,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """``(teacher inputs, student inputs)`` from whole images, cropped on their device.
 
@@ -125,13 +126,10 @@ class CropPlan:
             images: uint8 ``(B, C, H, W)``.
             generator: The views' generator, on the images' device.
             mean, std: Normalisation.
-            strong: The strong view's colour options (``jitter``, ``jitter_p``,
-                ``grayscale_p``, ``blur_p``, ...).
-            teacher_view: ``"weak"`` (the paper) or ``"strong"``.
+            student: The student's (strong) view.
+            teacher: The teacher's view: ``WeakView()`` in the paper, or a strong one.
         """
         common: dict[str, Any] = dict(mean=mean, std=std, generator=generator)
-        teacher = strong_view if teacher_view == "strong" else weak_view
-        t_kw = {**common, **strong} if teacher_view == "strong" else common
         if self.symmetric:
             b, _, h, w = images.shape
             size, scale = self.teacher[0]
@@ -141,39 +139,33 @@ class CropPlan:
                 )
                 for _ in range(2)
             ]  # crops a and b, float in [0, 1]
-            x_s = [strong_view(c, size=size, crop=False, **common, **strong) for c in cut]
-            x_t = [teacher(c, size=size, crop=False, **t_kw) for c in cut]
+            x_s = [student(c, size=size, crop=False, **common) for c in cut]
+            x_t = [teacher(c, size=size, crop=False, **common) for c in cut]
             return x_t, x_s
         # students first, then the teacher: the one-crop run draws in this order
-        x_s = [
-            strong_view(images, size=size, scale=scale, **common, **strong)
-            for size, scale in self.student
-        ]
+        x_s = [student(images, size=size, scale=scale, **common) for size, scale in self.student]
         ((size, scale),) = self.teacher
-        x_t = [teacher(images, size=size, scale=scale, **t_kw)]
-        return x_t, x_s
+        return [teacher(images, size=size, scale=scale, **common)], x_s
 
     def views_of_crops(
         self,
         crops: Sequence[Tensor],
         *,
-        generator: Any,
+        generator: torch.Generator,
         mean: Sequence[float],
         std: Sequence[float],
-        strong: dict[str, Any],
-        teacher_view: str = "weak",
+        student: StrongView,
+        teacher: WeakView | StrongView,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """``(teacher inputs, student inputs)`` from crops cut in workers (``worker_crops`` order)."""
         if len(crops) != len(self.worker_crops):
             raise ValueError(f"expected {len(self.worker_crops)} crops per image, got {len(crops)}")
         common: dict[str, Any] = dict(mean=mean, std=std, generator=generator, crop=False)
-        teacher = strong_view if teacher_view == "strong" else weak_view
-        t_kw = {**common, **strong} if teacher_view == "strong" else common
         n_t = len(self.teacher)
         t_crops = crops[:n_t]
         s_crops = crops[:n_t] if self.symmetric else crops[n_t:]
-        x_s = [strong_view(c, size=c.shape[-1], **common, **strong) for c in s_crops]
-        x_t = [teacher(c, size=c.shape[-1], **t_kw) for c in t_crops]
+        x_s = [student(c, size=c.shape[-1], **common) for c in s_crops]
+        x_t = [teacher(c, size=c.shape[-1], **common) for c in t_crops]
         return x_t, x_s
 
 

@@ -9,7 +9,7 @@ The protocols of RESSL.md ("Evaluation protocols"), shared by the trainer's moni
   encoder in eval mode so BatchNorm uses its running statistics), SGD with momentum
   0.9, no weight decay, cosine schedule, 100 epochs; top-1 on the test split.
 
-The t-SNE of the paper's qualitative figure is in :mod:`ressl.tsne`.
+The t-SNE of the paper's qualitative figure is in :mod:`ressl.manifold` (``ressl.tsne``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .functional import cosine_lr
+from .views import normalize
 
 if TYPE_CHECKING:
     from .data import ImageData, ImageSource
@@ -34,16 +35,7 @@ __all__ = [
     "knn_predict",
     "knn_accuracy",
     "linear_probe",
-    "normalize_images",
 ]
-
-
-def normalize_images(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """uint8 ``(B, C, H, W)`` -> float32 normalised by per-channel mean/std (values in [0, 1] scale)."""
-    x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
 
 
 @torch.no_grad()
@@ -83,7 +75,7 @@ def extract_features(
     for images, y in source.batches(
         batch_size, epoch=0, seed=0, device=device, shuffle=False, drop_last=False
     ):
-        x = normalize_images(images, mean, std)
+        x = normalize(images, mean, std)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with ctx:

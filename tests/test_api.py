@@ -48,3 +48,14 @@ def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'frobnicate'"):
         _ = ressl.frobnicate
     assert "train" in dir(ressl)
+
+
+def test_public_functions_survive_their_modules_being_imported():
+    # a submodule named like a public function would replace it on the package when imported
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(ressl.__path__):
+        importlib.import_module(f"ressl.{info.name}")
+    for name in ressl.__all__:
+        assert not isinstance(getattr(ressl, name), type(ressl)), f"ressl.{name} is a module"

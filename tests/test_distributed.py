@@ -134,7 +134,7 @@ def _train_worker(rank: int, world: int, port: int, settings: dict, out: str) ->
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    train_module = sys.modules["ressl.train"]
+    train_module = sys.modules["ressl.trainer"]
     models: list[ReSSL] = []
 
     class Recorded(ReSSL):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from cli_helpers import assert_one_line_error, run_cli
 
-from ressl.train import train
+from ressl.trainer import train
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 
 from ressl.data import ImageData, TensorImages, load_dataset
 from ressl.evaluate import knn_accuracy, knn_predict, linear_probe, split_features
-from ressl.tsne import _squared_distances, affinities, tsne
+from ressl.manifold import _squared_distances, affinities, tsne
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

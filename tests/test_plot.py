@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import assert_one_line_error, run_cli
 
-from ressl.train import train
+from ressl.trainer import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

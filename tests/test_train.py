@@ -163,7 +163,7 @@ def test_streamed_folder_multicrop_and_symmetric(tmp_path, tiny_settings, monkey
     import sys
 
     monkeypatch.setattr("ressl.data.MAX_IN_MEMORY_BYTES", 0)  # crops cut in the DataLoader workers
-    crops_module = sys.modules["ressl.crops"]
+    crops_module = sys.modules["ressl.views.compose"]  # StrongView calls strong_view here
     sides = []
     real = crops_module.strong_view
 
@@ -208,7 +208,7 @@ def test_strong_view_options_reach_the_augmentation(tmp_path, tiny_settings, mon
     import sys
 
     seen = []
-    train_module = sys.modules["ressl.crops"]  # where the trainer's views are drawn
+    train_module = sys.modules["ressl.views.compose"]  # StrongView calls strong_view here
 
     real = train_module.strong_view
 
@@ -264,7 +264,7 @@ def test_symmetric_enqueues_both_teacher_batches(tmp_path, tiny_settings):
 def test_multicrop_student_sees_every_crop_size(tmp_path, tiny_settings, monkeypatch):
     import sys
 
-    crops_module = sys.modules["ressl.crops"]
+    crops_module = sys.modules["ressl.views.compose"]  # StrongView calls strong_view here
     sizes, scales = [], []
     real = crops_module.strong_view
 

@@ -567,13 +567,36 @@ def test_cuda_building_blocks_equal_cpu():
 
 def test_sync_free_hue_path_matches_the_gathered_one():
     # Accelerators run hue densely (no host sync); CPU gathers the due images. Same result.
-    from ressl.views import _adjust_colors_, sample_jitter_params
+    from ressl.views import sample_jitter_params
+    from ressl.views.colour import adjust_colors_
 
     g = torch.Generator().manual_seed(7)
     x = torch.rand(64, 3, 16, 16, generator=g)
     factors, order = sample_jitter_params(64, generator=g)
     apply = torch.rand(64, generator=g) < 0.8
-    gathered = _adjust_colors_(x.clone(), factors, order, apply, [True] * 4, gather_hue=True)
-    dense = _adjust_colors_(x.clone(), factors, order, apply, [True] * 4, gather_hue=False)
+    gathered = adjust_colors_(x.clone(), factors, order, apply, [True] * 4, gather_hue=True)
+    dense = adjust_colors_(x.clone(), factors, order, apply, [True] * 4, gather_hue=False)
     torch.testing.assert_close(dense, gathered, atol=1e-6, rtol=0)
     assert not torch.equal(gathered, x)
+
+
+def test_view_configs_are_the_view_functions():
+    from ressl.views import StrongView, WeakView
+
+    x = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
+    kw = dict(size=16, mean=(0.5,) * 3, std=(0.25,) * 3, scale=(0.3, 0.9))
+    strong = StrongView(jitter=(0.8, 0.8, 0.0, 0.0), jitter_p=1.0, grayscale_p=0.0, blur_p=0.5)
+    a = strong(x, generator=torch.Generator().manual_seed(1), **kw)
+    b = strong_view(x, generator=torch.Generator().manual_seed(1), jitter=(0.8, 0.8, 0.0, 0.0),
+                    jitter_p=1.0, grayscale_p=0.0, blur_p=0.5, **kw)  # fmt: skip
+    assert torch.equal(a, b)
+    c = WeakView(flip_p=0.0)(x, generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(
+        c, weak_view(x, generator=torch.Generator().manual_seed(2), flip_p=0.0, **kw)
+    )
+    with pytest.raises(ValueError, match="jitter_p must be a probability"):
+        StrongView(jitter_p=1.5)
+    with pytest.raises(ValueError, match="jitter must be"):
+        StrongView(jitter=(0.4, 0.4, 0.4, 0.9))
+    with pytest.raises(ValueError, match="flip_p must be a probability"):
+        WeakView(flip_p=-1)

@@ -47,6 +47,7 @@ from .rules import ConfigError
 from .runs import CHECKPOINT, METRICS, read_metrics, write_metrics
 from .step import EncodeCrops, training_step
 from .stopping import StopAgreement
+from .views import StrongView, WeakView
 
 __all__ = ["train", "TrainEvent"]
 
@@ -89,6 +90,8 @@ class _Run:
     data: ImageData
     source: ImageSource  # the training split, on the device when it fits there
     plan: CropPlan
+    student_view: StrongView
+    teacher_view: WeakView | StrongView
     student: nn.Module  # the student's forward over a step's crops (DDP-wrapped when distributed)
     state: TrainState
     run_dir: Path
@@ -128,8 +131,7 @@ class _Run:
         """One optimisation step on a batch (whole images, or crops cut in the workers)."""
         c = self.config
         view_kw: dict[str, Any] = dict(generator=self.state.views, mean=self.data.mean,
-            std=self.data.std, strong=dict(jitter=c.jitter, jitter_p=c.jitter_p,
-            grayscale_p=c.grayscale_p, blur_p=c.blur), teacher_view=c.teacher_view)  # fmt: skip
+            std=self.data.std, student=self.student_view, teacher=self.teacher_view)  # fmt: skip
         if isinstance(batch, Tensor):
             x_t, x_s = self.plan.views(batch, **view_kw)
         else:
@@ -206,8 +208,11 @@ def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
     views = torch.Generator(device=device).manual_seed(_view_seed(config, world))
     plan = CropPlan.build(data.image_size, config.crop_scale, config.crops, config.crop_scales,
                           config.symmetric)  # fmt: skip
+    strong = StrongView(jitter=config.jitter, jitter_p=config.jitter_p,
+                        grayscale_p=config.grayscale_p, blur_p=config.blur)  # fmt: skip
+    teacher = strong if config.teacher_view == "strong" else WeakView()
     return _Run(
-        config, world, device, amp, data, source, plan, student,
+        config, world, device, amp, data, source, plan, strong, teacher, student,
         TrainState(model, optimizer, views), run_dir, settings,
         steps_per_epoch=len(data.train) // config.batch_size,
         base_lr=config.lr * config.batch_size / 256,

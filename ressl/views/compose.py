@@ -1,0 +1,285 @@
+"""The views ReSSL trains with, composed from the kernels: weak (teacher) and strong (student).
+
+``weak_view`` and ``strong_view`` are the functions; :class:`WeakView` and
+:class:`StrongView` are small frozen configs of them (what the trainer builds once
+from its settings and calls every step). ``normalize`` is the package's one
+per-channel normalisation, used by training, evaluation and export alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .blur import random_blur
+from .checks import (
+    check_channel_stats,
+    check_generator,
+    check_images,
+    check_jitter,
+    check_prob,
+    check_range,
+    check_size,
+    coin,
+    per_image,
+)
+from .colour import adjust_colors_, rgb_to_grayscale, sample_jitter_params
+from .geometry import flipped, resample, resized_crop, sample_crop_boxes
+
+__all__ = ["StrongView", "WeakView", "normalize", "strong_view", "weak_view"]
+
+
+def normalize(
+    images: Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    input_scale: float | None = None,
+) -> Tensor:
+    """Per channel ``(x * input_scale - mean) / std``, in one pass: the package's one
+    normalisation (training views, feature extraction and the exported graph).
+
+    Args:
+        images: uint8 (0..255) or float (0..1) (B, C, H, W).
+        mean: C values.
+        std: C values, all > 0.
+        input_scale: Multiplies the input first; default ``1 / 255`` for uint8 images,
+            1 for floats.
+
+    Returns:
+        float32 (B, C, H, W), a new tensor.
+
+    Raises:
+        TypeError: If ``mean`` or ``std`` is not a sequence of numbers.
+        ValueError: If ``mean`` or ``std`` does not have C values, or ``std <= 0``.
+    """
+    c = check_images(images, any_channels=True).shape[1]
+    if input_scale is None:
+        input_scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
+    scale, shift = _affine(mean, std, c, input_scale, images.device)
+    return torch.addcmul(shift, images.float(), scale)
+
+
+def _affine(
+    mean: Sequence[float], std: Sequence[float], c: int, input_scale: float, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    m = torch.tensor(check_channel_stats("mean", mean, c), device=device)
+    s = torch.tensor(check_channel_stats("std", std, c), device=device)
+    return (input_scale / s).view(1, c, 1, 1), (-m / s).view(1, c, 1, 1)
+
+
+def _normalize_(
+    x: Tensor, mean: Sequence[float], std: Sequence[float], input_scale: float = 1.0
+) -> Tensor:
+    scale, shift = _affine(mean, std, x.shape[1], input_scale, x.device)
+    return x.mul_(scale).add_(shift)
+
+
+def weak_view(
+    images: Tensor,
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.2, 1.0),
+    flip_p: float = 0.5,
+    crop: bool = True,
+) -> Tensor:
+    """ReSSL's teacher view: RandomResizedCrop, RandomHorizontalFlip, Normalize.
+
+    Args:
+        images: uint8, or float in [0, 1], (B, C, H, W) with C in {1, 3}.
+        size: Output height and width.
+        mean: Normalisation mean, one value per channel.
+        std: Normalisation std, one value per channel.
+        generator: Source of randomness, on the device of ``images``.
+        scale: Crop area fraction range, ``0 < a <= b <= 1``; aspect ratio in [3/4, 4/3].
+        flip_p: Probability of a horizontal flip.
+        crop: ``False`` when the images were already randomly cropped to ``size``
+            (e.g. in DataLoader workers, from the full-resolution files): only
+            flip and normalise here; ``scale`` is then unused.
+
+    Returns:
+        float32 (B, C, size, size), normalised.
+
+    Raises:
+        TypeError: If ``images``, ``generator``, ``mean`` or ``std`` has the wrong type.
+        ValueError: On bad shapes, ranges, probabilities, mean/std, or a generator on
+            another device.
+    """
+    images = check_images(images)
+    size, flip_p = check_size(size), check_prob("flip_p", flip_p)
+    generator = check_generator(generator, images.device)
+    check_channel_stats("mean", mean, images.shape[1])
+    check_channel_stats("std", std, images.shape[1])
+    b, _, height, width = images.shape
+    if not crop:
+        flip = coin(b, flip_p, generator, images.device)
+        return _normalize_(flipped(images, size, flip), mean, std)
+    boxes = sample_crop_boxes(b, height, width, generator=generator, scale=scale)
+    flip = coin(b, flip_p, generator, images.device)
+    input_scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
+    return _normalize_(resample(images, boxes, size, flip), mean, std, input_scale)
+
+
+def strong_view(
+    images: Tensor,
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.2, 1.0),
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+    jitter_p: float = 0.8,
+    grayscale_p: float = 0.2,
+    blur_p: float = 0.0,
+    blur_sigma: tuple[float, float] = (0.1, 2.0),
+    flip_p: float = 0.5,
+    crop: bool = True,
+) -> Tensor:
+    """ReSSL's student view (MoCo v2): crop, jitter, grayscale, blur, flip, normalise.
+
+    Per image and independently: RandomResizedCrop(size, scale); ColorJitter(*jitter)
+    with probability ``jitter_p``, in a random op order; RandomGrayscale(grayscale_p);
+    GaussianBlur(``blur_kernel_size(size)``, sigma uniform in ``blur_sigma``) with
+    probability ``blur_p``; RandomHorizontalFlip(flip_p); Normalize(mean, std). The
+    paper blurs with p 0.5 on ImageNet; small datasets usually skip it (the default).
+
+    Args:
+        images: uint8, or float in [0, 1], (B, C, H, W) with C in {1, 3}.
+        size: Output height and width.
+        mean: Normalisation mean, one value per channel.
+        std: Normalisation std, one value per channel.
+        generator: Source of randomness, on the device of ``images``.
+        scale: Crop area fraction range, ``0 < a <= b <= 1``; aspect ratio in [3/4, 4/3].
+        jitter: ColorJitter strengths (brightness, contrast, saturation, hue).
+        jitter_p: Probability of colour jitter.
+        grayscale_p: Probability of grayscale (nothing to do when C == 1).
+        blur_p: Probability of Gaussian blur.
+        blur_sigma: Range of the blur's sigma, ``0 < a <= b``.
+        flip_p: Probability of a horizontal flip.
+        crop: ``False`` when the images were already randomly cropped to ``size``
+            (e.g. in DataLoader workers): no crop here, the rest as above.
+
+    Returns:
+        float32 (B, C, size, size), normalised.
+
+    Raises:
+        TypeError: If ``images``, ``generator``, ``mean`` or ``std`` has the wrong type.
+        ValueError: On bad shapes, ranges, probabilities, mean/std, or a generator on
+            another device.
+    """
+    images = check_images(images)
+    size = check_size(size)
+    generator = check_generator(generator, images.device)
+    jitter = check_jitter(jitter)
+    jitter_p = check_prob("jitter_p", jitter_p)
+    grayscale_p = check_prob("grayscale_p", grayscale_p)
+    blur_p = check_prob("blur_p", blur_p)
+    flip_p = check_prob("flip_p", flip_p)
+    blur_sigma = check_range("blur_sigma", blur_sigma)
+    check_channel_stats("mean", mean, images.shape[1])
+    check_channel_stats("std", std, images.shape[1])
+    b, _, height, width = images.shape
+    device = images.device
+
+    if crop:
+        boxes = sample_crop_boxes(b, height, width, generator=generator, scale=scale)
+        flip = coin(b, flip_p, generator, device)
+        x = resized_crop(images, boxes, size, flip=flip)  # the flip commutes with all below
+    else:
+        x = flipped(images, size, coin(b, flip_p, generator, device))
+    factors, order = sample_jitter_params(b, generator=generator, jitter=jitter)
+    apply = coin(b, jitter_p, generator, device)
+    if jitter_p > 0:
+        x = adjust_colors_(x, factors, order, apply, [j > 0 for j in jitter])
+    if images.shape[1] == 3 and grayscale_p > 0:
+        to_grey = per_image(coin(b, grayscale_p, generator, device).to(x.dtype))
+        grey = rgb_to_grayscale(x)  # (B, 1, H, W), before x changes
+        # x <- x (1 - m) + grey m: exact for m in {0, 1}, in place, no batch-sized temporary
+        x.mul_(1.0 - to_grey).addcmul_(grey, to_grey)
+    x = random_blur(x, blur_p, blur_sigma, generator)
+    return _normalize_(x, mean, std)
+
+
+@dataclass(frozen=True)
+class WeakView:
+    """The weak (teacher) view as a config: crop, flip, normalise (:func:`weak_view`).
+
+    Args:
+        flip_p: Probability of a horizontal flip.
+    """
+
+    flip_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_prob("flip_p", self.flip_p)
+
+    def __call__(
+        self,
+        images: Tensor,
+        *,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        generator: torch.Generator,
+        scale: tuple[float, float] = (0.2, 1.0),
+        crop: bool = True,
+    ) -> Tensor:
+        """:func:`weak_view` of ``images`` with this config (arguments as there)."""
+        return weak_view(images, size=size, mean=mean, std=std, generator=generator, scale=scale,
+                         flip_p=self.flip_p, crop=crop)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StrongView:
+    """The strong (student) view as a config: crop, jitter, grayscale, blur, flip, normalise
+    (:func:`strong_view`).
+
+    Args:
+        jitter: ColorJitter strengths (brightness, contrast, saturation, hue).
+        jitter_p: Probability of colour jitter.
+        grayscale_p: Probability of grayscale.
+        blur_p: Probability of Gaussian blur.
+        blur_sigma: Range of the blur's sigma.
+        flip_p: Probability of a horizontal flip.
+
+    Raises:
+        ValueError: on a strength, probability or range out of bounds.
+    """
+
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    flip_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_jitter(self.jitter)
+        for name in ("jitter_p", "grayscale_p", "blur_p", "flip_p"):
+            check_prob(name, getattr(self, name))
+        check_range("blur_sigma", self.blur_sigma)
+
+    def __call__(
+        self,
+        images: Tensor,
+        *,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        generator: torch.Generator,
+        scale: tuple[float, float] = (0.2, 1.0),
+        crop: bool = True,
+    ) -> Tensor:
+        """:func:`strong_view` of ``images`` with this config (arguments as there)."""
+        return strong_view(
+            images, size=size, mean=mean, std=std, generator=generator, scale=scale,
+            jitter=self.jitter, jitter_p=self.jitter_p, grayscale_p=self.grayscale_p,
+            blur_p=self.blur_p, blur_sigma=self.blur_sigma, flip_p=self.flip_p, crop=crop,
+        )  # fmt: skip
