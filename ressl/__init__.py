@@ -72,7 +72,9 @@ _HOME: dict[str, str] = {
         "functional",
     ),
     **dict.fromkeys(
-        ["weak_view", "strong_view", "random_resized_crop", "multicrop_scales"], "views"
+        ["weak_view", "strong_view", "WeakView", "StrongView", "normalize"]
+        + ["random_resized_crop", "multicrop_scales"],
+        "views",
     ),
     "CropPlan": "crops",
     **dict.fromkeys(
