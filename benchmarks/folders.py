@@ -26,7 +26,7 @@ from common import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run
 from PIL import Image
 
 from ressl.crops import CropPlan
-from ressl.data import FolderImages
+from ressl.sources import FolderImages
 
 
 def write_jpegs(root: Path, n: int, seed: int = 0) -> list[Path]:

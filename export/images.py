@@ -1,7 +1,7 @@
 """Images to model input with PIL and numpy alone (serving machines have no PyTorch).
 
 The resize is the one ressl trains and evaluates folders with
-(``ressl.folders.decode_image``): the shorter side is resized to S with PIL's
+(``ressl.decode.decode_image``): the shorter side is resized to S with PIL's
 antialiased bilinear filter, then the centre S x S is cropped. Files and PIL
 images are converted to the model's colour mode (``"L"`` for 1 channel, ``"RGB"``
 for 3); arrays must already have the model's channel count.

@@ -27,15 +27,8 @@ if TYPE_CHECKING:
     )
     from .config import TrainConfig
     from .crops import CropPlan
-    from .data import (
-        FolderImages,
-        ImageData,
-        ImageSource,
-        TensorImages,
-        dataset_names,
-        load_dataset,
-    )
-    from .datasets import DATASETS, DatasetInfo
+    from .data import load_dataset
+    from .datasets import DATASETS, DatasetInfo, dataset_names
     from .distributed import CrossRankBatchNorm, all_gather_cat, convert_batchnorm
     from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe, split_features
     from .functional import (
@@ -52,6 +45,7 @@ if TYPE_CHECKING:
     from .manifold import tsne
     from .model import BACKBONES, Encoder, ProjectionHead, ReSSL, SmallCNN, build_backbone
     from .rules import ConfigError
+    from .sources import FolderImages, ImageData, ImageSource, TensorImages
     from .step import EncodeCrops, training_step
     from .trainer import TrainEvent, train
     from .views import (
@@ -77,24 +71,15 @@ _HOME: dict[str, str] = {
         "views",
     ),
     "CropPlan": "crops",
-    **dict.fromkeys(
-        [
-            "ImageData",
-            "ImageSource",
-            "TensorImages",
-            "FolderImages",
-            "load_dataset",
-            "dataset_names",
-        ],
-        "data",
-    ),
+    **dict.fromkeys(["ImageData", "ImageSource", "TensorImages", "FolderImages"], "sources"),
+    "load_dataset": "data",
     **dict.fromkeys(
         ["BACKBONES", "SmallCNN", "ProjectionHead", "Encoder", "ReSSL", "build_backbone"], "model"
     ),
     **dict.fromkeys(["train", "TrainEvent"], "trainer"),
     "TrainConfig": "config",
     "ConfigError": "rules",
-    **dict.fromkeys(["DATASETS", "DatasetInfo"], "datasets"),
+    **dict.fromkeys(["DATASETS", "DatasetInfo", "dataset_names"], "datasets"),
     **dict.fromkeys(["training_step", "EncodeCrops"], "step"),
     **dict.fromkeys(["CrossRankBatchNorm", "convert_batchnorm", "all_gather_cat"], "distributed"),
     **dict.fromkeys(

@@ -3,7 +3,7 @@
 One :class:`DatasetInfo` per dataset holds what the rest of the package needs to
 know about it: its names, channels and default image side, the normalisation
 constants, class names, the paper's training recipe for it, and the reader of its
-files. Adding a dataset is adding one entry to :data:`DATASETS`.
+files. Adding a dataset is adding one entry to :data:`DATASETS` (a test adds one).
 
 This module imports no torch (the command line builds its help from it); the
 readers import :mod:`ressl.formats` when they run.
@@ -195,7 +195,6 @@ _ENTRIES = (
 
 #: Every dataset, by canonical name, in the order help texts list them.
 DATASETS: Mapping[str, DatasetInfo] = MappingProxyType({d.name: d for d in _ENTRIES})
-_BY_ALIAS = {alias: d for d in _ENTRIES for alias in (d.name, *d.aliases)}
 
 
 def dataset_names() -> list[str]:
@@ -217,7 +216,8 @@ def find(spec: str) -> tuple[DatasetInfo, str | None]:
             f"dataset must be a string, one of {', '.join(dataset_names())}, got {spec!r}"
         )
     kind, colon, path = spec.strip().partition(":")
-    entry = _BY_ALIAS.get(kind.lower().replace("_", "-"))
+    name = kind.lower().replace("_", "-")
+    entry = next((d for d in DATASETS.values() if name == d.name or name in d.aliases), None)
     if entry is not None and entry.takes_path:
         if not colon or not path:
             raise ValueError(

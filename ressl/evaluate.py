@@ -27,7 +27,7 @@ from .functional import cosine_lr
 from .views import normalize
 
 if TYPE_CHECKING:
-    from .data import ImageData, ImageSource
+    from .sources import ImageData, ImageSource
 
 __all__ = [
     "extract_features",
@@ -54,7 +54,7 @@ def extract_features(
 
     Args:
         fn: ``(B, C, H, W)`` normalised float -> ``(B, F)`` features; call it in eval mode.
-        source: images and labels (``ressl.data.ImageSource``).
+        source: images and labels (``ressl.sources.ImageSource``).
         mean, std: per-channel normalisation.
         batch_size: images per forward pass.
         device: where to compute.

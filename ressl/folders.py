@@ -1,179 +1,36 @@
-"""Image folders: which files belong to which split and class, and decoding them to uint8.
+"""Image folders: which files belong to which split and class, and loading them as a dataset.
 
 A folder is one split, or holds ``train/`` plus ``test/`` (or ``val/``). In a split,
 first-level sub-folders that hold images are classes (as torchvision's ImageFolder);
-without them every image is unlabelled (-1). :func:`decode_image` turns one file into
-``(3, S, S)`` uint8: RGB, shorter side resized, centre crop.
-
-:mod:`ressl.data` decides whether a split is decoded into memory or streamed, and wraps
-the result in a source. Nothing here imports :mod:`ressl.data`.
+without them every image is unlabelled (-1). :func:`load_folder` decodes each split
+into memory when it fits under :data:`MAX_IN_MEMORY_BYTES`, and streams it from disk
+(:class:`ressl.sources.FolderImages`) when it does not.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from functools import partial
+import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
-from .imagefiles import IMAGE_EXTENSIONS, images_under, is_image_name, resize_center_crop
+from .datasets import DatasetInfo
+from .decode import decode_images, readable_images
+from .imagefiles import IMAGE_EXTENSIONS, images_under, is_image_name
+from .sources import FolderImages, ImageData, ImageSource, TensorImages
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "decode_crops",
-    "decode_image",
-    "decode_images",
-    "readable_images",
-    "scan_test",
-    "scan_train",
-    "split_dirs",
-]
+__all__ = ["MAX_IN_MEMORY_BYTES", "load_folder", "scan_test", "scan_train", "split_dirs"]
 
-
-def decode_image(path: str | Path, size: int) -> Tensor | None:
-    """Decode one image file to ``(3, size, size)`` uint8: RGB, shorter side resized, centre crop.
-
-    Args:
-        path: The image file.
-        size: Side of the result.
-
-    Returns:
-        The image, or None when the file cannot be decoded.
-    """
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size
-            rgb = im.convert("RGB")  # palette, grey, alpha, CMYK -> RGB; GIF: first frame
-        array = np.asarray(resize_center_crop(rgb, size), dtype=np.uint8)  # (S, S, 3)
-    except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-        return None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
-def decode_crops(
-    path: str | Path, crops: Sequence[tuple[int, tuple[float, float]]], generator: torch.Generator
-) -> list[Tensor] | None:
-    """Decode one file at full resolution and cut RandomResizedCrops from it.
-
-    The standard ImageNet pipeline: each crop's box is drawn on the original image
-    (area fraction in its scale range, aspect ratio in [3/4, 4/3], as
-    ``RandomResizedCrop.get_params``), then resized to its side with PIL's
-    antialiased bilinear filter. Flips and colour ops are left to the device.
-
-    Args:
-        path: The image file.
-        crops: ``(side, (scale_lo, scale_hi))`` per crop.
-        generator: CPU generator the boxes are drawn from.
-
-    Returns:
-        One ``(3, side, side)`` uint8 tensor per crop, or None when the file cannot
-        be decoded.
-    """
-    from .views import sample_crop_boxes  # views imports nothing from here
-
-    try:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
-        w, h = rgb.size
-        out = []
-        for side, scale in crops:
-            top, left, bh, bw = sample_crop_boxes(1, h, w, generator=generator, scale=scale)[
-                0
-            ].tolist()
-            crop = rgb.resize(
-                (side, side), Image.Resampling.BILINEAR, box=(left, top, left + bw, top + bh)
-            )
-            out.append(
-                torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy())
-                .permute(2, 0, 1)
-                .contiguous()
-            )
-    except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-        return None
-    return out
-
-
-def _can_open(path: str | Path) -> bool:
-    """Header check only (cheap): can PIL identify the image and its size?"""
-    try:
-        with Image.open(path) as im:
-            return im.size[0] > 0 and im.size[1] > 0
-    except Exception:  # noqa: BLE001 - as in decode_image
-        return False
-
-
-# --------------------------------------------------------------------------- decoding many
-
-
-class _MapFiles(Dataset):
-    """``(index, fn(file))`` pairs, so a DataLoader can run ``fn`` over files in workers."""
-
-    def __init__(self, fn: Callable[[str], Any], files: Sequence[str]) -> None:
-        self.fn, self.files = fn, files
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[int, Any]:
-        return i, self.fn(self.files[i])
-
-
-def _as_list(batch: list[Any]) -> list[Any]:
-    return batch
-
-
-def _map_files(
-    fn: Callable[[str], Any], files: Sequence[str], workers: int
-) -> Iterator[tuple[int, Any]]:
-    """``(index, fn(file))`` for every file, in order; in ``workers`` processes when > 1."""
-    if workers <= 1:
-        yield from ((i, fn(f)) for i, f in enumerate(files))
-        return
-    loader = DataLoader(
-        _MapFiles(fn, files), batch_size=64, num_workers=workers, collate_fn=_as_list
-    )
-    for chunk in loader:
-        yield from chunk
-
-
-def decode_images(files: Sequence[str], size: int, workers: int = 0) -> tuple[Tensor, Tensor]:
-    """Decode every file with :func:`decode_image`, skipping those that fail.
-
-    Args:
-        files: Image paths.
-        size: Side of the square images.
-        workers: Decode in this many worker processes (0 or 1: in this process).
-
-    Returns:
-        ``(images (K, 3, size, size) uint8, kept (K,) int64)``: the decodable files, in
-        order, and their indices into ``files``.
-    """
-    images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
-    ok = torch.zeros(len(files), dtype=torch.bool)
-    for i, image in _map_files(partial(decode_image, size=size), files, workers):
-        if image is not None:
-            images[i], ok[i] = image, True
-    kept = ok.nonzero().squeeze(1)
-    if len(kept) < len(files):
-        images = images.index_select(0, kept)
-    return images, kept
-
-
-def readable_images(files: Sequence[str], workers: int = 0) -> list[int]:
-    """Indices of the files whose header PIL can read (cheap: nothing is decoded)."""
-    return [i for i, good in _map_files(_can_open, files, workers) if good]
-
-
-# --------------------------------------------------------------------------- scanning
+#: Image folders whose decoded uint8 split (N * 3 * S * S bytes) fits under this are
+#: decoded once into a TensorImages; larger ones stream through FolderImages. Applied
+#: to each split on its own.
+MAX_IN_MEMORY_BYTES = 2 * 1024**3
+_DECODE_WORKERS = min(8, os.cpu_count() or 1)
+_PARALLEL_MIN_FILES = 512  # below this, decoding in-process beats starting workers
 
 
 def _scan_split(split: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -269,3 +126,66 @@ def scan_test(
         raise ValueError(f"{test_dir} has classes not in {train_dir}: {', '.join(unknown[:5])}")
     index = {c: i for i, c in enumerate(classes)}
     return t_files, [index[f.relative_to(test_dir).parts[0]] for f in t_files]
+
+
+def _folder_source(
+    files: list[Path], labels: list[int], size: int, split: Path
+) -> tuple[ImageSource, int]:
+    """Decode a split into memory, or wrap it for streaming when too large; (source, skipped)."""
+    names = [str(f) for f in files]
+    workers = _DECODE_WORKERS if len(names) >= _PARALLEL_MIN_FILES else 0
+    source: ImageSource
+    if len(names) * 3 * size * size <= MAX_IN_MEMORY_BYTES:
+        images, kept = decode_images(names, size, workers)
+        source = TensorImages(images, torch.tensor(labels, dtype=torch.int64)[kept])
+        readable = kept.tolist()
+    else:
+        readable = readable_images(names, workers)
+        source = FolderImages([names[i] for i in readable], [labels[i] for i in readable], size)
+        logger.info(
+            "%s: %d images do not fit in memory at %d px; streaming them from disk",
+            split, len(source), size,
+        )  # fmt: skip
+    bad = [names[i] for i in sorted(set(range(len(names))) - set(readable))]
+    if bad:
+        logger.warning(
+            "skipped %d unreadable image file(s) under %s, e.g. %s",
+            len(bad), split, ", ".join(bad[:3]),
+        )  # fmt: skip
+    if len(source) == 0:
+        raise ValueError(
+            f"no readable image in {split} (accepted extensions: {', '.join(IMAGE_EXTENSIONS)}, "
+            "any case)"
+        )
+    return source, len(bad)
+
+
+def load_folder(path: Path, size: int, subset: int | None, entry: DatasetInfo) -> ImageData:
+    """An image folder as a dataset: its splits decoded (or streamed) at ``size`` px.
+
+    Args:
+        path: The folder (``train/`` + ``test/`` or ``val/``, or one split).
+        size: Side of the square images (shorter side resized, centre crop).
+        subset: Keep the first ``subset`` training files (sorted, so grouped by class).
+        entry: The registry entry (``folder`` or ``imagenet``): name and normalisation.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a file instead of a folder, no readable image, or test classes
+            the training split lacks.
+    """
+    path, train_dir, test_dir = split_dirs(path)
+    files, labels, classes = scan_train(train_dir, subset)
+    train, skipped = _folder_source(files, labels, size, train_dir)
+    memory = train if classes else None
+
+    test = None
+    if test_dir is not None:
+        labelled = scan_test(path, train_dir, test_dir, classes)
+        if labelled is not None:
+            test, t_skipped = _folder_source(*labelled, size, test_dir)
+            skipped += t_skipped
+    return ImageData(
+        f"{entry.name}:{path}", train, memory, test, entry.mean, entry.std, entry.channels, size,
+        classes, skipped,
+    )  # fmt: skip

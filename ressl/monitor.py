@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .data import ImageData, ImageSource, source_part
 from .distributed import World, all_gather_rows
 from .evaluate import extract_features, knn_accuracy
 from .model import Encoder
+from .sources import ImageData, ImageSource, source_part
 
 if TYPE_CHECKING:
     from .config import TrainConfig

@@ -32,7 +32,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .crops import CropPlan
-from .data import FolderImages, ImageData, ImageSource, TensorImages, load_dataset
+from .data import load_dataset
 from .device import autocast_dtype, select_device
 from .distributed import (
     World,
@@ -45,6 +45,7 @@ from .model import ReSSL
 from .monitor import knn_monitor
 from .rules import ConfigError
 from .runs import CHECKPOINT, METRICS, read_metrics, write_metrics
+from .sources import FolderImages, ImageData, ImageSource, TensorImages
 from .step import EncodeCrops, training_step
 from .stopping import StopAgreement
 from .views import StrongView, WeakView

@@ -14,16 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ressl import data
-from ressl.data import (
-    FolderImages,
-    TensorImages,
-    dataset_names,
-    decode_image,
-    epoch_order,
-    load_dataset,
-    read_idx,
-)
+from ressl import data, datasets, folders
+from ressl.data import dataset_names, load_dataset
+from ressl.decode import decode_image
+from ressl.formats import read_idx
+from ressl.sources import FolderImages, ImageSource, TensorImages, epoch_order
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -35,7 +30,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-def _pixels(source: data.ImageSource | None) -> torch.Tensor:
+def _pixels(source: ImageSource | None) -> torch.Tensor:
     """The uint8 tensor of an in-memory split."""
     assert isinstance(source, TensorImages)
     return source.images
@@ -102,7 +97,7 @@ def test_fashion_mnist_from_idx_files(tmp_path: Path, gz: bool) -> None:
     arrays = _fake_fmnist(tmp_path, gz=gz)
     d = load_dataset("fashion-mnist", root=tmp_path, download=False)
     assert (d.name, d.channels, d.image_size, len(d.classes)) == ("fashion-mnist", 1, 28, 10)
-    assert d.mean == data.FASHION_MNIST_MEAN and d.std == data.FASHION_MNIST_STD
+    assert d.mean == datasets.FASHION_MNIST_MEAN and d.std == datasets.FASHION_MNIST_STD
     assert isinstance(d.train, TensorImages) and isinstance(d.test, TensorImages)
     assert d.memory is d.train
     assert _pixels(d.train).shape == (7, 1, 28, 28) and _pixels(d.train).dtype == torch.uint8
@@ -188,7 +183,7 @@ def test_cifar10_batches(tmp_path: Path) -> None:
     _pickle(d / "batches.meta", {b"label_names": names, b"num_vis": 3072})
 
     out = load_dataset("cifar10", root=tmp_path, download=False)
-    assert (out.channels, out.image_size, out.mean) == (3, 32, data.CIFAR10_MEAN)
+    assert (out.channels, out.image_size, out.mean) == (3, 32, datasets.CIFAR10_MEAN)
     assert out.classes == [f"c{i}" for i in range(10)] and out.memory is out.train
     images = _pixels(out.train)
     assert images.shape == (10, 3, 32, 32)
@@ -210,7 +205,7 @@ def test_cifar100_fine_labels_and_classes(tmp_path: Path) -> None:
     _pickle(d / "meta", {b"fine_label_names": [f"f{i}".encode() for i in range(100)]})
     out = load_dataset("cifar100", root=d, download=False, subset=3)  # root = the batch dir
     assert out.classes[99] == "f99" and len(out.classes) == 100
-    assert out.train.labels.tolist() == [5, 99, 0] and out.mean == data.CIFAR100_MEAN
+    assert out.train.labels.tolist() == [5, 99, 0] and out.mean == datasets.CIFAR100_MEAN
     assert torch.equal(_pixels(out.train), torch.from_numpy(x[:3].reshape(3, 3, 32, 32)))
 
 
@@ -261,7 +256,7 @@ def stl_root(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 def test_stl10_orientation_and_splits(stl_root: tuple[Path, dict]) -> None:
     root, arrays = stl_root
     d = load_dataset("stl10", root=root, download=False, image_size=96)
-    assert d.image_size == 96 and d.classes == data.STL10_CLASSES
+    assert d.image_size == 96 and d.classes == list(datasets.STL10_CLASSES)
     x = _pixels(d.train)
     assert x.shape == (7, 3, 96, 96)
     # Rows stay rows: pixel (c, h, w) = 50c + 2h + w for the first image.
@@ -277,7 +272,7 @@ def test_stl10_orientation_and_splits(stl_root: tuple[Path, dict]) -> None:
 def test_stl10_default_64px_is_an_antialiased_resize(stl_root: tuple[Path, dict]) -> None:
     root, arrays = stl_root
     d = load_dataset("stl10", root=root, download=False)
-    assert d.image_size == 64 and d.mean == data.STL10_MEAN
+    assert d.image_size == 64 and d.mean == datasets.STL10_MEAN
     want = F.interpolate(
         torch.from_numpy(arrays["test"]).float(), size=(64, 64), mode="bilinear", antialias=True
     )
@@ -330,8 +325,8 @@ def test_folder_with_classes(tmp_path: Path) -> None:
     assert (d.channels, d.image_size, d.mean, d.std) == (
         3,
         8,
-        data.IMAGENET_MEAN,
-        data.IMAGENET_STD,
+        datasets.IMAGENET_MEAN,
+        datasets.IMAGENET_STD,
     )
     assert isinstance(d.train, TensorImages) and d.memory is d.train and d.test is None
     assert d.train.labels.tolist() == [0, 0, 1, 2]
@@ -345,7 +340,7 @@ def test_folder_default_size_and_loose_files_ignored(tmp_path: Path) -> None:
     _solid(tmp_path / "cat" / "a.png", COLOURS["cat"])
     _solid(tmp_path / "loose.png", COLOURS["dog"])
     d = load_dataset(f"folder:{tmp_path}")
-    assert d.image_size == data.FOLDER_IMAGE_SIZE == 64 and len(d.train) == 1
+    assert d.image_size == datasets.DATASETS["folder"].image_size == 64 and len(d.train) == 1
     assert d.classes == ["cat"]
 
 
@@ -413,7 +408,7 @@ def test_folder_streaming_matches_in_memory(
     for i in range(5):
         _solid(tmp_path / "dog" / f"more{i}.png", (i * 40, 10, 200), size=(30 + i, 20))
     kept = load_dataset(f"folder:{tmp_path}", image_size=8)
-    monkeypatch.setattr(data, "MAX_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(folders, "MAX_IN_MEMORY_BYTES", 0)
     streamed = load_dataset(f"folder:{tmp_path}", image_size=8)
     assert isinstance(streamed.train, FolderImages) and isinstance(kept.train, TensorImages)
     assert streamed.skipped == kept.skipped == 1 and streamed.memory is streamed.train
@@ -432,7 +427,7 @@ def test_imagenet_spec_is_a_folder_at_224_px(tmp_path: Path) -> None:
     d = load_dataset(f"imagenet:{tmp_path}")
     assert (
         d.name == f"imagenet:{tmp_path.resolve()}"
-        and d.image_size == 224 == data.IMAGENET_IMAGE_SIZE
+        and d.image_size == 224 == datasets.DATASETS["imagenet"].image_size
     )
     assert d.classes == ["cat", "dog", "emu"] and _pixels(d.train).shape == (4, 3, 224, 224)
     with pytest.raises(ValueError, match="'imagenet:' needs a path"):
@@ -440,7 +435,7 @@ def test_imagenet_spec_is_a_folder_at_224_px(tmp_path: Path) -> None:
 
 
 def test_decode_crops_cuts_boxes_from_the_full_resolution_file(tmp_path: Path) -> None:
-    from ressl.folders import decode_crops
+    from ressl.decode import decode_crops
 
     left_red = np.zeros((60, 200, 3), dtype=np.uint8)
     left_red[:, :100, 0] = 255
@@ -471,7 +466,7 @@ def test_crop_batches_follow_the_epoch_order_and_are_worker_independent(
     _class_tree(tmp_path)
     for i in range(5):
         _solid(tmp_path / "dog" / f"more{i}.png", (i * 40, 10, 200), size=(30 + i, 20))
-    monkeypatch.setattr(data, "MAX_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(folders, "MAX_IN_MEMORY_BYTES", 0)
     train = load_dataset(f"folder:{tmp_path}", image_size=8).train
     assert isinstance(train, FolderImages)
     crops = [(8, (0.2, 1.0)), (6, (0.1, 0.5))]
@@ -493,8 +488,8 @@ def test_folder_parallel_decode_matches_sequential(
 ) -> None:
     _class_tree(tmp_path)
     sequential = load_dataset(f"folder:{tmp_path}", image_size=8)
-    monkeypatch.setattr(data, "_PARALLEL_MIN_FILES", 1)
-    monkeypatch.setattr(data, "_DECODE_WORKERS", 2)
+    monkeypatch.setattr(folders, "_PARALLEL_MIN_FILES", 1)
+    monkeypatch.setattr(folders, "_DECODE_WORKERS", 2)
     parallel = load_dataset(f"folder:{tmp_path}", image_size=8)
     assert parallel.skipped == sequential.skipped == 1
     assert torch.equal(_pixels(parallel.train), _pixels(sequential.train))
@@ -593,3 +588,27 @@ def test_batches_on_cuda_match_cpu() -> None:
     # CPU-held images delivered to the GPU batch by batch.
     x, y = next(src.batches(5, epoch=1, seed=2, device="cuda"))
     assert x.is_cuda and y.is_cuda
+
+
+def test_a_new_dataset_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import MappingProxyType
+
+    from ressl.config import TrainConfig
+    from ressl.formats import Splits
+
+    def read(root, *, cache, system_dirs, download, size, subset):  # the files, as uint8 tensors
+        x = torch.arange(5 * 3 * 12 * 12, dtype=torch.int64).remainder(256).to(torch.uint8)
+        y = torch.tensor([0, 1, 0, 1, 0])
+        return Splits((x.view(5, 3, 12, 12), y), (x.view(5, 3, 12, 12)[:2], y[:2]), ["a", "b"])
+
+    recipe = dict(datasets.DATASETS["cifar10"].recipe, queue_size=64)
+    entry = datasets.DatasetInfo(
+        "toy", "five toy images", 3, 12, (0.5,) * 3, (0.25,) * 3, MappingProxyType(recipe),
+        aliases=("toy-set",), reader=read,
+    )  # fmt: skip
+    monkeypatch.setattr(datasets, "DATASETS", MappingProxyType({**datasets.DATASETS, "toy": entry}))
+    d = load_dataset("TOY_SET", image_size=8)
+    assert (d.name, d.image_size, d.classes, len(d.train)) == ("toy", 8, ["a", "b"], 5)
+    assert d.memory is d.train and d.mean == (0.5,) * 3
+    assert TrainConfig(dataset="toy", batch_size=4).queue_size == 64  # its recipe
+    assert "toy" in dataset_names()

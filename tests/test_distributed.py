@@ -25,7 +25,6 @@ from ressl import (
     load_encoder,
     train,
 )
-from ressl.data import TensorImages, source_part
 from ressl.distributed import (
     CrossRankBatchNorm,
     all_gather_cat,
@@ -33,6 +32,7 @@ from ressl.distributed import (
     convert_batchnorm,
     wrap_ddp,
 )
+from ressl.sources import TensorImages, source_part
 from ressl.step import EncodeCrops, training_step
 
 pytestmark = pytest.mark.skipif(

@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ressl.data import ImageData, TensorImages, load_dataset
+from ressl.data import load_dataset
 from ressl.evaluate import knn_accuracy, knn_predict, linear_probe, split_features
 from ressl.manifold import _squared_distances, affinities, tsne
+from ressl.sources import ImageData, TensorImages
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

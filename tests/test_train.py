@@ -149,7 +149,7 @@ def test_per_dataset_defaults_follow_the_paper():
 
 
 def test_streamed_folder_crops_in_workers_reproducibly(tmp_path, tiny_settings, monkeypatch):
-    monkeypatch.setattr("ressl.data.MAX_IN_MEMORY_BYTES", 0)  # force the DataLoader path
+    monkeypatch.setattr("ressl.folders.MAX_IN_MEMORY_BYTES", 0)  # force the DataLoader path
     in_process = train(out=tmp_path / "a", **dict(tiny_settings, epochs=1, num_workers=0))
     workers = train(out=tmp_path / "b", **dict(tiny_settings, epochs=1, num_workers=2))
     assert_same_state(in_process, workers)  # crops seeded per (seed, epoch, image), not per worker
@@ -162,7 +162,9 @@ def test_streamed_folder_crops_in_workers_reproducibly(tmp_path, tiny_settings, 
 def test_streamed_folder_multicrop_and_symmetric(tmp_path, tiny_settings, monkeypatch, extra):
     import sys
 
-    monkeypatch.setattr("ressl.data.MAX_IN_MEMORY_BYTES", 0)  # crops cut in the DataLoader workers
+    monkeypatch.setattr(
+        "ressl.folders.MAX_IN_MEMORY_BYTES", 0
+    )  # crops cut in the DataLoader workers
     crops_module = sys.modules["ressl.views.compose"]  # StrongView calls strong_view here
     sides = []
     real = crops_module.strong_view
@@ -179,7 +181,7 @@ def test_streamed_folder_multicrop_and_symmetric(tmp_path, tiny_settings, monkey
 
 
 def test_streamed_folder_resumes_bitwise(tmp_path, tiny_settings, monkeypatch):
-    monkeypatch.setattr("ressl.data.MAX_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr("ressl.folders.MAX_IN_MEMORY_BYTES", 0)
     straight = train(out=tmp_path / "a", **tiny_settings)
     train(out=tmp_path / "b", **dict(tiny_settings, epochs=1))
     assert_same_state(straight, train(resume=tmp_path / "b", epochs=2))

@@ -1,0 +1,159 @@
+"""Decoding image files to uint8 tensors with PIL: one file, its random crops, or many in workers.
+
+:func:`decode_image` turns one file into ``(3, S, S)`` uint8: RGB, shorter side resized,
+centre crop (the evaluation resize, shared with ``ressl.export``). :func:`decode_crops`
+cuts RandomResizedCrops from the full-resolution file (streamed training folders).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .imagefiles import resize_center_crop
+
+__all__ = ["decode_crops", "decode_image", "decode_images", "readable_images"]
+
+
+def decode_image(path: str | Path, size: int) -> Tensor | None:
+    """Decode one image file to ``(3, size, size)`` uint8: RGB, shorter side resized, centre crop.
+
+    Args:
+        path: The image file.
+        size: Side of the result.
+
+    Returns:
+        The image, or None when the file cannot be decoded.
+    """
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size
+            rgb = im.convert("RGB")  # palette, grey, alpha, CMYK -> RGB; GIF: first frame
+        image = resize_center_crop(rgb, size)  # (S, S) RGB
+    except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        return None
+    return _chw(image)
+
+
+def decode_crops(
+    path: str | Path, crops: Sequence[tuple[int, tuple[float, float]]], generator: torch.Generator
+) -> list[Tensor] | None:
+    """Decode one file at full resolution and cut RandomResizedCrops from it.
+
+    The standard ImageNet pipeline: each crop's box is drawn on the original image
+    (area fraction in its scale range, aspect ratio in [3/4, 4/3], as
+    ``RandomResizedCrop.get_params``), then resized to its side with PIL's
+    antialiased bilinear filter. Flips and colour ops are left to the device.
+
+    Args:
+        path: The image file.
+        crops: ``(side, (scale_lo, scale_hi))`` per crop.
+        generator: CPU generator the boxes are drawn from.
+
+    Returns:
+        One ``(3, side, side)`` uint8 tensor per crop, or None when the file cannot
+        be decoded.
+    """
+    from .views import sample_crop_boxes  # views imports nothing from here
+
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+        w, h = rgb.size
+        out = []
+        for side, scale in crops:
+            top, left, bh, bw = sample_crop_boxes(1, h, w, generator=generator, scale=scale)[
+                0
+            ].tolist()
+            crop = rgb.resize(
+                (side, side), Image.Resampling.BILINEAR, box=(left, top, left + bw, top + bh)
+            )
+            out.append(_chw(crop))
+    except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        return None
+    return out
+
+
+def _chw(image: Image.Image | np.ndarray) -> Tensor:
+    """A PIL image or ``(H, W, C)`` array as a contiguous ``(C, H, W)`` uint8 tensor of its own."""
+    hwc = torch.from_numpy(
+        np.array(image, dtype=np.uint8)
+    )  # np.array copies: PIL's buffer is read-only
+    return rearrange(hwc, "h w c -> c h w").contiguous()
+
+
+def _can_open(path: str | Path) -> bool:
+    """Header check only (cheap): can PIL identify the image and its size?"""
+    try:
+        with Image.open(path) as im:
+            return im.size[0] > 0 and im.size[1] > 0
+    except Exception:  # noqa: BLE001 - as in decode_image
+        return False
+
+
+class _MapFiles(Dataset):
+    """``(index, fn(file))`` pairs, so a DataLoader can run ``fn`` over files in workers."""
+
+    def __init__(self, fn: Callable[[str], Any], files: Sequence[str]) -> None:
+        self.fn, self.files = fn, files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.fn(self.files[i])
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _map_files(
+    fn: Callable[[str], Any], files: Sequence[str], workers: int
+) -> Iterator[tuple[int, Any]]:
+    """``(index, fn(file))`` for every file, in order; in ``workers`` processes when > 1."""
+    if workers <= 1:
+        yield from ((i, fn(f)) for i, f in enumerate(files))
+        return
+    loader = DataLoader(
+        _MapFiles(fn, files), batch_size=64, num_workers=workers, collate_fn=_as_list
+    )
+    for chunk in loader:
+        yield from chunk
+
+
+def decode_images(files: Sequence[str], size: int, workers: int = 0) -> tuple[Tensor, Tensor]:
+    """Decode every file with :func:`decode_image`, skipping those that fail.
+
+    Args:
+        files: Image paths.
+        size: Side of the square images.
+        workers: Decode in this many worker processes (0 or 1: in this process).
+
+    Returns:
+        ``(images (K, 3, size, size) uint8, kept (K,) int64)``: the decodable files, in
+        order, and their indices into ``files``.
+    """
+    images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+    ok = torch.zeros(len(files), dtype=torch.bool)
+    for i, image in _map_files(partial(decode_image, size=size), files, workers):
+        if image is not None:
+            images[i], ok[i] = image, True
+    kept = ok.nonzero().squeeze(1)
+    if len(kept) < len(files):
+        images = images.index_select(0, kept)
+    return images, kept
+
+
+def readable_images(files: Sequence[str], workers: int = 0) -> list[int]:
+    """Indices of the files whose header PIL can read (cheap: nothing is decoded)."""
+    return [i for i, good in _map_files(_can_open, files, workers) if good]
