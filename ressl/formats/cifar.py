@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from .common import Split, Splits, locate, take_subset
 
@@ -83,7 +84,7 @@ def _cifar_split(d: Path, files: Sequence[str], label_key: str) -> Split:
                 f"{d / name}: data of shape {data.shape} with {len(lab)} labels; "
                 "expected (N, 3072) with N labels"
             )
-        images.append(data.reshape(-1, 3, 32, 32))  # rows are R then G then B planes
+        images.append(rearrange(data, "n (c h w) -> n c h w", c=3, h=32))  # R, G, B planes
         labels.append(lab)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from .common import RESIZE_CHUNK, Splits, locate, logger, resize_chunk
@@ -37,7 +38,7 @@ def _read_stl_images(path: Path, size: int, count: int | None = None) -> Tensor:
     try:
         for s in range(0, n, RESIZE_CHUNK):
             block = torch.from_numpy(np.array(mm[s : min(s + RESIZE_CHUNK, n)]))  # copy
-            block = block.transpose(2, 3)  # stored column-major: (N, C, W, H) -> (N, C, H, W)
+            block = rearrange(block, "n c w h -> n c h w")  # stored column-major
             out[s : s + len(block)] = block if size == _STL_SIDE else resize_chunk(block, size)
     finally:
         del mm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -49,7 +50,7 @@ def gaussian_blur(images: Tensor, sigma: Tensor, *, kernel_size: int) -> Tensor:
 
 
 def _gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
-    b, c, height, width = images.shape
+    b, c = images.shape[:2]
     half = kernel_size // 2
     if half == 0:
         return images
@@ -58,10 +59,10 @@ def _gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     kernel = torch.softmax(-0.5 * (taps / sigma[:, None]) ** 2, dim=1)  # (B, k)
     kernel = kernel.repeat_interleave(c, dim=0)  # (B*C, k): one group per image channel
     x = F.pad(images, (half, half, half, half), mode="reflect")
-    x = x.reshape(1, b * c, height + 2 * half, width + 2 * half)
-    x = F.conv2d(x, kernel.view(b * c, 1, 1, kernel_size), groups=b * c)
-    x = F.conv2d(x, kernel.view(b * c, 1, kernel_size, 1), groups=b * c)
-    return x.view(b, c, height, width)
+    x = rearrange(x, "b c h w -> 1 (b c) h w")  # every image channel its own conv group
+    x = F.conv2d(x, rearrange(kernel, "g k -> g 1 1 k"), groups=b * c)  # along rows
+    x = F.conv2d(x, rearrange(kernel, "g k -> g 1 k 1"), groups=b * c)  # along columns
+    return rearrange(x, "1 (b c) h w -> b c h w", b=b)
 
 
 def random_blur(
