@@ -283,6 +283,7 @@ def linear_probe(
         >>> linear_probe(x, y, x, y, 2, epochs=20)["top1"] > 95
         True
     """
+    _check_probe(train_features, train_labels, test_features, test_labels, num_classes)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if not 0 < lr < math.inf:
@@ -291,6 +292,26 @@ def linear_probe(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= weight_decay < math.inf:
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay}")
+    device = torch.device(device) if device is not None else train_features.device
+    gen = torch.Generator().manual_seed(seed)
+    train_features = train_features.float().to(device)
+    mu = train_features.mean(0, keepdim=True)
+    sd = train_features.std(0, keepdim=True).clamp_min(1e-6)
+    xtr = (train_features - mu) / sd
+    xte = (test_features.float().to(device) - mu) / sd
+    ytr = train_labels.to(device)
+    layer = _fit_linear(xtr, ytr, num_classes, epochs, lr * batch_size / 256, batch_size,
+                        weight_decay, gen)  # fmt: skip
+    with torch.no_grad():
+        test_top1 = _topk_accuracy(layer(xte), test_labels, 1) if len(xte) else math.nan
+        train_top1 = _topk_accuracy(layer(xtr), ytr, 1)
+    return {"top1": test_top1, "train_top1": train_top1}
+
+
+def _check_probe(
+    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
+    num_classes: int,
+) -> None:  # fmt: skip
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if train_features.ndim != 2 or test_features.ndim != 2:
@@ -313,37 +334,31 @@ def linear_probe(
             raise ValueError(
                 f"{name}_labels must be in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
             )
-    device = torch.device(device) if device is not None else train_features.device
-    gen = torch.Generator().manual_seed(seed)
-    train_features = train_features.float().to(device)
-    mu = train_features.mean(0, keepdim=True)
-    sd = train_features.std(0, keepdim=True).clamp_min(1e-6)
-    xtr = (train_features - mu) / sd
-    xte = (test_features.float().to(device) - mu) / sd
-    ytr = train_labels.to(device)
-    layer = torch.nn.Linear(xtr.shape[1], num_classes).to(device)
+
+
+def _fit_linear(
+    x: Tensor, y: Tensor, num_classes: int, epochs: int, base_lr: float, batch_size: int,
+    weight_decay: float, gen: torch.Generator,
+) -> torch.nn.Linear:  # fmt: skip
+    """SGD (momentum 0.9) with a cosine schedule on ``(N, F)`` standardised features."""
+    layer = torch.nn.Linear(x.shape[1], num_classes).to(x.device)
     with torch.no_grad():
-        w = torch.randn(layer.weight.shape, generator=gen) * 0.01
-        layer.weight.copy_(w.to(device))
+        layer.weight.copy_((torch.randn(layer.weight.shape, generator=gen) * 0.01).to(x.device))
         layer.bias.zero_()
-    base_lr = lr * batch_size / 256
     opt = torch.optim.SGD(layer.parameters(), lr=base_lr, momentum=0.9, weight_decay=weight_decay)
-    n = xtr.shape[0]
+    n = x.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
     step = 0
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen).to(device)
+        perm = torch.randperm(n, generator=gen).to(x.device)
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size : (i + 1) * batch_size]
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(step, total, base_lr)
-            loss = F.cross_entropy(layer(xtr[idx]), ytr[idx])
+            loss = F.cross_entropy(layer(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-    with torch.no_grad():
-        test_top1 = _topk_accuracy(layer(xte), test_labels, 1) if len(xte) else math.nan
-        train_top1 = _topk_accuracy(layer(xtr), ytr, 1)
-    return {"top1": test_top1, "train_top1": train_top1}
+    return layer
