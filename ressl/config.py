@@ -169,6 +169,9 @@ class TrainConfig:
         OPTIM, "Weight decay (not on BatchNorm weights and biases).", number(0.0, strict=False)
     )
     sgd_momentum: float = _field(OPTIM, 0.9, "SGD momentum.", number(0.0, strict=False, below=1.0))
+    nesterov: bool = _field(
+        OPTIM, False, "Nesterov momentum for SGD (needs --sgd-momentum > 0).", BOOL
+    )
     warmup_epochs: int = _recipe(
         OPTIM, "Linear warm-up epochs before the cosine decay.", integer(0)
     )
@@ -282,6 +285,8 @@ class TrainConfig:
                 "queue_size",
                 "batch_size",
             )
+        if self.nesterov and self.sgd_momentum == 0:
+            raise ConfigError("{nesterov} needs {sgd_momentum} > 0", "nesterov", "sgd_momentum")
         if self.symmetric and self.crops is not None and len(self.crops) > 1:
             raise ConfigError(
                 "{symmetric} (2x backprop) and multi-crop ({crops}) cannot be combined; "

@@ -204,7 +204,8 @@ def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
         convert_batchnorm(model)  # batch statistics over the global batch, student and teacher
         student = wrap_ddp(student, device)
     optimizer = torch.optim.SGD(_param_groups(model.student, config.weight_decay),
-                                lr=config.lr * config.batch_size / 256, momentum=config.sgd_momentum)  # fmt: skip
+                                lr=config.lr * config.batch_size / 256, momentum=config.sgd_momentum,
+                                nesterov=config.nesterov)  # fmt: skip
     # each rank draws its own augmentations; rank 0's stream is the single-process one
     views = torch.Generator(device=device).manual_seed(_view_seed(config, world))
     plan = CropPlan.build(data.image_size, config.crop_scale, config.crops, config.crop_scales,

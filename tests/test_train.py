@@ -330,3 +330,19 @@ def test_imagenet_recipe_defaults():
     assert (small.backbone, small.queue_size, small.blur) == ("resnet18", 16384, 0.0)
     with pytest.raises(ValueError, match="imagenet:PATH"):
         TrainConfig(dataset="imagenet")
+
+
+def test_nesterov_reaches_the_optimiser(tmp_path, tiny_settings):
+    plain = train(out=tmp_path / "plain", **dict(tiny_settings, epochs=1))
+    nesterov = train(out=tmp_path / "nesterov", **dict(tiny_settings, epochs=1, nesterov=True))
+    (a, meta_a), (b, meta_b) = load_checkpoint(plain), load_checkpoint(nesterov)
+    groups = json.loads(meta_b["optimizer"])["param_groups"]
+    assert (
+        all(g["nesterov"] for g in groups)
+        and not json.loads(meta_a["optimizer"])["param_groups"][0]["nesterov"]
+    )
+    assert not torch.equal(
+        a["model.student.head.net.0.weight"], b["model.student.head.net.0.weight"]
+    )
+    with pytest.raises(ValueError, match="nesterov needs sgd_momentum > 0"):
+        TrainConfig(nesterov=True, sgd_momentum=0.0)
