@@ -1,9 +1,29 @@
-"""Running the ``ressl`` CLI in-process from tests, and checking its one-line errors."""
+"""Running the ``ressl`` CLI in-process from tests, checking its one-line errors, and the
+settings of a seconds-long run (``TINY``) as keywords or as flags."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 from ressl.cli.app import main
+
+#: A seconds-long CPU run: small CNN, 16 px, batch 8, queue 32 (add ``dataset`` and ``out``).
+TINY: dict[str, Any] = dict(
+    backbone="small", width=4, hidden_dim=16, embed_dim=8, image_size=16, batch_size=8,
+    queue_size=32, epochs=2, warmup_epochs=1, knn_every=1, knn_k=5, device="cpu", seed=0,
+    num_workers=0, progress_every=1,
+)  # fmt: skip
+
+
+def tiny_args(folder: Path, out: Path | str, **changes: Any) -> list[str]:
+    """``ressl train`` arguments for a ``TINY`` run on an image folder, ``--out`` last."""
+    settings = dict(TINY, dataset=f"folder:{folder}", **changes)
+    args = ["train"]
+    for name, value in settings.items():
+        args += ["--" + name.replace("_", "-"), str(value)]
+    return [*args, "--out", str(out)]
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:

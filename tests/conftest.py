@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import TINY
 from PIL import Image
 
 
@@ -33,22 +34,5 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def tiny_settings(image_folder: Path) -> dict:
-    """Settings for a seconds-long CPU run: small CNN, 16 px, batch 8, queue 32."""
-    return dict(
-        dataset=f"folder:{image_folder}",
-        backbone="small",
-        width=4,
-        hidden_dim=16,
-        embed_dim=8,
-        image_size=16,
-        batch_size=8,
-        queue_size=32,
-        epochs=2,
-        warmup_epochs=1,
-        knn_every=1,
-        knn_k=5,
-        device="cpu",
-        seed=0,
-        num_workers=0,
-        progress_every=1,
-    )
+    """Settings for a seconds-long CPU run on the image folder (``cli_helpers.TINY``)."""
+    return dict(TINY, dataset=f"folder:{image_folder}")

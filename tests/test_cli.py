@@ -2,48 +2,12 @@ import json
 import subprocess
 import sys
 
-from cli_helpers import assert_one_line_error, run_cli
-
-
-def tiny_args(folder, out):
-    return [
-        "train",
-        "--dataset",
-        f"folder:{folder}",
-        "--backbone",
-        "small",
-        "--width",
-        "4",
-        "--hidden-dim",
-        "16",
-        "--embed-dim",
-        "8",
-        "--image-size",
-        "16",
-        "--batch-size",
-        "8",
-        "--queue-size",
-        "32",
-        "--epochs",
-        "2",
-        "--warmup-epochs",
-        "1",
-        "--knn-every",
-        "1",
-        "--device",
-        "cpu",
-        "--num-workers",
-        "0",
-        "--out",
-        out,
-    ]
+from cli_helpers import assert_one_line_error, run_cli, tiny_args
 
 
 def test_train_then_resume_then_info(capsys, tmp_path, image_folder):
     run = tmp_path / "run"
-    code, out, err = run_cli(
-        capsys, *tiny_args(image_folder, run)[:-4], "--epochs", "1", "--out", run
-    )
+    code, out, err = run_cli(capsys, *tiny_args(image_folder, run, epochs=1))
     assert code == 0, err
     assert out.strip() == str(run / "last.safetensors")
     assert "epoch 1/1" in err and "knn top-1" in err

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cli_helpers import tiny_args
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -213,35 +214,7 @@ def test_torchrun_cli_end_to_end(tmp_path, image_folder):
         "2",
         "-m",
         "ressl",
-        "train",
-        "--dataset",
-        f"folder:{image_folder}",
-        "--backbone",
-        "small",
-        "--width",
-        "4",
-        "--hidden-dim",
-        "16",
-        "--embed-dim",
-        "8",
-        "--image-size",
-        "16",
-        "--batch-size",
-        "8",
-        "--queue-size",
-        "32",
-        "--epochs",
-        "1",
-        "--warmup-epochs",
-        "0",
-        "--knn-every",
-        "1",
-        "--device",
-        "cpu",
-        "--num-workers",
-        "0",
-        "--out",
-        str(run),
+        *tiny_args(image_folder, run, epochs=1, warmup_epochs=0),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import TINY, assert_one_line_error, run_cli
 
 from ressl.trainer import train
 
@@ -14,25 +14,7 @@ from ressl.trainer import train
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, image_folder: Path) -> Path:
     run = tmp_path_factory.mktemp("evalrun") / "run"
-    train(
-        dataset=f"folder:{image_folder}",
-        backbone="small",
-        width=4,
-        hidden_dim=16,
-        embed_dim=8,
-        image_size=16,
-        batch_size=8,
-        queue_size=32,
-        epochs=2,
-        warmup_epochs=1,
-        knn_every=1,
-        knn_k=5,
-        device="cpu",
-        seed=0,
-        num_workers=0,
-        progress_every=1,
-        out=str(run),
-    )
+    train(dataset=f"folder:{image_folder}", out=str(run), **TINY)
     return run
 
 

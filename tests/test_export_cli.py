@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, run_cli, tiny_args
 from ressl.export import Embedder, export_onnx, load_embeddings
 
 from ressl import SmallCNN
@@ -20,37 +20,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) ->
     from ressl.cli.app import main as cli_main
 
     run = tmp_path_factory.mktemp("run") / "run"
-    args = [
-        "train",
-        "--dataset",
-        f"folder:{image_folder}",
-        "--backbone",
-        "small",
-        "--width",
-        "4",
-        "--hidden-dim",
-        "16",
-        "--embed-dim",
-        "8",
-        "--image-size",
-        "16",
-        "--batch-size",
-        "8",
-        "--queue-size",
-        "32",
-        "--epochs",
-        "1",
-        "--warmup-epochs",
-        "1",
-        "--knn-every",
-        "1",
-        "--device",
-        "cpu",
-        "--num-workers",
-        "0",
-        "--out",
-        str(run),
-    ]
+    args = tiny_args(image_folder, run, epochs=1)
     with pytest.raises(SystemExit) as exc:
         cli_main(args)
     assert exc.value.code == 0

@@ -346,3 +346,11 @@ def test_nesterov_reaches_the_optimiser(tmp_path, tiny_settings):
     )
     with pytest.raises(ValueError, match="nesterov needs sgd_momentum > 0"):
         TrainConfig(nesterov=True, sgd_momentum=0.0)
+
+
+def test_a_config_object_trains_like_the_keywords(tmp_path, tiny_settings):
+    by_keywords = train(out=tmp_path / "a", **dict(tiny_settings, epochs=1))
+    config = TrainConfig(**dict(tiny_settings, epochs=1, out=str(tmp_path / "b")))
+    assert_same_state(by_keywords, train(config))
+    with pytest.raises(TypeError, match="either config or keyword settings"):
+        train(config, epochs=3)

@@ -8,8 +8,10 @@ per-channel normalisation, used by training, evaluation and export alike.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -208,17 +210,8 @@ def strong_view(
 
 
 @dataclass(frozen=True)
-class WeakView:
-    """The weak (teacher) view as a config: crop, flip, normalise (:func:`weak_view`).
-
-    Args:
-        flip_p: Probability of a horizontal flip.
-    """
-
-    flip_p: float = 0.5
-
-    def __post_init__(self) -> None:
-        check_prob("flip_p", self.flip_p)
+class _View:
+    """A view as a config: its fields are the view function's options."""
 
     def __call__(
         self,
@@ -231,13 +224,34 @@ class WeakView:
         scale: tuple[float, float] = (0.2, 1.0),
         crop: bool = True,
     ) -> Tensor:
-        """:func:`weak_view` of ``images`` with this config (arguments as there)."""
-        return weak_view(images, size=size, mean=mean, std=std, generator=generator, scale=scale,
-                         flip_p=self.flip_p, crop=crop)  # fmt: skip
+        """The view of ``images`` with this config (arguments as the view function's)."""
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return self._view(images, size=size, mean=mean, std=std, generator=generator,
+                          scale=scale, crop=crop, **options)  # fmt: skip
+
+    def _view(self, images: Tensor, **kw: Any) -> Tensor:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class StrongView:
+class WeakView(_View):
+    """The weak (teacher) view as a config: crop, flip, normalise (:func:`weak_view`).
+
+    Args:
+        flip_p: Probability of a horizontal flip.
+    """
+
+    flip_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_prob("flip_p", self.flip_p)
+
+    def _view(self, images: Tensor, **kw: Any) -> Tensor:
+        return weak_view(images, **kw)
+
+
+@dataclass(frozen=True)
+class StrongView(_View):
     """The strong (student) view as a config: crop, jitter, grayscale, blur, flip, normalise
     (:func:`strong_view`).
 
@@ -266,20 +280,5 @@ class StrongView:
             check_prob(name, getattr(self, name))
         check_range("blur_sigma", self.blur_sigma)
 
-    def __call__(
-        self,
-        images: Tensor,
-        *,
-        size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        generator: torch.Generator,
-        scale: tuple[float, float] = (0.2, 1.0),
-        crop: bool = True,
-    ) -> Tensor:
-        """:func:`strong_view` of ``images`` with this config (arguments as there)."""
-        return strong_view(
-            images, size=size, mean=mean, std=std, generator=generator, scale=scale,
-            jitter=self.jitter, jitter_p=self.jitter_p, grayscale_p=self.grayscale_p,
-            blur_p=self.blur_p, blur_sigma=self.blur_sigma, flip_p=self.flip_p, crop=crop,
-        )  # fmt: skip
+    def _view(self, images: Tensor, **kw: Any) -> Tensor:
+        return strong_view(images, **kw)
