@@ -15,3 +15,18 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def write_block(name: str, table: str, heading: str) -> Path:
+    """Put ``table`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in
+    docs/benchmarks.md, or append it under ``## heading`` when the markers are new."""
+    doc = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    block = f"{start}\n{table}\n{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + f"\n\n## {heading}\n\n{block}\n"
+    doc.write_text(text)
+    return doc

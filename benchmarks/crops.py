@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import cpu_model, write_block  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from throughput import bench_ressl, write_fake_cifar10  # noqa: E402
 
 MODES: list[tuple[str, dict[str, Any], float]] = [
@@ -100,17 +100,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        doc = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-        start, end = "<!-- crops:start -->", "<!-- crops:end -->"
-        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        block = f"{start}\n{table}\n{end}"
-        if start in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-        else:
-            text = (
-                text.rstrip() + "\n\n## Multi-crop and symmetric training (CPU)\n\n" + block + "\n"
-            )
-        doc.write_text(text)
+        write_block("crops", table, "Multi-crop and symmetric training (CPU)")
 
 
 if __name__ == "__main__":

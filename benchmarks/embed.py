@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import cpu_model, write_block  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from ressl.export import Embedder, export_onnx, sample_images
 from ressl.export.exporter import ServingEncoder
 
@@ -206,21 +206,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        doc = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-        start, end = "<!-- embed:start -->", "<!-- embed:end -->"
-        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        block = f"{start}\n{table}\n{end}"
-        if start in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-        else:
-            text = (
-                text.rstrip()
-                + "\n\n## Embedding throughput: onnxruntime vs PyTorch (CPU)\n\n"
-                + block
-                + "\n"
-            )
-        doc.parent.mkdir(exist_ok=True)
-        doc.write_text(text)
+        write_block("embed", table, "Embedding throughput: onnxruntime vs PyTorch (CPU)")
 
 
 if __name__ == "__main__":

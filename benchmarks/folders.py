@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import cpu_model, write_block  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from PIL import Image
 
 from ressl.crops import CropPlan
@@ -105,20 +105,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        doc = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-        start, end = "<!-- folders:start -->", "<!-- folders:end -->"
-        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        block = f"{start}\n{table}\n{end}"
-        if start in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-        else:
-            text = (
-                text.rstrip()
-                + "\n\n## Folder pipeline for ImageNet-like data (CPU)\n\n"
-                + block
-                + "\n"
-            )
-        doc.write_text(text)
+        write_block("folders", table, "Folder pipeline for ImageNet-like data (CPU)")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import cpu_model, write_block  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from throughput import write_fake_cifar10  # noqa: E402
 
 
@@ -115,20 +115,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        doc = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-        start, end = "<!-- scaling:start -->", "<!-- scaling:end -->"
-        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        block = f"{start}\n{table}\n{end}"
-        if start in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-        else:
-            text = (
-                text.rstrip()
-                + "\n\n## Distributed training on CPU (torchrun, gloo)\n\n"
-                + block
-                + "\n"
-            )
-        doc.write_text(text)
+        write_block("scaling", table, "Distributed training on CPU (torchrun, gloo)")
 
 
 if __name__ == "__main__":

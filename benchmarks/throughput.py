@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms as T
-from common import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import cpu_model, write_block  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from PIL import Image
 
 from ressl import ReSSL, TrainEvent, ema_update_, relation_loss, train
@@ -215,16 +215,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        doc = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-        start, end = "<!-- throughput:start -->", "<!-- throughput:end -->"
-        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        block = f"{start}\n{table}\n{end}"
-        if start in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-        else:
-            text = text.rstrip() + "\n\n## Training throughput (CPU)\n\n" + block + "\n"
-        doc.parent.mkdir(exist_ok=True)
-        doc.write_text(text)
+        write_block("throughput", table, "Training throughput (CPU)")
 
 
 if __name__ == "__main__":
