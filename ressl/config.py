@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .datasets import DATASETS, find, recipe_for
+from .datasets import dataset_names, recipe_for, spec_problem
 from .rules import (
     BOOL,
     CROP_SCALES,
@@ -59,32 +59,12 @@ __all__ = ["BACKBONES", "TrainConfig", "settings"]
 BACKBONES = ("small", "resnet18", "resnet50")
 
 
-def _check_dataset(value: Any) -> None:
-    """A folder kind named without its path gets its own message (the rule's is generic)."""
-    kind, colon, path = value.partition(":") if isinstance(value, str) else ("", "", "")
-    entry = DATASETS.get(kind.strip().lower())
-    if entry is not None and entry.takes_path and not path.strip():
-        raise ConfigError(
-            f"{{dataset}} {kind}:PATH needs the folder's path, e.g. {kind}:/data/images, "
-            f"got {lit(value)}",
-            "dataset",
-        )
+def _spec_ok(value: Any) -> bool:
+    return not spec_problem(value)
 
 
-def _dataset_ok(v: Any) -> bool:
-    try:
-        find(v)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-DATASET = Rule(
-    "one of "
-    + ", ".join(d.spec for d in DATASETS.values() if not d.takes_path)
-    + ", folder:PATH or imagenet:PATH",
-    _dataset_ok,
-)
+#: Valid datasets are the registry's; its ``spec_problem`` words the error.
+DATASET = Rule("one of " + ", ".join(dataset_names()), _spec_ok)
 
 
 def _field(panel: str, default: Any, help: str, rule: Rule, **kw: Any) -> Any:
@@ -257,9 +237,13 @@ class TrainConfig:
     seed: int = _field(RUN, 0, "Random seed (model init, data order, augmentations).", integer())
 
     def __post_init__(self) -> None:
-        _check_dataset(self.dataset)
+        problem = spec_problem(self.dataset)
+        if problem:
+            raise ConfigError(
+                "{dataset} " + problem.replace("{", "{{").replace("}", "}}"), "dataset"
+            )
         size = self.image_size if is_int(self.image_size) else None
-        recipe = recipe_for(self.dataset, size) if _dataset_ok(self.dataset) else {}
+        recipe = recipe_for(self.dataset, size)
         for f, meta in _settings():
             value = getattr(self, f.name)
             if value is None and meta.recipe:

@@ -33,6 +33,7 @@ __all__ = [
     "dataset_names",
     "find",
     "recipe_for",
+    "spec_problem",
 ]
 
 #: Reads a built-in dataset's files: ``(root, *, cache, system_dirs, download, size, subset)``.
@@ -202,6 +203,33 @@ def dataset_names() -> list[str]:
     return [d.spec for d in DATASETS.values()]
 
 
+def _lookup(spec: object) -> tuple[DatasetInfo | None, str | None, str]:
+    """``(entry, path, problem)``: the entry and path of a spec, or what is wrong with it."""
+    valid = ", ".join(dataset_names())
+    if not isinstance(spec, str):
+        return None, None, f"must be a string, one of {valid}, got {spec!r}"
+    kind, colon, path = spec.strip().partition(":")
+    name = kind.lower().replace("_", "-")
+    entry = next((d for d in DATASETS.values() if name == d.name or name in d.aliases), None)
+    if entry is not None and entry.takes_path:
+        if not colon or not path.strip():
+            return (
+                None,
+                None,
+                (f"{kind}:PATH needs the folder's path, e.g. {kind}:/data/images, got {spec!r}"),
+            )
+        return entry, path, ""
+    if entry is None or colon:
+        return None, None, f"must be one of {valid}, got {spec!r}"
+    return entry, None, ""
+
+
+def spec_problem(spec: object) -> str:
+    """What is wrong with a dataset spec ("" when nothing), worded to follow its name:
+    ``must be one of fashion-mnist, ..., got 'mnist'``."""
+    return _lookup(spec)[2]
+
+
 def find(spec: str) -> tuple[DatasetInfo, str | None]:
     """The registry entry of a dataset spec, and the path of a ``NAME:PATH`` spec.
 
@@ -211,22 +239,10 @@ def find(spec: str) -> tuple[DatasetInfo, str | None]:
         TypeError: ``spec`` is not a string.
         ValueError: an unknown name, or a folder kind without its path.
     """
-    if not isinstance(spec, str):
-        raise TypeError(
-            f"dataset must be a string, one of {', '.join(dataset_names())}, got {spec!r}"
-        )
-    kind, colon, path = spec.strip().partition(":")
-    name = kind.lower().replace("_", "-")
-    entry = next((d for d in DATASETS.values() if name == d.name or name in d.aliases), None)
-    if entry is not None and entry.takes_path:
-        if not colon or not path:
-            raise ValueError(
-                f"dataset {spec!r} needs a path: {kind}:PATH, e.g. '{kind}:/data/images'"
-            )
-        return entry, path
-    if entry is None or colon:
-        raise ValueError(f"unknown dataset {spec!r}; valid: {', '.join(dataset_names())}")
-    return entry, None
+    entry, path, problem = _lookup(spec)
+    if entry is None:
+        raise (TypeError if not isinstance(spec, str) else ValueError)(f"dataset {problem}")
+    return entry, path
 
 
 def recipe_for(spec: str, image_size: int | None = None) -> Mapping[str, Any]:

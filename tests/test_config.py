@@ -126,6 +126,6 @@ def test_recipes_are_data():
     assert recipe_for("folder:/x", image_size=224) is DATASETS["imagenet"].recipe
     assert recipe_for("folder:/x", image_size=96) is DATASETS["folder"].recipe
     for spec in ("mnist", "cifar10:/x"):
-        with pytest.raises(ValueError, match="unknown dataset"):
+        with pytest.raises(ValueError, match="dataset must be one of"):
             find(spec)
     assert set(BACKBONES) == {"small", "resnet18", "resnet50"}

@@ -51,7 +51,9 @@ def test_dataset_names() -> None:
 
 
 def test_unknown_spec_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'.*fashion-mnist.*folder:PATH"):
+    with pytest.raises(
+        ValueError, match="dataset must be one of fashion-mnist.*folder:PATH.*got 'mnist'"
+    ):
         load_dataset("mnist")
 
 
@@ -430,7 +432,7 @@ def test_imagenet_spec_is_a_folder_at_224_px(tmp_path: Path) -> None:
         and d.image_size == 224 == datasets.DATASETS["imagenet"].image_size
     )
     assert d.classes == ["cat", "dog", "emu"] and _pixels(d.train).shape == (4, 3, 224, 224)
-    with pytest.raises(ValueError, match="'imagenet:' needs a path"):
+    with pytest.raises(ValueError, match="imagenet:PATH needs the folder's path"):
         load_dataset("imagenet:")
 
 
