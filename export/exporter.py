@@ -131,6 +131,17 @@ class Verification:
             f"on batches {shapes}"
         )
 
+    def to_json(self) -> str:
+        """The ``verification`` metadata entry of an exported file."""
+        return json.dumps(
+            {
+                "max_abs_diff": self.max_abs_diff,
+                "min_cosine": self.min_cosine,
+                "criterion": self.criterion,
+                "shapes": [list(v) for v in self.shapes],
+            }
+        )
+
 
 @dataclass(frozen=True)
 class ExportReport:
@@ -376,30 +387,10 @@ def export_onnx(
             f"opset must be between 9 and 20 (the TorchScript exporter's range), got {opset}"
         )
     out = check_writable(out, "ONNX file")
-    extra: dict[str, str] = {}
-    if isinstance(source, nn.Module):
-        net, fields = _from_module(source, weights, head, backbone, image_size, channels, mean, std)
-    elif isinstance(source, (str, os.PathLike)):
-        given = [
-            n
-            for n, v in (
-                ("backbone", backbone),
-                ("image_size", image_size),
-                ("channels", channels),
-                ("mean", mean),
-                ("std", std),
-            )
-            if v is not None
-        ]
-        if given:
-            raise ValueError(
-                f"{', '.join(given)}: the checkpoint's settings supply these; pass them only with a module"
-            )
-        net, fields, extra = _from_checkpoint(Path(source), weights or "student", head)
-    else:
-        raise TypeError(
-            f"source must be a checkpoint path or an nn.Module, got {type(source).__name__}"
-        )
+    net, fields, extra = _resolve_source(
+        source, weights, head, backbone=backbone, image_size=image_size, channels=channels,
+        mean=mean, std=std,
+    )  # fmt: skip
 
     net = copy.deepcopy(net).cpu().float().eval()  # the user's module is left as it was
     reference = ServingEncoder(net, fields["mean"], fields["std"]).eval()
@@ -427,38 +418,14 @@ def export_onnx(
         metadata=extra,
         **fields,
     )
-    proto = onnx.load_from_string(_trace(served, example, opset, info.dynamic_spatial))
-    proto.producer_name, proto.producer_version = "ressl", __version__
-    out_dim = proto.graph.output[0].type.tensor_type.shape.dim[1]  # the tracer leaves D symbolic
-    out_dim.Clear()
-    out_dim.dim_value = dim
-    proto.doc_string = (
-        f"ressl encoder: {info.describe()}; input {INPUT_NAME} (N, C, H, W) in [0, 1]"
-    )
+    proto = _graph(served, example, opset, info)
     verification = None
     if verify:
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except onnx.checker.ValidationError as e:
-            raise ExportError(
-                f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}"
-            ) from None
         shapes = [(1, c, s, s), (5, c, s, s)]
         if other_size is not None:
             shapes.append((3, c, other_size, other_size))
-        verification = _verify(proto.SerializeToString(), reference, shapes, fp16)
-        if not verification.passed:
-            raise ExportError(
-                f"export verification failed, nothing written: {verification.describe()}"
-            )
-        extra["verification"] = json.dumps(
-            {
-                "max_abs_diff": verification.max_abs_diff,
-                "min_cosine": verification.min_cosine,
-                "criterion": verification.criterion,
-                "shapes": [list(v) for v in verification.shapes],
-            }
-        )
+        verification = _check(proto, reference, shapes, fp16)
+        extra["verification"] = verification.to_json()
         info = dataclasses.replace(info, metadata=extra)
     del proto.metadata_props[:]
     for key, value in sorted(info.to_metadata().items()):
@@ -468,3 +435,61 @@ def export_onnx(
     return ExportReport(
         out, ModelInfo.from_metadata(info.to_metadata(), str(out)), len(data), verification
     )
+
+
+def _resolve_source(
+    source: str | os.PathLike[str] | nn.Module,
+    weights: str | None,
+    head: bool,
+    **module_fields: Any,
+) -> tuple[nn.Module, dict[str, Any], dict[str, str]]:
+    """``(network, ModelInfo fields, extra metadata)`` of a checkpoint or a module."""
+    if isinstance(source, nn.Module):
+        net, fields = _from_module(source, weights, head, **module_fields)
+        return net, fields, {}
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"source must be a checkpoint path or an nn.Module, got {type(source).__name__}"
+        )
+    given = [name for name, value in module_fields.items() if value is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: the checkpoint's settings supply these; pass them only with a module"
+        )
+    return _from_checkpoint(Path(source), weights or "student", head)
+
+
+def _check(
+    proto: onnx.ModelProto,
+    reference: nn.Module,
+    shapes: Sequence[tuple[int, int, int, int]],
+    fp16: bool,
+) -> Verification:
+    """``onnx.checker``, then onnxruntime against PyTorch on ``shapes``.
+
+    Raises:
+        ExportError: either check failed.
+    """
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(
+            f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}"
+        ) from None
+    verification = _verify(proto.SerializeToString(), reference, shapes, fp16)
+    if not verification.passed:
+        raise ExportError(f"export verification failed, nothing written: {verification.describe()}")
+    return verification
+
+
+def _graph(served: nn.Module, example: Tensor, opset: int, info: ModelInfo) -> onnx.ModelProto:
+    """The traced graph, its producer, output shape and description set."""
+    proto = onnx.load_from_string(_trace(served, example, opset, info.dynamic_spatial))
+    proto.producer_name, proto.producer_version = "ressl", __version__
+    out_dim = proto.graph.output[0].type.tensor_type.shape.dim[1]  # the tracer leaves D symbolic
+    out_dim.Clear()
+    out_dim.dim_value = info.embedding_dim
+    proto.doc_string = (
+        f"ressl encoder: {info.describe()}; input {INPUT_NAME} (N, C, H, W) in [0, 1]"
+    )
+    return proto
