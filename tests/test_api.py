@@ -59,3 +59,16 @@ def test_public_functions_survive_their_modules_being_imported():
         importlib.import_module(f"ressl.{info.name}")
     for name in ressl.__all__:
         assert not isinstance(getattr(ressl, name), type(ressl)), f"ressl.{name} is a module"
+
+
+def test_every_subpackage_is_installed():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {"ressl." + p.parent.relative_to(root / "ressl").as_posix().replace("/", ".")
+             for p in (root / "ressl").glob("*/**/__init__.py")}  # fmt: skip
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
