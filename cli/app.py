@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from ressl.rules import ConfigError, flag
+from ressl.rules import ConfigError, Note, flag
 
 from .common import UserError
 from .eval_cmd import eval_app
@@ -46,11 +46,28 @@ def _is_usage_error(e: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point: run the app, turn user errors into one line and an exit status."""
+    """Console-script entry point: run the app, turn user errors into one line and an exit status.
+
+    The ``ressl`` logger writes its warnings to stderr, settings named as flags, for the
+    duration of the call (and is put back as it was, for callers in the same process).
+    """
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    logging.getLogger("ressl").setLevel(logging.WARNING)
+    handler.addFilter(_notes_with_flags)
+    log = logging.getLogger("ressl")
+    before = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    log.propagate = False  # the CLI owns the terminal
+    try:
+        _run(argv)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(before[0])
+        log.propagate = before[1]
+
+
+def _run(argv: Sequence[str] | None) -> NoReturn:
     try:
         code = app(args=list(argv) if argv is not None else None, standalone_mode=False)
     except UserError as e:
@@ -70,6 +87,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             _die("aborted", code=130)
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _notes_with_flags(record: logging.LogRecord) -> bool:
+    """The library logs ``Note`` objects naming settings; on the command line they name flags."""
+    if isinstance(record.args, tuple) and any(isinstance(a, Note) for a in record.args):
+        record.args = tuple(a.render(flag) if isinstance(a, Note) else a for a in record.args)
+    return True
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]

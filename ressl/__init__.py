@@ -13,6 +13,7 @@ can still use ``ressl.export.Embedder``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -158,21 +159,54 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        return _deprecated(name)
     home = _HOME.get(name)
     if home is None:
         raise AttributeError(f"module 'ressl' has no attribute {name!r}")
     try:
         module = importlib.import_module(f".{home}", __name__)
     except ImportError as e:
-        if "torch" not in f"{e.name} {e}":  # not torch (or torchvision) missing: a real bug
+        if not _torch_missing():  # torch is there: a real import error, shown as it is
             raise
         raise ImportError(
             f"ressl.{name} needs PyTorch, which is not installed here; pip install torch "
             "(serving embeddings with ressl.export.Embedder needs only onnxruntime, numpy and pillow)"
-        ) from None
+        ) from e
     value = getattr(module, name)
     globals()[name] = value  # later lookups skip this function
     return value
+
+
+def _torch_missing() -> bool:
+    try:
+        return importlib.util.find_spec("torch") is None
+    except (ImportError, ValueError):  # a finder that refuses torch
+        return True
+
+
+# Names of ressl 0.1.0 that moved: they still work, with a warning saying where to go.
+_DEPRECATED = {
+    "resolve_settings": "TrainConfig.from_keywords(**settings).to_dict()",
+    "DATASET_DEFAULTS": "ressl.DATASETS[name].recipe",
+}
+
+
+def _deprecated(name: str) -> Any:
+    import warnings
+
+    warnings.warn(f"ressl.{name} is deprecated; use {_DEPRECATED[name]}", DeprecationWarning, 2)
+    if name == "DATASET_DEFAULTS":
+        from .datasets import DATASETS
+
+        return {key: dict(entry.recipe) for key, entry in DATASETS.items()}
+
+    def resolve_settings(**settings: Any) -> dict[str, Any]:
+        from .config import TrainConfig
+
+        return TrainConfig.from_keywords(**settings).to_dict()
+
+    return resolve_settings
 
 
 def __dir__() -> list[str]:

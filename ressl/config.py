@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .datasets import dataset_names, recipe_for, spec_problem
+from .datasets import dataset_names, find, recipe_for, spec_problem
 from .rules import (
     BOOL,
     CROP_SCALES,
@@ -39,6 +40,7 @@ from .rules import (
     PROBABILITY,
     SCALE,
     ConfigError,
+    Note,
     Rule,
     Setting,
     as_type,
@@ -46,7 +48,6 @@ from .rules import (
     integer,
     interval,
     is_int,
-    lit,
     number,
     numbers_text,
     ranges_text,
@@ -102,7 +103,12 @@ class TrainConfig:
         DATASET,
     )
     data_root: str | None = _field(
-        DATA, None, "Where built-in datasets are looked for and downloaded to.", PATH, optional=True
+        DATA,
+        None,
+        "Where built-in datasets are looked for and downloaded to.",
+        PATH,
+        optional=True,
+        resumable=True,
     )
     image_size: int | None = _field(
         DATA,
@@ -115,7 +121,7 @@ class TrainConfig:
         DATA, None, "Train on the first N images only (quick runs).", integer(1), optional=True
     )
     download: bool = _field(
-        DATA, True, "Download a missing built-in dataset with torchvision.", BOOL
+        DATA, True, "Download a missing built-in dataset with torchvision.", BOOL, resumable=True
     )
     num_workers: int = _field(
         DATA, 4, "DataLoader workers for streamed folders.", integer(0), resumable=True
@@ -239,9 +245,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         problem = spec_problem(self.dataset)
         if problem:
-            raise ConfigError(
-                "{dataset} " + problem.replace("{", "{{").replace("}", "}}"), "dataset"
-            )
+            raise ConfigError("{dataset} " + problem, "dataset")
         size = self.image_size if is_int(self.image_size) else None
         recipe = recipe_for(self.dataset, size)
         for f, meta in _settings():
@@ -318,17 +322,18 @@ class TrainConfig:
             return Path(self.out)
         return Path("runs") / self.dataset.replace(":", "-", 1).replace("/", "_")
 
-    def notes(self) -> list[str]:
+    def notes(self) -> list[Note]:
         """Legal but probably unintended combinations, one sentence each (the trainer logs them)."""
         out = []
         if self.warmup_epochs >= self.epochs:
-            out.append(
-                f"warmup_epochs ({self.warmup_epochs}) >= epochs ({self.epochs}): the whole run is "
-                "warm-up, so the learning rate never decays (lower warmup_epochs)"
-            )
+            out.append(Note(
+                f"{{warmup_epochs}} {self.warmup_epochs} >= {{epochs}} {self.epochs}: the whole run "
+                "is warm-up, so the learning rate never decays",
+                "warmup_epochs", "epochs",
+            ))  # fmt: skip
         return out
 
-    def check_data(self, train_images: int, world_size: int = 1) -> list[str]:
+    def check_data(self, train_images: int, world_size: int = 1) -> list[Note]:
         """Check the settings against the data and the process count.
 
         Returns:
@@ -351,49 +356,63 @@ class TrainConfig:
                 "batch_size",
             )
         if self.queue_size > train_images:
-            return [
-                f"queue_size ({self.queue_size}) is larger than the training set ({train_images} "
-                "images): the queue holds several embeddings of each image, older ones stale"
-            ]
+            return [Note(
+                f"{{queue_size}} {self.queue_size} is larger than the training set ({train_images} "
+                "images): the queue holds several embeddings of each image, older ones stale",
+                "queue_size",
+            )]  # fmt: skip
         return []
 
     def resumed(self, given: Mapping[str, Any]) -> TrainConfig:
-        """This config (a checkpoint's) continued with the settings a user ``given`` again.
+        """This config (a checkpoint's) continued with the settings a user ``given`` again
+        (see :meth:`from_saved`)."""
+        return TrainConfig.from_saved(self.to_dict(), given)
 
-        Settings marked ``resumable`` take the new value; any other must equal the saved
-        one (``out`` is where the checkpoint is, so it is ignored).
+    @classmethod
+    def from_saved(
+        cls, saved: Mapping[str, Any], given: Mapping[str, Any] | None = None
+    ) -> TrainConfig:
+        """The config a checkpoint's ``settings`` describe, continued with ``given`` settings.
+
+        Settings marked ``resumable`` take the given value (applied before the saved ones are
+        checked, so a saved value that is no longer valid can be replaced); any other given
+        setting must equal the saved one, compared as the config stores it (``out`` is where
+        the checkpoint is, so it is ignored). The checkpoint's extra data fields are ignored.
 
         Raises:
-            ConfigError: a setting that may not change does, or an unknown one.
+            ConfigError: invalid saved settings, a setting that may not change that does,
+                or an unknown one.
         """
         names = {f.name: meta for f, meta in _settings()}
-        changes = {}
+        given = {k: v for k, v in (given or {}).items() if v is not None and k != "out"}
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s): {', '.join(unknown)}; valid: {', '.join(names)}"
+            )
+        changes = {k: v for k, v in given.items() if names[k].resumable}
+        config = cls(**{**{k: v for k, v in saved.items() if k in names}, **changes})
         for key, value in given.items():
-            if key not in names:
-                raise ConfigError(f"unknown setting: {key}; valid: {', '.join(names)}")
-            if value is None or key == "out":
-                continue
-            value = _coerce(key, value)
-            if names[key].resumable:
-                changes[key] = value
-            elif value != getattr(self, key):
+            if key not in changes and not _same(key, _coerce(key, value), getattr(config, key)):
                 raise ConfigError(
-                    f"--resume continues a run with its saved settings, but {{{key}}} {lit(value)} "
-                    f"differs from the checkpoint's {lit(getattr(self, key))}; drop the option or "
+                    f"--resume continues a run with its saved settings, but {{{key}}} {value!r} "
+                    f"differs from the checkpoint's {getattr(config, key)!r}; drop the option or "
                     "start a new run",
                     key,
                 )
-        return self.replace(**changes)
+        return config
 
-    @classmethod
-    def from_saved(cls, saved: Mapping[str, Any]) -> TrainConfig:
-        """The config a checkpoint's ``settings`` describe (its extra data fields ignored).
 
-        Raises:
-            ConfigError: the saved settings are invalid.
-        """
-        names = {f.name for f, _ in _settings()}
-        return cls(**{k: v for k, v in saved.items() if k in names})
+def _same(key: str, given: Any, saved: Any) -> bool:
+    """Equal settings; datasets by what they name (aliases, ``_`` for ``-``, the path's spelling)."""
+    if key == "dataset" and not spec_problem(given) and not spec_problem(saved):
+        (a, pa), (b, pb) = find(given), find(saved)
+        return (
+            a is b
+            and (pa is None) == (pb is None)
+            and os.path.normpath(pa or "") == os.path.normpath(pb or "")
+        )
+    return bool(given == saved)
 
 
 def _settings() -> Iterator[tuple[dataclasses.Field[Any], Setting]]:
@@ -420,7 +439,9 @@ def _coerce(name: str, value: Any) -> Any:
         try:
             return meta.parse(value)
         except ValueError as e:
-            raise ConfigError(f"{{{name}}} must be {e}, got {lit(value)}", name) from None
+            raise ConfigError(f"{{{name}}} must be {e}, got {value!r}", name) from None
     if isinstance(value, Path):
         return str(value)
+    if meta.rule is PATH and isinstance(value, str) and value:
+        return os.path.normpath(value)  # "./data/" and "data" are one folder
     return as_type(_types()[name], value)

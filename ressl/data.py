@@ -24,11 +24,23 @@ from pathlib import Path
 from .datasets import DatasetInfo, dataset_names, find
 from .folders import load_folder
 from .formats import Splits, resize_uint8
-from .sources import ImageData, ImageSource, TensorImages
+from .sources import FolderImages, ImageData, ImageSource, TensorImages, epoch_order, source_part
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SYSTEM_DATA_DIRS", "cache_dir", "dataset_names", "load_dataset"]
+__all__ = [
+    "SYSTEM_DATA_DIRS",
+    "cache_dir",
+    "dataset_names",
+    "load_dataset",
+    # where ressl 0.1.0 had them (they live in ressl.sources)
+    "FolderImages",
+    "ImageData",
+    "ImageSource",
+    "TensorImages",
+    "epoch_order",
+    "source_part",
+]
 
 #: Where Debian's dataset-* packages install (``apt-get install dataset-fashion-mnist``).
 SYSTEM_DATA_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets"),)

@@ -75,7 +75,9 @@ def extract_features(
     for images, y in source.batches(
         batch_size, epoch=0, seed=0, device=device, shuffle=False, drop_last=False
     ):
-        x = normalize(images, mean, std)
+        x = normalize(
+            images, mean, std, input_scale=1 / 255 if images.dtype == torch.uint8 else 1.0
+        )
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with ctx:

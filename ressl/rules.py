@@ -19,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "ConfigError",
+    "Note",
     "Rule",
     "Setting",
     "as_type",
@@ -26,7 +27,6 @@ __all__ = [
     "flag",
     "integer",
     "interval",
-    "lit",
     "number",
 ]
 
@@ -36,24 +36,50 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-class ConfigError(ValueError):
+class _Named:
+    """A message that names settings as ``{name}`` placeholders (only the ``names`` given
+    are replaced, so any other braces are kept as they are)."""
+
+    template: str
+    names: tuple[str, ...]
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with every setting called ``name(setting)`` (``flag`` on the CLI)."""
+        text = self.template
+        for setting in self.names:
+            text = text.replace("{" + setting + "}", name(setting))
+        return text
+
+
+class Note(_Named):
+    """A remark about legal but probably unintended settings; ``str()`` names keywords."""
+
+    def __init__(self, template: str, *names: str) -> None:
+        self.template, self.names = template, names
+
+    def __str__(self) -> str:
+        return self.render(str)
+
+    def __repr__(self) -> str:
+        return f"Note({str(self)!r})"
+
+
+class ConfigError(_Named, ValueError):
     """An invalid setting. The message names settings as ``{name}`` placeholders, so it
     reads with Python keywords (``str(e)``) or with command-line flags (``e.render(flag)``).
     """
 
     def __init__(self, template: str, *names: str) -> None:
-        self.template = template
-        self.names = names
+        self.template, self.names = template, names
         super().__init__(self.render(str))
 
-    def render(self, name: Callable[[str], str]) -> str:
-        """The message with every setting called ``name(setting)``."""
-        return self.template.format_map({n: name(n) for n in self.names})
+    def __reduce__(self) -> tuple[Any, ...]:  # pickle and copy keep the template
+        return (type(self), (self.template, *self.names))
 
     @classmethod
     def invalid(cls, setting: str, expect: str, value: Any) -> ConfigError:
         """``"{setting} must be <expect>, got <value>"``."""
-        return cls(f"{{{setting}}} must be {expect}, got {lit(value)}", setting)
+        return cls(f"{{{setting}}} must be {expect}, got {value!r}", setting)
 
 
 # --------------------------------------------------------------------------- rules
@@ -128,7 +154,7 @@ CROP_SCALES = Rule(
 )
 DEVICE = Rule(
     "'auto', 'cpu', 'cuda' or 'cuda:N'",
-    lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+    lambda v: isinstance(v, str) and re.fullmatch(r"auto|(cpu|cuda)(:\d+)?", v) is not None,
 )
 PROBABILITY = interval(0.0, 1.0, "a probability in [0, 1]")
 
@@ -196,18 +222,16 @@ class Setting:
     short: str | None = None
 
 
-def lit(value: Any) -> str:
-    """``repr(value)``, safe inside a ``ConfigError`` template."""
-    return repr(value).replace("{", "{{").replace("}", "}}")
-
-
 def as_type(kind: Any, value: Any) -> Any:
     """``value`` converted to the type ``kind`` where that is lossless (int -> float, list -> tuple)."""
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         return as_type(args[0], value) if len(args) == 1 else value
-    if kind is float and is_int(value):
-        return float(value)
+    if kind is float and (is_int(value) or is_number(value)):
+        return float(value)  # ints, numpy scalars
+    if kind is int and is_int(value):
+        return int(value)  # numpy integers
+
     if (
         typing.get_origin(kind) is tuple
         and isinstance(value, Sequence)

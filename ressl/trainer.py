@@ -296,6 +296,9 @@ def _epoch(
             notify(run.event("step", loss=loss, images_per_second=ips))
         if stop.after_step():
             break
+    if window.losses:  # a stop that came between the window check and the break
+        loss, ips = window.flush(state)
+        notify(run.event("step", loss=loss, images_per_second=ips))
     if state.batch_in_epoch < run.steps_per_epoch:
         return None
     return seen, time.perf_counter() - t_epoch, lr, momentum
@@ -345,7 +348,7 @@ def _resume_config(
         raise CheckpointError(f"{file} holds no training settings; it cannot be resumed") from None
     if not isinstance(saved, dict):
         raise CheckpointError(f"{file}: its settings are not a JSON object; it cannot be resumed")
-    config = TrainConfig.from_saved(saved).resumed(given).replace(out=str(file.parent))
+    config = TrainConfig.from_saved(saved, given).replace(out=str(file.parent))
     return config, tensors, meta, file.parent
 
 

@@ -72,3 +72,27 @@ def test_every_subpackage_is_installed():
     found = {"ressl." + p.parent.relative_to(root / "ressl").as_posix().replace("/", ".")
              for p in (root / "ressl").glob("*/**/__init__.py")}  # fmt: skip
     assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
+
+
+def test_deprecated_names_still_work_and_say_where_to_go():
+    with pytest.warns(DeprecationWarning, match="TrainConfig.from_keywords"):
+        assert ressl.resolve_settings(dataset="cifar10")["queue_size"] == 4096
+    with pytest.warns(DeprecationWarning, match="DATASETS"):
+        assert ressl.DATASET_DEFAULTS["stl10"]["ema_momentum"] == 0.996
+
+
+def test_a_broken_dependency_is_not_reported_as_missing_torch():
+    code = """
+import importlib.abc, sys
+class NoTorchvision(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torchvision":
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, NoTorchvision())
+try:
+    from ressl import ReSSL
+except ImportError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "blocked: torchvision" in out.stdout and "needs PyTorch" not in out.stdout

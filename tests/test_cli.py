@@ -168,3 +168,12 @@ def test_errors_name_the_flag_the_user_typed(capsys):
     for args, needle in cases:
         code, _, err = run_cli(capsys, *args)
         assert_one_line_error(code, err, needle)
+
+
+def test_notes_and_errors_with_braces_in_paths(capsys, tmp_path, image_folder):
+    run = tmp_path / "run{x}"
+    code, _, err = run_cli(capsys, *tiny_args(image_folder, run, epochs=1))
+    assert code == 0, err
+    assert "--warmup-epochs 1 >= --epochs 1" in err  # the library's note, in flags
+    code, _, err = run_cli(capsys, *tiny_args(image_folder, run, epochs=1))
+    assert_one_line_error(code, err, f"{run} already holds a run")

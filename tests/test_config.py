@@ -95,10 +95,10 @@ def test_cross_field_rules():
 def test_notes_and_checks_against_the_data():
     assert TrainConfig(epochs=10).notes() == []
     (note,) = TrainConfig(epochs=1, dataset="cifar10").notes()
-    assert "warmup_epochs (5) >= epochs (1)" in note
+    assert "warmup_epochs 5 >= epochs 1" in str(note)
     config = TrainConfig(batch_size=8, queue_size=64)
     assert config.check_data(100) == []
-    assert "larger than the training set (36 images)" in config.check_data(36)[0]
+    assert "larger than the training set (36 images)" in str(config.check_data(36)[0])
     with pytest.raises(ConfigError, match="batch_size 8 is larger than the training set"):
         config.check_data(5)
     with pytest.raises(ConfigError, match="divisible by the 3 processes"):
@@ -129,3 +129,47 @@ def test_recipes_are_data():
         with pytest.raises(ValueError, match="dataset must be one of"):
             find(spec)
     assert set(BACKBONES) == {"small", "resnet18", "resnet50"}
+
+
+def test_values_from_numpy_and_paths_are_stored_plainly():
+    import numpy as np
+
+    config = TrainConfig(
+        epochs=np.int64(3), lr=np.float32(0.5), data_root="./data/", out="runs/{x}"
+    )
+    assert type(config.epochs) is int and type(config.lr) is float
+    assert config.data_root == "data" and config.out == "runs/{x}"
+    json.dumps(config.to_dict())  # what every checkpoint stores
+    assert TrainConfig(device="cpu:0").device == "cpu:0"
+
+
+def test_resume_compares_what_the_settings_mean():
+    saved = TrainConfig(dataset="fmnist", data_root="data", epochs=2).to_dict()
+    config = TrainConfig.from_saved(saved, {"dataset": "Fashion_MNIST", "data_root": "./data/"})
+    assert config.dataset == "fmnist" and config.epochs == 2
+    with pytest.raises(ConfigError, match="but dataset 'cifar10' differs"):
+        TrainConfig.from_saved(saved, {"dataset": "cifar10"})
+    # a resumable setting given again replaces a saved value this version no longer accepts
+    assert TrainConfig.from_saved({**saved, "device": "tpu"}, {"device": "cpu"}).device == "cpu"
+    assert (
+        TrainConfig.from_saved(saved, {"download": False, "data_root": "/mnt/x"}).download is False
+    )
+
+
+def test_messages_keep_braces_and_survive_pickling():
+    import pickle
+
+    error = ConfigError("{out} runs/{x} already holds a run; choose another {out}", "out")
+    assert str(error) == "out runs/{x} already holds a run; choose another out"
+    assert error.render(flag) == "--out runs/{x} already holds a run; choose another --out"
+    again = pickle.loads(pickle.dumps(error))
+    assert again.render(flag) == error.render(flag) and str(again) == str(error)
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(dataset="{x}")
+    assert "got '{x}'" in e.value.render(flag)
+
+
+def test_notes_name_settings_as_the_reader_knows_them():
+    (note,) = TrainConfig(epochs=1).notes()
+    assert str(note).startswith("warmup_epochs 1 >= epochs 1")
+    assert note.render(flag).startswith("--warmup-epochs 1 >= --epochs 1")

@@ -354,3 +354,22 @@ def test_a_config_object_trains_like_the_keywords(tmp_path, tiny_settings):
     assert_same_state(by_keywords, train(config))
     with pytest.raises(TypeError, match="either config or keyword settings"):
         train(config, epochs=3)
+
+
+def test_a_stop_between_window_ends_keeps_every_loss(tmp_path, tiny_settings, monkeypatch):
+    from ressl.stopping import StopAgreement
+
+    calls = []
+
+    def stop_at_second_step(self):  # as if Ctrl-C came after the window check of step 2
+        calls.append(1)
+        if len(calls) == 2:
+            self.requested = self.stopping = True
+        return self.stopping
+
+    monkeypatch.setattr(StopAgreement, "after_step", stop_at_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(out=tmp_path / "run", **dict(tiny_settings, progress_every=10))
+    _, meta = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert (meta["batch_in_epoch"], meta["epoch_loss_count"]) == ("2", "2")
+    assert float(meta["epoch_loss_sum"]) > 0

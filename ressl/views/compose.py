@@ -39,17 +39,16 @@ def normalize(
     mean: Sequence[float],
     std: Sequence[float],
     *,
-    input_scale: float | None = None,
+    input_scale: float = 1.0,
 ) -> Tensor:
     """Per channel ``(x * input_scale - mean) / std``, in one pass: the package's one
     normalisation (training views, feature extraction and the exported graph).
 
     Args:
-        images: uint8 (0..255) or float (0..1) (B, C, H, W).
+        images: float (B, C, H, W) in [0, 1] (or uint8 with ``input_scale=1 / 255``).
         mean: C values.
         std: C values, all > 0.
-        input_scale: Multiplies the input first; default ``1 / 255`` for uint8 images,
-            1 for floats.
+        input_scale: Multiplies the input first (``1 / 255`` for uint8 images).
 
     Returns:
         float32 (B, C, H, W), a new tensor.
@@ -59,8 +58,6 @@ def normalize(
         ValueError: If ``mean`` or ``std`` does not have C values, or ``std <= 0``.
     """
     c = check_images(images, any_channels=True).shape[1]
-    if input_scale is None:
-        input_scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
     scale, shift = _affine(mean, std, c, input_scale, images.device)
     return torch.addcmul(shift, images.float(), scale)
 
