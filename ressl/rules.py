@@ -138,7 +138,8 @@ SCALE = Rule("two numbers 0 < lo <= hi <= 1", _scale_range)
 JITTER = Rule(
     "four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)",
     lambda v: (
-        isinstance(v, tuple)
+        isinstance(v, Sequence)
+        and not isinstance(v, str)
         and len(v) == 4
         and all(is_number(x) and x >= 0 for x in v)
         and v[3] <= 0.5

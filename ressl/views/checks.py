@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..rules import JITTER, PROBABILITY
+
 __all__ = [
     "check_channel_stats",
     "check_generator",
@@ -71,8 +73,8 @@ def check_size(size: object) -> int:
 
 
 def check_prob(name: str, p: object) -> float:
-    if not is_number(p) or not 0.0 <= p <= 1.0:  # type: ignore[operator]
-        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    if not PROBABILITY.ok(p):  # the rule TrainConfig checks too
+        raise ValueError(f"{name} must be {PROBABILITY.expect}, got {p!r}")
     return float(p)  # type: ignore[arg-type]
 
 
@@ -85,12 +87,8 @@ def check_range(name: str, value: object, *, high: float = math.inf) -> tuple[fl
 
 
 def check_jitter(jitter: object) -> tuple[float, float, float, float]:
-    ok = isinstance(jitter, Sequence) and len(jitter) == 4 and all(map(is_number, jitter))
-    if not ok or min(jitter[:3]) < 0 or not 0 <= jitter[3] <= 0.5:  # type: ignore[index]
-        raise ValueError(
-            "jitter must be (brightness, contrast, saturation, hue) with the first three "
-            f">= 0 and hue in [0, 0.5], got {jitter!r}"
-        )
+    if not JITTER.ok(jitter):  # the rule TrainConfig checks too
+        raise ValueError(f"jitter must be {JITTER.expect}, got {jitter!r}")
     b, c, s, h = (float(v) for v in jitter)  # type: ignore[attr-defined]
     return b, c, s, h
 
