@@ -299,12 +299,7 @@ class TrainConfig:
         Raises:
             ConfigError: an unknown keyword (listing the valid ones) or an invalid value.
         """
-        known = [f.name for f, _ in _settings()]
-        unknown = sorted(set(keywords) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"unknown setting(s): {', '.join(unknown)}; valid: {', '.join(known)}"
-            )
+        _refuse_unknown(keywords)
         return cls(**{k: v for k, v in keywords.items() if v is not None})
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -385,11 +380,7 @@ class TrainConfig:
         """
         names = {f.name: meta for f, meta in _settings()}
         given = {k: v for k, v in (given or {}).items() if v is not None and k != "out"}
-        unknown = sorted(set(given) - set(names))
-        if unknown:
-            raise ConfigError(
-                f"unknown setting(s): {', '.join(unknown)}; valid: {', '.join(names)}"
-            )
+        _refuse_unknown(given)
         changes = {k: v for k, v in given.items() if names[k].resumable}
         config = cls(**{**{k: v for k, v in saved.items() if k in names}, **changes})
         for key, value in given.items():
@@ -401,6 +392,13 @@ class TrainConfig:
                     key,
                 )
         return config
+
+
+def _refuse_unknown(keywords: Mapping[str, Any]) -> None:
+    known = [f.name for f, _ in _settings()]
+    unknown = sorted(set(keywords) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; valid: {', '.join(known)}")
 
 
 def _same(key: str, given: Any, saved: Any) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .rules import DEVICE
+
 __all__ = ["autocast_dtype", "select_device"]
 
 
@@ -11,18 +13,13 @@ def select_device(device: str) -> torch.device:
     """``"auto"`` -> CUDA when present, else CPU; otherwise the named device, checked."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(
-            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
-        ) from None
+    if not DEVICE.ok(device):  # the rule TrainConfig checks too
+        raise ValueError(f"device must be {DEVICE.expect}, got {device!r}")
+    dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu"
         )
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return dev
 
 

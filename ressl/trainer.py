@@ -203,9 +203,9 @@ def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
     if world.distributed:
         convert_batchnorm(model)  # batch statistics over the global batch, student and teacher
         student = wrap_ddp(student, device)
-    optimizer = torch.optim.SGD(_param_groups(model.student, config.weight_decay),
-                                lr=config.lr * config.batch_size / 256, momentum=config.sgd_momentum,
-                                nesterov=config.nesterov)  # fmt: skip
+    base_lr = config.lr * config.batch_size / 256  # lr is per 256 images
+    optimizer = torch.optim.SGD(_param_groups(model.student, config.weight_decay), lr=base_lr,
+                                momentum=config.sgd_momentum, nesterov=config.nesterov)  # fmt: skip
     # each rank draws its own augmentations; rank 0's stream is the single-process one
     views = torch.Generator(device=device).manual_seed(_view_seed(config, world))
     plan = CropPlan.build(data.image_size, config.crop_scale, config.crops, config.crop_scales,
@@ -217,7 +217,7 @@ def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
         config, world, device, amp, data, source, plan, strong, teacher, student,
         TrainState(model, optimizer, views), run_dir, settings,
         steps_per_epoch=len(data.train) // config.batch_size,
-        base_lr=config.lr * config.batch_size / 256,
+        base_lr=base_lr,
     )  # fmt: skip
 
 
