@@ -71,8 +71,8 @@ def _checkpoint_source(path: Path, weights: str, device: torch.device) -> Featur
     )  # fmt: skip
 
 
-def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
-    """An ONNX model run with onnxruntime on images in [0, 1] (its graph normalises them)."""
+def _onnx_session(path: Path, device: torch.device) -> Any:
+    """An onnxruntime session of ``path`` (CUDA first when asked for and offered)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -81,10 +81,17 @@ def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     try:
-        session = ort.InferenceSession(str(path), providers=providers)
+        return ort.InferenceSession(str(path), providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         fail(f"{path} is not a loadable ONNX model ({first})")
+
+
+def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
+    """An ONNX model run with onnxruntime on images in [0, 1] (its graph normalises them)."""
+    import torch
+
+    session = _onnx_session(path, device)
     inp = session.get_inputs()[0]
     shape = list(inp.shape)
     if len(shape) != 4:
@@ -94,12 +101,10 @@ def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
     outputs = [o.name for o in session.get_outputs()]
     out_name = "embedding" if "embedding" in outputs else outputs[0]
     meta = dict(session.get_modelmeta().custom_metadata_map or {})
-    settings: dict[str, Any] = {}
-    if "settings" in meta:
-        try:
-            settings = json.loads(meta["settings"])
-        except ValueError:
-            settings = {}
+    try:
+        settings: dict[str, Any] = json.loads(meta.get("settings", "{}"))
+    except ValueError:
+        settings = {}
     channels = (
         shape[1]
         if isinstance(shape[1], int)
@@ -110,9 +115,6 @@ def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
         if isinstance(shape[2], int)
         else settings.get("image_size", meta.get("image_size"))
     )
-    dataset = meta.get("dataset") or settings.get("dataset")
-
-    import torch
 
     def run(x: Tensor) -> Tensor:
         (y,) = session.run([out_name], {inp.name: x.detach().cpu().float().numpy()})
@@ -120,12 +122,10 @@ def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
 
     # Which representation the graph outputs decides what the numbers mean: ressl's exporter
     # records it ("head": "true" for the projection head's embedding, "false" for backbone features).
-    if meta.get("head") == "true":
-        what = "projection-head embedding, not backbone features"
-    elif meta.get("head") == "false":
-        what = "backbone features"
-    else:
-        what = "not a ressl export: unknown whether head or backbone"
+    what = {
+        "true": "projection-head embedding, not backbone features",
+        "false": "backbone features",
+    }
     weights = meta.get("weights")
     info: dict[str, Any] = {
         "model": path.name,
@@ -134,9 +134,11 @@ def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
     }
     return FeatureSource(
         fn=run, mean=(0.0,) * channels, std=(1.0,) * channels, channels=channels,
-        image_size=int(size) if size is not None else None, default_dataset=dataset,
-        description=f"ONNX output {out_name!r} ({what})", features=f"onnx:{out_name}", run_dir=path.parent,
-        info=info,
+        image_size=int(size) if size is not None else None,
+        default_dataset=meta.get("dataset") or settings.get("dataset"),
+        description=f"ONNX output {out_name!r} "
+        f"({what.get(meta.get('head', ''), 'not a ressl export: unknown whether head or backbone')})",
+        features=f"onnx:{out_name}", run_dir=path.parent, info=info,
     )  # fmt: skip
 
 
@@ -350,30 +352,12 @@ def linear_cmd(
     )
     train_f, train_y, test_f, test_y = feats
     t0 = time.perf_counter()
-    acc = linear_probe(
-        train_f,
-        train_y,
-        test_f,
-        test_y,
-        len(data.classes),
-        epochs=epochs,
-        lr=lr,
-        batch_size=probe_batch_size,
-        weight_decay=weight_decay,
-        seed=seed,
-        device=dev,
-    )
-    row = {
-        **_base_row("linear", source, data, feats),
-        "epochs": epochs,
-        "lr": lr,
-        "batch_size": probe_batch_size,
-        "weight_decay": weight_decay,
-        "seed": seed,
-        **{key: round(v, 4) for key, v in acc.items()},
-        "seconds": round(seconds + time.perf_counter() - t0, 2),
-        "device": str(dev),
-    }
+    probe: dict[str, Any] = dict(epochs=epochs, lr=lr, batch_size=probe_batch_size, weight_decay=weight_decay,
+                 seed=seed)  # fmt: skip
+    acc = linear_probe(train_f, train_y, test_f, test_y, len(data.classes), **probe, device=dev)
+    row = {**_base_row("linear", source, data, feats), **probe,
+           **{key: round(v, 4) for key, v in acc.items()},
+           "seconds": round(seconds + time.perf_counter() - t0, 2), "device": str(dev)}  # fmt: skip
     where = record(source, row, record_result)
     if as_json:
         typer.echo(json.dumps(row))

@@ -132,11 +132,6 @@ def plot_cmd(
     seed: Annotated[int, typer.Option(help="Seed for the choice of t-SNE points.")] = 0,
 ) -> None:
     """Draw a run's curves (curves.png) and a t-SNE of test-set features coloured by class (tsne.png)."""
-    import torch
-
-    from ressl.evaluate import extract_features
-    from ressl.manifold import tsne as run_tsne
-
     rows = read_metrics(run_dir)
     if tsne_points < 4:
         fail(f"--tsne-points must be >= 4, got {tsne_points}")
@@ -150,16 +145,12 @@ def plot_cmd(
         from ressl.checkpoint import read_metadata
 
         settings = json.loads(read_metadata(checkpoint).get("settings", "{}"))
-    name = (
-        f"{run_dir.name}: {settings.get('backbone', '?')} on {settings.get('dataset', '?')}"
-        if settings
-        else run_dir.name
-    )
-    knn_title = (
-        f"kNN monitor (k {settings['knn_k']}, t {settings['knn_temperature']:g})"
-        if "knn_k" in settings
-        else "kNN monitor"
-    )
+    name = run_dir.name
+    if settings:
+        name += f": {settings.get('backbone', '?')} on {settings.get('dataset', '?')}"
+    knn_title = "kNN monitor"
+    if "knn_k" in settings:
+        knn_title += f" (k {settings['knn_k']}, t {settings['knn_temperature']:g})"
     typer.echo(str(plot_curves(plt, rows, name, out / "curves.png", knn_title)))
     if not tsne:
         return
@@ -171,25 +162,32 @@ def plot_cmd(
     if data.test is None or not data.classes:
         typer.echo(f"no t-SNE: {data.name} has no labelled test split", err=True)
         return
+    path = _tsne_figure(plt, source, data, dev, out / "tsne.png", tsne_points, perplexity,
+                        iterations, seed)  # fmt: skip
+    typer.echo(str(path))
+
+
+def _tsne_figure(
+    plt: Any, source: Any, data: Any, device: torch.device, path: Path, points: int,
+    perplexity: float, iterations: int, seed: int,
+) -> Path:  # fmt: skip
+    """t-SNE of ``points`` random test images' features, drawn to ``path``."""
+    import torch
+
+    from ressl.evaluate import extract_features
+    from ressl.manifold import tsne as run_tsne
+
     n = len(data.test)
     typer.echo(
-        f"t-SNE of {min(tsne_points, n)} of {n} {data.name} test images ({source.description}) ...",
+        f"t-SNE of {min(points, n)} of {n} {data.name} test images ({source.description}) ...",
         err=True,
     )
     with torch.no_grad():
         feats, labels = extract_features(
-            source.fn, data.test, mean=source.mean, std=source.std, device=dev
+            source.fn, data.test, mean=source.mean, std=source.std, device=device
         )
-    idx = (
-        torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:tsne_points].sort().values
-    )
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:points].sort().values
     emb = run_tsne(feats[idx.to(feats.device)], perplexity=perplexity, iterations=iterations)
     epoch = source.info.get("epoch")
     title = f"t-SNE of {len(idx)} {data.name} test images\n{source.description}, epoch {epoch}"
-    typer.echo(
-        str(
-            plot_tsne(
-                plt, emb, labels[idx.to(labels.device)], data.classes, title, out / "tsne.png"
-            )
-        )
-    )
+    return plot_tsne(plt, emb, labels[idx.to(labels.device)], data.classes, title, path)

@@ -349,7 +349,8 @@ def export_onnx(
     ``embedding``, float32 ``(N, D)`` L2-normalised; the dataset's mean/std
     normalisation is inside. ``N`` is dynamic, and ``H``, ``W`` too where the
     network accepts other sizes. The file is written atomically, and only after
-    it passed the verification.
+    it passed the verification. (Long for this reference: the body is the phases
+    resolve -> prepare -> trace -> check -> write, each a helper.)
 
     Args:
         source: a ressl checkpoint (``.safetensors`` or run folder), or a module:
@@ -392,19 +393,8 @@ def export_onnx(
         mean=mean, std=std,
     )  # fmt: skip
 
-    net = copy.deepcopy(net).cpu().float().eval()  # the user's module is left as it was
-    reference = ServingEncoder(net, fields["mean"], fields["std"]).eval()
+    reference, served, example, dim, other_size = _prepare(net, fields, fp16)
     c, s = fields["channels"], fields["image_size"]
-    example = sample_images(2, c, s)  # batch 2, so the tracer cannot freeze the batch size at 1
-    with torch.no_grad():
-        dim = int(reference(example).shape[1])
-    other_size = _accepts_other_sizes(reference, c, s)
-    served = (
-        ServingEncoder(copy.deepcopy(net), fields["mean"], fields["std"], fp16=fp16).eval()
-        if fp16
-        else reference
-    )
-
     extra.update(
         opset=str(opset),
         exporter=f"torch {torch.__version__} (TorchScript-based torch.onnx.export)",
@@ -430,11 +420,29 @@ def export_onnx(
     del proto.metadata_props[:]
     for key, value in sorted(info.to_metadata().items()):
         proto.metadata_props.add(key=key, value=value)
-    data = proto.SerializeToString()
-    write_atomic(out, data, "ONNX file")
+    write_atomic(out, data := proto.SerializeToString(), "ONNX file")
     return ExportReport(
         out, ModelInfo.from_metadata(info.to_metadata(), str(out)), len(data), verification
     )
+
+
+def _prepare(
+    net: nn.Module, fields: dict[str, Any], fp16: bool
+) -> tuple[nn.Module, nn.Module, Tensor, int, int | None]:
+    """``(reference, served, example, embedding dim, another accepted size or None)``: the
+    fp32 served function to verify against, the one to trace (fp16 when asked), and an
+    example batch. The user's module is copied, never changed."""
+    net = copy.deepcopy(net).cpu().float().eval()
+    reference = ServingEncoder(net, fields["mean"], fields["std"]).eval()
+    c, s = fields["channels"], fields["image_size"]
+    example = sample_images(2, c, s)  # batch 2, so the tracer cannot freeze the batch size at 1
+    with torch.no_grad():
+        dim = int(reference(example).shape[1])
+    other_size = _accepts_other_sizes(reference, c, s)
+    served = reference
+    if fp16:
+        served = ServingEncoder(copy.deepcopy(net), fields["mean"], fields["std"], fp16=True).eval()
+    return reference, served, example, dim, other_size
 
 
 def _resolve_source(

@@ -104,16 +104,7 @@ class ModelInfo:
             ValueError: if the file is not a ressl encoder or a key is missing or malformed.
         """
         meta = dict(meta)
-        if meta.get("format") != FORMAT:
-            raise ValueError(
-                f"{where} is an ONNX file but not a ressl encoder (no format={FORMAT!r} in its metadata); "
-                "export one with `ressl export CHECKPOINT -o MODEL.onnx`"
-            )
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{where} has ressl encoder format version {meta.get('format_version')!r}; "
-                f"this ressl reads version {FORMAT_VERSION}"
-            )
+        _check_format(meta, where)
 
         def get(key: str) -> str:
             if key not in meta:
@@ -163,4 +154,18 @@ class ModelInfo:
         return (
             f"{self.backbone} {self.weights} {what}, {self.channels}x{self.image_size}x{self.image_size} "
             f"-> {self.embedding_dim}-d embedding, {self.precision}"
+        )
+
+
+def _check_format(meta: Mapping[str, str], where: str) -> None:
+    """A ressl encoder's format tags, or a ValueError saying what the file is instead."""
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{where} is an ONNX file but not a ressl encoder (no format={FORMAT!r} in its metadata); "
+            "export one with `ressl export CHECKPOINT -o MODEL.onnx`"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{where} has ressl encoder format version {meta.get('format_version')!r}; "
+            f"this ressl reads version {FORMAT_VERSION}"
         )

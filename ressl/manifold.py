@@ -109,7 +109,8 @@ def tsne(
     """Embed ``(N, F)`` points in ``dims`` dimensions with exact t-SNE.
 
     Deterministic: PCA initialisation (scaled to std 1e-4 on the first axis), no
-    random numbers. Runs on ``x``'s device.
+    random numbers. Runs on ``x``'s device. The gradient loop stays in one piece so it
+    reads against van der Maaten's reference algorithm step by step.
 
     Args:
         x: ``(N, F)`` points, e.g. backbone features of test images; N >= 4.

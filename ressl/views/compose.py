@@ -148,6 +148,8 @@ def strong_view(
     GaussianBlur(``blur_kernel_size(size)``, sigma uniform in ``blur_sigma``) with
     probability ``blur_p``; RandomHorizontalFlip(flip_p); Normalize(mean, std). The
     paper blurs with p 0.5 on ImageNet; small datasets usually skip it (the default).
+    Its length is the argument checks and this reference; the composition itself is a
+    dozen lines in torchvision's order, kept together so the draw order stays visible.
 
     Args:
         images: uint8, or float in [0, 1], (B, C, H, W) with C in {1, 3}.

@@ -52,7 +52,8 @@ def sample_crop_boxes(
     Vectorised: every image gets 10 candidates at once (area fraction uniform in
     ``scale``, aspect ratio w / h log-uniform in ``ratio``) and keeps the first that fits
     in the image; an image with none gets torchvision's fallback, the central crop of
-    the whole image clipped to ``ratio``.
+    the whole image clipped to ``ratio``. Kept whole, like torchvision's, so the two
+    read side by side.
 
     Args:
         batch: Number of boxes B.
