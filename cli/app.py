@@ -78,8 +78,8 @@ def _run(argv: Sequence[str] | None) -> NoReturn:
         _die(str(e) or type(e).__name__)
     except KeyboardInterrupt:
         _die("interrupted", code=130)
-    except OSError as e:
-        _die(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
+    except OSError as e:  # a full disk, an unreadable file: name the file
+        _die(f"{e.filename}: {e.strerror or e}" if getattr(e, "filename", None) else str(e))
     except Exception as e:
         if _is_usage_error(e):
             _die(e.format_message() if hasattr(e, "format_message") else str(e))  # type: ignore[attr-defined]
@@ -109,6 +109,8 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def _die(message: str, code: int = 2) -> NoReturn:
-    first = message.strip().splitlines()[0] if message.strip() else "error"
-    print(f"ressl: error: {first}", file=sys.stderr)
+    """``ressl: error: FIRST LINE``; the message's further lines follow whole, indented."""
+    first, *rest = message.strip().splitlines() or ["error"]
+    lines = [f"ressl: error: {first}", *(f"  {line}" for line in rest if line.strip())]
+    print("\n".join(lines), file=sys.stderr)
     sys.exit(code)

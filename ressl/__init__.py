@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .rules import ConfigError
     from .sources import FolderImages, ImageData, ImageSource, TensorImages
     from .step import EncodeCrops, training_step
-    from .trainer import TrainEvent, train
+    from .trainer import DivergedError, TrainEvent, train
     from .views import (
         StrongView,
         WeakView,
@@ -77,7 +77,7 @@ _HOME: dict[str, str] = {
     **dict.fromkeys(
         ["BACKBONES", "SmallCNN", "ProjectionHead", "Encoder", "ReSSL", "build_backbone"], "model"
     ),
-    **dict.fromkeys(["train", "TrainEvent"], "trainer"),
+    **dict.fromkeys(["train", "TrainEvent", "DivergedError"], "trainer"),
     "TrainConfig": "config",
     "ConfigError": "rules",
     **dict.fromkeys(["DATASETS", "DatasetInfo", "dataset_names"], "datasets"),
@@ -133,6 +133,7 @@ __all__ = [
     "train",
     "TrainConfig",
     "ConfigError",
+    "DivergedError",
     "DATASETS",
     "DatasetInfo",
     "training_step",

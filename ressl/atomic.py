@@ -64,8 +64,10 @@ def write_atomic(
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:  # a full disk: name the file it was writing
+            raise OSError(e.errno, f"cannot write the {what}: {e.strerror or e}", str(path)) from e
         raise
     _fsync_dir(path.parent)
     return path

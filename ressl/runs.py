@@ -72,5 +72,13 @@ def read_metrics(path: str | Path, upto_epoch: int | None = None) -> list[dict[s
 
 
 def write_metrics(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Rewrite a ``metrics.jsonl`` atomically, one JSON object per line."""
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode(), "metrics file")
+    """Rewrite a ``metrics.jsonl`` atomically, one strict JSON object per line (no NaN).
+
+    Raises:
+        ValueError: a row holds a NaN or an infinity (nothing is written).
+    """
+    try:
+        text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows)
+    except ValueError:
+        raise ValueError(f"{path}: a metrics row holds a value that is not finite") from None
+    write_atomic(path, text.encode(), "metrics file")

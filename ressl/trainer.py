@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from .device import autocast_dtype, select_device
 from .distributed import (
     World,
     all_gather_cat,
+    any_rank,
     convert_batchnorm,
     wrap_ddp,
 )
@@ -50,7 +52,7 @@ from .step import EncodeCrops, training_step
 from .stopping import StopAgreement
 from .views import StrongView, WeakView
 
-__all__ = ["train", "TrainEvent"]
+__all__ = ["train", "DivergedError", "TrainEvent"]
 
 log = logging.getLogger("ressl")
 
@@ -68,6 +70,11 @@ class TrainEvent:
     loss: float | None = None
     images_per_second: float | None = None
     metrics: dict[str, Any] | None = None
+
+
+class DivergedError(ConfigError):
+    """Training diverged: a loss or a weight is not finite. Nothing of it was saved: the run
+    folder keeps its last checkpoint and metrics as they were."""
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -114,9 +121,27 @@ class _Run:
                           self.config.epochs, s.batch_in_epoch, **fields)  # fmt: skip
 
     def save(self) -> Path:
-        """The checkpoint of the current state (a collective when distributed)."""
+        """The checkpoint of the current state (a collective when distributed), refused when a
+        weight is not finite."""
+        bad = _non_finite(self.state.model)
+        if bad is not None:
+            raise self.diverged(
+                f"{bad} is not finite after step {self.state.step(self.steps_per_epoch)}"
+            )
         return save_state(self.run_dir / CHECKPOINT, self.state, settings=self.settings,
                           steps_per_epoch=self.steps_per_epoch, world=self.world)  # fmt: skip
+
+    def diverged(self, what: str) -> DivergedError:
+        """The error that stops a diverged run: what went wrong, what was kept, what to try."""
+        c, path = self.config, self.run_dir / CHECKPOINT
+        kept = (f"{path} keeps the last finite state" if path.exists()
+                else "no checkpoint was written")  # fmt: skip
+        return DivergedError(
+            f"training diverged: {what}; nothing of it was saved ({kept}). Try a lower {{lr}} "
+            f"(now {c.lr:g}), {{precision}} fp32, or a higher {{student_temperature}} "
+            f"(now {c.student_temperature:g}), then train again",
+            "lr", "precision", "student_temperature",
+        )  # fmt: skip
 
     def batches(self) -> Iterator[tuple[Tensor | list[Tensor], Tensor]]:
         """The rest of the epoch in progress; streamed folders are cropped in the workers."""
@@ -162,15 +187,36 @@ class _Window:
         self.losses.append(loss)
         self.images += images
 
-    def flush(self, state: TrainState) -> tuple[float, float]:
-        """Add the window's losses to the epoch's; ``(last loss, images per second)``."""
+    def flush(self, run: _Run) -> tuple[float, float]:
+        """Add the window's losses to the epoch's; ``(last loss, images per second)``.
+
+        Raises:
+            DivergedError: a loss is not finite (on any rank, when distributed).
+        """
+        state = run.state
         losses = torch.stack(self.losses).tolist()  # the one host sync per window
+        bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+        if any_rank(bad is not None, run.device):  # every rank stops together
+            if bad is None:
+                raise run.diverged("the loss is not finite on another process")
+            step = state.step(run.steps_per_epoch) - len(losses) + bad + 1
+            raise run.diverged(
+                f"the loss is {losses[bad]} at step {step} (epoch {state.epoch + 1}, batch "
+                f"{state.batch_in_epoch - len(losses) + bad + 1})"
+            )
         state.loss_sum += sum(losses)
         state.loss_count += len(losses)
         now = time.perf_counter()
         ips = self.images / max(now - self.start, 1e-9)
         self.losses, self.images, self.start = [], 0, now
         return losses[-1], ips
+
+
+def _non_finite(model: nn.Module) -> str | None:
+    """The name of the first weight or buffer holding a NaN or an infinity (one host sync)."""
+    named = [(n, t) for n, t in model.state_dict().items() if t.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    return next((n for (n, _), ok in zip(named, finite) if not ok), None)
 
 
 def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
@@ -292,12 +338,12 @@ def _epoch(
         ends = len(window.losses) >= c.progress_every or state.batch_in_epoch == run.steps_per_epoch
         if ends or stop.flush_now:  # distributed ranks end windows together, and agree there
             stop.agree()
-            loss, ips = window.flush(state)
+            loss, ips = window.flush(run)
             notify(run.event("step", loss=loss, images_per_second=ips))
         if stop.after_step():
             break
     if window.losses:  # a stop that came between the window check and the break
-        loss, ips = window.flush(state)
+        loss, ips = window.flush(run)
         notify(run.event("step", loss=loss, images_per_second=ips))
     if state.batch_in_epoch < run.steps_per_epoch:
         return None

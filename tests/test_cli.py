@@ -177,3 +177,17 @@ def test_notes_and_errors_with_braces_in_paths(capsys, tmp_path, image_folder):
     assert "--warmup-epochs 1 >= --epochs 1" in err  # the library's note, in flags
     code, _, err = run_cli(capsys, *tiny_args(image_folder, run, epochs=1))
     assert_one_line_error(code, err, f"{run} already holds a run")
+
+
+def test_multi_line_errors_reach_the_user_whole(capsys, tmp_path):
+    # without the files (and no download): where it looked, and how to provide them
+    code, _, err = run_cli(
+        capsys, "train", "--dataset", "cifar10", "--data-root", tmp_path / "none", "--no-download",
+        "--epochs", "1", "--out", tmp_path / "run",
+    )  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err
+    assert lines[0].startswith("ressl: error: cifar10 not found: looked for data_batch_1")
+    assert any(str(tmp_path / "none") in line for line in lines[1:]), err
+    assert all(line.startswith("  ") for line in lines[1:]), err
+    assert len(lines) >= 3
