@@ -10,6 +10,7 @@ torch only when they run, so ``ressl --help`` starts in a fraction of a second.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -18,7 +19,7 @@ import typer
 
 from ressl.rules import ConfigError, Note, flag
 
-from .common import UserError
+from .common import Interrupted, UserError
 from .eval_cmd import eval_app
 from .export_cmd import embed_cmd, export_cmd
 from .info_cmd import info_cmd
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     The ``ressl`` logger writes its warnings to stderr, settings named as flags, for the
     duration of the call (and is put back as it was, for callers in the same process).
     """
+    previous = _terminate_as_interrupt()
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(_notes_with_flags)
@@ -65,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.removeHandler(handler)
         log.setLevel(before[0])
         log.propagate = before[1]
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(argv: Sequence[str] | None) -> NoReturn:
@@ -76,8 +80,8 @@ def _run(argv: Sequence[str] | None) -> NoReturn:
         _die(e.render(flag))
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         _die(str(e) or type(e).__name__)
-    except KeyboardInterrupt:
-        _die("interrupted", code=130)
+    except Interrupted as e:  # exit 128 + the signal: 130 after Ctrl-C, 143 after SIGTERM
+        _die(e.message, code=128 + e.signum)
     except OSError as e:  # a full disk, an unreadable file: name the file
         _die(f"{e.filename}: {e.strerror or e}" if getattr(e, "filename", None) else str(e))
     except Exception as e:
@@ -87,6 +91,19 @@ def _run(argv: Sequence[str] | None) -> NoReturn:
             _die("aborted", code=130)
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _terminate_as_interrupt() -> Any:
+    """SIGTERM unwinds like Ctrl-C (exit 143): an output being written is removed, not left as a
+    temporary file; ``ressl train`` replaces this with its own stop-after-the-step handler."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(signum, "terminated by SIGTERM")
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)  # the handler it replaces
+    except ValueError:  # not the main thread
+        return None
 
 
 def _notes_with_flags(record: logging.LogRecord) -> bool:

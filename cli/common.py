@@ -15,6 +15,7 @@ import typer
 
 __all__ = [
     "DeviceOpt",
+    "Interrupted",
     "UserError",
     "Weights",
     "WeightsOpt",
@@ -28,6 +29,18 @@ __all__ = [
 
 class UserError(Exception):
     """An error caused by the user's input; ``ressl`` prints it as one line, exit status 2."""
+
+
+class Interrupted(BaseException):  # noqa: N818 - not an error: a stop the user asked for
+    """A signal stopped the command; ``ressl`` prints ``message`` and exits ``128 + signum``.
+
+    A ``BaseException``, so it passes every ``except Exception`` on its way out (and an
+    output being written is removed by ``write_atomic``'s clean-up).
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(signum, message)
+        self.signum, self.message = signum, message
 
 
 def fail(message: str) -> NoReturn:

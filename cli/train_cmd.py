@@ -21,7 +21,7 @@ from ressl.config import TrainConfig, settings
 from ressl.datasets import DATASETS
 from ressl.rules import Setting, flag
 
-from .common import existing, explicit_options, launch_rank
+from .common import Interrupted, existing, explicit_options, launch_rank
 
 __all__ = ["cli_default", "train_cmd"]
 
@@ -95,6 +95,7 @@ def _parameters() -> list[inspect.Parameter]:
 
 def train_cmd(ctx: typer.Context, **options: Any) -> None:
     """Pre-train an encoder with ReSSL; writes RUN/last.safetensors and RUN/metrics.jsonl."""
+    from ressl.stopping import Stopped
     from ressl.trainer import train
 
     from .progress import TrainProgress
@@ -103,12 +104,16 @@ def train_cmd(ctx: typer.Context, **options: Any) -> None:
     given = {name: options[name] for name in explicit_options(ctx) if name in options}
     if resume is not None:
         existing(resume)
-    if launch_rank() != 0:  # under torchrun, rank 0 alone draws progress and prints
-        logging.getLogger("ressl").setLevel(logging.ERROR)
-        train(resume=resume, **given)
-        return
-    with TrainProgress() as progress:
-        path = train(resume=resume, callback=progress, **given)
+    try:
+        if launch_rank() != 0:  # under torchrun, rank 0 alone draws progress and prints
+            logging.getLogger("ressl").setLevel(logging.ERROR)
+            train(resume=resume, **given)
+            return
+        with TrainProgress() as progress:
+            path = train(resume=resume, callback=progress, **given)
+    except Stopped as e:  # saved: exit 128 + the signal, so a job script can requeue on 143
+        message = f"interrupted by {e.signal_name}; saved {e.checkpoint}"
+        raise Interrupted(e.signum, message) from None
     typer.echo(str(path))
 
 

@@ -1,5 +1,7 @@
-"""When a training run stops early: Ctrl-C (and, under torchrun, SIGTERM), agreed across ranks.
+"""When a training run stops early: Ctrl-C or SIGTERM, agreed across ranks.
 
+SIGTERM is what ``timeout``, Slurm, Kubernetes and ``docker stop`` send before they kill a
+process, and what torchrun sends its workers on Ctrl-C: it is handled as the first Ctrl-C.
 One process stops after the step in flight. Distributed ranks must stop together, or
 one would wait forever in a collective the others have left, so they agree at
 fixed points that every rank reaches in the same order: the start of each epoch and
@@ -16,18 +18,32 @@ import torch
 
 from .distributed import World, any_rank
 
-__all__ = ["StopAgreement"]
+__all__ = ["StopAgreement", "Stopped"]
 
 log = logging.getLogger("ressl")
+
+
+class Stopped(KeyboardInterrupt):
+    """The run stopped on a signal after saving its checkpoint; ``signum`` is the signal.
+
+    A ``KeyboardInterrupt``, so code that catches Ctrl-C catches it; the CLI exits with
+    ``128 + signum`` (130 after Ctrl-C, 143 after SIGTERM), the shell's convention.
+    """
+
+    def __init__(self, signum: int, checkpoint: str = "") -> None:
+        super().__init__(signum, checkpoint)
+        self.signum, self.checkpoint = signum, checkpoint
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
 
 
 class StopAgreement:
     """Signals in, one decision out: should the run stop now?
 
-    Used as a context manager around the training loop: the first Ctrl-C asks for
-    a stop (and a checkpoint); a second one aborts at once with ``KeyboardInterrupt``.
-    torchrun answers Ctrl-C by sending SIGTERM to its workers, so distributed runs
-    treat SIGTERM as the first Ctrl-C.
+    Used as a context manager around the training loop: the first Ctrl-C or SIGTERM asks
+    for a stop (and a checkpoint); a second one aborts at once with ``KeyboardInterrupt``.
 
     Args:
         world: This process's place in the run.
@@ -37,8 +53,9 @@ class StopAgreement:
     def __init__(self, world: World, device: torch.device) -> None:
         self.world, self.device = world, device
         self.requested = False  # this process got a signal
+        self.signum = 0  # which one
         self.stopping = False  # the run stops (agreed by every rank, when distributed)
-        self._signals = [signal.SIGINT, signal.SIGTERM] if world.distributed else [signal.SIGINT]
+        self._signals = [signal.SIGINT, signal.SIGTERM]
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopAgreement:
@@ -56,10 +73,11 @@ class StopAgreement:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         log.warning(
-            "interrupt: stopping after this step (distributed: at the next progress window) and "
-            "saving a checkpoint (Ctrl-C again to abort)"
+            "%s: stopping after this step (distributed: at the next progress window) and "
+            "saving a checkpoint (again to abort)",
+            "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name,
         )
 
     def agree(self) -> bool:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,10 +48,11 @@ from .functional import cosine_lr, momentum_schedule
 from .model import ReSSL
 from .monitor import knn_monitor
 from .rules import ConfigError
+from .runlock import hold_run_folder
 from .runs import CHECKPOINT, METRICS, read_metrics, write_metrics
 from .sources import FolderImages, ImageData, ImageSource, TensorImages
 from .step import EncodeCrops, training_step
-from .stopping import StopAgreement
+from .stopping import StopAgreement, Stopped
 from .views import StrongView, WeakView
 
 __all__ = ["train", "DivergedError", "TrainEvent"]
@@ -315,7 +318,7 @@ def _epochs(run: _Run, notify: Callable[[TrainEvent], None]) -> Path:
                             "--resume %s", path, state.epoch + 1, state.batch_in_epoch,
                             run.steps_per_epoch, run.run_dir)  # fmt: skip
             notify(run.event("end", metrics={"interrupted": True}))
-            raise KeyboardInterrupt
+            raise Stopped(stop.signum or signal.SIGINT, str(path))
     return _end(run, saved, notify)
 
 
@@ -384,9 +387,8 @@ def _end(run: _Run, saved: bool, notify: Callable[[TrainEvent], None]) -> Path:
 
 
 def _resume_config(
-    resume: str | Path, given: dict[str, Any]
-) -> tuple[TrainConfig, dict[str, Tensor], dict[str, str], Path]:
-    file = resolve_checkpoint(resume)
+    file: Path, given: dict[str, Any]
+) -> tuple[TrainConfig, dict[str, Tensor], dict[str, str]]:
     tensors, meta = load_checkpoint(file)
     try:
         saved = json.loads(meta["settings"])
@@ -395,7 +397,7 @@ def _resume_config(
     if not isinstance(saved, dict):
         raise CheckpointError(f"{file}: its settings are not a JSON object; it cannot be resumed")
     config = TrainConfig.from_saved(saved, given).replace(out=str(file.parent))
-    return config, tensors, meta, file.parent
+    return config, tensors, meta
 
 
 def train(
@@ -441,24 +443,29 @@ def train(
     if config is not None and (settings or resume is not None):
         raise TypeError("pass either config or keyword settings (or resume=), not both")
     if resume is not None:
-        cfg, state, meta, run_dir = _resume_config(resume, settings)
+        cfg, state, meta = _resume_config(resolve_checkpoint(resume), settings)
     else:
         cfg = config if config is not None else TrainConfig.from_keywords(**settings)
-        state, meta = {}, {}
-        run_dir = cfg.run_dir
-        if (run_dir / CHECKPOINT).exists():
-            raise ConfigError(
-                f"{run_dir} already holds a run (last.safetensors); continue it with --resume "
-                f"{run_dir} or choose another {{out}}",
-                "out",
-            )
-        cfg = cfg.replace(out=str(run_dir))
+        cfg, state, meta = cfg.replace(out=str(cfg.run_dir)), {}, {}
+    run_dir = cfg.run_dir
     world = World.join(cfg.device)
     try:
-        run = _build(cfg, world, run_dir)
-        if resume is not None:
-            _restore(run, state, meta)
-        _open_folder(run)
-        return _epochs(run, notify)
+        with _held(run_dir, world, resuming=resume is not None):
+            if resume is None and (run_dir / CHECKPOINT).exists():
+                raise ConfigError(
+                    f"{run_dir} already holds a run (last.safetensors); continue it with "
+                    f"--resume {run_dir} or choose another {{out}}",
+                    "out",
+                )
+            run = _build(cfg, world, run_dir)
+            if resume is not None:
+                _restore(run, state, meta)
+            _open_folder(run)
+            return _epochs(run, notify)
     finally:
         world.leave()
+
+
+def _held(run_dir: Path, world: World, *, resuming: bool) -> AbstractContextManager[Any]:
+    """The run folder, held by this run (rank 0 holds it for all when distributed)."""
+    return hold_run_folder(run_dir, resuming=resuming) if world.main else nullcontext()

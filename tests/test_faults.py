@@ -4,14 +4,21 @@ a save loses and repeats nothing, and SIGTERM saves like Ctrl-C."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from cli_helpers import run_cli, tiny_args
+from cli_helpers import assert_one_line_error, run_cli, tiny_args
 
 import ressl.trainer
 from ressl import DivergedError, train
 from ressl.checkpoint import load_checkpoint
+from ressl.runlock import RunInUseError, hold_run_folder
+from ressl.stopping import Stopped
 
 
 def _poison_step(monkeypatch, at_call, how):
@@ -71,3 +78,92 @@ def test_metrics_are_strict_json():
 
     with pytest.raises(ValueError, match="not finite"):
         write_metrics("unused.jsonl", [{"loss": float("nan")}])
+
+
+def test_sigterm_saves_like_ctrl_c_and_resumes_exactly(tmp_path, tiny_settings):
+    straight = train(out=tmp_path / "a", **tiny_settings)
+
+    def terminate_at_step_6(event):
+        if event.kind == "step" and event.step == 6:  # epoch 2, batch 2 of 4
+            signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(Stopped) as e:
+        train(out=tmp_path / "b", callback=terminate_at_step_6, **tiny_settings)
+    assert e.value.signum == signal.SIGTERM and e.value.checkpoint.endswith("last.safetensors")
+    _, meta = load_checkpoint(tmp_path / "b")
+    assert (meta["epoch"], meta["batch_in_epoch"]) == ("1", "2")
+    resumed = train(resume=tmp_path / "b")
+    a, b = load_checkpoint(straight)[0], load_checkpoint(resumed)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
+
+
+def test_sigterm_to_the_cli_saves_and_exits_143(tmp_path, image_folder):
+    run = tmp_path / "run"
+    args = tiny_args(image_folder, run, epochs=500, knn_every=-1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ressl", *args], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (run / "last.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "SIGTERM: stopping after this step" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("ressl: error: interrupted by SIGTERM; saved ")
+    _, meta = load_checkpoint(run)
+    assert 0 < int(meta["step"]) < 500 * 4
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_a_second_run_on_a_held_folder_fails_at_once(capsys, tmp_path, image_folder):
+    run = tmp_path / "run"
+    with hold_run_folder(run):
+        code, _, err = run_cli(capsys, *tiny_args(image_folder, run))
+    assert_one_line_error(code, err, f"{run} is in use by another ressl run (pid {os.getpid()} on")
+    assert "choose another --out" in err
+    assert not run.exists()  # the failed start left nothing behind
+
+
+def test_the_lock_dies_with_its_process(tmp_path, tiny_settings):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from ressl.runlock import hold_run_folder\n"
+         f"with hold_run_folder({str(run)!r}):\n print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunInUseError, match=f"pid {holder.pid} on"):
+        train(out=run, **dict(tiny_settings, epochs=1))
+    holder.kill()  # SIGKILL: no clean-up ran, the kernel released the lock
+    holder.wait()
+    assert train(out=run, **dict(tiny_settings, epochs=1)).exists()
+
+
+def test_stale_temp_files_of_killed_saves_are_removed_on_the_next_start(tmp_path, tiny_settings):
+    run = tmp_path / "run"
+    train(out=run, **dict(tiny_settings, epochs=1))
+    stale = [run / ".last.safetensors.k1ll3d.tmp", run / ".metrics.jsonl.x0x0.tmp"]
+    mine = run / ".notes.tmp"
+    for path in [*stale, mine]:
+        path.write_bytes(b"partial")
+    train(resume=run, epochs=2)
+    assert not any(path.exists() for path in stale) and mine.exists()
+
+
+def test_sigterm_while_writing_an_output_leaves_no_temporary_file(capsys, tmp_path):
+    from ressl.cli import app
+
+    from ressl.atomic import write_atomic
+
+    def terminated_midway(f):
+        f.write(b"half")
+        signal.raise_signal(signal.SIGTERM)
+
+    previous = app._terminate_as_interrupt()
+    try:
+        with pytest.raises(app.Interrupted) as e:
+            write_atomic(tmp_path / "model.onnx", terminated_midway)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert e.value.signum == signal.SIGTERM and list(tmp_path.iterdir()) == []

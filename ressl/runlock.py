@@ -1,0 +1,117 @@
+"""One run per folder: a lock the kernel holds on ``RUN/.lock`` while a run trains there.
+
+The lock is an advisory ``flock`` (``msvcrt.locking`` on Windows) on an open file, so the
+operating system releases it when the process ends, however it ends: there are no stale
+locks to clean up. The file names its holder (pid, host, start time) for the message a
+second run gets. While a run holds its folder, the temporary files that earlier, killed
+writes of its own left behind are removed. No torch here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .rules import ConfigError
+from .runs import CHECKPOINT, METRICS
+
+__all__ = ["LOCK", "RunInUseError", "hold_run_folder", "remove_stale_temp_files"]
+
+LOCK = ".lock"
+
+try:
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+except ImportError:  # Windows
+    import msvcrt
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        except OSError:
+            return False
+        return True
+
+
+class RunInUseError(ConfigError):
+    """Another process is training in the run folder."""
+
+
+def _holder(lock: Path) -> str:
+    try:
+        text = lock.read_text().split()
+    except OSError:
+        return "another process"
+    if len(text) >= 2 and text[0].isdigit():
+        since = f", since {' '.join(text[2:])}" if len(text) > 2 else ""
+        return f"pid {text[0]} on {text[1]}{since}"
+    return "another process"
+
+
+def _open_locked(lock: Path) -> int | None:
+    """A descriptor holding the lock on ``lock`` as it is now, or None when another holds it."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd):
+            os.close(fd)
+            return None
+        try:  # its last holder may have removed it meanwhile: lock the file that is there
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+@contextmanager
+def hold_run_folder(folder: str | os.PathLike[str], *, resuming: bool = False) -> Iterator[Path]:
+    """Hold ``folder`` (created if missing) for one run; yields the folder.
+
+    On leaving, a folder this call created and that holds nothing but the lock is removed
+    again (a run that failed before writing anything leaves no trace).
+
+    Raises:
+        RunInUseError: another process holds the folder; the message names it.
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK
+    fd = _open_locked(lock)
+    if fd is None:
+        what = "wait for it to end" if resuming else "wait for it to end or choose another {out}"
+        raise RunInUseError(
+            f"{folder} is in use by another ressl run ({_holder(lock)}); {what}", "out"
+        )
+    try:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()} {stamp}\n".encode())
+        remove_stale_temp_files(folder)
+        yield folder
+    finally:
+        if created and [p.name for p in folder.iterdir()] == [LOCK]:
+            lock.unlink()
+            folder.rmdir()
+        os.close(fd)
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Remove the temporary files that killed writes of the run's checkpoint and metrics left
+    in ``folder`` (``ressl.atomic.write_atomic`` names them ``.NAME.XXXX.tmp``); only call it
+    while holding the folder. Returns what it removed."""
+    stale = [p for name in (CHECKPOINT, METRICS) for p in folder.glob(f".{name}.*.tmp")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
