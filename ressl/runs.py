@@ -51,7 +51,7 @@ def read_metrics(path: str | Path, upto_epoch: int | None = None) -> list[dict[s
     """The rows of a ``metrics.jsonl`` (none if it is missing), up to ``upto_epoch``.
 
     Raises:
-        ValueError: a line is not a JSON object.
+        ValueError: a line is not a JSON object with an ``epoch`` >= 1 (naming the line).
     """
     path = Path(path)
     if not path.exists():
@@ -66,7 +66,10 @@ def read_metrics(path: str | Path, upto_epoch: int | None = None) -> list[dict[s
             raise ValueError(f"{path} line {number} is not JSON") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path} line {number} is not a JSON object")
-        if upto_epoch is None or row.get("epoch", 0) <= upto_epoch:
+        epoch = row.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+            raise ValueError(f"{path} line {number} has no epoch number (an integer >= 1)")
+        if upto_epoch is None or epoch <= upto_epoch:
             rows.append(row)
     return rows
 

@@ -284,11 +284,22 @@ def _restore(run: _Run, tensors: dict[str, Tensor], meta: dict[str, str]) -> Non
                  run.state.batch_in_epoch)  # fmt: skip
 
 
-def _open_folder(run: _Run) -> None:
-    """The run folder and its metrics, cut back to the state's epoch (a resumed run's later
-    rows belong to a future it will write again)."""
-    run.state.rows = read_metrics(run.run_dir / METRICS, run.state.epoch)
+def _open_folder(run: _Run, saved_row: dict[str, Any] | None = None) -> None:
+    """The run folder and its metrics, made to agree with the state: one row per finished
+    epoch, each once. A resumed run's later rows belong to a future it will write again;
+    the checkpoint's own last row (``saved_row``) fills in for one that a stop between the
+    checkpoint's rename and the metrics file's never wrote."""
+    rows: dict[int, dict[str, Any]] = {
+        row["epoch"]: row for row in read_metrics(run.run_dir / METRICS, run.state.epoch)
+    }
+    if saved_row and saved_row.get("epoch") == run.state.epoch:
+        rows.setdefault(run.state.epoch, saved_row)
+    run.state.rows = [rows[e] for e in sorted(rows)]
+    missing = sorted(set(range(1, run.state.epoch + 1)) - set(rows))
     if run.world.main:
+        if missing:
+            log.warning("%s has no rows for epochs %s", run.run_dir / METRICS,
+                        ", ".join(map(str, missing)))  # fmt: skip
         run.run_dir.mkdir(parents=True, exist_ok=True)
         write_metrics(run.run_dir / METRICS, run.state.rows)
 
@@ -460,7 +471,7 @@ def train(
             run = _build(cfg, world, run_dir)
             if resume is not None:
                 _restore(run, state, meta)
-            _open_folder(run)
+            _open_folder(run, json.loads(meta["metrics"]) if "metrics" in meta else None)
             return _epochs(run, notify)
     finally:
         world.leave()

@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import fault_injection
 import pytest
 import torch
-from cli_helpers import assert_one_line_error, run_cli, tiny_args
+from cli_helpers import TINY, assert_one_line_error, run_cli, tiny_args
 
 import ressl.trainer
 from ressl import DivergedError, train
@@ -167,3 +169,67 @@ def test_sigterm_while_writing_an_output_leaves_no_temporary_file(capsys, tmp_pa
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert e.value.signum == signal.SIGTERM and list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- exactly once
+
+# The save that ends epoch 2 of 3: its checkpoint is the 2nd write of last.safetensors, its
+# metrics the 3rd of metrics.jsonl (the run's start writes the file once).
+CRASH_POINTS = [
+    (file, nth, stage)
+    for file, nth in (("last.safetensors", 2), ("metrics.jsonl", 3))
+    for stage in fault_injection.STAGES
+]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, image_folder):
+    settings = dict(TINY, dataset=f"folder:{image_folder}", epochs=3)
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train(out=run, **settings)
+    return settings, run
+
+
+def _assert_exactly_once(run, straight):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # each epoch once, in order
+    tensors, meta = load_checkpoint(run)
+    assert json.loads(meta["metrics"]) == rows[-1]  # consistent with the checkpoint
+    reference = load_checkpoint(straight)[0]
+    assert all(torch.equal(tensors[k], reference[k]) for k in reference if not k.startswith("rng"))
+    timing = {"images_per_second", "epoch_seconds"}
+    want = [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (straight / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert [{k: v for k, v in r.items() if k not in timing} for r in rows] == want
+    assert not list(run.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("file,nth,stage", CRASH_POINTS)
+def test_a_kill_at_any_point_of_a_save_loses_and_repeats_no_metrics_row(
+    tmp_path, straight_run, file, nth, stage
+):
+    settings, straight = straight_run
+    run = tmp_path / "run"
+    script = Path(fault_injection.__file__)
+    proc = subprocess.run(
+        [sys.executable, str(script), file, str(nth), stage, str(run), json.dumps(settings)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 9, proc.stderr  # killed there, with no clean-up
+    train(resume=run)
+    _assert_exactly_once(run, straight)
+
+
+@pytest.mark.parametrize("file,nth,stage", CRASH_POINTS)
+def test_a_failed_write_at_any_point_of_a_save_loses_and_repeats_no_metrics_row(
+    monkeypatch, tmp_path, straight_run, file, nth, stage
+):
+    settings, straight = straight_run
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        fault_injection.arm(patch, file, nth, stage, kill=False)
+        with pytest.raises(OSError, match="cannot write the .*No space left") as e:
+            train(out=run, **settings)
+    assert e.value.filename == str(run / file)
+    train(resume=run)
+    _assert_exactly_once(run, straight)
