@@ -24,6 +24,8 @@ __all__ = [
     "explicit_options",
     "fail",
     "launch_rank",
+    "new_output",
+    "OverwriteOpt",
 ]
 
 
@@ -59,6 +61,16 @@ WeightsOpt = Annotated[
     Weights, typer.Option(help="Checkpoint weights: the student, or the EMA teacher.")
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+
+
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
+
+
+def new_output(path: Path, overwrite: bool, flag: str = "-o") -> Path:
+    """``path``, or a one-line error when it exists and ``--overwrite`` was not given."""
+    if path.is_file() and not overwrite:  # (a folder is refused by the write itself)
+        fail(f"{flag} {path} exists; pass --overwrite to replace it, or choose another {flag}")
+    return path
 
 
 def existing(path: Path, what: str = "file or folder") -> Path:

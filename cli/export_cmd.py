@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .common import Weights, fail
+from .common import OverwriteOpt, Weights, fail, new_output
 from .info_cmd import size_text
 
 
@@ -48,12 +48,14 @@ def export_cmd(
         bool, typer.Option(help="Check with onnx.checker and onnxruntime against PyTorch.")
     ] = True,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Export a checkpoint's encoder to ONNX: preprocessing and metadata inside, verified against PyTorch."""
     from ressl.export.exporter import export_onnx
 
     if not checkpoint.exists():
         fail(f"{checkpoint}: no such file or folder")
+    new_output(out, overwrite)
     report = export_onnx(
         checkpoint, out, weights=weights.value, head=head, fp16=fp16, verify=verify, opset=opset
     )
@@ -112,6 +114,7 @@ def embed_cmd(
     threads: Annotated[
         int | None, typer.Option(help="CPU threads per run (default: onnxruntime's, one per core).")
     ] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Embed image files and folders with an exported encoder; write OUT.npz (see docs/export.md)."""
     from ressl.export.embedder import Embedder
@@ -125,6 +128,7 @@ def embed_cmd(
             f"-o must name a .npz file (embeddings, paths and skipped files in one archive), got {out}"
         )
     check_writable(out, "output")
+    new_output(out, overwrite)
     if not model.exists():
         fail(f"{model}: no such file")
     embedder = Embedder(model, device=device.value, batch_size=batch_size, threads=threads)

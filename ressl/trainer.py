@@ -47,7 +47,7 @@ from .distributed import (
 from .functional import cosine_lr, momentum_schedule
 from .model import ReSSL
 from .monitor import knn_monitor
-from .rules import ConfigError
+from .rules import ConfigError, Note, is_int
 from .runlock import hold_run_folder
 from .runs import CHECKPOINT, METRICS, read_metrics, write_metrics
 from .sources import FolderImages, ImageData, ImageSource, TensorImages
@@ -397,9 +397,41 @@ def _end(run: _Run, saved: bool, notify: Callable[[TrainEvent], None]) -> Path:
     return path
 
 
+def _replan(run: _Run, planned: int) -> None:
+    """A resume with other ``epochs`` than planned re-plans the schedules over the new total:
+    said, with the lr it changes (fewer epochs than done were refused by ``_resume_config``)."""
+    c, s, spe = run.config, run.state, run.steps_per_epoch
+    if not run.world.main:
+        return
+    if c.epochs == planned and s.epoch == c.epochs:
+        log.warning("%s has finished its %d epochs; nothing to train (a higher %s extends it)",
+                    run.run_dir, c.epochs, Note("{epochs}", "epochs"))  # fmt: skip
+    elif c.epochs != planned:
+        step, warmup = s.step(spe), c.warmup_epochs * spe
+        old = cosine_lr(step, planned * spe, run.base_lr, min(warmup, planned * spe))
+        new = cosine_lr(step, run.total_steps, run.base_lr, run.warmup_steps)
+        log.warning(
+            "%s: %s from %d to %d epochs: the cosine schedule%s is re-planned over %d epochs, "
+            "so at step %d the lr is %.4g (it was %.4g in the %d-epoch plan)", run.run_dir,
+            "extending" if c.epochs > planned else "shortening", planned, c.epochs,
+            " (and the EMA momentum's)" if c.momentum_schedule == "cosine" else "", c.epochs,
+            step, new, old, planned,
+        )  # fmt: skip
+
+
+def _check_not_fewer(epochs: int, done: int, batches: int, run_dir: Path) -> None:
+    if epochs < done or (epochs == done and batches):
+        trained = f"{done} epochs" + (f" and {batches} batches" if batches else "")
+        raise ConfigError(
+            f"{{epochs}} {epochs} is fewer than {run_dir} has trained ({trained}); give "
+            f"{{epochs}} {done + (1 if batches else 0)} or more to continue it",
+            "epochs",
+        )
+
+
 def _resume_config(
     file: Path, given: dict[str, Any]
-) -> tuple[TrainConfig, dict[str, Tensor], dict[str, str]]:
+) -> tuple[TrainConfig, dict[str, Tensor], dict[str, str], int]:
     tensors, meta = load_checkpoint(file)
     try:
         saved = json.loads(meta["settings"])
@@ -408,7 +440,9 @@ def _resume_config(
     if not isinstance(saved, dict):
         raise CheckpointError(f"{file}: its settings are not a JSON object; it cannot be resumed")
     config = TrainConfig.from_saved(saved, given).replace(out=str(file.parent))
-    return config, tensors, meta
+    _check_not_fewer(config.epochs, int(meta["epoch"]), int(meta["batch_in_epoch"]), file.parent)
+    planned = saved.get("epochs", config.epochs)
+    return config, tensors, meta, planned if is_int(planned) else config.epochs
 
 
 def train(
@@ -453,8 +487,9 @@ def train(
     notify = callback or (lambda event: None)
     if config is not None and (settings or resume is not None):
         raise TypeError("pass either config or keyword settings (or resume=), not both")
+    planned = 0  # the epochs a resumed run was planned for
     if resume is not None:
-        cfg, state, meta = _resume_config(resolve_checkpoint(resume), settings)
+        cfg, state, meta, planned = _resume_config(resolve_checkpoint(resume), settings)
     else:
         cfg = config if config is not None else TrainConfig.from_keywords(**settings)
         cfg, state, meta = cfg.replace(out=str(cfg.run_dir)), {}, {}
@@ -471,6 +506,7 @@ def train(
             run = _build(cfg, world, run_dir)
             if resume is not None:
                 _restore(run, state, meta)
+                _replan(run, planned)
             _open_folder(run, json.loads(meta["metrics"]) if "metrics" in meta else None)
             return _epochs(run, notify)
     finally:

@@ -68,6 +68,15 @@ def test_train_export_info_embed_round_trip(capsys, tmp_path, trained_run, image
     np.testing.assert_allclose(emb, Embedder(model, device="cpu").embed(paths), atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
+    # an existing output is never replaced unless asked
+    for args in (["export", trained_run, "-o", model], ["embed", model, photos, "-o", out_file]):
+        before = Path(args[-1]).read_bytes()
+        code, _, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, f"-o {args[-1]} exists; pass --overwrite to replace it")
+        assert Path(args[-1]).read_bytes() == before
+        code, _, err = run_cli(capsys, *args, "--overwrite")
+        assert code == 0, err
+
 
 def test_export_head_fp16_no_verify(capsys, tmp_path, trained_run):
     code, out, err = run_cli(

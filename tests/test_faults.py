@@ -233,3 +233,46 @@ def test_a_failed_write_at_any_point_of_a_save_loses_and_repeats_no_metrics_row(
     assert e.value.filename == str(run / file)
     train(resume=run)
     _assert_exactly_once(run, straight)
+
+
+# --------------------------------------------------------------------------- resume plans
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused(capsys, tmp_path, tiny_settings):
+    run = tmp_path / "run"
+    train(out=run, **tiny_settings)  # 2 epochs
+    before = (run / "last.safetensors").read_bytes()
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--epochs", "1")
+    assert_one_line_error(code, err, f"--epochs 1 is fewer than {run} has trained (2 epochs)")
+    assert "give --epochs 2 or more" in err
+    assert (run / "last.safetensors").read_bytes() == before
+
+
+def test_resume_says_when_there_is_nothing_to_train(caplog, tmp_path, tiny_settings):
+    run = tmp_path / "run"
+    train(out=run, **tiny_settings)
+    before = (run / "last.safetensors").read_bytes()
+    with caplog.at_level("WARNING", logger="ressl"):
+        train(resume=run)
+    assert "has finished its 2 epochs; nothing to train" in caplog.text
+    assert (run / "last.safetensors").read_bytes() == before
+
+
+def test_extending_a_run_states_the_replanned_schedule(caplog, tmp_path, tiny_settings):
+    from ressl.functional import cosine_lr
+
+    run = tmp_path / "run"
+    train(out=run, **tiny_settings)  # 2 epochs of 4 steps, 1 of warm-up
+    with caplog.at_level("WARNING", logger="ressl"):
+        train(resume=run, epochs=4)
+    base = tiny_settings.get("lr", 0.06) * 8 / 256
+    new, old = cosine_lr(8, 16, base, 4), cosine_lr(8, 8, base, 4)
+    assert (
+        f"extending from 2 to 4 epochs: the cosine schedule is re-planned over 4 epochs, "
+        f"so at step 8 the lr is {new:.4g} (it was {old:.4g} in the 2-epoch plan)" in caplog.text
+    )
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["lr"] == pytest.approx(cosine_lr(15, 16, base, 4))
+    _, meta = load_checkpoint(run)
+    assert json.loads(meta["settings"])["epochs"] == 4  # the next resume plans from 4
