@@ -28,16 +28,16 @@ def info_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
 ) -> None:
     """Describe a checkpoint (format, versions, progress, metrics, settings) or an exported ONNX encoder."""
-    from ressl.checkpoint import read_metadata
+    from ressl.validation import check_file, metadata_json
 
     if not path.exists():
         fail(f"{path}: no such file or folder")
     if path.suffix.lower() == ".onnx":
         typer.echo(onnx_info(path, as_json))
         return
-    meta = read_metadata(path)
-    settings = json.loads(meta.get("settings", "{}"))
-    metrics = json.loads(meta.get("metrics", "{}") or "{}")
+    checked = check_file(path)
+    meta, settings = checked.meta, checked.settings
+    metrics = metadata_json(checked.path, meta, "metrics", dict, default={})
     if as_json:
         typer.echo(
             json.dumps(

@@ -214,11 +214,7 @@ class Embedder:
                 f"{self.path}: graph has inputs {names[0]} and outputs {names[1]}, expected "
                 f"[{INPUT_NAME!r}] and [{OUTPUT_NAME!r}]"
             )
-        shape = inputs[0].shape  # e.g. ['batch', 3, 'height', 'width']
-        if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != self.info.channels):
-            raise ValueError(
-                f"{self.path}: graph input has shape {shape} but the metadata says {self.info.channels} channels"
-            )
+        self.info.check_signature(inputs[0].shape, outputs[0].shape, str(self.path))
         if inputs[0].type != "tensor(float)" or outputs[0].type != "tensor(float)":
             raise ValueError(
                 f"{self.path}: graph input/output must be float32, got {inputs[0].type}/{outputs[0].type}"

@@ -10,9 +10,12 @@ imports torch, onnx or onnxruntime.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from ressl.config import MAX_IMAGE_SIZE
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "INPUT_NAME", "OUTPUT_NAME", "ModelInfo"]
 
@@ -142,11 +145,42 @@ class ModelInfo:
                 f"{where}: metadata says {info.channels} channels but mean/std have "
                 f"{len(info.mean)}/{len(info.std)} values"
             )
-        if info.image_size < 1 or info.embedding_dim < 1:
+        if not 1 <= info.image_size <= MAX_IMAGE_SIZE or info.embedding_dim < 1:
             raise ValueError(
-                f"{where}: metadata has image_size {info.image_size}, embedding_dim {info.embedding_dim}"
+                f"{where}: metadata has image_size {info.image_size}, embedding_dim "
+                f"{info.embedding_dim}; they must be in [1, {MAX_IMAGE_SIZE}] and >= 1"
             )
+        if not all(math.isfinite(v) for v in info.mean) or not all(
+            math.isfinite(v) and v > 0 for v in info.std
+        ):
+            raise ValueError(f"{where}: metadata mean/std must be finite numbers (std > 0)")
+        if not isinstance(info.settings, dict):
+            raise ValueError(f"{where}: metadata settings is not a JSON object")
         return info
+
+    def check_signature(self, inputs: list[Any], outputs: list[Any], where: str = "model") -> None:
+        """Refuse a graph whose input or output shape (dims: int, or a name when symbolic)
+        is not what this metadata describes: metadata copied onto a foreign graph.
+
+        Raises:
+            ValueError: naming the shape and what the metadata says.
+        """
+        if len(inputs) != 4 or (isinstance(inputs[1], int) and inputs[1] != self.channels):
+            raise ValueError(
+                f"{where}: graph input has shape {inputs} but the metadata says "
+                f"{self.channels} channels"
+            )
+        spatial = [d for d in inputs[2:] if isinstance(d, int) and d > 0]
+        if not self.dynamic_spatial and spatial and spatial != [self.image_size] * len(spatial):
+            raise ValueError(
+                f"{where}: graph input has shape {inputs} but the metadata says "
+                f"{self.image_size}x{self.image_size} images"
+            )
+        if len(outputs) != 2 or outputs[1] != self.embedding_dim:
+            raise ValueError(
+                f"{where}: graph output has shape {outputs} but the metadata says "
+                f"(batch, {self.embedding_dim}) embeddings; the metadata is not this graph's"
+            )
 
     def describe(self) -> str:
         """One line: what the file computes, e.g. ``resnet18 student backbone features, 3x32x32 -> 512``."""

@@ -75,14 +75,17 @@ def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
     proto = _load(path)
     meta = {p.key: p.value for p in proto.metadata_props}
     info = ModelInfo.from_metadata(meta, str(path))
+    inputs, outputs = _signature(proto.graph.input), _signature(proto.graph.output)
+    if len(inputs) == 1 and len(outputs) == 1:
+        info.check_signature(inputs[0]["shape"], outputs[0]["shape"], str(path))
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     return {
         "file": str(path),
         "size_bytes": path.stat().st_size,
         "opset": opset,
         "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
-        "inputs": _signature(proto.graph.input),
-        "outputs": _signature(proto.graph.output),
+        "inputs": inputs,
+        "outputs": outputs,
         "info": info,
         "metadata": meta,
     }

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .atomic import write_atomic
+from .rules import is_number
 from .runs import CheckpointError, resolve_checkpoint
 
 if TYPE_CHECKING:
@@ -152,7 +153,18 @@ def load_optimizer_tensors(
             state.setdefault(int(idx), {})[key] = value
     for idx, entry in rest["state"].items():
         state.setdefault(int(idx), {}).update(entry)
+    for group in rest["param_groups"]:
+        for key, value in group.items():
+            plain = value is None or isinstance(value, bool) or is_number(value)
+            if key != "params" and not plain:
+                raise ValueError(f"param group setting {key!r} is {value!r}, not a number")
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, Tensor) and value.shape != param.shape:
+                    raise ValueError(f"its {key} of shape {tuple(value.shape)} is for a parameter "
+                                     f"of shape {tuple(param.shape)}")  # fmt: skip
 
 
 @dataclass
@@ -251,12 +263,29 @@ def restore_state(
     continues correctly, not bitwise-identically, and says so).
     """
     state.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    load_optimizer_tensors(state.optimizer, tensors, meta["optimizer"])
+    try:
+        load_optimizer_tensors(state.optimizer, tensors, meta["optimizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"its optimizer state does not fit the model ({e})") from None
+    _set_generators(state, tensors, meta, world=world, reseed=reseed)
+    state.epoch, state.batch_in_epoch = int(meta["epoch"]), int(meta["batch_in_epoch"])
+    state.loss_sum, state.loss_count = float(meta["epoch_loss_sum"]), int(meta["epoch_loss_count"])
+
+
+def _set_generators(
+    state: TrainState, tensors: Mapping[str, Tensor], meta: Mapping[str, str], *, world: World,
+    reseed: int,
+) -> None:  # fmt: skip
     key = "rng.views" if world.rank == 0 else f"rng.views.rank{world.rank}"
     saved_world, device = int(meta.get("world_size", "1")), torch.device(state.views.device).type
+    restored = False
     if meta.get("rng_device", "cpu") == device and saved_world == world.size and key in tensors:
-        state.views.set_state(tensors[key])
-    else:
+        try:
+            state.views.set_state(tensors[key])
+            restored = True
+        except RuntimeError:  # not a state of this kind of generator: reseeded, and said
+            pass
+    if not restored:
         if world.main:
             log.warning(
                 "checkpoint was written by %d process(es) on %s, resuming with %d on %s: "
@@ -267,9 +296,12 @@ def restore_state(
         state.views.manual_seed(reseed + int(meta["step"]))
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    state.epoch, state.batch_in_epoch = int(meta["epoch"]), int(meta["batch_in_epoch"])
-    state.loss_sum, state.loss_count = float(meta["epoch_loss_sum"]), int(meta["epoch_loss_count"])
+        try:
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"its tensor rng.cuda is not a CUDA generator state ({e})"
+            ) from None
 
 
 def load_encoder(path: str | Path, weights: str = "student") -> tuple[nn.Module, dict[str, Any]]:
@@ -289,11 +321,14 @@ def load_encoder(path: str | Path, weights: str = "student") -> tuple[nn.Module,
         ValueError: if ``weights`` is not "student" or "teacher".
     """
     from .model import ReSSL
+    from .validation import check_file, check_finite
 
     if weights not in ("student", "teacher"):
         raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
-    tensors, meta = load_checkpoint(path)
-    settings = json.loads(meta["settings"])
+    checked = check_file(path)  # sizes agree with the file's own tensors before any is built
+    tensors, _ = load_checkpoint(checked.path)
+    check_finite(checked.path, tensors, prefix=f"model.{weights}.")
+    settings = checked.settings
     model = ReSSL(
         settings["backbone"],
         in_channels=settings["channels"],

@@ -54,10 +54,12 @@ from .rules import (
     sides_text,
 )
 
-__all__ = ["BACKBONES", "TrainConfig", "settings"]
+__all__ = ["BACKBONES", "MAX_IMAGE_SIZE", "TrainConfig", "settings"]
 
 #: The backbones ``ressl.model.build_backbone`` builds.
 BACKBONES = ("small", "resnet18", "resnet50")
+#: The largest image side ressl trains on (and accepts from a checkpoint's settings).
+MAX_IMAGE_SIZE = 4096
 
 
 def _spec_ok(value: Any) -> bool:
@@ -114,7 +116,7 @@ class TrainConfig:
         DATA,
         None,
         "Side of the stored images (default: per dataset: 28, 32, 64, 224 for imagenet:PATH).",
-        integer(8),
+        integer(8, high=MAX_IMAGE_SIZE),
         optional=True,
     )
     subset: int | None = _field(

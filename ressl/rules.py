@@ -102,10 +102,16 @@ def is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def integer(low: int | None = None, note: str = "") -> Rule:
-    """An int (no bool) >= ``low``."""
-    expect = "an integer" + (f" >= {low}" if low is not None else "") + note
-    return Rule(expect, lambda v: is_int(v) and (low is None or v >= low))
+def integer(low: int | None = None, note: str = "", *, high: int | None = None) -> Rule:
+    """An int (no bool) >= ``low`` (and <= ``high``)."""
+    if high is not None:
+        expect = f"an integer in [{low}, {high}]{note}"
+    else:
+        expect = "an integer" + (f" >= {low}" if low is not None else "") + note
+    return Rule(
+        expect,
+        lambda v: is_int(v) and (low is None or v >= low) and (high is None or v <= high),
+    )
 
 
 def number(low: float = 0.0, *, strict: bool = True, below: float = math.inf) -> Rule:

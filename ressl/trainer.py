@@ -26,7 +26,6 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import (
-    CheckpointError,
     TrainState,
     load_checkpoint,
     resolve_checkpoint,
@@ -49,10 +48,11 @@ from .model import ReSSL
 from .monitor import knn_monitor
 from .rules import ConfigError, Note, is_int
 from .runlock import hold_run_folder
-from .runs import CHECKPOINT, METRICS, read_metrics, write_metrics
+from .runs import CHECKPOINT, METRICS, CheckpointError, read_metrics, write_metrics
 from .sources import FolderImages, ImageData, ImageSource, TensorImages
 from .step import EncodeCrops, training_step
 from .stopping import StopAgreement, Stopped
+from .validation import check_file, check_resumable
 from .views import StrongView, WeakView
 
 __all__ = ["train", "DivergedError", "TrainEvent"]
@@ -276,9 +276,18 @@ def _view_seed(config: TrainConfig, world: World) -> int:
 
 def _restore(run: _Run, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
     """Phase 2 (resuming): the checkpoint's state, then the metrics rows it had written."""
-    restore_state(
-        run.state, tensors, meta, world=run.world, reseed=_view_seed(run.config, run.world)
-    )
+    batch = int(meta["batch_in_epoch"])
+    if batch >= run.steps_per_epoch:
+        raise CheckpointError(
+            f"{run.run_dir / CHECKPOINT} stopped after batch {batch} of an epoch, but the data "
+            f"now makes {run.steps_per_epoch} batches per epoch; it cannot be resumed on it"
+        )
+    try:
+        restore_state(
+            run.state, tensors, meta, world=run.world, reseed=_view_seed(run.config, run.world)
+        )
+    except CheckpointError as e:
+        raise CheckpointError(f"{run.run_dir / CHECKPOINT}: {e}") from None
     if run.world.main:
         log.info("resuming %s at epoch %d, batch %d", run.run_dir, run.state.epoch,
                  run.state.batch_in_epoch)  # fmt: skip
@@ -432,16 +441,14 @@ def _check_not_fewer(epochs: int, done: int, batches: int, run_dir: Path) -> Non
 def _resume_config(
     file: Path, given: dict[str, Any]
 ) -> tuple[TrainConfig, dict[str, Tensor], dict[str, str], int]:
+    """The config, tensors and metadata of the checkpoint a resume continues, each checked
+    before use (``ressl.validation``), and the epochs it was planned for."""
+    checked = check_file(file)
     tensors, meta = load_checkpoint(file)
-    try:
-        saved = json.loads(meta["settings"])
-    except (KeyError, ValueError):
-        raise CheckpointError(f"{file} holds no training settings; it cannot be resumed") from None
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{file}: its settings are not a JSON object; it cannot be resumed")
-    config = TrainConfig.from_saved(saved, given).replace(out=str(file.parent))
+    check_resumable(checked, tensors)
+    config = TrainConfig.from_saved(checked.settings, given).replace(out=str(file.parent))
     _check_not_fewer(config.epochs, int(meta["epoch"]), int(meta["batch_in_epoch"]), file.parent)
-    planned = saved.get("epochs", config.epochs)
+    planned = checked.settings.get("epochs", config.epochs)
     return config, tensors, meta, planned if is_int(planned) else config.epochs
 
 
