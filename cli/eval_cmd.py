@@ -87,6 +87,36 @@ def _onnx_session(path: Path, device: torch.device) -> Any:
         fail(f"{path} is not a loadable ONNX model ({first})")
 
 
+def _onnx_input(
+    path: Path, meta: dict[str, str], shape: list[Any], out_shape: list[Any]
+) -> tuple[int, Any, dict[str, Any]]:
+    """``(channels, image size or None, settings)`` of an ONNX model's input. A ressl export's
+    metadata is checked as such (and against the graph); any other graph is read as it is."""
+    from ressl.export.metadata import FORMAT, ModelInfo
+
+    from ressl.config import MAX_IMAGE_SIZE
+
+    if meta.get("format") == FORMAT:
+        try:
+            info = ModelInfo.from_metadata(meta, str(path))
+            info.check_signature(shape, out_shape, str(path))
+        except ValueError as e:
+            fail(str(e))
+        return info.channels, None if info.dynamic_spatial else info.image_size, info.settings
+    try:
+        settings = json.loads(meta.get("settings", "{}"))
+    except ValueError:
+        settings = {}
+    settings = settings if isinstance(settings, dict) else {}
+    channels = shape[1] if isinstance(shape[1], int) else settings.get("channels", 3)
+    size = shape[2] if isinstance(shape[2], int) else settings.get("image_size")
+    if not (isinstance(channels, int) and channels >= 1) or not (
+        size is None or (isinstance(size, int) and 1 <= size <= MAX_IMAGE_SIZE)
+    ):
+        fail(f"{path}: cannot tell its input's channels and size (input shape {shape})")
+    return channels, size, settings
+
+
 def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
     """An ONNX model run with onnxruntime on images in [0, 1] (its graph normalises them)."""
     import torch
@@ -101,20 +131,7 @@ def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
     outputs = [o.name for o in session.get_outputs()]
     out_name = "embedding" if "embedding" in outputs else outputs[0]
     meta = dict(session.get_modelmeta().custom_metadata_map or {})
-    try:
-        settings: dict[str, Any] = json.loads(meta.get("settings", "{}"))
-    except ValueError:
-        settings = {}
-    channels = (
-        shape[1]
-        if isinstance(shape[1], int)
-        else int(str(settings.get("channels", meta.get("channels", 3))))
-    )
-    size = (
-        shape[2]
-        if isinstance(shape[2], int)
-        else settings.get("image_size", meta.get("image_size"))
-    )
+    channels, size, settings = _onnx_input(path, meta, shape, list(session.get_outputs()[0].shape))
 
     def run(x: Tensor) -> Tensor:
         (y,) = session.run([out_name], {inp.name: x.detach().cpu().float().numpy()})

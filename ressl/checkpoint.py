@@ -153,6 +153,9 @@ def load_optimizer_tensors(
             state.setdefault(int(idx), {})[key] = value
     for idx, entry in rest["state"].items():
         state.setdefault(int(idx), {}).update(entry)
+    count = sum(len(group["params"]) for group in optimizer.param_groups)
+    if state and set(state) != set(range(count)):  # after the first step, every one has state
+        raise ValueError(f"it has optimizer state for {len(state)} of the {count} parameters")
     for group in rest["param_groups"]:
         for key, value in group.items():
             plain = value is None or isinstance(value, bool) or is_number(value)

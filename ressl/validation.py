@@ -149,7 +149,10 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def _check_model(path: Path, header: Mapping[str, tuple[str, tuple[int, ...]]],
                  settings: Mapping[str, Any]) -> None:  # fmt: skip
-    expected = expected_model(settings)
+    try:
+        expected = expected_model(settings)
+    except (RuntimeError, ValueError, OverflowError) as e:  # sizes no tensor can have
+        raise _fail(path, f"its settings describe a model that cannot be built ({e})") from None
     held = {k: v for k, v in header.items() if k.startswith("model.")}
     missing = sorted(set(expected) - set(held))
     if missing:
