@@ -24,6 +24,7 @@ from pathlib import Path
 from .datasets import DatasetInfo, dataset_names, find
 from .folders import load_folder
 from .formats import Splits, resize_uint8
+from .memory import check_images_fit
 from .sources import FolderImages, ImageData, ImageSource, TensorImages, epoch_order, source_part
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,8 @@ def _resized(data: ImageData, size: int) -> ImageData:
         if source is None or not isinstance(source, TensorImages):
             return source
         if id(source) not in done:
+            n, c = source.images.shape[:2]
+            check_images_fit(n, c, size)
             done[id(source)] = TensorImages(resize_uint8(source.images, size), source.labels)
         return done[id(source)]
 

@@ -44,6 +44,7 @@ from .distributed import (
     wrap_ddp,
 )
 from .functional import cosine_lr, momentum_schedule
+from .memory import check_fits, training_memory
 from .model import ReSSL
 from .monitor import knn_monitor
 from .rules import ConfigError, Note, is_int
@@ -232,14 +233,18 @@ def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
     amp = autocast_dtype(config.precision, device)
     data = load_dataset(config.dataset, root=config.data_root, download=config.download,
                         image_size=config.image_size, subset=config.subset)  # fmt: skip
-    for note in config.notes() + config.check_data(len(data.train), world.size):
-        if world.main:
-            log.warning("%s", note)
     source = data.train.to(device) if isinstance(data.train, TensorImages) else data.train
     if data.memory is data.train:
         data.memory = source  # the kNN monitor's memory bank is the training split
     settings = {**config.to_dict(), "image_size": data.image_size, "channels": data.channels,
                 "mean": list(data.mean), "std": list(data.std), "num_classes": len(data.classes)}  # fmt: skip
+    plan = CropPlan.build(data.image_size, config.crop_scale, config.crops, config.crop_scales,
+                          config.symmetric)  # fmt: skip
+    notes = config.check_data(len(data.train), world.size)  # errors first, then the notes
+    _check_memory(config, data, source, plan, device, amp, world)
+    for note in config.notes() + notes:
+        if world.main:
+            log.warning("%s", note)
     torch.manual_seed(config.seed)  # the same initial weights and queue on every rank
     model = ReSSL(
         config.backbone, in_channels=data.channels, image_size=data.image_size,
@@ -257,8 +262,6 @@ def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
                                 momentum=config.sgd_momentum, nesterov=config.nesterov)  # fmt: skip
     # each rank draws its own augmentations; rank 0's stream is the single-process one
     views = torch.Generator(device=device).manual_seed(_view_seed(config, world))
-    plan = CropPlan.build(data.image_size, config.crop_scale, config.crops, config.crop_scales,
-                          config.symmetric)  # fmt: skip
     strong = StrongView(jitter=config.jitter, jitter_p=config.jitter_p,
                         grayscale_p=config.grayscale_p, blur_p=config.blur)  # fmt: skip
     teacher = strong if config.teacher_view == "strong" else WeakView()
@@ -268,6 +271,22 @@ def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
         steps_per_epoch=len(data.train) // config.batch_size,
         base_lr=base_lr,
     )  # fmt: skip
+
+
+def _check_memory(
+    config: TrainConfig, data: ImageData, source: ImageSource, plan: CropPlan,
+    device: torch.device, amp: torch.dtype | None, world: World,
+) -> None:  # fmt: skip
+    """Refuse settings that cannot fit in the device's memory, before the model is built."""
+    sides = [side for side, _ in plan.student]  # symmetric: both views
+    held = source.images.numel() if isinstance(source, TensorImages) else 0
+    estimate = training_memory(
+        backbone=config.backbone, channels=data.channels, image_size=data.image_size,
+        width=config.width, hidden_dim=config.hidden_dim, embed_dim=config.embed_dim,
+        queue_size=config.queue_size, batch_per_process=config.batch_size // world.size,
+        student_sides=sides, autocast=amp is not None, data_bytes=held,
+    )  # fmt: skip
+    check_fits(estimate, device)
 
 
 def _view_seed(config: TrainConfig, world: World) -> int:
