@@ -111,8 +111,9 @@ def train_cmd(ctx: typer.Context, **options: Any) -> None:
             return
         with TrainProgress() as progress:
             path = train(resume=resume, callback=progress, **given)
-    except Stopped as e:  # saved: exit 128 + the signal, so a job script can requeue on 143
-        message = f"interrupted by {e.signal_name}; saved {e.checkpoint}"
+    except Stopped as e:  # exit 128 + the signal, so a job script can requeue on 143
+        saved = f"saved {e.checkpoint}" if e.checkpoint else "aborted without saving"
+        message = f"interrupted by {e.signal_name}; {saved}"
         raise Interrupted(e.signum, message) from None
     typer.echo(str(path))
 

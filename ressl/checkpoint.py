@@ -281,23 +281,29 @@ def _set_generators(
 ) -> None:  # fmt: skip
     key = "rng.views" if world.rank == 0 else f"rng.views.rank{world.rank}"
     saved_world, device = int(meta.get("world_size", "1")), torch.device(state.views.device).type
-    restored = False
-    if meta.get("rng_device", "cpu") == device and saved_world == world.size and key in tensors:
+    same_kind = meta.get("rng_device", "cpu") == device and saved_world == world.size
+    why = (f"the checkpoint was written by {saved_world} process(es) on "
+           f"{meta.get('rng_device')}, resuming with {world.size} on {device}")  # fmt: skip
+    if same_kind and key in tensors:
         try:
             state.views.set_state(tensors[key])
-            restored = True
-        except RuntimeError:  # not a state of this kind of generator: reseeded, and said
-            pass
-    if not restored:
-        if world.main:
-            log.warning(
-                "checkpoint was written by %d process(es) on %s, resuming with %d on %s: "
-                "augmentations are reseeded, so the run continues correctly but not "
-                "bitwise-identically",
-                saved_world, meta.get("rng_device"), world.size, device,
-            )  # fmt: skip
-        state.views.manual_seed(reseed + int(meta["step"]))
-    torch.set_rng_state(tensors["rng.torch"])
+            return _set_global_generators(tensors)
+        except RuntimeError:  # not a state of this kind of generator
+            why = f"its tensor {key} is not a generator state of this device"
+    elif same_kind:
+        why = f"it has no tensor {key}"
+    if world.main:
+        log.warning("%s: augmentations are reseeded, so the run continues correctly but not "
+                    "bitwise-identically", why)  # fmt: skip
+    state.views.manual_seed(reseed + int(meta["step"]))
+    _set_global_generators(tensors)
+
+
+def _set_global_generators(tensors: Mapping[str, Tensor]) -> None:
+    try:
+        torch.set_rng_state(tensors["rng.torch"])
+    except RuntimeError as e:
+        raise CheckpointError(f"its tensor rng.torch is not a CPU generator state ({e})") from None
     if "rng.cuda" in tensors and torch.cuda.is_available():
         try:
             torch.cuda.set_rng_state(tensors["rng.cuda"])

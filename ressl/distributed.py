@@ -97,6 +97,11 @@ class World:
             return f"cuda:{self.local_rank}"
         return requested
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here (nothing when not distributed)."""
+        if self.distributed and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
     def leave(self) -> None:
         """Destroy the process group if ``join`` created it."""
         if self.owns_group and dist.is_initialized():

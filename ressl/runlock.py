@@ -62,6 +62,7 @@ def _holder(lock: Path) -> str:
 def _open_locked(lock: Path) -> int | None:
     """A descriptor holding the lock on ``lock`` as it is now, or None when another holds it."""
     while True:
+        lock.parent.mkdir(parents=True, exist_ok=True)  # its last holder may have removed it
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         if not _try_lock(fd):
             os.close(fd)
@@ -101,9 +102,12 @@ def hold_run_folder(folder: str | os.PathLike[str], *, resuming: bool = False) -
         remove_stale_temp_files(folder)
         yield folder
     finally:
-        if created and [p.name for p in folder.iterdir()] == [LOCK]:
-            lock.unlink()
-            folder.rmdir()
+        try:
+            if created and [p.name for p in folder.iterdir()] == [LOCK]:
+                lock.unlink()
+                folder.rmdir()
+        except OSError:  # another run took the folder meanwhile: it is theirs now
+            pass
         os.close(fd)
 
 

@@ -24,7 +24,8 @@ log = logging.getLogger("ressl")
 
 
 class Stopped(KeyboardInterrupt):
-    """The run stopped on a signal after saving its checkpoint; ``signum`` is the signal.
+    """The run stopped on a signal; ``signum`` is the signal, ``checkpoint`` what it saved
+    (empty after a second signal, which aborts at once without saving).
 
     A ``KeyboardInterrupt``, so code that catches Ctrl-C catches it; the CLI exits with
     ``128 + signum`` (130 after Ctrl-C, 143 after SIGTERM), the shell's convention.
@@ -71,8 +72,8 @@ class StopAgreement:
             signal.signal(sig, previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
+        if self.requested:  # the second: abort now, without saving
+            raise Stopped(signum)
         self.requested, self.signum = True, signum
         log.warning(
             "%s: stopping after this step (distributed: at the next progress window) and "

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .checkpoint import (
     TrainState,
     load_checkpoint,
+    read_metadata,
     resolve_checkpoint,
     restore_state,
     save_state,
@@ -53,7 +54,7 @@ from .runs import CHECKPOINT, METRICS, CheckpointError, read_metrics, write_metr
 from .sources import FolderImages, ImageData, ImageSource, TensorImages
 from .step import EncodeCrops, training_step
 from .stopping import StopAgreement, Stopped
-from .validation import check_file, check_resumable
+from .validation import check_file, check_resumable, metadata_json
 from .views import StrongView, WeakView
 
 __all__ = ["train", "DivergedError", "TrainEvent"]
@@ -110,6 +111,7 @@ class _Run:
     settings: dict[str, Any]  # stored in checkpoints: the config and what the data told
     steps_per_epoch: int
     base_lr: float
+    resave: bool = False  # write the checkpoint at the end even if no step was taken
 
     @property
     def total_steps(self) -> int:
@@ -140,11 +142,12 @@ class _Run:
         c, path = self.config, self.run_dir / CHECKPOINT
         kept = (f"{path} keeps the last finite state" if path.exists()
                 else "no checkpoint was written")  # fmt: skip
+        fp32 = ", {precision} fp32" if self.amp is not None else ""
         return DivergedError(
             f"training diverged: {what}; nothing of it was saved ({kept}). Try a lower {{lr}} "
-            f"(now {c.lr:g}), {{precision}} fp32, or a higher {{student_temperature}} "
+            f"(now {c.lr:g}){fp32}, or a higher {{student_temperature}} "
             f"(now {c.student_temperature:g}), then train again",
-            "lr", "precision", "student_temperature",
+            "lr", "student_temperature", *(["precision"] if fp32 else []),
         )  # fmt: skip
 
     def batches(self) -> Iterator[tuple[Tensor | list[Tensor], Tensor]]:
@@ -233,18 +236,18 @@ def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
     amp = autocast_dtype(config.precision, device)
     data = load_dataset(config.dataset, root=config.data_root, download=config.download,
                         image_size=config.image_size, subset=config.subset)  # fmt: skip
+    plan = CropPlan.build(data.image_size, config.crop_scale, config.crops, config.crop_scales,
+                          config.symmetric)  # fmt: skip
+    notes = config.check_data(len(data.train), world.size)  # errors first, then the notes
+    _check_memory(config, data, plan, device, amp, world)  # before the data moves to the device
+    for note in config.notes() + notes:
+        if world.main:
+            log.warning("%s", note)
     source = data.train.to(device) if isinstance(data.train, TensorImages) else data.train
     if data.memory is data.train:
         data.memory = source  # the kNN monitor's memory bank is the training split
     settings = {**config.to_dict(), "image_size": data.image_size, "channels": data.channels,
                 "mean": list(data.mean), "std": list(data.std), "num_classes": len(data.classes)}  # fmt: skip
-    plan = CropPlan.build(data.image_size, config.crop_scale, config.crops, config.crop_scales,
-                          config.symmetric)  # fmt: skip
-    notes = config.check_data(len(data.train), world.size)  # errors first, then the notes
-    _check_memory(config, data, source, plan, device, amp, world)
-    for note in config.notes() + notes:
-        if world.main:
-            log.warning("%s", note)
     torch.manual_seed(config.seed)  # the same initial weights and queue on every rank
     model = ReSSL(
         config.backbone, in_channels=data.channels, image_size=data.image_size,
@@ -274,12 +277,12 @@ def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
 
 
 def _check_memory(
-    config: TrainConfig, data: ImageData, source: ImageSource, plan: CropPlan,
-    device: torch.device, amp: torch.dtype | None, world: World,
+    config: TrainConfig, data: ImageData, plan: CropPlan, device: torch.device,
+    amp: torch.dtype | None, world: World,
 ) -> None:  # fmt: skip
     """Refuse settings that cannot fit in the device's memory, before the model is built."""
     sides = [side for side, _ in plan.student]  # symmetric: both views
-    held = source.images.numel() if isinstance(source, TensorImages) else 0
+    held = data.train.images.numel() if isinstance(data.train, TensorImages) else 0
     estimate = training_memory(
         backbone=config.backbone, channels=data.channels, image_size=data.image_size,
         width=config.width, hidden_dim=config.hidden_dim, embed_dim=config.embed_dim,
@@ -419,7 +422,7 @@ def _end_epoch(
 def _end(run: _Run, saved: bool, notify: Callable[[TrainEvent], None]) -> Path:
     """Phase 4: the final checkpoint (written now if this call trained nothing) and the end event."""
     path = run.run_dir / CHECKPOINT
-    if not saved and not path.exists():
+    if not saved and (run.resave or not path.exists()):
         path = run.save()
     notify(run.event("end", metrics=run.state.rows[-1] if run.state.rows else {}))
     return path
@@ -429,12 +432,12 @@ def _replan(run: _Run, planned: int) -> None:
     """A resume with other ``epochs`` than planned re-plans the schedules over the new total:
     said, with the lr it changes (fewer epochs than done were refused by ``_resume_config``)."""
     c, s, spe = run.config, run.state, run.steps_per_epoch
-    if not run.world.main:
-        return
-    if c.epochs == planned and s.epoch == c.epochs:
-        log.warning("%s has finished its %d epochs; nothing to train (a higher %s extends it)",
+    if s.epoch == c.epochs:  # (and no batch of another epoch: refused before)
+        run.resave = c.epochs != planned  # the checkpoint then says its run ends here
+        if run.world.main:
+            log.warning("%s has finished its %d epochs; nothing to train (a higher %s extends it)",
                     run.run_dir, c.epochs, Note("{epochs}", "epochs"))  # fmt: skip
-    elif c.epochs != planned:
+    elif c.epochs != planned and run.world.main:
         step, warmup = s.step(spe), c.warmup_epochs * spe
         old = cosine_lr(step, planned * spe, run.base_lr, min(warmup, planned * spe))
         new = cosine_lr(step, run.total_steps, run.base_lr, run.warmup_steps)
@@ -513,17 +516,23 @@ def train(
     notify = callback or (lambda event: None)
     if config is not None and (settings or resume is not None):
         raise TypeError("pass either config or keyword settings (or resume=), not both")
-    planned = 0  # the epochs a resumed run was planned for
-    if resume is not None:
-        cfg, state, meta, planned = _resume_config(resolve_checkpoint(resume), settings)
+    if resume is not None:  # the folder is held before its checkpoint is read
+        file = resolve_checkpoint(resume)
+        run_dir, device = file.parent, settings.get("device") or _saved_device(file)
     else:
         cfg = config if config is not None else TrainConfig.from_keywords(**settings)
-        cfg, state, meta = cfg.replace(out=str(cfg.run_dir)), {}, {}
-    run_dir = cfg.run_dir
-    world = World.join(cfg.device)
+        cfg = cfg.replace(out=str(cfg.run_dir))
+        run_dir, device = cfg.run_dir, cfg.device
+    world = World.join(device)
     try:
         with _held(run_dir, world, resuming=resume is not None):
-            if resume is None and (run_dir / CHECKPOINT).exists():
+            world.barrier()  # the other ranks read the checkpoint once rank 0 holds the folder
+            planned = 0  # the epochs a resumed run was planned for
+            state: dict[str, Tensor] = {}
+            meta: dict[str, str] = {}
+            if resume is not None:
+                cfg, state, meta, planned = _resume_config(file, settings)
+            elif (run_dir / CHECKPOINT).exists():
                 raise ConfigError(
                     f"{run_dir} already holds a run (last.safetensors); continue it with "
                     f"--resume {run_dir} or choose another {{out}}",
@@ -537,6 +546,12 @@ def train(
             return _epochs(run, notify)
     finally:
         world.leave()
+
+
+def _saved_device(file: Path) -> str:
+    """The device a checkpoint's run trained on (what ``World.join`` needs to pick a backend)."""
+    device = metadata_json(file, read_metadata(file), "settings", dict).get("device", "auto")
+    return device if isinstance(device, str) else "auto"
 
 
 def _held(run_dir: Path, world: World, *, resuming: bool) -> AbstractContextManager[Any]:

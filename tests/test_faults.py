@@ -325,3 +325,46 @@ def test_resizing_a_dataset_beyond_memory_is_refused(monkeypatch):
                        r"than this machine's 976.6 KB; lower image_size"):  # fmt: skip
         ressl.memory.check_images_fit(60000, 1, 64)
     ressl.memory.check_images_fit(10, 1, 64)  # 40 KB fits
+
+
+def test_a_resume_holds_the_folder_before_it_reads_the_checkpoint(
+    monkeypatch, tmp_path, tiny_settings
+):
+    run = tmp_path / "run"
+    train(out=run, **dict(tiny_settings, epochs=1))
+
+    def read_too_early(*args, **kwargs):
+        pytest.fail("the checkpoint was read before the folder was held")
+
+    monkeypatch.setattr(ressl.trainer, "load_checkpoint", read_too_early)
+    with hold_run_folder(run), pytest.raises(RunInUseError, match="wait for it to end"):
+        train(resume=run, epochs=2)
+
+
+def test_shortening_a_run_to_the_epochs_done_ends_it_there(caplog, tmp_path, tiny_settings):
+    run = tmp_path / "run"
+
+    def stop_after_epoch_2(event):
+        if event.kind == "epoch" and event.epoch == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(Stopped):
+        train(out=run, callback=stop_after_epoch_2, **dict(tiny_settings, epochs=4))
+    with caplog.at_level("WARNING", logger="ressl"):
+        train(resume=run, epochs=2)
+    assert "has finished its 2 epochs; nothing to train" in caplog.text
+    assert "re-planned" not in caplog.text
+    _, meta = load_checkpoint(run)
+    assert json.loads(meta["settings"])["epochs"] == 2 and meta["epoch"] == "2"
+
+
+def test_a_second_signal_aborts_without_saving(tmp_path, tiny_settings):
+    def twice(event):
+        if event.kind == "step" and event.step == 2:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(Stopped) as e:
+        train(out=tmp_path / "run", callback=twice, **tiny_settings)
+    assert e.value.signum == signal.SIGTERM and e.value.checkpoint == ""
+    assert not (tmp_path / "run" / "last.safetensors").exists()

@@ -91,6 +91,8 @@ def _checkpoint_cases(tensors, meta):
         nan["model.student.head.net.0.weight"], float("nan")
     )
     add("NaN student weights", BAD, t=nan, commands=("eval", "export", "resume"))
+    zeros = torch.zeros_like(tensors["rng.torch"])  # the right size, not a generator state
+    add("rng.torch zeros", BAD, t={**tensors, "rng.torch": zeros}, commands=("resume",))
     add(
         "queue_ptr 10**9",
         BAD,
