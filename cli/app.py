@@ -24,6 +24,7 @@ from .eval_cmd import eval_app
 from .export_cmd import embed_cmd, export_cmd
 from .info_cmd import info_cmd
 from .plot_cmd import plot_cmd
+from .serve_cmd import serve_cmd
 from .train_cmd import train_cmd
 
 app = typer.Typer(
@@ -39,6 +40,7 @@ app.command("export")(export_cmd)
 app.command("embed")(embed_cmd)
 app.add_typer(eval_app, name="eval")
 app.command("plot")(plot_cmd)
+app.command("serve")(serve_cmd)
 
 
 def _is_usage_error(e: BaseException) -> bool:

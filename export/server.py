@@ -1,0 +1,356 @@
+"""``ressl serve``: an HTTP embedding service for an exported encoder (Starlette on uvicorn).
+
+Endpoints:
+
+- ``POST /embed``: images as multipart files (any field name), or JSON
+  ``{"images": [BASE64, ...]}`` (encoded image files); returns
+  ``{"embeddings": [[...], ...], "count": N, "dim": D}``, or the raw float32 ``(N, D)``
+  bytes (C order, shape in the ``X-Shape`` header) with ``?format=raw`` or
+  ``Accept: application/octet-stream``.
+- ``GET /metadata``: what the model is (backbone, input, embedding size, source hash).
+- ``GET /healthz`` (the process answers) and ``GET /readyz`` (the model is loaded).
+- ``GET /metrics``: Prometheus counters (requests, images, errors, latency).
+
+Images are decoded exactly as :class:`ressl.export.Embedder` decodes files (the same
+``load_image``), so a served embedding equals ``Embedder`` on the same file and batch.
+Decoding runs in a thread pool and the model in its own thread (``MicroBatcher``),
+never on the event loop. Bad input gets a 4xx with ``{"error": ...}`` naming the
+problem. Needs the ``serve`` extra (``pip install 'ressl[serve]'``); no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from .batching import MicroBatcher
+from .embedder import Embedder
+from .images import load_image
+
+__all__ = ["ServeSettings", "create_app"]
+
+#: Latency histogram buckets, seconds.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How ``ressl serve`` serves a model.
+
+    Attributes:
+        model: The ONNX file (written by ``ressl export``).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        max_batch: Images per model call.
+        max_wait_ms: How long a request waits for others to share its batch.
+        max_upload_bytes: The largest request body accepted.
+        max_images: The most images one request may carry.
+        max_pixels: The largest image (width x height) decoded: larger is a
+            decompression bomb.
+        decode_threads: Threads decoding images.
+    """
+
+    model: str
+    device: str = "auto"
+    max_batch: int = 64
+    max_wait_ms: float = 5.0
+    max_upload_bytes: int = 32 * 2**20
+    max_images: int = 256
+    max_pixels: int = 40_000_000
+    decode_threads: int = max(2, min(8, os.cpu_count() or 2))
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_upload_bytes", "max_images", "max_pixels", "decode_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+
+
+class BadInput(Exception):
+    """A request the server refuses: ``status`` and a message naming the problem."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Counters:
+    """What ``/metrics`` reports, in the Prometheus text format."""
+
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)
+    images: int = 0
+    errors: dict[int, int] = field(default_factory=dict)
+    buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
+    latency_sum: float = 0.0
+    latency_count: int = 0
+
+    def observe(self, path: str, status: int, seconds: float, images: int = 0) -> None:
+        key = (path, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.images += images
+        if status >= 400:
+            self.errors[status] = self.errors.get(status, 0) + 1
+        if path == "/embed":
+            self.latency_sum += seconds
+            self.latency_count += 1
+            for i, edge in enumerate(BUCKETS):
+                if seconds <= edge:
+                    self.buckets[i] += 1
+
+    def text(self, batches: int, batched: int) -> str:
+        lines = [
+            "# HELP ressl_requests_total HTTP requests by path and status.",
+            "# TYPE ressl_requests_total counter",
+            *(
+                f'ressl_requests_total{{path="{p}",status="{s}"}} {n}'
+                for (p, s), n in sorted(self.requests.items())
+            ),  # fmt: skip
+            "# HELP ressl_images_total Images embedded.",
+            "# TYPE ressl_images_total counter",
+            f"ressl_images_total {self.images}",
+            "# HELP ressl_errors_total Requests answered with an error, by status.",
+            "# TYPE ressl_errors_total counter",
+            *(f'ressl_errors_total{{status="{s}"}} {n}' for s, n in sorted(self.errors.items())),
+            "# HELP ressl_batches_total Model calls (micro-batches) and the images they held.",
+            "# TYPE ressl_batches_total counter",
+            f"ressl_batches_total {batches}",
+            f"ressl_batched_images_total {batched}",
+            "# HELP ressl_embed_seconds Latency of POST /embed.",
+            "# TYPE ressl_embed_seconds histogram",
+            *(
+                f'ressl_embed_seconds_bucket{{le="{edge}"}} {n}'
+                for edge, n in zip(BUCKETS, self.buckets)
+            ),  # fmt: skip
+            f'ressl_embed_seconds_bucket{{le="+Inf"}} {self.latency_count}',
+            f"ressl_embed_seconds_sum {self.latency_sum:.6f}",
+            f"ressl_embed_seconds_count {self.latency_count}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadInput(413, f"the request body of {declared} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadInput(413, f"the request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class EmbeddingService:
+    """The model, its batcher and counters, and the request handlers."""
+
+    def __init__(self, settings: ServeSettings, embedder: Embedder | None = None) -> None:
+        self.settings = settings
+        self.embedder = embedder or Embedder(
+            settings.model, device=settings.device, batch_size=settings.max_batch
+        )
+        self.batcher = MicroBatcher(
+            self.embedder.run, settings.max_batch, settings.max_wait_ms / 1000
+        )
+        self.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.counters = Counters()
+        self.ready = False
+
+    # ------------------------------------------------------------------ decoding
+
+    def _decode(self, name: str, data: bytes) -> np.ndarray:
+        """One encoded image -> float32 ``(C, S, S)``, as ``Embedder`` decodes files."""
+        info = self.embedder.info
+        if not data:
+            raise BadInput(400, f"{name} is empty")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                pixels = image.width * image.height
+                if pixels > self.settings.max_pixels:
+                    raise BadInput(
+                        413, f"{name} is {image.width}x{image.height} pixels, over the limit of "
+                        f"{self.settings.max_pixels} (a decompression bomb?)",
+                    )  # fmt: skip
+                return load_image(image, info.image_size, info.channels)
+        except BadInput:
+            raise
+        except Image.DecompressionBombError as e:
+            raise BadInput(413, f"{name}: {e}") from None
+        except ValueError as e:  # a model that takes no image files (pil_mode)
+            if "channel" in str(e):
+                raise BadInput(400, str(e)) from None
+            raise BadInput(400, f"{name} is not an image PIL can read ({e})") from None
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ...
+            raise BadInput(400, f"{name} is not an image PIL can read ({e})") from None
+
+    def _decode_all(self, items: list[tuple[str, bytes]]) -> np.ndarray:
+        return np.stack([self._decode(name, data) for name, data in items])
+
+    async def _images(self, request: Request) -> list[tuple[str, bytes]]:
+        """``(name, bytes)`` of each image a request carries."""
+        s = self.settings
+        body = await _body(request, s.max_upload_bytes)
+        if not body:
+            raise BadInput(400, "the request has no body; send images as multipart files or "
+                           'JSON {"images": [base64, ...]}')  # fmt: skip
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "multipart/form-data":
+            request._body = body  # the form parser reads the body already read
+            try:
+                form = await request.form(max_files=s.max_images + 1, max_fields=s.max_images + 16)
+            except Exception as e:  # noqa: BLE001 - malformed multipart, too many parts
+                raise BadInput(400, f"the multipart body cannot be parsed ({e})") from None
+            items = [(v.filename or k, await v.read()) for k, v in form.multi_items()
+                     if isinstance(v, UploadFile)]  # fmt: skip
+        elif kind == "application/json":
+            items = self._json_images(body)
+        else:
+            raise BadInput(415, f"content type {kind or 'none'!r} is not accepted; send "
+                           "multipart/form-data files or application/json")  # fmt: skip
+        if not items:
+            raise BadInput(400, "the request carries no image")
+        if len(items) > s.max_images:
+            raise BadInput(413, f"the request carries {len(items)} images; the limit is "
+                           f"{s.max_images} per request")  # fmt: skip
+        return items
+
+    @staticmethod
+    def _json_images(body: bytes) -> list[tuple[str, bytes]]:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            raise BadInput(400, "the body is not valid JSON") from None
+        images = payload.get("images") if isinstance(payload, dict) else None
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise BadInput(400, 'JSON bodies must be {"images": [base64 string, ...]}')
+        items = []
+        for i, text in enumerate(images):
+            try:
+                items.append((f"images[{i}]", base64.b64decode(text, validate=True)))
+            except (binascii.Error, ValueError):
+                raise BadInput(400, f"images[{i}] is not valid base64") from None
+        return items
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def embed(self, request: Request) -> Response:
+        start, count = time.perf_counter(), 0
+        try:
+            items = await self._images(request)
+            loop = asyncio.get_running_loop()
+            batch = await loop.run_in_executor(self.decoders, self._decode_all, items)
+            rows = await self.batcher.submit(batch)
+            count = len(rows)
+            raw = request.query_params.get("format") == "raw" or (
+                "application/octet-stream" in request.headers.get("accept", "")
+            )
+            if raw:
+                response: Response = Response(
+                    np.ascontiguousarray(rows, np.float32).tobytes(),
+                    media_type="application/octet-stream",
+                    headers={"X-Shape": f"{rows.shape[0]},{rows.shape[1]}", "X-Dtype": "float32"},
+                )
+            else:
+                response = JSONResponse(
+                    {"embeddings": rows.tolist(), "count": count, "dim": int(rows.shape[1])}
+                )
+        except BadInput as e:
+            response = _error(e.status, str(e))
+        except Exception as e:  # noqa: BLE001 - the model failed: the server stays up
+            response = _error(500, f"embedding failed: {type(e).__name__}: {e}")
+        self.counters.observe("/embed", response.status_code, time.perf_counter() - start, count)
+        return response
+
+    async def metadata(self, request: Request) -> Response:
+        info = self.embedder.info
+        body = {
+            "model": os.path.basename(self.settings.model), "backbone": info.backbone,
+            "weights": info.weights, "head": info.head, "precision": info.precision,
+            "input": {"channels": info.channels, "image_size": info.image_size,
+                      "any_size": info.dynamic_spatial},
+            "embedding_dim": info.embedding_dim, "provider": self.embedder.provider,
+            "source": info.source, "source_sha256": info.source_sha256,
+            "ressl_version": info.ressl_version, "max_batch": self.settings.max_batch,
+            "max_images": self.settings.max_images,
+        }  # fmt: skip
+        self.counters.observe("/metadata", 200, 0.0)
+        return JSONResponse(body)
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        if not self.ready:
+            return _error(503, "the model is not ready")
+        return JSONResponse({"status": "ready"})
+
+    async def metrics(self, request: Request) -> Response:
+        text = self.counters.text(self.batcher.batches, self.batcher.batched_images)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.batcher.start()
+        self.ready = True
+        try:
+            yield
+        finally:  # uvicorn has let in-flight requests finish: drain the batcher, then stop
+            self.ready = False
+            await self.batcher.stop()
+            self.decoders.shutdown(wait=True)
+
+
+def create_app(settings: ServeSettings, embedder: Embedder | None = None) -> Starlette:
+    """The ASGI app serving ``settings.model`` (``app.state.service`` holds the service)."""
+    service = EmbeddingService(settings, embedder)
+    app = Starlette(
+        routes=[
+            Route("/embed", service.embed, methods=["POST"]),
+            Route("/metadata", service.metadata, methods=["GET"]),
+            Route("/healthz", service.healthz, methods=["GET"]),
+            Route("/readyz", service.readyz, methods=["GET"]),
+            Route("/metrics", service.metrics, methods=["GET"]),
+        ],
+        lifespan=service.lifespan,
+    )
+    app.state.service = service
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """The app for ``uvicorn --factory`` worker processes: settings from ``RESSL_SERVE``."""
+    return create_app(ServeSettings(**json.loads(os.environ["RESSL_SERVE"])))
+
+
+def describe(settings: ServeSettings, service: Any, url: str) -> str:
+    """The startup line: model, what it computes, provider, address."""
+    info = service.embedder.info
+    return (
+        f"serving {settings.model} ({info.describe()}) on "
+        f"{service.embedder.provider.removesuffix('ExecutionProvider')} at {url} "
+        f"(max batch {settings.max_batch}, max wait {settings.max_wait_ms:g} ms)"
+    )

@@ -1,0 +1,205 @@
+"""``ressl serve``: every endpoint, micro-batching, every bad input, on a free loopback port."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from cli_helpers import TINY, assert_one_line_error, run_cli
+from PIL import Image
+
+uvicorn = pytest.importorskip("uvicorn")
+from ressl.export import Embedder, export_onnx  # noqa: E402
+from ressl.export.server import ServeSettings, create_app  # noqa: E402
+
+from ressl import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, image_folder):
+    run = tmp_path_factory.mktemp("serve") / "run"
+    train(out=run, **dict(TINY, dataset=f"folder:{image_folder}", epochs=1, knn_every=-1))
+    path = run.parent / "encoder.onnx"
+    export_onnx(run, path, verify=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    settings = ServeSettings(str(model), device="cpu", max_batch=8, max_wait_ms=50,
+                             max_upload_bytes=300_000, max_images=5, max_pixels=1_000_000)  # fmt: skip
+    app = create_app(settings)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", app.state.service
+    srv.should_exit = True
+    thread.join(10)
+
+
+def _multipart(files):
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, data in files:
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _request(url, path, body=None, content_type=None, headers=None):
+    req = urllib.request.Request(
+        url + path, data=body, method="POST" if body is not None else "GET"
+    )
+    if content_type:
+        req.add_header("Content-Type", content_type)
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def _files(image_folder, n=3):
+    return sorted((image_folder / "test").rglob("*.png"))[:n]
+
+
+def test_health_readiness_and_metadata(server, model):
+    url, _ = server
+    assert _request(url, "/healthz")[0] == 200
+    status, _, body = _request(url, "/readyz")
+    assert status == 200 and json.loads(body)["status"] == "ready"
+    meta = json.loads(_request(url, "/metadata")[2])
+    info = Embedder(model, device="cpu").info
+    assert meta["embedding_dim"] == info.embedding_dim and meta["backbone"] == "small"
+    assert meta["input"] == {"channels": 3, "image_size": 16, "any_size": info.dynamic_spatial}
+    assert (
+        meta["source_sha256"] == info.source_sha256 and meta["provider"] == "CPUExecutionProvider"
+    )
+
+
+def test_served_embeddings_equal_the_embedder_bit_for_bit(server, model, image_folder):
+    url, _ = server
+    paths = _files(image_folder)
+    expected = Embedder(model, device="cpu", batch_size=8).embed([str(p) for p in paths])
+    body, kind = _multipart([(p.name, p.read_bytes()) for p in paths])
+    status, _, out = _request(url, "/embed", body, kind)
+    got = json.loads(out)
+    assert status == 200 and got["count"] == 3 and got["dim"] == expected.shape[1]
+    assert np.array_equal(np.asarray(got["embeddings"], np.float32), expected)
+    b64 = json.dumps({"images": [base64.b64encode(p.read_bytes()).decode() for p in paths]})
+    status, _, out = _request(url, "/embed", b64.encode(), "application/json")
+    assert status == 200 and np.array_equal(
+        np.asarray(json.loads(out)["embeddings"], np.float32), expected
+    )
+    status, headers, raw = _request(url, "/embed?format=raw", body, kind)
+    assert status == 200 and headers["X-Shape"] == f"3,{expected.shape[1]}"
+    assert np.array_equal(np.frombuffer(raw, np.float32).reshape(3, -1), expected)
+
+
+def test_concurrent_requests_share_batches(server, model, image_folder):
+    url, service = server
+    paths = _files(image_folder, 8)
+    single = Embedder(model, device="cpu")
+    before = service.batcher.batches
+
+    def one(path):
+        body, kind = _multipart([(path.name, path.read_bytes())])
+        status, _, out = _request(url, "/embed", body, kind)
+        return status, np.asarray(json.loads(out)["embeddings"][0], np.float32)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, paths))
+    assert all(status == 200 for status, _ in results)
+    assert service.batcher.batches - before < len(paths)  # gathered into fewer model calls
+    for (_, row), path in zip(results, paths):
+        np.testing.assert_allclose(row, single.embed([str(path)])[0], atol=1e-5)
+
+
+def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_stays_up(server, image_folder):
+    url, _ = server
+    png = _files(image_folder, 1)[0].read_bytes()
+    bomb = io.BytesIO()
+    Image.new("L", (2000, 2000)).save(bomb, format="PNG")  # 4 MP in a few KB
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), np.uint8)).save(
+        noise, format="PNG")  # fmt: skip
+    cases = [
+        (_multipart([("notes.txt", b"not an image")]), 400, "notes.txt is not an image"),
+        (_multipart([("empty.png", b"")]), 400, "empty.png is empty"),
+        ((b"", "application/json"), 400, "no body"),
+        (_multipart([("bomb.png", bomb.getvalue())]), 413, "decompression bomb"),
+        (_multipart([("big.png", noise.getvalue())]), 413, "exceeds the limit of 300000"),
+        (_multipart([(f"{i}.png", png) for i in range(6)]), 413, "6 images; the limit is 5"),
+        ((png, "image/png"), 415, "content type 'image/png' is not accepted"),
+        ((b"{not json", "application/json"), 400, "not valid JSON"),
+        ((b'{"images": ["@@@"]}', "application/json"), 400, "images[0] is not valid base64"),
+        ((b'{"pictures": []}', "application/json"), 400, '{"images": [base64 string, ...]}'),
+        (_multipart([]), 400, "no image"),
+    ]
+    for (body, kind), status, needle in cases:
+        got, _, out = _request(url, "/embed", body, kind)
+        error = json.loads(out)
+        assert got == status and needle in error["error"], (needle, got, error)
+    assert _request(url, "/healthz")[0] == 200
+    metrics = _request(url, "/metrics")[2].decode()
+    assert 'ressl_errors_total{status="413"} 3' in metrics
+    assert "ressl_embed_seconds_count" in metrics and "ressl_images_total" in metrics
+
+
+def test_serve_without_the_extra_says_how_to_install(capsys, monkeypatch, model):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    code, _, err = run_cli(capsys, "serve", model)
+    assert_one_line_error(code, err, "ressl serve needs the serve extra")
+    assert "pip install 'ressl[serve]'" in err
+
+
+def test_serve_command_starts_answers_and_stops_on_sigterm(model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ressl", "serve", str(model), "--port", str(port), "--device", "cpu"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith(f"serving {model}") and f"on CPU at http://127.0.0.1:{port}" in line
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if _request(f"http://127.0.0.1:{port}", "/readyz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the server never became ready")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err and "CUDA" not in err
+    finally:
+        proc.kill()
