@@ -103,6 +103,18 @@ def _load(port: int, files: list[Path], clients: int, requests: int) -> tuple[fl
     return clients * per_client / seconds, float(q[0]), float(q[1]), float(q[2]), len(failures)
 
 
+def _batches(port: int) -> tuple[int, int]:
+    """(model calls, images in them) so far, from the server's /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    values = {}
+    for line in conn.getresponse().read().decode().splitlines():
+        if line.startswith(("ressl_batches_total", "ressl_batched_images_total")):
+            name, value = line.split()
+            values[name] = int(value)
+    return values["ressl_batches_total"], values["ressl_batched_images_total"]
+
+
 def _serve(model: Path, port: int, max_batch: int, max_wait_ms: float) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "ressl", "serve", str(model), "--port", str(port), "--device",
@@ -154,16 +166,28 @@ def main() -> None:
                 embedder.embed_files(files)
             inproc = rounds * len(files) / (time.perf_counter() - start)
             rows.append(
-                (backbone, "Embedder in-process, full batches", inproc, None, None, None, 0)
+                (
+                    backbone,
+                    "Embedder in-process, full batches",
+                    inproc,
+                    None,
+                    None,
+                    None,
+                    0,
+                    float(args.max_batch),
+                )  # fmt: skip
             )
             port = _free_port()
             server = _serve(model, port, args.max_batch, args.max_wait_ms)
             try:
                 _load(port, files, 4, 64)  # warm-up
                 for clients in levels:
+                    calls, images = _batches(port)
                     ips, p50, p95, p99, failed = _load(port, files, clients, args.requests)
+                    calls2, images2 = _batches(port)
+                    batch = (images2 - images) / max(calls2 - calls, 1)
                     rows.append((backbone, f"ressl serve, {clients} client(s)", ips, p50, p95,
-                                 p99, failed))  # fmt: skip
+                                 p99, failed, batch))  # fmt: skip
             finally:
                 server.terminate()
                 server.wait(30)
@@ -180,13 +204,14 @@ def _table(rows: list[tuple], args: argparse.Namespace) -> str:
         f"{args.requests} requests of one 32 px PNG per level; `--max-batch {args.max_batch} "
         f"--max-wait-ms {args.max_wait_ms:g}`; `python benchmarks/serve.py`.",
         "",
-        "| encoder | how | images/s | vs in-process | p50 ms | p95 ms | p99 ms | failed |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| encoder | how | images/s | vs in-process | mean batch | p50 ms | p95 ms | p99 ms "
+        "| failed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for backbone, how, ips, p50, p95, p99, failed in rows:
+    for backbone, how, ips, p50, p95, p99, failed, batch in rows:
         lat = ["-"] * 3 if p50 is None else [f"{v:.1f}" for v in (p50, p95, p99)]
         lines.append(f"| {backbone} | {how} | {ips:,.0f} | {ips / inproc[backbone]:.2f}x | "
-                     f"{' | '.join(lat)} | {failed} |")  # fmt: skip
+                     f"{batch:.1f} | {' | '.join(lat)} | {failed} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -43,6 +43,16 @@ class MicroBatcher:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ressl-model")
         self.batches = 0  # model calls so far
         self.batched_images = 0
+        self._arriving = 0  # requests announced but not yet submitted
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Announce a request that will submit soon (while it decodes): a batch waits for it."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
 
     async def start(self) -> None:
         """Start collecting (in the running event loop)."""
@@ -77,7 +87,7 @@ class MicroBatcher:
                 try:
                     if self._queue.empty():
                         left = deadline - loop.time()
-                        if left <= 0:
+                        if left <= 0 or not self._arriving:  # no one else is on the way
                             break
                         items.append(await asyncio.wait_for(self._queue.get(), left))
                     else:

@@ -260,9 +260,10 @@ class EmbeddingService:
     async def embed(self, request: Request) -> Response:
         start, count = time.perf_counter(), 0
         try:
-            items = await self._images(request)
-            loop = asyncio.get_running_loop()
-            batch = await loop.run_in_executor(self.decoders, self._decode_all, items)
+            with self.batcher.arriving():  # a batch being gathered waits for this one
+                items = await self._images(request)
+                loop = asyncio.get_running_loop()
+                batch = await loop.run_in_executor(self.decoders, self._decode_all, items)
             rows = await self.batcher.submit(batch)
             count = len(rows)
             raw = request.query_params.get("format") == "raw" or (

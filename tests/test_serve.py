@@ -203,3 +203,36 @@ def test_serve_command_starts_answers_and_stops_on_sigterm(model):
         assert "Traceback" not in err and "CUDA" not in err
     finally:
         proc.kill()
+
+
+def test_the_batcher_gathers_concurrent_requests_and_never_delays_a_lone_one():
+    import asyncio
+
+    from ressl.export.batching import MicroBatcher
+
+    calls = []
+
+    def run(batch):
+        calls.append(len(batch))
+        return batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch=8, max_wait=0.5)
+        await batcher.start()
+        start = time.perf_counter()
+        alone = await batcher.submit(np.ones((1, 2, 2, 2), np.float32))
+        lone_seconds = time.perf_counter() - start
+
+        async def one(i):
+            with batcher.arriving():
+                await asyncio.sleep(0.01 * i)  # decoding
+            return await batcher.submit(np.full((1, 2, 2, 2), i, np.float32))
+
+        rows = await asyncio.gather(*(one(i) for i in range(5)))
+        await batcher.stop()
+        return alone, lone_seconds, rows
+
+    alone, lone_seconds, rows = asyncio.run(scenario())
+    assert alone.tolist() == [[8.0]] and lone_seconds < 0.25  # not held for max_wait
+    assert [r.tolist() for r in rows] == [[[8.0 * i]] for i in range(5)]
+    assert calls[0] == 1 and calls[1:] == [5]  # the five in one model call
