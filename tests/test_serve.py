@@ -236,3 +236,20 @@ def test_the_batcher_gathers_concurrent_requests_and_never_delays_a_lone_one():
     assert alone.tolist() == [[8.0]] and lone_seconds < 0.25  # not held for max_wait
     assert [r.tolist() for r in rows] == [[[8.0 * i]] for i in range(5)]
     assert calls[0] == 1 and calls[1:] == [5]  # the five in one model call
+
+
+def test_images_for_a_model_that_takes_no_image_files_get_a_400(tmp_path, image_folder):
+    from ressl.export.server import BadInput, EmbeddingService
+
+    from ressl import ReSSL
+
+    net = ReSSL("small", in_channels=4, image_size=16, hidden_dim=16, embed_dim=8, width=4,
+                queue_size=16).student.eval()  # fmt: skip
+    path = tmp_path / "four.onnx"
+    export_onnx(net, path, image_size=16, channels=4, mean=(0.5,) * 4, std=(0.5,) * 4,
+                backbone="small", verify=False)  # fmt: skip
+    service = EmbeddingService(ServeSettings(str(path), device="cpu"))
+    png = _files(image_folder, 1)[0].read_bytes()
+    with pytest.raises(BadInput, match="4-channel input") as e:
+        service._decode("a.png", png)
+    assert e.value.status == 400
