@@ -253,3 +253,27 @@ def test_images_for_a_model_that_takes_no_image_files_get_a_400(tmp_path, image_
     with pytest.raises(BadInput, match="4-channel input") as e:
         service._decode("a.png", png)
     assert e.value.status == 400
+
+
+def test_a_stop_lets_requests_in_flight_finish(model, image_folder):
+    slow = Embedder(model, device="cpu")
+    real = slow.run
+    slow.run = lambda batch: (time.sleep(1.0), real(batch))[1]  # a model call in flight for 1 s
+    app = create_app(ServeSettings(str(model), device="cpu"), embedder=slow)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+    path = _files(image_folder, 1)[0]
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(
+            _request, url, "/embed", *_multipart([(path.name, path.read_bytes())])
+        )
+        time.sleep(0.3)  # the request is in the model now
+        srv.should_exit = True  # what SIGTERM sets
+        status, _, out = pending.result(timeout=30)
+    thread.join(30)
+    assert status == 200 and json.loads(out)["count"] == 1
+    assert not thread.is_alive() and app.state.service.ready is False
