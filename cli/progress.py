@@ -1,8 +1,11 @@
-"""Terminal progress for ``ressl train``: one bar per epoch, a summary line per epoch."""
+"""Progress for ``ressl train``: a bar per epoch in a terminal, and elsewhere (a log file,
+CI, Slurm) a plain progress line at a regular interval; a summary line per epoch in both."""
 
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -18,10 +21,32 @@ from rich.progress import (
 from ressl.trainer import TrainEvent
 
 
-class TrainProgress:
-    """A ``train`` callback drawing progress on stderr (plain lines when stderr is not a terminal)."""
+def duration(seconds: float) -> str:
+    """``3725 -> "1h02m"``, ``75 -> "1m15s"``, ``8 -> "8s"``."""
+    seconds = max(int(round(seconds)), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
-    def __init__(self) -> None:
+
+class TrainProgress:
+    """A ``train`` callback drawing progress on stderr.
+
+    In a terminal: a bar per epoch. Elsewhere: a line at most every ``interval`` seconds
+    (steps done of all, epoch, images/s, loss, ETA), so a log never goes quiet for long.
+
+    Args:
+        interval: Seconds between plain progress lines (when stderr is not a terminal).
+        clock: The time source (tests give their own).
+    """
+
+    def __init__(self, interval: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval, self.clock = interval, clock
+        self.plain = not sys.stderr.isatty()
+        self._started: tuple[float, int] | None = None  # (time, step) when the run started
+        self._last_line = 0.0
         self.console = Console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}"),
@@ -31,7 +56,7 @@ class TrainProgress:
             TimeRemainingColumn(),
             console=self.console,
             transient=True,
-            disable=not sys.stderr.isatty(),
+            disable=self.plain,
         )
         self.task: TaskID | None = None
 
@@ -54,9 +79,33 @@ class TrainProgress:
             loss="-",
         )
 
+    def _plain_line(self, event: TrainEvent) -> None:
+        """``step 120/400 (30%, epoch 2/5)  1,234 img/s  loss 3.4567  ETA 1m15s``."""
+        now = self.clock()
+        if self._started is None:
+            self._started = (now, event.step)
+        if now - self._last_line < self.interval:
+            return
+        self._last_line = now
+        total = event.steps_per_epoch * event.epochs
+        began, first = self._started
+        done = event.step - first
+        eta = (total - event.step) * (now - began) / done if done > 0 else None
+        self.console.print(
+            f"step {event.step}/{total} ({100 * event.step / max(total, 1):.0f}%, epoch "
+            f"{event.epoch + 1}/{event.epochs})  {event.images_per_second or 0:,.0f} img/s  "
+            f"loss {event.loss if event.loss is not None else float('nan'):.4f}"
+            + (f"  ETA {duration(eta)}" if eta is not None else ""),
+            highlight=False,
+        )
+
     def __call__(self, event: TrainEvent) -> None:
         if event.kind == "start":
+            self._started = (self.clock(), event.step)
+            self._last_line = self._started[0]  # the first line comes an interval in
             self._new_task(event, event.batch_in_epoch)
+        elif event.kind == "step" and self.plain:
+            self._plain_line(event)
         elif event.kind == "step":
             if self.task is None:
                 self._new_task(event, 0)
