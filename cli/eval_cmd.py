@@ -199,20 +199,21 @@ def features(
     )
 
 
-def record(source: FeatureSource, row: dict[str, Any], enabled: bool) -> Path | None:
-    """Append ``row`` (with time and version) to ``eval.jsonl`` next to the evaluated file."""
+def stamped(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` as ``eval.jsonl`` records it (and ``--json`` prints it): with time and version."""
     from ressl import __version__
 
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **row,
+            "ressl_version": __version__}  # fmt: skip
+
+
+def record(source: FeatureSource, row: dict[str, Any], enabled: bool) -> Path | None:
+    """Append the ``stamped`` ``row`` to ``eval.jsonl`` next to the evaluated file."""
     if not enabled:
         return None
-    full = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **row,
-        "ressl_version": __version__,
-    }
     path = source.run_dir / EVAL_LOG
     with path.open("a") as f:
-        f.write(json.dumps(full) + "\n")
+        f.write(json.dumps(row) + "\n")
     return path
 
 
@@ -321,6 +322,7 @@ def knn_cmd(
         "seconds": round(seconds + time.perf_counter() - t0, 2),
         "device": str(dev),
     }
+    row = stamped(row)
     where = record(source, row, record_result)
     if as_json:
         typer.echo(json.dumps(row))
@@ -375,6 +377,7 @@ def linear_cmd(
     row = {**_base_row("linear", source, data, feats), **probe,
            **{key: round(v, 4) for key, v in acc.items()},
            "seconds": round(seconds + time.perf_counter() - t0, 2), "device": str(dev)}  # fmt: skip
+    row = stamped(row)
     where = record(source, row, record_result)
     if as_json:
         typer.echo(json.dumps(row))

@@ -22,9 +22,11 @@ def info_cmd(
     path: Annotated[
         Path,
         typer.Argument(
-            help="A ressl checkpoint (.safetensors), run folder or exported .onnx file."
+            help="A ressl checkpoint (.safetensors), run folder or exported .onnx file "
+            "(default: the current folder, a run folder).",
+            show_default=False,
         ),
-    ],
+    ] = Path("."),
     as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
 ) -> None:
     """Describe a checkpoint (format, versions, progress, metrics, settings) or an exported ONNX encoder."""

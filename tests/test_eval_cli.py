@@ -179,3 +179,22 @@ def test_eval_rejects_a_dataset_with_other_channels(capsys, tmp_path: Path, tiny
     source.channels = 1
     with pytest.raises(UserError, match="takes 1-channel images"):
         eval_cmd.load_eval_data(source, None, None)
+
+
+def test_eval_json_prints_exactly_the_record_it_appends(capsys, tiny_run: Path):
+    code, out, err = run_cli(capsys, "eval", "knn", tiny_run, "--k", "5", "--device", "cpu",
+                             "--json")  # fmt: skip
+    assert code == 0, err
+    printed = json.loads(out)
+    assert printed == records(tiny_run)[-1]
+    assert {"time", "ressl_version", "top1"} <= printed.keys()
+
+
+def test_info_defaults_to_the_current_folder(capsys, tiny_run: Path, monkeypatch, tmp_path):
+    monkeypatch.chdir(tiny_run)
+    code, out, err = run_cli(capsys, "info")
+    assert code == 0, err
+    assert out.startswith("checkpoint     .") and "progress       epoch 2/2" in out
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "info")
+    assert code != 0 and "last.safetensors" in err and "Traceback" not in err
