@@ -188,15 +188,17 @@ def features(
     """Train / test features and labels under the eval protocol (fp32, eval mode, L2-normalised)."""
     from ressl.evaluate import split_features
 
+    from .progress import CountProgress
+
     n_train = len(data.memory) if data.memory is not None else 0
     n_test = len(data.test) if data.test is not None else 0
     typer.echo(
         f"extracting {source.description} of {n_train} + {n_test} {data.name} images on {device} ...",
         err=True,
     )
-    return split_features(
-        source.fn, data, mean=source.mean, std=source.std, batch_size=batch_size, device=device
-    )
+    with CountProgress("extract", n_train + n_test) as progress:
+        return split_features(source.fn, data, mean=source.mean, std=source.std,
+                              batch_size=batch_size, device=device, progress=progress)  # fmt: skip
 
 
 def stamped(row: dict[str, Any]) -> dict[str, Any]:

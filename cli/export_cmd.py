@@ -7,14 +7,11 @@ skipped-file notes to stderr.
 from __future__ import annotations
 
 import sys
-import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .common import OverwriteOpt, Weights, fail, new_output
 from .info_cmd import size_text
@@ -67,36 +64,6 @@ def export_cmd(
     )
 
 
-class _EmbedProgress:
-    """A bar on stderr while files are embedded (nothing when stderr is not a terminal)."""
-
-    def __init__(self, total: int) -> None:
-        self.console = Console(stderr=True)
-        self.progress = Progress(
-            TextColumn("[bold]embed"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[ips]} img/s"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=True,
-            disable=not sys.stderr.isatty(),
-        )
-        self.task = self.progress.add_task("embed", total=total, ips="-")
-        self.start = time.perf_counter()
-
-    def __enter__(self) -> _EmbedProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
-
-    def __call__(self, done: int) -> None:
-        ips = done / max(time.perf_counter() - self.start, 1e-9)
-        self.progress.update(self.task, completed=done, ips=f"{ips:,.0f}")
-
-
 def embed_cmd(
     model: Annotated[Path, typer.Argument(help="An ONNX encoder written by `ressl export`.")],
     paths: Annotated[
@@ -123,6 +90,8 @@ def embed_cmd(
 
     from ressl.atomic import check_writable
 
+    from .progress import CountProgress
+
     if out.suffix.lower() != ".npz":
         fail(
             f"-o must name a .npz file (embeddings, paths and skipped files in one archive), got {out}"
@@ -133,7 +102,7 @@ def embed_cmd(
         fail(f"{model}: no such file")
     embedder = Embedder(model, device=device.value, batch_size=batch_size, threads=threads)
     files = image_files(paths)
-    with _EmbedProgress(len(files)) as progress:
+    with CountProgress("embed", len(files)) as progress:
         result = embedder.embed_files(files, progress=progress)
     for name, reason in result.skipped:
         print(f"ressl: skipped {name}: {reason}", file=sys.stderr)

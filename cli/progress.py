@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -18,7 +18,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ressl.trainer import TrainEvent
+if TYPE_CHECKING:
+    from ressl.trainer import TrainEvent
 
 
 def duration(seconds: float) -> str:
@@ -129,3 +130,55 @@ class TrainProgress:
         elif event.kind == "end" and self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
+
+
+class CountProgress:
+    """Progress of a known number of items (images extracted, files embedded) on stderr.
+
+    In a terminal a bar; elsewhere a line at most every ``interval`` seconds and one at
+    the end: ``embed: 12,000/60,000 (20%)  1,234 img/s  ETA 40s``. Call it with the count
+    done so far.
+    """
+
+    def __init__(
+        self, label: str, total: int, interval: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self.label, self.total, self.interval, self.clock = label, total, interval, clock
+        self.plain = not sys.stderr.isatty()
+        self.console = Console(stderr=True)
+        self.start = self._last = clock()
+        self.done = 0
+        self.progress = Progress(
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[ips]} img/s"), TimeRemainingColumn(),
+            console=self.console, transient=True, disable=self.plain,
+        )  # fmt: skip
+        self.task = self.progress.add_task(label, total=total, ips="-")
+
+    def __enter__(self) -> CountProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+        if self.plain and exc[0] is None and self.done and self._last != self.clock():
+            self._line(self.clock())
+
+    def _line(self, now: float) -> None:
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        self.console.print(
+            f"{self.label}: {self.done:,}/{self.total:,} ({100 * self.done / max(self.total, 1):.0f}%)"
+            f"  {rate:,.0f} img/s" + (f"  ETA {duration(eta)}" if self.done < self.total else ""),
+            highlight=False,
+        )
+        self._last = now
+
+    def __call__(self, done: int) -> None:
+        self.done = done
+        now = self.clock()
+        rate = done / max(now - self.start, 1e-9)
+        self.progress.update(self.task, completed=done, ips=f"{rate:,.0f}")
+        if self.plain and now - self._last >= self.interval:
+            self._line(now)

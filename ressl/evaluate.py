@@ -49,6 +49,7 @@ def extract_features(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run ``fn`` (e.g. ``encoder.features``) over a whole image source, in order.
 
@@ -60,6 +61,7 @@ def extract_features(
         device: where to compute.
         autocast_dtype: e.g. ``torch.bfloat16`` to run under autocast.
         channels_last: feed NHWC-strided inputs.
+        progress: called with the number of images done after each batch.
 
     Returns:
         ``(features, labels)``: float32 ``(N, F)`` L2-normalised features on
@@ -84,6 +86,8 @@ def extract_features(
             f = fn(x)
         feats.append(F.normalize(f.float(), dim=1))
         labels.append(y)
+        if progress is not None:
+            progress(sum(len(t) for t in labels))
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -96,6 +100,7 @@ def split_features(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Features of a dataset's labelled training split and its test split (the eval protocols' input).
 
@@ -109,6 +114,7 @@ def split_features(
         mean, std: normalisation; default the dataset's own (pass the checkpoint's
             when they differ).
         batch_size, device, autocast_dtype: as in :func:`extract_features`.
+        progress: called with the images done so far (train split, then test split).
 
     Returns:
         ``(train_features (N, F), train_labels (N,), test_features (M, F), test_labels (M,))``,
@@ -130,8 +136,10 @@ def split_features(
         mean=data.mean if mean is None else mean, std=data.std if std is None else std,
         batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
     )  # fmt: skip
-    train_f, train_y = extract_features(fn, data.memory, **kw)
-    test_f, test_y = extract_features(fn, data.test, **kw)
+    report = progress or (lambda done: None)
+    train_f, train_y = extract_features(fn, data.memory, **kw, progress=report)
+    n = len(train_y)
+    test_f, test_y = extract_features(fn, data.test, **kw, progress=lambda done: report(n + done))
     return train_f, train_y, test_f, test_y
 
 

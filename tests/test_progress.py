@@ -25,3 +25,20 @@ def test_plain_progress_lines_come_at_the_interval_with_an_eta(capsys):
 
 def test_durations_read_as_people_write_them():
     assert [duration(s) for s in (8, 75, 3725, -3)] == ["8s", "1m15s", "1h02m", "0s"]
+
+
+def test_count_progress_prints_lines_at_the_interval_and_at_the_end(capsys):
+    from ressl.cli.progress import CountProgress
+
+    now = [0.0]
+    with CountProgress("extract", 1000, interval=30.0, clock=lambda: now[0]) as progress:
+        for done in range(100, 1001, 100):
+            now[0] += 10.0  # 10 images/s
+            progress(done)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "extract: 300/1,000 (30%)  10 img/s  ETA 1m10s",
+        "extract: 600/1,000 (60%)  10 img/s  ETA 40s",
+        "extract: 900/1,000 (90%)  10 img/s  ETA 10s",
+        "extract: 1,000/1,000 (100%)  10 img/s",
+    ]
