@@ -17,7 +17,12 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
-from ressl.imagefiles import IMAGE_EXTENSIONS, images_under, resize_center_crop  # torch-free
+from ressl.imagefiles import (  # torch-free
+    IMAGE_EXTENSIONS,
+    as_mode,
+    images_under,
+    resize_center_crop,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -58,13 +63,11 @@ def load_image(image: str | os.PathLike[str] | Image.Image, size: int, channels:
     """
     mode = pil_mode(channels)
     if isinstance(image, Image.Image):
-        pil = image.convert(mode)
+        pil = as_mode(image, mode)
     else:
         with Image.open(image) as im:
             im.draft(mode, (size, size))  # JPEG: decode at a reduced scale >= size
-            pil = im.convert(
-                mode
-            )  # palette, alpha, CMYK, grey/RGB -> the model's mode; GIF: first frame
+            pil = as_mode(im, mode)  # upright; palette, 16-bit, alpha, CMYK -> the model's mode
     array = np.asarray(resize_center_crop(pil, size), dtype=np.uint8)
     return _hwc_to_chw(array)
 

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .imagefiles import resize_center_crop
+from .imagefiles import as_mode, resize_center_crop
 
 __all__ = ["decode_crops", "decode_image", "decode_images", "readable_images"]
 
@@ -37,7 +37,7 @@ def decode_image(path: str | Path, size: int) -> Tensor | None:
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size
-            rgb = im.convert("RGB")  # palette, grey, alpha, CMYK -> RGB; GIF: first frame
+            rgb = as_mode(im, "RGB")  # palette, grey, 16-bit, alpha, CMYK -> RGB; GIF: frame 1
         image = resize_center_crop(rgb, size)  # (S, S) RGB
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         return None
@@ -67,7 +67,7 @@ def decode_crops(
 
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB")
+            rgb = as_mode(im, "RGB")
         w, h = rgb.size
         out = []
         for side, scale in crops:

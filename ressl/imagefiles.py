@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
-__all__ = ["IMAGE_EXTENSIONS", "images_under", "is_image_name", "resize_center_crop"]
+__all__ = ["IMAGE_EXTENSIONS", "as_mode", "images_under", "is_image_name", "resize_center_crop"]
 
 #: File extensions (lower case) read from image folders; matching is case-insensitive.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -34,6 +35,24 @@ def images_under(top: Path) -> list[Path]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found += [Path(dirpath) / f for f in filenames if is_image_name(f)]
     return sorted(found)
+
+
+#: Modes whose values go up to 65535 (16-bit PNG and TIFF greyscale): scaled, not clipped.
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def as_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` upright (its EXIF orientation applied) in ``mode`` ("L" or "RGB").
+
+    16-bit greyscale is scaled to 8 bits (``/ 257``, rounded) rather than clipped at 255,
+    which PIL's own ``convert`` does; palette, alpha, CMYK and the rest convert as PIL does.
+    """
+    if image.getexif().get(0x0112, 1) != 1:  # an orientation other than "upright"
+        image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT:
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(values / 257), 0, 255).astype(np.uint8), "L")
+    return image.convert(mode)  # (a copy even in the same mode: the file may close after)
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:

@@ -614,3 +614,39 @@ def test_a_new_dataset_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch) ->
     assert d.memory is d.train and d.mean == (0.5,) * 3
     assert TrainConfig(dataset="toy", batch_size=4).queue_size == 64  # its recipe
     assert "toy" in dataset_names()
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped_everywhere(tmp_path):
+    from ressl.export.images import load_image
+
+    from ressl.decode import decode_image
+
+    ramp = (np.arange(32 * 32, dtype=np.float64).reshape(32, 32) * 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # a 16-bit greyscale PNG
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")
+    eight = np.round(ramp / 257).astype(np.uint8)
+    Image.fromarray(eight).save(tmp_path / "eight.png")
+    trained = decode_image(tmp_path / "deep.png", 32)  # training and evaluation
+    assert torch.equal(trained, decode_image(tmp_path / "eight.png", 32))
+    assert len(torch.unique(trained)) > 200  # not binarised to {0, 255}
+    served = load_image(tmp_path / "deep.png", 32, 1)  # Embedder, ressl embed, ressl serve
+    np.testing.assert_array_equal(served, load_image(tmp_path / "eight.png", 32, 1))
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    from ressl.export.images import load_image
+
+    from ressl.decode import decode_image
+
+    pixels = np.zeros((16, 32, 3), np.uint8)
+    pixels[:, :16] = 255  # white left half of a landscape image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    Image.fromarray(pixels).save(tmp_path / "rotated.png", exif=exif)
+    upright = np.asarray(Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_270))
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    assert torch.equal(decode_image(tmp_path / "rotated.png", 16),
+                       decode_image(tmp_path / "upright.png", 16))  # fmt: skip
+    np.testing.assert_array_equal(load_image(tmp_path / "rotated.png", 16, 3),
+                                  load_image(tmp_path / "upright.png", 16, 3))  # fmt: skip
