@@ -375,7 +375,11 @@ def linear_cmd(
     t0 = time.perf_counter()
     probe: dict[str, Any] = dict(epochs=epochs, lr=lr, batch_size=probe_batch_size, weight_decay=weight_decay,
                  seed=seed)  # fmt: skip
-    acc = linear_probe(train_f, train_y, test_f, test_y, len(data.classes), **probe, device=dev)
+    from .progress import CountProgress
+
+    with CountProgress("probe epochs", epochs, unit="epochs/s") as progress:
+        acc = linear_probe(train_f, train_y, test_f, test_y, len(data.classes), **probe,
+                           device=dev, progress=progress)  # fmt: skip
     row = {**_base_row("linear", source, data, feats), **probe,
            **{key: round(v, 4) for key, v in acc.items()},
            "seconds": round(seconds + time.perf_counter() - t0, 2), "device": str(dev)}  # fmt: skip

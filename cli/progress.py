@@ -142,16 +142,17 @@ class CountProgress:
 
     def __init__(
         self, label: str, total: int, interval: float = 30.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, unit: str = "img/s",
     ) -> None:  # fmt: skip
         self.label, self.total, self.interval, self.clock = label, total, interval, clock
+        self.unit = unit
         self.plain = not sys.stderr.isatty()
         self.console = Console(stderr=True)
         self.start = self._last = clock()
         self.done = 0
         self.progress = Progress(
             TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[ips]} img/s"), TimeRemainingColumn(),
+            TextColumn("{task.fields[ips]} " + unit), TimeRemainingColumn(),
             console=self.console, transient=True, disable=self.plain,
         )  # fmt: skip
         self.task = self.progress.add_task(label, total=total, ips="-")
@@ -170,7 +171,8 @@ class CountProgress:
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         self.console.print(
             f"{self.label}: {self.done:,}/{self.total:,} ({100 * self.done / max(self.total, 1):.0f}%)"
-            f"  {rate:,.0f} img/s" + (f"  ETA {duration(eta)}" if self.done < self.total else ""),
+            f"  {rate:,.{1 if rate < 10 else 0}f} {self.unit}"
+            + (f"  ETA {duration(eta)}" if self.done < self.total else ""),
             highlight=False,
         )
         self._last = now

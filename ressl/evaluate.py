@@ -259,6 +259,7 @@ def linear_probe(
     weight_decay: float = 0.0,
     seed: int = 0,
     device: torch.device | str | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train a linear classifier on frozen features; report test top-1 (%).
 
@@ -281,6 +282,7 @@ def linear_probe(
         weight_decay: L2 penalty.
         seed: shuffling and init seed.
         device: where to train (e.g. ``"cuda"``); default the training features' device.
+        progress: called with the number of epochs done after each epoch.
 
     Returns:
         ``{"top1": ..., "train_top1": ...}`` in percent.
@@ -311,7 +313,7 @@ def linear_probe(
     xte = (test_features.float().to(device) - mu) / sd
     ytr = train_labels.to(device)
     layer = _fit_linear(xtr, ytr, num_classes, epochs, lr * batch_size / 256, batch_size,
-                        weight_decay, gen)  # fmt: skip
+                        weight_decay, gen, progress=progress)  # fmt: skip
     with torch.no_grad():
         test_top1 = _topk_accuracy(layer(xte), test_labels, 1) if len(xte) else math.nan
         train_top1 = _topk_accuracy(layer(xtr), ytr, 1)
@@ -348,7 +350,7 @@ def _check_probe(
 
 def _fit_linear(
     x: Tensor, y: Tensor, num_classes: int, epochs: int, base_lr: float, batch_size: int,
-    weight_decay: float, gen: torch.Generator,
+    weight_decay: float, gen: torch.Generator, progress: Callable[[int], None] | None = None,
 ) -> torch.nn.Linear:  # fmt: skip
     """SGD (momentum 0.9) with a cosine schedule on ``(N, F)`` standardised features."""
     layer = torch.nn.Linear(x.shape[1], num_classes).to(x.device)
@@ -360,7 +362,9 @@ def _fit_linear(
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
     step = 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if progress is not None and epoch:
+            progress(epoch)
         perm = torch.randperm(n, generator=gen).to(x.device)
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size : (i + 1) * batch_size]
@@ -371,4 +375,6 @@ def _fit_linear(
             loss.backward()
             opt.step()
             step += 1
+    if progress is not None:
+        progress(epochs)
     return layer
