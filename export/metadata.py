@@ -140,23 +140,27 @@ class ModelInfo:
             if str(e).startswith(where):
                 raise
             raise ValueError(f"{where}: malformed ressl metadata ({e})") from None
-        if info.channels < 1 or len(info.mean) != info.channels or len(info.std) != info.channels:
+        info._check_values(where)
+        return info
+
+    def _check_values(self, where: str) -> None:
+        """Each parsed value in its range (a ValueError naming the file otherwise)."""
+        if self.channels < 1 or len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(
-                f"{where}: metadata says {info.channels} channels but mean/std have "
-                f"{len(info.mean)}/{len(info.std)} values"
+                f"{where}: metadata says {self.channels} channels but mean/std have "
+                f"{len(self.mean)}/{len(self.std)} values"
             )
-        if not 1 <= info.image_size <= MAX_IMAGE_SIZE or info.embedding_dim < 1:
+        if not 1 <= self.image_size <= MAX_IMAGE_SIZE or self.embedding_dim < 1:
             raise ValueError(
-                f"{where}: metadata has image_size {info.image_size}, embedding_dim "
-                f"{info.embedding_dim}; they must be in [1, {MAX_IMAGE_SIZE}] and >= 1"
+                f"{where}: metadata has image_size {self.image_size}, embedding_dim "
+                f"{self.embedding_dim}; they must be in [1, {MAX_IMAGE_SIZE}] and >= 1"
             )
-        if not all(math.isfinite(v) for v in info.mean) or not all(
-            math.isfinite(v) and v > 0 for v in info.std
+        if not all(math.isfinite(v) for v in self.mean) or not all(
+            math.isfinite(v) and v > 0 for v in self.std
         ):
             raise ValueError(f"{where}: metadata mean/std must be finite numbers (std > 0)")
-        if not isinstance(info.settings, dict):
+        if not isinstance(self.settings, dict):
             raise ValueError(f"{where}: metadata settings is not a JSON object")
-        return info
 
     def check_signature(self, inputs: list[Any], outputs: list[Any], where: str = "model") -> None:
         """Refuse a graph whose input or output shape (dims: int, or a name when symbolic)

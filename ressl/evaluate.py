@@ -263,6 +263,7 @@ def linear_probe(
 ) -> dict[str, float]:
     """Train a linear classifier on frozen features; report test top-1 (%).
 
+    (Long for its arguments and their checks; the fitting itself is ``_fit_linear``.)
     The linear-probe protocol of RESSL.md on features extracted once (no
     augmentation): features are standardised with the training set's
     per-dimension mean and std (what a frozen BatchNorm in front of the linear

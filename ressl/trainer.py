@@ -527,25 +527,31 @@ def train(
     try:
         with _held(run_dir, world, resuming=resume is not None):
             world.barrier()  # the other ranks read the checkpoint once rank 0 holds the folder
-            planned = 0  # the epochs a resumed run was planned for
-            state: dict[str, Tensor] = {}
-            meta: dict[str, str] = {}
             if resume is not None:
-                cfg, state, meta, planned = _resume_config(file, settings)
-            elif (run_dir / CHECKPOINT).exists():
+                return _continue(file, settings, world, notify)
+            if (run_dir / CHECKPOINT).exists():
                 raise ConfigError(
                     f"{run_dir} already holds a run (last.safetensors); continue it with "
                     f"--resume {run_dir} or choose another {{out}}",
                     "out",
                 )
             run = _build(cfg, world, run_dir)
-            if resume is not None:
-                _restore(run, state, meta)
-                _replan(run, planned)
-            _open_folder(run, json.loads(meta["metrics"]) if "metrics" in meta else None)
+            _open_folder(run)
             return _epochs(run, notify)
     finally:
         world.leave()
+
+
+def _continue(
+    file: Path, given: dict[str, Any], world: World, notify: Callable[[TrainEvent], None]
+) -> Path:
+    """A resumed run, in the folder this process holds: checked, restored, re-planned, trained."""
+    cfg, state, meta, planned = _resume_config(file, given)
+    run = _build(cfg, world, file.parent)
+    _restore(run, state, meta)
+    _replan(run, planned)
+    _open_folder(run, json.loads(meta["metrics"]) if "metrics" in meta else None)
+    return _epochs(run, notify)
 
 
 def _saved_device(file: Path) -> str:
