@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .common import OverwriteOpt, Weights, fail, new_output
+from .common import OverwriteOpt, Weights, checkpoint_file, fail, new_output
 from .info_cmd import size_text
 
 
@@ -28,7 +28,13 @@ def export_cmd(
         Path, typer.Argument(help="A ressl checkpoint (.safetensors) or run folder.")
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="The ONNX file to write, e.g. encoder.onnx.")
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="encoder.onnx: the ONNX encoder; backbone.safetensors: the backbone's plain "
+            "state dict, for fine-tuning in its own library (torchvision, timm).",
+        ),
     ],
     weights: Annotated[
         Weights, typer.Option(help="Student weights, or the EMA teacher's.")
@@ -47,12 +53,30 @@ def export_cmd(
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Export a checkpoint's encoder to ONNX: preprocessing and metadata inside, verified against PyTorch."""
+    """Export a checkpoint's encoder to ONNX (preprocessing and metadata inside, verified
+    against PyTorch), or its backbone's weights to a plain safetensors state dict."""
     from ressl.export.exporter import export_onnx
+
+    from ressl.atomic import check_writable
 
     if not checkpoint.exists():
         fail(f"{checkpoint}: no such file or folder")
+    check_writable(out, "output")  # a folder or an unwritable place is named as such
+    suffix = out.suffix.lower()
+    if suffix not in (".onnx", ".safetensors"):
+        fail(
+            f"-o must end in .onnx (the ONNX encoder) or .safetensors (the backbone's weights "
+            f"for fine-tuning), got {out}"
+        )
+    if suffix == ".safetensors" and out.resolve() == checkpoint_file(checkpoint).resolve():
+        fail(f"-o {out} is the checkpoint itself; choose another -o")
     new_output(out, overwrite)
+    if suffix == ".safetensors":
+        if head or fp16:
+            fail(f"{'--head' if head else '--fp16'} is for ONNX files; -o {out} gets the "
+                 "backbone's weights as trained")  # fmt: skip
+        _export_weights(checkpoint, out, weights.value)
+        return
     report = export_onnx(
         checkpoint, out, weights=weights.value, head=head, fp16=fp16, verify=verify, opset=opset
     )
@@ -120,3 +144,18 @@ def embed_cmd(
         f"wrote {out}: {len(result.paths)} embeddings of dim {result.embeddings.shape[1]} "
         f"({embedder.provider.removesuffix('ExecutionProvider')}{skipped})"
     )
+
+
+def _export_weights(checkpoint: Path, out: Path, weights: str) -> None:
+    from ressl.weights import save_backbone_weights
+
+    saved = save_backbone_weights(checkpoint, out, weights=weights)
+    build = saved.build
+    typer.echo(
+        f"wrote {saved.path} ({size_text(saved.path.stat().st_size)}): {weights} backbone, "
+        f"{saved.tensors} tensors, {saved.parameters:,} parameters; {build.describe()}"
+    )
+    try:
+        typer.echo("load it without ressl:\n" + build.code(out.name))
+    except ValueError as e:
+        typer.echo(str(e))

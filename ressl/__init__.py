@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from .backbones import BackboneBuild
     from .checkpoint import (
         CheckpointError,
         load_checkpoint,
@@ -72,6 +73,7 @@ _HOME: dict[str, str] = {
         "views",
     ),
     "CropPlan": "crops",
+    "BackboneBuild": "backbones",
     **dict.fromkeys(["ImageData", "ImageSource", "TensorImages", "FolderImages"], "sources"),
     "load_dataset": "data",
     **dict.fromkeys(
@@ -129,6 +131,7 @@ __all__ = [
     "Encoder",
     "ReSSL",
     "build_backbone",
+    "BackboneBuild",
     # training
     "train",
     "TrainConfig",

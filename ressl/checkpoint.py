@@ -248,6 +248,9 @@ def save_state(
         "metrics": json.dumps(state.rows[-1] if state.rows else {}),
         "rng_device": torch.device(state.views.device).type,
     }
+    build = getattr(state.model, "backbone_build", None)
+    if build is not None:  # how to rebuild the backbone with its own library
+        meta["backbone_build"] = build.to_json()
     return save_checkpoint(path, tensors, meta)
 
 
@@ -313,12 +316,16 @@ def _set_global_generators(tensors: Mapping[str, Tensor]) -> None:
             ) from None
 
 
-def load_encoder(path: str | Path, weights: str = "student") -> tuple[nn.Module, dict[str, Any]]:
+def load_encoder(
+    path: str | Path, weights: str = "student", *, backbone: nn.Module | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a trained encoder (backbone + head) from a checkpoint, ready for inference.
 
     Args:
         path: a ressl checkpoint file or run folder.
         weights: ``"student"`` (default; what the kNN monitor measures) or ``"teacher"`` (the EMA weights).
+        backbone: for a run trained with an ``nn.Module`` backbone (``custom:`` in its
+            settings), a module of the same architecture; its weights are replaced.
 
     Returns:
         ``(encoder, settings)``: an ``Encoder`` in eval mode whose ``forward``
@@ -327,26 +334,19 @@ def load_encoder(path: str | Path, weights: str = "student") -> tuple[nn.Module,
 
     Raises:
         CheckpointError: on a bad file.
-        ValueError: if ``weights`` is not "student" or "teacher".
+        ValueError: if ``weights`` is not "student" or "teacher", or a ``custom:``
+            backbone is not given.
     """
-    from .model import ReSSL
+    from .model import model_from_settings
     from .validation import check_file, check_finite
 
     if weights not in ("student", "teacher"):
         raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
-    checked = check_file(path)  # sizes agree with the file's own tensors before any is built
+    checked = check_file(path, backbone)  # sizes agree with the file's tensors before any is built
     tensors, _ = load_checkpoint(checked.path)
     check_finite(checked.path, tensors, prefix=f"model.{weights}.")
     settings = checked.settings
-    model = ReSSL(
-        settings["backbone"],
-        in_channels=settings["channels"],
-        image_size=settings["image_size"],
-        hidden_dim=settings["hidden_dim"],
-        embed_dim=settings["embed_dim"],
-        queue_size=settings["queue_size"],
-        width=settings["width"],
-    )
+    model = model_from_settings(settings, backbone=backbone)
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state)
     encoder = getattr(model, weights)

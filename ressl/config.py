@@ -31,7 +31,9 @@ from typing import Any, Literal
 
 from .datasets import dataset_names, find, recipe_for, spec_problem
 from .rules import (
+    BACKBONE,
     BOOL,
+    BUILTIN_BACKBONES,
     CROP_SCALES,
     CROPS,
     DEVICE,
@@ -56,8 +58,9 @@ from .rules import (
 
 __all__ = ["BACKBONES", "MAX_IMAGE_SIZE", "TrainConfig", "settings"]
 
-#: The backbones ``ressl.model.build_backbone`` builds.
-BACKBONES = ("small", "resnet18", "resnet50")
+#: The backbones ressl defines (``ressl.build_backbone`` also builds ``torchvision:NAME``,
+#: ``timm:NAME`` and any ``nn.Module`` given through the API).
+BACKBONES = BUILTIN_BACKBONES
 #: The largest image side ressl trains on (and accepts from a checkpoint's settings).
 MAX_IMAGE_SIZE = 4096
 
@@ -129,7 +132,11 @@ class TrainConfig:
         DATA, 4, "DataLoader workers for streamed folders.", integer(0), resumable=True
     )
     backbone: str = _recipe(
-        MODEL, "Encoder; 'small' is a fast CNN for CPU runs.", choice(*BACKBONES)
+        MODEL,
+        "Encoder: small (a fast CNN for CPU runs), resnet18, resnet50, any torchvision "
+        "classification model as torchvision:NAME, or a timm model as timm:NAME.",
+        BACKBONE,
+        metavar="NAME",
     )
     width: int = _field(MODEL, 32, "Width of the small CNN's first stage.", integer(1))
     hidden_dim: int = _recipe(MODEL, "Projection head hidden width.", integer(1))

@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["IMAGE_EXTENSIONS", "as_mode", "images_under", "is_image_name", "resize_center_crop"]
+__all__ = [
+    "GREY_MODES",
+    "IMAGE_EXTENSIONS",
+    "as_mode",
+    "images_under",
+    "is_image_name",
+    "resize_center_crop",
+]
 
 #: File extensions (lower case) read from image folders; matching is case-insensitive.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -38,21 +45,59 @@ def images_under(top: Path) -> list[Path]:
 
 
 #: Modes whose values go up to 65535 (16-bit PNG and TIFF greyscale): scaled, not clipped.
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+#: Greyscale modes: a folder of these trains on one channel.
+GREY_MODES = ("1", "L", "LA", "La", "I", "F", *_SIXTEEN_BIT)
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """A high-bit-depth greyscale image as 8-bit "L", scaled rather than clipped.
+
+    16-bit modes are divided by 257 (65535 -> 255). A 32-bit integer image ("I", which
+    older Pillow gives 16-bit PNGs) is taken as 8-bit when its values fit, else as
+    16-bit, else scaled by its maximum; a float image ("F") in [0, 1] is scaled by 255.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if image.mode in _SIXTEEN_BIT or (image.mode == "I" and 255 < top <= 65535):
+        values = values / 257
+    elif image.mode == "I" and top > 65535:
+        values = values * (255 / top)
+    elif image.mode == "F" and top <= 1.0:
+        values = values * 255
+    return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+
+
+def _lab_to_rgb(image: Image.Image) -> Image.Image:
+    """CIE L*a*b* to sRGB through a colour transform (PIL's ``convert`` copies the bytes)."""
+    from PIL import ImageCms
+
+    lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+    transform = ImageCms.buildTransformFromOpenProfiles(lab, srgb, "LAB", "RGB")
+    return ImageCms.applyTransform(image, transform)  # type: ignore[return-value]
 
 
 def as_mode(image: Image.Image, mode: str) -> Image.Image:
     """``image`` upright (its EXIF orientation applied) in ``mode`` ("L" or "RGB").
 
-    16-bit greyscale is scaled to 8 bits (``/ 257``, rounded) rather than clipped at 255,
-    which PIL's own ``convert`` does; palette, alpha, CMYK and the rest convert as PIL does.
+    16-bit, 32-bit and float greyscale are scaled to 8 bits (see ``_eight_bit``) rather
+    than clipped at 255, which PIL's own ``convert`` does; L*a*b* goes through a colour
+    transform; palette, alpha (dropped), CMYK, YCbCr and HSV convert as PIL does.
+
+    Raises:
+        ValueError: a mode PIL cannot convert to ``mode`` (e.g. premultiplied "La"),
+            naming it.
     """
     if image.getexif().get(0x0112, 1) != 1:  # an orientation other than "upright"
         image = ImageOps.exif_transpose(image)
-    if image.mode in _SIXTEEN_BIT:
-        values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.round(values / 257), 0, 255).astype(np.uint8), "L")
-    return image.convert(mode)  # (a copy even in the same mode: the file may close after)
+    if image.mode in (*_SIXTEEN_BIT, "I", "F"):
+        image = _eight_bit(image)
+    elif image.mode == "LAB":
+        image = _lab_to_rgb(image)
+    try:
+        return image.convert(mode)  # (a copy even in the same mode: the file may close after)
+    except ValueError as e:
+        raise ValueError(f"PIL cannot convert a mode {image.mode} image to {mode} ({e})") from None
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:

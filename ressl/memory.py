@@ -93,7 +93,7 @@ def _activations_per_image(net: nn.Module, channels: int, side: int) -> int:
 
 def training_memory(
     *,
-    backbone: str,
+    backbone: str | nn.Module,
     channels: int,
     image_size: int,
     width: int,
@@ -112,13 +112,11 @@ def training_memory(
         autocast: bf16/fp16 activations (2 bytes) instead of fp32 (4).
         data_bytes: The training images held in this device's memory.
     """
-    from .model import ReSSL
+    from .model import model_from_settings
 
-    with torch.device("meta"):
-        model = ReSSL(
-            backbone, in_channels=channels, image_size=image_size, hidden_dim=hidden_dim,
-            embed_dim=embed_dim, queue_size=1, width=width,
-        )  # fmt: skip
+    settings = dict(backbone=backbone, channels=channels, image_size=image_size, width=width,
+                    hidden_dim=hidden_dim, embed_dim=embed_dim, queue_size=1)  # fmt: skip
+    model = model_from_settings(settings, meta=True)
     params = sum(p.numel() for p in model.student.parameters())
     buffers = sum(b.numel() for b in model.student.buffers())
     # student + teacher weights and buffers, the student's gradients and SGD momentum

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "BACKBONE",
     "ConfigError",
     "Note",
     "Rule",
@@ -137,6 +138,30 @@ def _scale_range(v: Any) -> bool:
     return isinstance(v, tuple) and len(v) == 2 and all(map(is_number, v)) and 0 < v[0] <= v[1] <= 1
 
 
+#: The backbones ressl defines; any other is ``LIBRARY:NAME`` (see ``split_backbone``).
+BUILTIN_BACKBONES = ("small", "resnet18", "resnet50")
+#: Where a ``LIBRARY:NAME`` backbone comes from; ``custom`` names a module given through the API.
+BACKBONE_LIBRARIES = ("torchvision", "timm", "custom")
+_MODEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
+
+
+def split_backbone(spec: Any) -> tuple[str, str] | None:
+    """``("ressl", name)`` for a built-in backbone, ``(library, name)`` for ``"library:name"``,
+    None when ``spec`` is neither."""
+    if not isinstance(spec, str):
+        return None
+    if spec in BUILTIN_BACKBONES:
+        return "ressl", spec
+    library, sep, name = spec.partition(":")
+    if sep and library in BACKBONE_LIBRARIES and _MODEL_NAME.match(name):
+        return library, name
+    return None
+
+
+BACKBONE = Rule(
+    "one of " + ", ".join(BUILTIN_BACKBONES) + ", torchvision:NAME or timm:NAME",
+    lambda v: split_backbone(v) is not None,
+)
 BOOL = Rule("True or False", lambda v: isinstance(v, bool))
 TEXT = Rule("a string", lambda v: isinstance(v, str))
 PATH = Rule("a path", lambda v: isinstance(v, str) and v != "")

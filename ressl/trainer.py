@@ -11,6 +11,7 @@ checkpoint, so ``train(resume=run_dir)`` needs nothing else.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .backbones import custom_spec
 from .checkpoint import (
     TrainState,
     load_checkpoint,
@@ -226,7 +228,9 @@ def _non_finite(model: nn.Module) -> str | None:
     return next((n for (n, _), ok in zip(named, finite) if not ok), None)
 
 
-def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
+def _build(
+    config: TrainConfig, world: World, run_dir: Path, module: nn.Module | None = None
+) -> _Run:
     """Phase 1: data, model, optimiser, crop plan and a fresh state, from the config.
 
     The order of random draws (weights, queue, generators) is fixed: resumed and
@@ -239,7 +243,7 @@ def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
     plan = CropPlan.build(data.image_size, config.crop_scale, config.crops, config.crop_scales,
                           config.symmetric)  # fmt: skip
     notes = config.check_data(len(data.train), world.size)  # errors first, then the notes
-    _check_memory(config, data, plan, device, amp, world)  # before the data moves to the device
+    _check_memory(config, data, plan, device, amp, world, module)  # before data moves to device
     for note in config.notes() + notes:
         if world.main:
             log.warning("%s", note)
@@ -249,8 +253,9 @@ def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
     settings = {**config.to_dict(), "image_size": data.image_size, "channels": data.channels,
                 "mean": list(data.mean), "std": list(data.std), "num_classes": len(data.classes)}  # fmt: skip
     torch.manual_seed(config.seed)  # the same initial weights and queue on every rank
+    net = config.backbone if module is None else copy.deepcopy(module)  # never the caller's
     model = ReSSL(
-        config.backbone, in_channels=data.channels, image_size=data.image_size,
+        net, in_channels=data.channels, image_size=data.image_size,
         hidden_dim=config.hidden_dim, embed_dim=config.embed_dim, queue_size=config.queue_size,
         width=config.width, generator=torch.Generator().manual_seed(config.seed + 1),
     ).to(device)  # fmt: skip
@@ -278,17 +283,24 @@ def _build(config: TrainConfig, world: World, run_dir: Path) -> _Run:
 
 def _check_memory(
     config: TrainConfig, data: ImageData, plan: CropPlan, device: torch.device,
-    amp: torch.dtype | None, world: World,
+    amp: torch.dtype | None, world: World, module: nn.Module | None,
 ) -> None:  # fmt: skip
-    """Refuse settings that cannot fit in the device's memory, before the model is built."""
+    """Refuse a backbone that cannot take the data, and settings that cannot fit in the
+    device's memory, before the model is built (on the meta device)."""
     sides = [side for side, _ in plan.student]  # symmetric: both views
     held = data.train.images.numel() if isinstance(data.train, TensorImages) else 0
-    estimate = training_memory(
-        backbone=config.backbone, channels=data.channels, image_size=data.image_size,
-        width=config.width, hidden_dim=config.hidden_dim, embed_dim=config.embed_dim,
-        queue_size=config.queue_size, batch_per_process=config.batch_size // world.size,
-        student_sides=sides, autocast=amp is not None, data_bytes=held,
-    )  # fmt: skip
+    try:
+        estimate = training_memory(
+            backbone=config.backbone if module is None else module, channels=data.channels,
+            image_size=data.image_size, width=config.width, hidden_dim=config.hidden_dim,
+            embed_dim=config.embed_dim, queue_size=config.queue_size,
+            batch_per_process=config.batch_size // world.size, student_sides=sides,
+            autocast=amp is not None, data_bytes=held,
+        )  # fmt: skip
+    except ConfigError:
+        raise
+    except ValueError as e:  # the backbone's own words: "timm:x needs timm ...", "... cannot take"
+        raise ConfigError(f"{{backbone}} {e}", "backbone") from None
     check_fits(estimate, device)
 
 
@@ -345,6 +357,7 @@ def _epochs(run: _Run, notify: Callable[[TrainEvent], None]) -> Path:
                  " with bf16 autocast" if run.amp else "",
                  f", {world.size} processes of {c.batch_size // world.size} images per step"
                  if world.distributed else "")  # fmt: skip
+        log.info("backbone: %s", run.state.model.backbone_build.describe())
     saved = False
     with StopAgreement(world, run.device) as stop:
         while state.epoch < c.epochs and not stop.agree():
@@ -461,11 +474,17 @@ def _check_not_fewer(epochs: int, done: int, batches: int, run_dir: Path) -> Non
 
 
 def _resume_config(
-    file: Path, given: dict[str, Any]
+    file: Path, given: dict[str, Any], module: nn.Module | None
 ) -> tuple[TrainConfig, dict[str, Tensor], dict[str, str], int]:
     """The config, tensors and metadata of the checkpoint a resume continues, each checked
     before use (``ressl.validation``), and the epochs it was planned for."""
-    checked = check_file(file)
+    saved = metadata_json(file, read_metadata(file), "settings", dict).get("backbone")
+    if isinstance(saved, str) and saved.startswith("custom:") and module is None:
+        raise ConfigError(
+            f"{file.parent} was trained with a module given through the API ({saved}); "
+            "continue it there: ressl.train(resume=..., backbone=module)"
+        )
+    checked = check_file(file, module)
     tensors, meta = load_checkpoint(file)
     check_resumable(checked, tensors)
     config = TrainConfig.from_saved(checked.settings, given).replace(out=str(file.parent))
@@ -488,7 +507,9 @@ def train(
     --help`` lists them), ``None`` means the default, and the dataset's recipe fills the
     rest (``ressl.datasets``). The main ones: ``dataset`` ("fashion-mnist", "cifar10",
     "cifar100", "stl10", "folder:PATH", "imagenet:PATH"), ``epochs`` (the total, also when
-    resuming), ``batch_size``, ``backbone``, ``out`` (run folder), ``queue_size``,
+    resuming), ``batch_size``, ``backbone`` (a name, or any ``nn.Module`` mapping images to
+    ``(B, F)`` features: it is copied, trained, and recorded as ``custom:ClassName``; resume
+    such a run with the same module), ``out`` (run folder), ``queue_size``,
     ``ema_momentum``, ``lr`` (per 256 images), ``device``, ``seed``.
 
     The run folder gets ``last.safetensors`` (rewritten atomically at every
@@ -514,13 +535,16 @@ def train(
         CheckpointError: if ``resume`` is not a ressl checkpoint.
     """
     notify = callback or (lambda event: None)
+    module = settings.pop("backbone") if isinstance(settings.get("backbone"), nn.Module) else None
     if config is not None and (settings or resume is not None):
         raise TypeError("pass either config or keyword settings (or resume=), not both")
     if resume is not None:  # the folder is held before its checkpoint is read
         file = resolve_checkpoint(resume)
         run_dir, device = file.parent, settings.get("device") or _saved_device(file)
     else:
-        cfg = config if config is not None else TrainConfig.from_keywords(**settings)
+        custom = {} if module is None else {"backbone": custom_spec(module)}
+        cfg = (config.replace(**custom) if config is not None
+               else TrainConfig.from_keywords(**settings, **custom))  # fmt: skip
         cfg = cfg.replace(out=str(cfg.run_dir))
         run_dir, device = cfg.run_dir, cfg.device
     world = World.join(device)
@@ -528,14 +552,14 @@ def train(
         with _held(run_dir, world, resuming=resume is not None):
             world.barrier()  # the other ranks read the checkpoint once rank 0 holds the folder
             if resume is not None:
-                return _continue(file, settings, world, notify)
+                return _continue(file, settings, world, notify, module)
             if (run_dir / CHECKPOINT).exists():
                 raise ConfigError(
                     f"{run_dir} already holds a run (last.safetensors); continue it with "
                     f"--resume {run_dir} or choose another {{out}}",
                     "out",
                 )
-            run = _build(cfg, world, run_dir)
+            run = _build(cfg, world, run_dir, module)
             _open_folder(run)
             return _epochs(run, notify)
     finally:
@@ -543,11 +567,12 @@ def train(
 
 
 def _continue(
-    file: Path, given: dict[str, Any], world: World, notify: Callable[[TrainEvent], None]
-) -> Path:
+    file: Path, given: dict[str, Any], world: World, notify: Callable[[TrainEvent], None],
+    module: nn.Module | None,
+) -> Path:  # fmt: skip
     """A resumed run, in the folder this process holds: checked, restored, re-planned, trained."""
-    cfg, state, meta, planned = _resume_config(file, given)
-    run = _build(cfg, world, file.parent)
+    cfg, state, meta, planned = _resume_config(file, given, module)
+    run = _build(cfg, world, file.parent, module)
     _restore(run, state, meta)
     _replan(run, planned)
     _open_folder(run, json.loads(meta["metrics"]) if "metrics" in meta else None)

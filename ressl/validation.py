@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import MAX_IMAGE_SIZE
 from .config import settings as config_fields
@@ -128,17 +128,17 @@ def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def expected_model(settings: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``model.*`` tensor name -> (dtype, shape) of the model ``settings`` describe (no memory)."""
-    from .model import ReSSL
+def expected_model(
+    settings: Mapping[str, Any], backbone: nn.Module | None = None
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``model.*`` tensor name -> (dtype, shape) of the model ``settings`` describe (no memory).
 
-    with torch.device("meta"):
-        model = ReSSL(
-            settings["backbone"], in_channels=settings["channels"],
-            image_size=settings["image_size"], hidden_dim=settings["hidden_dim"],
-            embed_dim=settings["embed_dim"], queue_size=settings["queue_size"],
-            width=settings["width"],
-        )  # fmt: skip
+    Args:
+        backbone: the module of a ``custom:`` backbone.
+    """
+    from .model import model_from_settings
+
+    model = model_from_settings(settings, backbone=backbone, meta=True)
     return {f"model.{k}": (_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape))
             for k, t in model.state_dict().items()}  # fmt: skip
 
@@ -148,9 +148,9 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 
 def _check_model(path: Path, header: Mapping[str, tuple[str, tuple[int, ...]]],
-                 settings: Mapping[str, Any]) -> None:  # fmt: skip
+                 settings: Mapping[str, Any], backbone: nn.Module | None) -> None:  # fmt: skip
     try:
-        expected = expected_model(settings)
+        expected = expected_model(settings, backbone)
     except (RuntimeError, ValueError, OverflowError) as e:  # sizes no tensor can have
         raise _fail(path, f"its settings describe a model that cannot be built ({e})") from None
     held = {k: v for k, v in header.items() if k.startswith("model.")}
@@ -172,9 +172,12 @@ def _check_model(path: Path, header: Mapping[str, tuple[str, tuple[int, ...]]],
             )  # fmt: skip
 
 
-def check_file(path: str | Path) -> CheckedFile:
+def check_file(path: str | Path, backbone: nn.Module | None = None) -> CheckedFile:
     """Check a checkpoint's metadata, the settings its model follows, and its model tensors
     (their header only, against the model those settings build).
+
+    A ``custom:`` backbone's tensors are compared only when its module is given as
+    ``backbone`` (nothing else says what they should be).
 
     Raises:
         CheckpointError: the first problem, naming the file and the field.
@@ -194,7 +197,14 @@ def check_file(path: str | Path) -> CheckedFile:
             raise _fail(path, f"its settings' {key} is {shown}; it must be {rules[key].expect}")
     _data_fields(path, settings)
     header = _header(path)
-    _check_model(path, header, settings)
+    custom = str(settings["backbone"]).startswith("custom:")
+    if backbone is not None and not custom:
+        raise ValueError(
+            f"backbone= rebuilds a custom module; {path} was trained with {settings['backbone']}, "
+            "which ressl builds itself: leave backbone unset"
+        )
+    if backbone is not None or not custom:
+        _check_model(path, header, settings, backbone)
     return CheckedFile(path, meta, settings, header)
 
 

@@ -160,7 +160,10 @@ def test_errors_name_the_flag_the_user_typed(capsys):
     cases = [
         (["train", "--batch-size", "1"], "--batch-size must be an integer >= 2, got 1"),
         (["train", "--sgd-momentum", "1.5"], "--sgd-momentum must be a number >= 0 and < 1"),
-        (["train", "--backbone", "vit"], "--backbone must be one of 'small', 'resnet18'"),
+        (
+            ["train", "--backbone", "vit"],
+            "--backbone must be one of small, resnet18, resnet50, torchvision:NAME",
+        ),
         (["train", "--queue-size", "64"], "--queue-size must be >= --batch-size (256), got 64"),
         (["train", "--crop-scales", "0.2:1"], "--crop-scales must be one (lo, hi) range per crop"),
         (["train", "--lr", "abc"], "'--lr'"),

@@ -60,7 +60,7 @@ def test_values_are_coerced_to_the_field_types():
         (dict(sgd_momentum=1.0), "sgd_momentum must be a number >= 0 and < 1, got 1.0"),
         (
             dict(backbone="vit"),
-            "backbone must be one of 'small', 'resnet18', 'resnet50', got 'vit'",
+            "backbone must be one of small, resnet18, resnet50, torchvision:NAME or timm:NAME, got 'vit'",
         ),
         (dict(precision="fp8"), "precision must be one of 'auto', 'bf16', 'fp32'"),
         (dict(device="tpu"), "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
