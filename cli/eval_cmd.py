@@ -174,7 +174,8 @@ def load_eval_data(source: FeatureSource, dataset: str | None, data_root: Path |
     name = dataset or source.default_dataset
     if name is None:
         fail("the model does not say which dataset it was trained on; pass --dataset NAME")
-    data = load_dataset(name, root=data_root, image_size=source.image_size)
+    data = load_dataset(name, root=data_root, image_size=source.image_size,  # folders follow
+                        channels=source.channels if source.channels in (1, 3) else None)  # fmt: skip
     if data.channels != source.channels:
         fail(
             f"the encoder takes {source.channels}-channel images but {data.name} has {data.channels} channel(s)"

@@ -1,6 +1,8 @@
-"""``ressl plot RUN_DIR``: training curves from ``metrics.jsonl`` and a t-SNE of test-set features.
+"""``ressl plot RUN_DIR``: training curves and a t-SNE of test-set features.
 
-Writes ``curves.png`` (loss, learning rate and kNN accuracy against epochs) and
+Writes ``curves.png`` (loss and learning rate per progress window from ``steps.jsonl``,
+epoch means from ``metrics.jsonl``, the kNN monitor and the evaluations recorded in
+``eval.jsonl``, against epochs) and
 ``tsne.png`` (exact t-SNE of test-set backbone features coloured by class, the
 paper's qualitative figure). Needs matplotlib: ``pip install 'ressl[plot]'``.
 """
@@ -54,26 +56,71 @@ def _pyplot() -> Any:
     return plt
 
 
+def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run folder's ``eval.jsonl`` that name an epoch and a top-1 accuracy."""
+    path = run_dir / "eval.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("top1"), (int, float)):
+                try:
+                    rows.append({**row, "epoch": int(row.get("epoch"))})  # type: ignore[arg-type]
+                except (TypeError, ValueError):
+                    continue
+    return rows
+
+
 def plot_curves(
-    plt: Any, rows: list[dict[str, Any]], title: str, path: Path, knn_title: str = "kNN monitor"
+    plt: Any,
+    rows: list[dict[str, Any]],
+    title: str,
+    path: Path,
+    knn_title: str = "kNN monitor",
+    steps: list[dict[str, Any]] | None = None,
+    evaluations: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Loss, learning rate and (when the monitor ran) kNN accuracy against epochs, side by side."""
+    """Loss and learning rate (per progress window from ``steps.jsonl`` when there is one,
+    per epoch otherwise) and top-1 accuracy (the kNN monitor, and the evaluations of
+    ``eval.jsonl``) against epochs, side by side."""
+    steps, evaluations = steps or [], evaluations or []
     epochs = [r["epoch"] for r in rows]
     knn = [r for r in rows if "knn_top1" in r]
-    panels = 3 if knn else 2
+    panels = 3 if knn or evaluations else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), constrained_layout=True)
-    axes[0].plot(
-        epochs, [r.get("loss", float("nan")) for r in rows], marker="." if len(rows) < 40 else None
-    )
-    axes[0].set(xlabel="epoch", ylabel="relation loss (epoch mean)", title="loss")
-    axes[1].plot(epochs, [r.get("lr", float("nan")) for r in rows], color="tab:orange")
-    axes[1].set(xlabel="epoch", ylabel="learning rate (at epoch end)", title="learning rate")
-    if knn:
+    mark = "." if len(rows) < 40 else None
+    if steps:
+        axes[0].plot([r["epoch"] for r in steps], [r.get("loss", float("nan")) for r in steps],
+                     linewidth=0.8, alpha=0.6, label="progress window")  # fmt: skip
+    axes[0].plot(epochs, [r.get("loss", float("nan")) for r in rows], marker="o" if steps else mark,
+                 label="epoch mean")  # fmt: skip
+    axes[0].set(xlabel="epoch", ylabel="relation loss", title="loss")
+    if steps:
+        axes[0].legend(frameon=False)
+        axes[1].plot([r["epoch"] for r in steps], [r.get("lr", float("nan")) for r in steps],
+                     color="tab:orange")  # fmt: skip
+    else:  # one point per epoch: markers, so a short run shows
+        axes[1].plot(epochs, [r.get("lr", float("nan")) for r in rows], color="tab:orange",
+                     marker="o")  # fmt: skip
+    axes[1].set(xlabel="epoch", ylabel="learning rate", title="learning rate")
+    if panels == 3:
         # top-5 is near 100% and would flatten the top-1 curve: it stays in metrics.jsonl
-        axes[2].plot(
-            [r["epoch"] for r in knn], [r["knn_top1"] for r in knn], marker="o", color="tab:green"
-        )
-        axes[2].set(xlabel="epoch", ylabel="top-1 accuracy (%)", title=knn_title)
+        if knn:
+            axes[2].plot([r["epoch"] for r in knn], [r["knn_top1"] for r in knn], marker="o",
+                         color="tab:green", label=knn_title)  # fmt: skip
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in evaluations:
+            groups.setdefault(
+                f"eval {r.get('protocol', '?')} ({r.get('weights', '?')})", []
+            ).append(r)
+        for label, group in sorted(groups.items()):
+            axes[2].scatter([r["epoch"] for r in group], [r["top1"] for r in group], marker="s",
+                            label=label)  # fmt: skip
+        axes[2].set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
+        axes[2].legend(frameon=False, fontsize="small")
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
@@ -151,7 +198,11 @@ def plot_cmd(
     knn_title = "kNN monitor"
     if "knn_k" in settings:
         knn_title += f" (k {settings['knn_k']}, t {settings['knn_temperature']:g})"
-    typer.echo(str(plot_curves(plt, rows, name, out / "curves.png", knn_title)))
+    from ressl.steplog import STEPS, read_steps
+
+    steps, evaluations = read_steps(run_dir / STEPS), read_evaluations(run_dir)
+    curves = plot_curves(plt, rows, name, out / "curves.png", knn_title, steps, evaluations)
+    typer.echo(str(curves))
     if not tsne:
         return
     if not checkpoint.is_file():

@@ -34,6 +34,7 @@ from .rules import (
     BACKBONE,
     BOOL,
     BUILTIN_BACKBONES,
+    CHANNELS,
     CROP_SCALES,
     CROPS,
     DEVICE,
@@ -118,8 +119,17 @@ class TrainConfig:
     image_size: int | None = _field(
         DATA,
         None,
-        "Side of the stored images (default: per dataset: 28, 32, 64, 224 for imagenet:PATH).",
+        "Side of the stored images (default: 28, 32, 64 for STL-10, 224 for imagenet:PATH; "
+        "folders: the files' median shorter side, at most 64).",
         integer(8, high=MAX_IMAGE_SIZE),
+        optional=True,
+    )
+    channels: int | None = _field(
+        DATA,
+        None,
+        "Image channels: 1 (greyscale) or 3 (RGB) (default: the data's; a folder of "
+        "greyscale files trains on 1, with its own mean/std).",
+        CHANNELS,
         optional=True,
     )
     subset: int | None = _field(
@@ -230,8 +240,17 @@ class TrainConfig:
     progress_every: int = _field(
         MONITOR,
         10,
-        "Steps between progress reports (the one host sync per window).",
+        "Steps between progress reports (the one host sync per window); each window's "
+        "mean loss is a row of RUN/steps.jsonl.",
         integer(1),
+        resumable=True,
+    )
+    log: Literal["none", "tensorboard"] = _field(
+        MONITOR,
+        "none",
+        "Also log loss, lr, EMA momentum, images/s and kNN to TensorBoard event files in "
+        "RUN/tensorboard (needs the tensorboard extra).",
+        choice("none", "tensorboard"),
         resumable=True,
     )
     out: str | None = _field(

@@ -60,6 +60,7 @@ def load_dataset(
     download: bool = True,
     image_size: int | None = None,
     subset: int | None = None,
+    channels: int | None = None,
 ) -> ImageData:
     """Load a named dataset as uint8 images and int64 labels.
 
@@ -72,12 +73,15 @@ def load_dataset(
         root: Directory holding the dataset files (checked first). Ignored for folders.
         download: Download missing built-in datasets with torchvision into
             :func:`cache_dir` (needs internet).
-        image_size: Side of the stored images; default 28 / 32 / 64 / 64 (folders) /
-            224 (imagenet:PATH).
+        image_size: Side of the stored images; default 28 / 32 / 64 (STL-10) / the
+            files' median shorter side up to 64 (folders) / 224 (imagenet:PATH).
             Built-in datasets are resized with antialiased bilinear interpolation.
         subset: Keep only the first ``subset`` training images (for folders: the first
             ``subset`` files in sorted order, which are grouped by class). Larger than
             the split keeps it all, with a warning.
+        channels: Image folders: 1 (greyscale) or 3 (RGB); default: 1 when every
+            sampled file is greyscale. Built-in datasets keep their own (the caller
+            compares).
 
     Returns:
         The :class:`ImageData`.
@@ -92,11 +96,13 @@ def load_dataset(
         raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
     if subset is not None and (not isinstance(subset, int) or subset < 1):
         raise ValueError(f"subset must be a positive int or None, got {subset!r}")
+    if channels is not None and channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (greyscale), 3 (RGB) or None, got {channels!r}")
     entry, path = find(spec)
     t0 = time.perf_counter()
     size = image_size or entry.image_size
     if path is not None:  # an image folder
-        data = load_folder(Path(path).expanduser(), size, subset, entry)
+        data = load_folder(Path(path).expanduser(), image_size, subset, entry, channels)
     else:
         assert entry.reader is not None
         splits = entry.reader(

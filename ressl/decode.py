@@ -24,20 +24,29 @@ from .imagefiles import as_mode, resize_center_crop
 __all__ = ["decode_crops", "decode_image", "decode_images", "readable_images"]
 
 
-def decode_image(path: str | Path, size: int) -> Tensor | None:
-    """Decode one image file to ``(3, size, size)`` uint8: RGB, shorter side resized, centre crop.
+def _mode(channels: int) -> str:
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
+    return "L" if channels == 1 else "RGB"
+
+
+def decode_image(path: str | Path, size: int, channels: int = 3) -> Tensor | None:
+    """Decode one image file to ``(C, size, size)`` uint8: RGB (or greyscale for one
+    channel), shorter side resized, centre crop.
 
     Args:
         path: The image file.
         size: Side of the result.
+        channels: 3 (RGB) or 1 (greyscale).
 
     Returns:
         The image, or None when the file cannot be decoded.
     """
+    mode = _mode(channels)
     try:
         with Image.open(path) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size
-            rgb = as_mode(im, "RGB")  # palette, grey, 16-bit, alpha, CMYK -> RGB; GIF: frame 1
+            im.draft(mode, (size, size))  # JPEG: decode at a reduced scale >= size
+            rgb = as_mode(im, mode)  # palette, grey, 16-bit, alpha, CMYK -> RGB; GIF: frame 1
         image = resize_center_crop(rgb, size)  # (S, S) RGB
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         return None
@@ -45,7 +54,10 @@ def decode_image(path: str | Path, size: int) -> Tensor | None:
 
 
 def decode_crops(
-    path: str | Path, crops: Sequence[tuple[int, tuple[float, float]]], generator: torch.Generator
+    path: str | Path,
+    crops: Sequence[tuple[int, tuple[float, float]]],
+    generator: torch.Generator,
+    channels: int = 3,
 ) -> list[Tensor] | None:
     """Decode one file at full resolution and cut RandomResizedCrops from it.
 
@@ -58,16 +70,18 @@ def decode_crops(
         path: The image file.
         crops: ``(side, (scale_lo, scale_hi))`` per crop.
         generator: CPU generator the boxes are drawn from.
+        channels: 3 (RGB) or 1 (greyscale).
 
     Returns:
-        One ``(3, side, side)`` uint8 tensor per crop, or None when the file cannot
+        One ``(C, side, side)`` uint8 tensor per crop, or None when the file cannot
         be decoded.
     """
     from .views import sample_crop_boxes  # views imports nothing from here
 
+    mode = _mode(channels)
     try:
         with Image.open(path) as im:
-            rgb = as_mode(im, "RGB")
+            rgb = as_mode(im, mode)
         w, h = rgb.size
         out = []
         for side, scale in crops:
@@ -85,9 +99,8 @@ def decode_crops(
 
 def _chw(image: Image.Image | np.ndarray) -> Tensor:
     """A PIL image or ``(H, W, C)`` array as a contiguous ``(C, H, W)`` uint8 tensor of its own."""
-    hwc = torch.from_numpy(
-        np.array(image, dtype=np.uint8)
-    )  # np.array copies: PIL's buffer is read-only
+    array = np.array(image, dtype=np.uint8)  # np.array copies: PIL's buffer is read-only
+    hwc = torch.from_numpy(array if array.ndim == 3 else array[:, :, None])  # greyscale: (H, W)
     return rearrange(hwc, "h w c -> c h w").contiguous()
 
 
@@ -131,21 +144,24 @@ def _map_files(
         yield from chunk
 
 
-def decode_images(files: Sequence[str], size: int, workers: int = 0) -> tuple[Tensor, Tensor]:
+def decode_images(
+    files: Sequence[str], size: int, workers: int = 0, channels: int = 3
+) -> tuple[Tensor, Tensor]:
     """Decode every file with :func:`decode_image`, skipping those that fail.
 
     Args:
         files: Image paths.
         size: Side of the square images.
         workers: Decode in this many worker processes (0 or 1: in this process).
+        channels: 3 (RGB) or 1 (greyscale).
 
     Returns:
-        ``(images (K, 3, size, size) uint8, kept (K,) int64)``: the decodable files, in
+        ``(images (K, C, size, size) uint8, kept (K,) int64)``: the decodable files, in
         order, and their indices into ``files``.
     """
-    images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+    images = torch.empty((len(files), channels, size, size), dtype=torch.uint8)
     ok = torch.zeros(len(files), dtype=torch.bool)
-    for i, image in _map_files(partial(decode_image, size=size), files, workers):
+    for i, image in _map_files(partial(decode_image, size=size, channels=channels), files, workers):
         if image is not None:
             images[i], ok[i] = image, True
     kept = ok.nonzero().squeeze(1)

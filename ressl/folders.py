@@ -5,6 +5,11 @@ first-level sub-folders that hold images are classes (as torchvision's ImageFold
 without them every image is unlabelled (-1). :func:`load_folder` decodes each split
 into memory when it fits under :data:`MAX_IN_MEMORY_BYTES`, and streams it from disk
 (:class:`ressl.sources.FolderImages`) when it does not.
+
+What a folder holds decides, unless given: its channels (1 when every sampled file is
+greyscale, else 3: RGB), its mean/std (ImageNet's for RGB, as the paper's code;
+computed from the training images for greyscale), and, for ``folder:PATH``, its side
+(the files' median shorter side, at most 64 px: small images are not upscaled).
 """
 
 from __future__ import annotations
@@ -13,15 +18,19 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
+import numpy as np
 import torch
+from PIL import Image
 
 from .datasets import DatasetInfo
 from .decode import decode_images, readable_images
-from .imagefiles import IMAGE_EXTENSIONS, images_under, is_image_name
+from .imagefiles import GREY_MODES, IMAGE_EXTENSIONS, images_under, is_image_name
 from .sources import FolderImages, ImageData, ImageSource, TensorImages
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["MAX_IN_MEMORY_BYTES", "load_folder", "scan_test", "scan_train", "split_dirs"]
 
@@ -31,6 +40,52 @@ __all__ = ["MAX_IN_MEMORY_BYTES", "load_folder", "scan_test", "scan_train", "spl
 MAX_IN_MEMORY_BYTES = 2 * 1024**3
 _DECODE_WORKERS = min(8, os.cpu_count() or 1)
 _PARALLEL_MIN_FILES = 512  # below this, decoding in-process beats starting workers
+_SAMPLE = 64  # files whose headers decide a folder's channels and side
+_STATS_SAMPLE = 2000  # streamed greyscale images decoded for the mean/std
+#: The largest side a folder defaults to (larger images are resized down to it).
+DEFAULT_MAX_SIDE = 64
+
+
+def _sample(files: Sequence[T], n: int) -> list[T]:
+    """Up to ``n`` items spread evenly over ``files`` (sorted, so over the classes)."""
+    step = max(1, len(files) // n)
+    return list(files[::step][:n])
+
+
+def _headers(files: Sequence[Path]) -> list[tuple[str, int]]:
+    """``(mode, shorter side)`` of the sampled files PIL can open (headers only)."""
+    found = []
+    for f in _sample(files, _SAMPLE):
+        try:
+            with Image.open(f) as im:
+                found.append((im.mode, min(im.size)))
+        except Exception:  # noqa: BLE001 - unreadable files are skipped (and counted) later
+            continue
+    return found
+
+
+def folder_channels(files: Sequence[Path]) -> int:
+    """1 when every sampled file is greyscale (``GREY_MODES``), else 3."""
+    modes = [mode for mode, _ in _headers(files)]
+    return 1 if modes and all(m in GREY_MODES for m in modes) else 3
+
+
+def folder_side(files: Sequence[Path]) -> int:
+    """The sampled files' median shorter side, in [8, ``DEFAULT_MAX_SIDE``]."""
+    sides = [side for _, side in _headers(files)]
+    median = int(np.median(sides)) if sides else DEFAULT_MAX_SIDE
+    return max(8, min(DEFAULT_MAX_SIDE, median))
+
+
+def _grey_stats(source: ImageSource) -> tuple[tuple[float], tuple[float]]:
+    """Mean and std in [0, 1] of greyscale training images (a sample when streamed)."""
+    if isinstance(source, TensorImages):
+        pixels = source.images.float() / 255
+    else:
+        assert isinstance(source, FolderImages)
+        picked = _sample(range(len(source)), _STATS_SAMPLE)
+        pixels = torch.stack([source[i][0] for i in picked]).float() / 255
+    return (float(pixels.mean()),), (max(float(pixels.std()), 1e-3),)
 
 
 def _scan_split(split: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -129,19 +184,20 @@ def scan_test(
 
 
 def _folder_source(
-    files: list[Path], labels: list[int], size: int, split: Path
+    files: list[Path], labels: list[int], size: int, split: Path, channels: int
 ) -> tuple[ImageSource, int]:
     """Decode a split into memory, or wrap it for streaming when too large; (source, skipped)."""
     names = [str(f) for f in files]
     workers = _DECODE_WORKERS if len(names) >= _PARALLEL_MIN_FILES else 0
     source: ImageSource
-    if len(names) * 3 * size * size <= MAX_IN_MEMORY_BYTES:
-        images, kept = decode_images(names, size, workers)
+    if len(names) * channels * size * size <= MAX_IN_MEMORY_BYTES:
+        images, kept = decode_images(names, size, workers, channels)
         source = TensorImages(images, torch.tensor(labels, dtype=torch.int64)[kept])
         readable = kept.tolist()
     else:
         readable = readable_images(names, workers)
-        source = FolderImages([names[i] for i in readable], [labels[i] for i in readable], size)
+        source = FolderImages([names[i] for i in readable], [labels[i] for i in readable], size,
+                              channels)  # fmt: skip
         logger.info(
             "%s: %d images do not fit in memory at %d px; streaming them from disk",
             split, len(source), size,
@@ -160,14 +216,22 @@ def _folder_source(
     return source, len(bad)
 
 
-def load_folder(path: Path, size: int, subset: int | None, entry: DatasetInfo) -> ImageData:
+def load_folder(
+    path: Path,
+    size: int | None,
+    subset: int | None,
+    entry: DatasetInfo,
+    channels: int | None = None,
+) -> ImageData:
     """An image folder as a dataset: its splits decoded (or streamed) at ``size`` px.
 
     Args:
         path: The folder (``train/`` + ``test/`` or ``val/``, or one split).
-        size: Side of the square images (shorter side resized, centre crop).
+        size: Side of the square images (shorter side resized, centre crop); None: the
+            entry's side for ``imagenet``, the files' (``folder_side``) for ``folder``.
         subset: Keep the first ``subset`` training files (sorted, so grouped by class).
         entry: The registry entry (``folder`` or ``imagenet``): name and normalisation.
+        channels: 1 (greyscale) or 3 (RGB); None: the files' (``folder_channels``).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -176,16 +240,24 @@ def load_folder(path: Path, size: int, subset: int | None, entry: DatasetInfo) -
     """
     path, train_dir, test_dir = split_dirs(path)
     files, labels, classes = scan_train(train_dir, subset)
-    train, skipped = _folder_source(files, labels, size, train_dir)
+    if channels is None:
+        channels = folder_channels(files)
+        if channels == 1:
+            logger.info("%s: the images are greyscale; training on 1 channel", train_dir)
+    if size is None:
+        size = folder_side(files) if entry.name == "folder" else entry.image_size
+        logger.info("%s: images of %d px (the files' median shorter side, at most %d)",
+                    train_dir, size, DEFAULT_MAX_SIDE)  # fmt: skip
+    train, skipped = _folder_source(files, labels, size, train_dir, channels)
     memory = train if classes else None
 
     test = None
     if test_dir is not None:
         labelled = scan_test(path, train_dir, test_dir, classes)
         if labelled is not None:
-            test, t_skipped = _folder_source(*labelled, size, test_dir)
+            test, t_skipped = _folder_source(*labelled, size, test_dir, channels)
             skipped += t_skipped
+    mean, std = (entry.mean, entry.std) if channels == 3 else _grey_stats(train)
     return ImageData(
-        f"{entry.name}:{path}", train, memory, test, entry.mean, entry.std, entry.channels, size,
-        classes, skipped,
+        f"{entry.name}:{path}", train, memory, test, mean, std, channels, size, classes, skipped,
     )  # fmt: skip

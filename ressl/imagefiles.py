@@ -69,7 +69,7 @@ def _eight_bit(image: Image.Image) -> Image.Image:
 
 
 def _lab_to_rgb(image: Image.Image) -> Image.Image:
-    """CIE L*a*b* to sRGB through a colour transform (PIL's ``convert`` copies the bytes)."""
+    """CIE L*a*b* to sRGB through a colour transform (PIL's ``convert`` has no LAB -> L)."""
     from PIL import ImageCms
 
     lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")

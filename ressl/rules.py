@@ -162,6 +162,7 @@ BACKBONE = Rule(
     "one of " + ", ".join(BUILTIN_BACKBONES) + ", torchvision:NAME or timm:NAME",
     lambda v: split_backbone(v) is not None,
 )
+CHANNELS = Rule("1 (greyscale) or 3 (RGB)", lambda v: is_int(v) and v in (1, 3))
 BOOL = Rule("True or False", lambda v: isinstance(v, bool))
 TEXT = Rule("a string", lambda v: isinstance(v, str))
 PATH = Rule("a path", lambda v: isinstance(v, str) and v != "")

@@ -212,20 +212,26 @@ class TensorImages(ImageSource):
 
 
 class FolderImages(ImageSource, Dataset):
-    """Image files decoded on demand: RGB, shorter side resized to ``image_size``, centre crop.
+    """Image files decoded on demand: RGB (or greyscale), shorter side resized to
+    ``image_size``, centre crop.
 
     Args:
         files: Image paths.
         labels: One label per file, -1 for unlabelled.
         image_size: Side of the square uint8 images returned.
+        channels: 3 (RGB) or 1 (greyscale).
 
-    ``dataset[i]`` returns ``(image (3, S, S) uint8, label int)``. A file that fails to
+    ``dataset[i]`` returns ``(image (C, S, S) uint8, label int)``. A file that fails to
     decode (it passed the header check at load time) yields a black image and a warning
     rather than stopping a long run.
     """
 
     def __init__(
-        self, files: Sequence[str | Path], labels: Tensor | Sequence[int], image_size: int
+        self,
+        files: Sequence[str | Path],
+        labels: Tensor | Sequence[int],
+        image_size: int,
+        channels: int = 3,
     ) -> None:
         self.files = [str(f) for f in files]
         self.labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
@@ -235,19 +241,22 @@ class FolderImages(ImageSource, Dataset):
             )
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
-        self.image_size = image_size
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
+        self.image_size, self.channels = image_size, channels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __repr__(self) -> str:
-        return f"FolderImages({len(self)} files, image_size={self.image_size})"
+        return (f"FolderImages({len(self)} files, image_size={self.image_size}, "
+                f"channels={self.channels})")  # fmt: skip
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        image = decode_image(self.files[i], self.image_size)
+        image = decode_image(self.files[i], self.image_size, self.channels)
         if image is None:
             logger.warning("could not decode %s; using a black image", self.files[i])
-            image = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+            image = torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.uint8)
         return image, int(self.labels[i])
 
     def batches(
@@ -297,7 +306,7 @@ class FolderImages(ImageSource, Dataset):
         number of workers, and after a resume. ``shard`` as in :meth:`batches`.
 
         Yields:
-            ``([crop_1 (B, 3, s_1, s_1) uint8, ...], labels (B,))`` on ``device``.
+            ``([crop_1 (B, C, s_1, s_1) uint8, ...], labels (B,))`` on ``device``.
         """
         device = torch.device(device)
         order, todo = self._plan(
@@ -326,6 +335,7 @@ class _CroppedFiles(Dataset):
         self.files, self.labels, self.crops, self.seed, self.epoch = (
             source.files, source.labels, crops, seed, epoch,
         )  # fmt: skip
+        self.channels = source.channels
 
     def __len__(self) -> int:
         return len(self.files)
@@ -333,10 +343,10 @@ class _CroppedFiles(Dataset):
     def __getitem__(self, i: int) -> tuple[list[Tensor], int]:
         key = (self.seed * 1_000_003 + self.epoch) * 2**31 + i
         generator = torch.Generator().manual_seed(key % (2**63 - 1))
-        views = decode_crops(self.files[i], self.crops, generator)
+        views = decode_crops(self.files[i], self.crops, generator, self.channels)
         if views is None:
             logger.warning("could not decode %s; using black crops", self.files[i])
-            views = [torch.zeros(3, s, s, dtype=torch.uint8) for s, _ in self.crops]
+            views = [torch.zeros(self.channels, s, s, dtype=torch.uint8) for s, _ in self.crops]
         return views, int(self.labels[i])
 
 

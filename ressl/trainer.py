@@ -55,6 +55,7 @@ from .runlock import hold_run_folder
 from .runs import CHECKPOINT, METRICS, CheckpointError, read_metrics, write_metrics
 from .sources import FolderImages, ImageData, ImageSource, TensorImages
 from .step import EncodeCrops, training_step
+from .steplog import RunLog
 from .stopping import StopAgreement, Stopped
 from .validation import check_file, check_resumable, metadata_json
 from .views import StrongView, WeakView
@@ -114,6 +115,7 @@ class _Run:
     steps_per_epoch: int
     base_lr: float
     resave: bool = False  # write the checkpoint at the end even if no step was taken
+    logs: RunLog | None = None  # steps.jsonl and TensorBoard (rank 0)
 
     @property
     def total_steps(self) -> int:
@@ -196,8 +198,8 @@ class _Window:
         self.losses.append(loss)
         self.images += images
 
-    def flush(self, run: _Run) -> tuple[float, float]:
-        """Add the window's losses to the epoch's; ``(last loss, images per second)``.
+    def flush(self, run: _Run) -> tuple[float, float, float]:
+        """Add the window's losses to the epoch's; ``(last loss, mean loss, images per second)``.
 
         Raises:
             DivergedError: a loss is not finite (on any rank, when distributed).
@@ -218,7 +220,7 @@ class _Window:
         now = time.perf_counter()
         ips = self.images / max(now - self.start, 1e-9)
         self.losses, self.images, self.start = [], 0, now
-        return losses[-1], ips
+        return losses[-1], sum(losses) / len(losses), ips
 
 
 def _non_finite(model: nn.Module) -> str | None:
@@ -239,7 +241,14 @@ def _build(
     device = select_device(world.device(config.device))
     amp = autocast_dtype(config.precision, device)
     data = load_dataset(config.dataset, root=config.data_root, download=config.download,
-                        image_size=config.image_size, subset=config.subset)  # fmt: skip
+                        image_size=config.image_size, subset=config.subset,
+                        channels=config.channels)  # fmt: skip
+    if config.channels is not None and config.channels != data.channels:
+        raise ConfigError(
+            f"{{channels}} {config.channels}: {data.name} has {data.channels}-channel images "
+            "(a built-in dataset keeps its own; the setting converts image folders)",
+            "channels",
+        )
     plan = CropPlan.build(data.image_size, config.crop_scale, config.crops, config.crop_scales,
                           config.symmetric)  # fmt: skip
     notes = config.check_data(len(data.train), world.size)  # errors first, then the notes
@@ -344,12 +353,14 @@ def _open_folder(run: _Run, saved_row: dict[str, Any] | None = None) -> None:
             log.warning("%s has no rows for epochs %s", run.run_dir / METRICS,
                         ", ".join(map(str, missing)))  # fmt: skip
         run.run_dir.mkdir(parents=True, exist_ok=True)
+        run.logs = RunLog(run.run_dir, run.state.step(run.steps_per_epoch),
+                          tensorboard=run.config.log == "tensorboard")  # fmt: skip
         write_metrics(run.run_dir / METRICS, run.state.rows)
 
 
 def _epochs(run: _Run, notify: Callable[[TrainEvent], None]) -> Path:
     """Phase 3: epoch after epoch until the last, or until a stop (saved, then re-raised)."""
-    c, state, world = run.config, run.state, run.world
+    c, world = run.config, run.world
     notify(run.event("start"))
     if world.main:
         log.info("training %s on %s (%d images, %d steps/epoch) on %s%s%s", c.backbone, c.dataset,
@@ -358,6 +369,16 @@ def _epochs(run: _Run, notify: Callable[[TrainEvent], None]) -> Path:
                  f", {world.size} processes of {c.batch_size // world.size} images per step"
                  if world.distributed else "")  # fmt: skip
         log.info("backbone: %s", run.state.model.backbone_build.describe())
+    try:
+        return _train_epochs(run, notify)
+    finally:
+        if run.logs is not None:
+            run.logs.close()
+
+
+def _train_epochs(run: _Run, notify: Callable[[TrainEvent], None]) -> Path:
+    """The epochs, then the end (or a stop: saved, then re-raised)."""
+    c, state, world = run.config, run.state, run.world
     saved = False
     with StopAgreement(world, run.device) as stop:
         while state.epoch < c.epochs and not stop.agree():
@@ -396,16 +417,29 @@ def _epoch(
         ends = len(window.losses) >= c.progress_every or state.batch_in_epoch == run.steps_per_epoch
         if ends or stop.flush_now:  # distributed ranks end windows together, and agree there
             stop.agree()
-            loss, ips = window.flush(run)
-            notify(run.event("step", loss=loss, images_per_second=ips))
+            _flush(run, window, lr, momentum, notify)
         if stop.after_step():
             break
     if window.losses:  # a stop that came between the window check and the break
-        loss, ips = window.flush(run)
-        notify(run.event("step", loss=loss, images_per_second=ips))
+        _flush(run, window, lr, momentum, notify)
     if state.batch_in_epoch < run.steps_per_epoch:
         return None
     return seen, time.perf_counter() - t_epoch, lr, momentum
+
+
+def _flush(
+    run: _Run, window: _Window, lr: float, momentum: float, notify: Callable[[TrainEvent], None]
+) -> None:
+    """A progress window's end: its losses checked, its row logged, the progress event."""
+    loss, mean, ips = window.flush(run)
+    if run.logs is not None:
+        s = run.state
+        run.logs.window({
+            "step": s.step(run.steps_per_epoch), "epoch": round(s.epoch + s.batch_in_epoch /
+            run.steps_per_epoch, 6), "loss": mean, "lr": lr, "ema_momentum": momentum,
+            "images_per_second": round(ips, 2),
+        })  # fmt: skip
+    notify(run.event("step", loss=loss, images_per_second=ips))
 
 
 def _end_epoch(
@@ -428,6 +462,8 @@ def _end_epoch(
     run.save()
     if run.world.main:
         write_metrics(run.run_dir / METRICS, state.rows)
+        if run.logs is not None:
+            run.logs.epoch(row)
     notify(TrainEvent("epoch", epoch, epoch * run.steps_per_epoch, run.steps_per_epoch, c.epochs,
                       0, row["loss"], row["images_per_second"], row))  # fmt: skip
 

@@ -147,7 +147,13 @@ def test_every_flag_the_readme_mentions_exists():
     from pathlib import Path
 
     torchrun = {"--standalone", "--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint"}
-    other = {"--rdzv_id", "--help", "--check"}  # torchrun's, every command's, ruff's
+    other = {
+        "--rdzv_id",
+        "--help",
+        "--check",
+        "--index-url",
+        "--logdir",
+    }  # torchrun, all, ruff, pip, tensorboard
     known = {
         o for cmd in _commands().values() for p in cmd.params for o in p.opts + p.secondary_opts
     }

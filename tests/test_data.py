@@ -338,12 +338,94 @@ def test_folder_with_classes(tmp_path: Path) -> None:
         assert (image.float().mean(dim=(1, 2)) - colour).abs().max() < 3  # JPEG/WebP loss
 
 
-def test_folder_default_size_and_loose_files_ignored(tmp_path: Path) -> None:
-    _solid(tmp_path / "cat" / "a.png", COLOURS["cat"])
+def test_folder_default_size_follows_the_files_and_loose_files_are_ignored(tmp_path: Path) -> None:
+    _solid(tmp_path / "cat" / "a.png", COLOURS["cat"])  # 40 x 30: shorter side 30
     _solid(tmp_path / "loose.png", COLOURS["dog"])
     d = load_dataset(f"folder:{tmp_path}")
-    assert d.image_size == datasets.DATASETS["folder"].image_size == 64 and len(d.train) == 1
+    assert d.image_size == 30 and len(d.train) == 1  # small images are not upscaled
     assert d.classes == ["cat"]
+    _solid(tmp_path / "cat" / "b.png", COLOURS["cat"], size=(300, 200))
+    _solid(tmp_path / "cat" / "c.png", COLOURS["cat"], size=(300, 200))
+    assert load_dataset(f"folder:{tmp_path}").image_size == folders.DEFAULT_MAX_SIDE == 64
+
+
+def _grey_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 3)):
+        for c, level in (("dark", 40), ("light", 200)):
+            for i in range(n):
+                pixels = np.clip(level + rng.integers(-30, 30, (28, 28)), 0, 255).astype(np.uint8)
+                (root / split / c).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels, "L").save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_a_greyscale_folder_keeps_one_channel_with_its_own_mean_and_std(tmp_path: Path) -> None:
+    root = _grey_folder(tmp_path)
+    d = load_dataset(f"folder:{root}")
+    assert (d.channels, d.image_size) == (1, 28)
+    assert d.train.images.shape[1:] == (1, 28, 28) and d.test.images.shape[1] == 1
+    pixels = d.train.images.float() / 255
+    assert d.mean == pytest.approx((float(pixels.mean()),)) and d.std == pytest.approx(
+        (float(pixels.std()),)
+    )
+    # an explicit setting wins: three channels with ImageNet's statistics
+    rgb = load_dataset(f"folder:{root}", channels=3)
+    assert rgb.channels == 3 and rgb.mean == datasets.DATASETS["folder"].mean
+    assert torch.equal(rgb.train.images[:, 0], d.train.images[:, 0])
+    streamed = FolderImages(
+        [str(p) for p in sorted((root / "train").rglob("*.png"))], [0] * 12, 28, 1
+    )
+    assert streamed[0][0].shape == (1, 28, 28)
+
+
+def test_an_rgb_folder_read_as_one_channel_is_its_luma(tmp_path: Path) -> None:
+    _solid(tmp_path / "a" / "x.png", (200, 100, 50), size=(12, 12))
+    d = load_dataset(f"folder:{tmp_path}", channels=1)
+    assert d.channels == 1 and int(d.train.images[0, 0, 0, 0]) == round(
+        200 * 0.299 + 100 * 0.587 + 50 * 0.114
+    )
+    assert load_dataset(f"folder:{tmp_path}").channels == 3
+
+
+@pytest.mark.parametrize(
+    "mode, values, want",
+    [
+        ("I", [[0, 128, 255]], [0, 128, 255]),  # 8-bit values in a 32-bit image stay
+        ("I", [[0, 32896, 65535]], [0, 128, 255]),  # 16-bit values are scaled
+        ("F", [[0.0, 0.5, 1.0]], [0, 128, 255]),  # floats in [0, 1] are scaled
+        ("F", [[0.0, 128.0, 300.0]], [0, 128, 255]),  # floats above 1 are levels, clipped
+    ],
+)
+def test_high_bit_depth_and_float_images_are_scaled_not_clipped(mode, values, want) -> None:
+    from ressl.imagefiles import as_mode
+
+    array = np.array(values, dtype=np.int32 if mode == "I" else np.float32)
+    got = np.asarray(as_mode(Image.fromarray(array, mode), "L"))
+    assert got[0].tolist() == want
+
+
+def test_lab_images_are_converted_by_colour_transform(tmp_path: Path) -> None:
+    from PIL import ImageCms
+
+    from ressl.imagefiles import as_mode
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    to_lab = ImageCms.buildTransformFromOpenProfiles(
+        ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB"
+    )
+    lab = ImageCms.applyTransform(rgb, to_lab)
+    back = np.asarray(as_mode(lab, "RGB")).astype(int)
+    assert np.abs(back - np.asarray(rgb)).mean() < 4  # 8-bit L*a*b* loses a little
+    grey = np.asarray(as_mode(lab, "L")).astype(int)  # PIL's own convert refuses LAB -> L
+    assert np.abs(grey - np.asarray(rgb.convert("L"))).mean() < 4
+
+
+def test_a_mode_pil_cannot_convert_is_refused_with_its_name() -> None:
+    from ressl.imagefiles import as_mode
+
+    with pytest.raises(ValueError, match="PIL cannot convert a mode La image to L"):
+        as_mode(Image.new("La", (4, 4)), "L")
 
 
 def test_flat_folder_is_unlabelled(tmp_path: Path) -> None:

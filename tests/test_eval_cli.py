@@ -4,10 +4,12 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from cli_helpers import TINY, assert_one_line_error, run_cli
+from cli_helpers import TINY, assert_one_line_error, run_cli, tiny_args
 
+from ressl.checkpoint import read_metadata
 from ressl.trainer import train
 
 
@@ -170,15 +172,39 @@ def test_eval_user_errors_are_one_line(capsys, tmp_path: Path, tiny_run: Path):
         assert_one_line_error(code, err, needle)
 
 
-def test_eval_rejects_a_dataset_with_other_channels(capsys, tmp_path: Path, tiny_run: Path):
-    # A 1-channel dataset for an encoder trained on RGB folders: caught before any forward pass.
+def test_eval_reads_a_folder_with_the_encoders_channels_and_refuses_other_counts(
+    capsys, tmp_path: Path, tiny_run: Path
+):
     from ressl.cli import eval_cmd
     from ressl.cli.app import UserError
 
     source = eval_cmd.load_source(tiny_run, "student", torch.device("cpu"))
-    source.channels = 1
-    with pytest.raises(UserError, match="takes 1-channel images"):
+    source.channels = 1  # an encoder of greyscale images: the RGB folder is read as its luma
+    assert eval_cmd.load_eval_data(source, None, None).channels == 1
+    source.channels = 4  # caught before any forward pass
+    with pytest.raises(UserError, match="takes 4-channel images"):
         eval_cmd.load_eval_data(source, None, None)
+
+
+def test_a_greyscale_folder_trains_and_evaluates_on_one_channel(capsys, tmp_path: Path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 4)):
+        for c, level in (("dark", 40), ("light", 200)):
+            (tmp_path / "grey" / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(level + rng.integers(-30, 30, (28, 28)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, "L").save(tmp_path / "grey" / split / c / f"{i}.png")
+    args = tiny_args(tmp_path / "grey", tmp_path / "run", epochs=1)
+    i = args.index("--image-size")
+    del args[i : i + 2]  # the size follows the files: 28 px
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    settings = json.loads(read_metadata(tmp_path / "run" / "last.safetensors")["settings"])
+    assert (settings["channels"], settings["image_size"], len(settings["mean"])) == (1, 28, 1)
+    code, out, err = run_cli(capsys, "eval", "knn", tmp_path / "run", "--k", "3", "--device", "cpu")
+    assert code == 0 and "top-1" in out, err
 
 
 def test_eval_json_prints_exactly_the_record_it_appends(capsys, tiny_run: Path):

@@ -101,3 +101,33 @@ def test_plot_without_matplotlib_says_how_to_install(capsys, monkeypatch, tiny_r
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     code, _, err = run_cli(capsys, "plot", tiny_run, "--no-tsne")
     assert_one_line_error(code, err, "ressl plot needs matplotlib: pip install 'ressl[plot]'")
+
+
+def test_plot_draws_the_step_stream_and_the_recorded_evaluations(
+    capsys, tmp_path: Path, image_folder: Path
+):
+    pytest.importorskip("matplotlib")
+    from ressl.cli import plot_cmd
+
+    run = tmp_path / "one-epoch"
+    train(dataset=f"folder:{image_folder}", out=str(run), **dict(TINY, epochs=1))
+    code, _, err = run_cli(capsys, "eval", "knn", run, "--k", "3", "--device", "cpu")
+    assert code == 0, err
+    drawn = {}
+    real = plot_cmd.plot_curves
+
+    def spy(plt, rows, title, path, knn_title="kNN monitor", steps=None, evaluations=None):
+        drawn.update(rows=rows, steps=steps, evaluations=evaluations)
+        return real(plt, rows, title, path, knn_title, steps, evaluations)
+
+    plot_cmd.plot_curves = spy
+    try:
+        code, _, err = run_cli(capsys, "plot", run, "--no-tsne")
+    finally:
+        plot_cmd.plot_curves = real
+    assert code == 0, err
+    assert len(drawn["rows"]) == 1 and len(drawn["steps"]) == 4  # 36 images / batch 8: 4 steps
+    assert [r["protocol"] for r in drawn["evaluations"]] == ["knn"] and drawn["evaluations"][0][
+        "epoch"
+    ] == 1
+    assert_png(run / "curves.png")
