@@ -2,14 +2,14 @@
 plain weights, and embedded, on this machine's CPU.
 
 For each backbone: ``ressl.train`` for ``--epochs`` on the first ``--subset``
-Fashion-MNIST training images (1 channel, 28 px, so every model also gets its
+Fashion-MNIST training images at 32 px (1 channel, so every model also gets its
 1-channel first layer), batch 64, bf16 autocast where the CPU has it, no kNN
 monitor; then ``export_onnx`` (verified by onnxruntime against PyTorch on batches
 of 1 and 5), ``save_backbone_weights`` (loaded back with the backbone's own
 library through the code in the file's metadata and compared with ressl's
 features), and ``Embedder.embed_files`` on 64 PNGs. images/s is training's own
 (``metrics.jsonl``, the whole ReSSL step: views, student, teacher, loss, EMA,
-enqueue), from the last epoch. Prints a markdown table; ``--write`` puts it in
+enqueue), from the last epoch (the first warms up). Prints a markdown table; ``--write`` puts it in
 docs/benchmarks.md.
 
     python benchmarks/backbones.py --write
@@ -56,7 +56,7 @@ BACKBONES = [
     "torchvision:mobilenet_v3_small",
     "torchvision:efficientnet_b0",
     "torchvision:convnext_tiny",
-    "torchvision:vit_b_32",
+    "torchvision:vit_b_16",
     "timm:resnet18",
     "timm:test_vit",
     "custom:MyNet",
@@ -82,7 +82,7 @@ def _weights_parity(run: Path, out: Path, module: nn.Module | None) -> str:
     scope: dict = {}
     exec(code, scope)  # the library's own constructor, the stated changes, the weights
     encoder, _ = load_encoder(run, backbone=module)
-    x = torch.rand(4, 1, 28, 28)
+    x = torch.rand(4, 1, 32, 32)
     with torch.no_grad():
         diff = (scope["net"].eval()(x) - encoder.features(x)).abs().max().item()
     return f"{diff:.1e}"
@@ -94,7 +94,7 @@ def measure(spec: str, root: Path, args: argparse.Namespace, files: list[Path]) 
     t0 = time.perf_counter()
     train(dataset="fashion-mnist", subset=args.subset, epochs=args.epochs, batch_size=64,
           backbone=module if module is not None else spec, queue_size=1024, knn_every=-1,
-          warmup_epochs=0, device="cpu", out=str(run), num_workers=0)  # fmt: skip
+          warmup_epochs=0, device="cpu", out=str(run), num_workers=0, image_size=32)  # fmt: skip
     seconds = time.perf_counter() - t0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     encoder, _ = load_encoder(run, backbone=module)
@@ -120,8 +120,8 @@ def measure(spec: str, root: Path, args: argparse.Namespace, files: list[Path]) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--subset", type=int, default=1024)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--subset", type=int, default=640)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="backbones to run (default: all)")
     parser.add_argument("--write", action="store_true", help="put the table in docs/benchmarks.md")
     args = parser.parse_args()
@@ -137,7 +137,7 @@ def main() -> None:
             lines.append("| " + " | ".join(row) + " |")
             print(lines[-1], flush=True)
     table = "\n".join(lines) + (
-        f"\n\n{args.epochs} epoch(s) on {args.subset} Fashion-MNIST images (1 x 28 x 28), "
+        f"\n\n{args.epochs} epoch(s) on {args.subset} Fashion-MNIST images (1 x 32 x 32), "
         f"batch 64, {torch.get_num_threads()} threads of {cpu_model()}; "
         "`python benchmarks/backbones.py --write`."
     )

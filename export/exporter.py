@@ -280,6 +280,20 @@ def _accepts_other_sizes(model: nn.Module, channels: int, size: int) -> int | No
 def _trace(model: nn.Module, example: Tensor, opset: int, dynamic_spatial: bool) -> bytes:
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic_spatial else {0: "batch"}
     buf = io.BytesIO()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.MultiheadAttention's inference fast path is one fused op that ONNX has no match for
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return _export(model, example, opset, axes, buf)
+    except Exception as e:  # noqa: BLE001 - the exporter raises many kinds; the reason is its text
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ExportError(f"torch.onnx cannot export this network: {first}") from None
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _export(model: nn.Module, example: Tensor, opset: int, axes: dict[int, str],
+            buf: io.BytesIO) -> bytes:  # fmt: skip
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter(
             "ignore"

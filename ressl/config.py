@@ -39,6 +39,7 @@ from .rules import (
     CROPS,
     DEVICE,
     JITTER,
+    NO_LEGACY,
     PATH,
     PROBABILITY,
     SCALE,
@@ -155,6 +156,14 @@ class TrainConfig:
     ema_momentum: float = _recipe(
         METHOD, "Teacher EMA momentum m.", interval(0.0, 1.0, "in [0, 1]")
     )
+    teacher_bn: Literal["own", "student"] = _field(
+        METHOD,
+        "own",
+        "Teacher BatchNorm running statistics: its own, from its forward passes on the teacher "
+        "view (the official code), or copied from the student at every EMA step (ressl < 0.2).",
+        choice("own", "student"),
+        legacy="student",
+    )
     momentum_schedule: Literal["constant", "cosine"] = _field(
         METHOD,
         "constant",
@@ -179,6 +188,21 @@ class TrainConfig:
     )
     warmup_epochs: int = _recipe(
         OPTIM, "Linear warm-up epochs before the cosine decay.", integer(0)
+    )
+    warmup_start: Literal["zero", "one-step"] = _field(
+        OPTIM,
+        "zero",
+        "The warm-up's first lr: 0 (the official code), or one step's share lr/steps "
+        "(ressl < 0.2).",
+        choice("zero", "one-step"),
+        legacy="one-step",
+    )
+    decay_exempt: Literal["1d", "names"] = _recipe(
+        OPTIM,
+        "Parameters without weight decay: 1d, every 1-D one (BatchNorm weights, biases); "
+        "names, those named *bn* or *bias* (the official ImageNet code).",
+        choice("1d", "names"),
+        legacy="1d",
     )
     crop_scale: tuple[float, float] = _field(
         VIEWS,
@@ -226,6 +250,14 @@ class TrainConfig:
         VIEWS, 0.2, "Probability of grayscale on the strong view.", PROBABILITY
     )
     blur: float = _recipe(VIEWS, "Probability of Gaussian blur on the strong view.", PROBABILITY)
+    blur_mode: Literal["pil", "relative"] = _field(
+        VIEWS,
+        "pil",
+        "pil: PIL's GaussianBlur with sigma 0.1-2 px at every size (the paper's code); "
+        "relative: a Gaussian kernel of about 10% of the side (ressl < 0.2).",
+        choice("pil", "relative"),
+        legacy="relative",
+    )
     knn_every: int = _field(
         MONITOR,
         5,
@@ -410,7 +442,9 @@ class TrainConfig:
         given = {k: v for k, v in (given or {}).items() if v is not None and k != "out"}
         _refuse_unknown(given)
         changes = {k: v for k, v in given.items() if names[k].resumable}
-        config = cls(**{**{k: v for k, v in saved.items() if k in names}, **changes})
+        legacy = {k: meta.legacy for k, meta in names.items()
+                  if k not in saved and meta.legacy is not NO_LEGACY}  # fmt: skip
+        config = cls(**{**legacy, **{k: v for k, v in saved.items() if k in names}, **changes})
         for key, value in given.items():
             if key not in changes and not _same(key, _coerce(key, value), getattr(config, key)):
                 raise ConfigError(

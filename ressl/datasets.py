@@ -59,6 +59,7 @@ _SMALL_IMAGES = dict(
     epochs=200,
     jitter=(0.4, 0.4, 0.4, 0.1),
     blur=0.0,
+    decay_exempt="1d",
 )
 CIFAR_RECIPE = _recipe(**_SMALL_IMAGES, queue_size=4096, ema_momentum=0.99)
 STL10_RECIPE = _recipe(**_SMALL_IMAGES, queue_size=16384, ema_momentum=0.996)
@@ -81,6 +82,7 @@ IMAGENET_RECIPE = _recipe(
     epochs=200,
     jitter=(0.4, 0.4, 0.4, 0.1),
     blur=0.5,
+    decay_exempt="names",  # the official ImageNet code's rule
 )
 
 # Fashion-MNIST is not in the paper: computed from its 60,000 training images

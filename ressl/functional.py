@@ -261,17 +261,21 @@ def queue_push_(queue: Tensor, ptr: _Ptr, keys: Tensor) -> _Ptr:
 
 
 @torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+def ema_update_(
+    teacher: nn.Module, student: nn.Module, momentum: float, *, copy_buffers: bool = False
+) -> None:
     """``teacher <- momentum * teacher + (1 - momentum) * student``, in place.
 
-    Parameters are blended with one fused ``torch._foreach_lerp_``; buffers
-    (BatchNorm running statistics) are copied from the student, as in the
-    official code.
+    Parameters are blended with one fused ``torch._foreach_lerp_``. Buffers
+    (BatchNorm running statistics) are the teacher's own, as in the official code
+    (its momentum update covers parameters only): they follow the teacher's forward
+    passes in train mode. ``copy_buffers=True`` copies the student's instead.
 
     Args:
         teacher: module updated in place.
         student: module of the same architecture.
         momentum: EMA momentum in ``[0, 1]``; 1 leaves the teacher unchanged.
+        copy_buffers: also copy the student's buffers into the teacher (ressl < 0.2).
 
     Raises:
         ValueError: if ``momentum`` is outside ``[0, 1]`` or the modules differ.
@@ -292,8 +296,9 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
             )
     if t_params:
         torch._foreach_lerp_(t_params, [s.detach() for s in s_params], 1.0 - float(momentum))
-    for tb, sb in zip(_buffers(teacher), _buffers(student)):
-        tb.copy_(sb)
+    if copy_buffers:
+        for tb, sb in zip(_buffers(teacher), _buffers(student)):
+            tb.copy_(sb)
 
 
 def _buffers(module: nn.Module) -> Iterable[Tensor]:
@@ -338,11 +343,14 @@ def cosine_lr(
     base_lr: float,
     warmup_steps: int = 0,
     final_lr: float = 0.0,
+    *,
+    warmup_from_zero: bool = True,
 ) -> float:
     """Learning rate with a linear warm-up then a cosine decay to ``final_lr``.
 
-    Warm-up goes from ``base_lr / warmup_steps`` at step 0 up to ``base_lr`` at
-    ``warmup_steps``; the cosine then reaches ``final_lr`` at ``total_steps``.
+    Warm-up rises linearly from 0 at step 0 (the official code; ``base_lr /
+    warmup_steps`` with ``warmup_from_zero=False``) to ``base_lr`` at ``warmup_steps``;
+    the cosine then reaches ``final_lr`` at ``total_steps``.
 
     Args:
         step: current step (0-based).
@@ -350,6 +358,7 @@ def cosine_lr(
         base_lr: peak learning rate, ``>= 0``.
         warmup_steps: length of the linear warm-up, ``0 <= warmup_steps <= total_steps``.
         final_lr: learning rate at the end of training.
+        warmup_from_zero: start the warm-up at 0 rather than one step's share.
 
     Returns:
         The learning rate as a float.
@@ -366,7 +375,7 @@ def cosine_lr(
     if base_lr < 0:
         raise ValueError(f"base_lr must be >= 0, got {base_lr}")
     if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+        return base_lr * (step + (0 if warmup_from_zero else 1)) / warmup_steps
     span = max(total_steps - warmup_steps, 1)
     progress = min(step - warmup_steps, span) / span
     return final_lr + (base_lr - final_lr) * (math.cos(math.pi * progress) + 1.0) / 2.0

@@ -227,6 +227,9 @@ def ranges_text(text: str) -> tuple[tuple[float, float], ...]:
 
 # --------------------------------------------------------------------------- fields
 
+#: ``Setting.legacy`` of a setting whose absence from a checkpoint means its default.
+NO_LEGACY: Any = object()
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -242,6 +245,8 @@ class Setting:
         metavar: How ``--help`` shows the value (for parsed text).
         optional: None is a valid value (not a recipe placeholder).
         short: A one-letter alias, e.g. ``-o``.
+        legacy: The value runs had before the setting existed: a checkpoint without it
+            resumes with this (``TrainConfig.from_saved``), so it continues as it began.
     """
 
     help: str
@@ -253,6 +258,7 @@ class Setting:
     metavar: str | None = None
     optional: bool = False
     short: str | None = None
+    legacy: Any = NO_LEGACY
 
 
 def as_type(kind: Any, value: Any) -> Any:

@@ -48,6 +48,7 @@ def training_step(
     autocast_dtype: torch.dtype | None = None,
     student: Callable[[list[Tensor]], list[Tensor]] | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
+    teacher_bn: str = "own",
 ) -> Tensor:
     """One optimisation step; returns the loss (detached, on the device, no host sync).
 
@@ -66,6 +67,8 @@ def training_step(
             ``EncodeCrops(model.student)`` (pass the DDP-wrapped one when distributed).
         gather: applied to the teacher embeddings before enqueueing (the
             distributed all-gather); default identity.
+        teacher_bn: ``"own"``: the teacher's BatchNorm statistics follow its own
+            forward passes (the official code); ``"student"``: copied from the student.
     """
     device_type = model.queue.device.type
     forward = student if student is not None else EncodeCrops(model.student)
@@ -77,9 +80,9 @@ def training_step(
     with ctx:
         z_s = forward(list(x_student))  # one (B, D) per student crop
         with torch.no_grad():
-            ema_update_(
-                model.teacher, model.student, momentum
-            )  # official order: EMA before the teacher forward
+            ema_update_(  # official order: EMA before the teacher forward
+                model.teacher, model.student, momentum, copy_buffers=teacher_bn == "student"
+            )
             z_t = [model.teacher(x) for x in x_teacher]  # (B, D); two with symmetric
         if symmetric:
             loss = symmetric_relation_loss(

@@ -85,10 +85,16 @@ class DivergedError(ConfigError):
     folder keeps its last checkpoint and metrics as they were."""
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # No weight decay on BatchNorm weights and biases (1-d parameters), as the paper's ImageNet recipe.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+def _exempt(name: str, param: Tensor, rule: str) -> bool:
+    """No weight decay: every 1-D parameter (``1d``), or those whose names contain "bn" or
+    "bias" (``names``, the official ImageNet code's rule)."""
+    return param.ndim <= 1 if rule == "1d" else ("bn" in name or "bias" in name)
+
+
+def _param_groups(model: nn.Module, weight_decay: float, rule: str) -> list[dict[str, Any]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if not _exempt(n, p, rule)]
+    no_decay = [p for n, p in named if _exempt(n, p, rule)]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -124,6 +130,11 @@ class _Run:
     @property
     def warmup_steps(self) -> int:
         return min(self.config.warmup_epochs * self.steps_per_epoch, self.total_steps)
+
+    def lr(self, step: int) -> float:
+        """The learning rate of ``step`` (warm-up, then cosine)."""
+        return cosine_lr(step, self.total_steps, self.base_lr, self.warmup_steps,
+                         warmup_from_zero=self.config.warmup_start == "zero")  # fmt: skip
 
     def event(self, kind: str, **fields: Any) -> TrainEvent:
         s = self.state
@@ -182,7 +193,7 @@ class _Run:
             self.state.model, self.state.optimizer, x_t, x_s, momentum=momentum,
             student_temperature=c.student_temperature, teacher_temperature=c.teacher_temperature,
             symmetric=self.plan.symmetric, autocast_dtype=self.amp, student=self.student,
-            gather=all_gather_cat if self.world.distributed else None,
+            gather=all_gather_cat if self.world.distributed else None, teacher_bn=c.teacher_bn,
         )  # fmt: skip
 
 
@@ -275,12 +286,14 @@ def _build(
         convert_batchnorm(model)  # batch statistics over the global batch, student and teacher
         student = wrap_ddp(student, device)
     base_lr = config.lr * config.batch_size / 256  # lr is per 256 images
-    optimizer = torch.optim.SGD(_param_groups(model.student, config.weight_decay), lr=base_lr,
+    groups = _param_groups(model.student, config.weight_decay, config.decay_exempt)
+    optimizer = torch.optim.SGD(groups, lr=base_lr,
                                 momentum=config.sgd_momentum, nesterov=config.nesterov)  # fmt: skip
     # each rank draws its own augmentations; rank 0's stream is the single-process one
     views = torch.Generator(device=device).manual_seed(_view_seed(config, world))
     strong = StrongView(jitter=config.jitter, jitter_p=config.jitter_p,
-                        grayscale_p=config.grayscale_p, blur_p=config.blur)  # fmt: skip
+                        grayscale_p=config.grayscale_p, blur_p=config.blur,
+                        blur_mode=config.blur_mode)  # fmt: skip
     teacher = strong if config.teacher_view == "strong" else WeakView()
     return _Run(
         config, world, device, amp, data, source, plan, strong, teacher, student,
@@ -409,7 +422,7 @@ def _epoch(
     lr = momentum = 0.0
     for images, labels in run.batches():
         step = state.step(run.steps_per_epoch)
-        lr = cosine_lr(step, run.total_steps, run.base_lr, run.warmup_steps)
+        lr = run.lr(step)
         momentum = momentum_schedule(step, run.total_steps, c.ema_momentum, c.momentum_schedule)
         window.add(run.step(images, lr, momentum), labels.shape[0] * world.size)
         state.batch_in_epoch += 1
@@ -488,8 +501,9 @@ def _replan(run: _Run, planned: int) -> None:
                     run.run_dir, c.epochs, Note("{epochs}", "epochs"))  # fmt: skip
     elif c.epochs != planned and run.world.main:
         step, warmup = s.step(spe), c.warmup_epochs * spe
-        old = cosine_lr(step, planned * spe, run.base_lr, min(warmup, planned * spe))
-        new = cosine_lr(step, run.total_steps, run.base_lr, run.warmup_steps)
+        old = cosine_lr(step, planned * spe, run.base_lr, min(warmup, planned * spe),
+                        warmup_from_zero=c.warmup_start == "zero")  # fmt: skip
+        new = run.lr(step)
         log.warning(
             "%s: %s from %d to %d epochs: the cosine schedule%s is re-planned over %d epochs, "
             "so at step %d the lr is %.4g (it was %.4g in the %d-epoch plan)", run.run_dir,

@@ -244,3 +244,24 @@ def test_a_backbone_error_names_the_flag(capsys, tmp_path, image_folder):
 def test_export_refuses_other_suffixes(capsys, tmp_path, mobilenet_run):
     code, _, err = run_cli(capsys, "export", mobilenet_run, "-o", tmp_path / "x.pt")
     assert_one_line_error(code, err, "-o must end in .onnx (the ONNX encoder) or .safetensors")
+
+
+class TinyViT(nn.Module):
+    """Patches, one transformer layer (nn.MultiheadAttention's fused inference path), mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(3, 16, 4, stride=4)
+        self.block = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        tokens = self.patches(x).flatten(2).transpose(1, 2)  # (B, N, 16)
+        return self.block(tokens).mean(dim=1)
+
+
+def test_attention_models_export_to_onnx(tmp_path):
+    from ressl.export.exporter import export_onnx
+
+    report = export_onnx(TinyViT().eval(), tmp_path / "vit.onnx", image_size=16, channels=3,
+                         mean=(0.5,) * 3, std=(0.25,) * 3)  # fmt: skip
+    assert report.verification.passed

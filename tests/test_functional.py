@@ -205,10 +205,14 @@ def _net(seed: int) -> nn.Module:
 def test_ema_update_formula_and_buffers():
     teacher, student = _net(0), _net(1)
     student[1].running_mean.fill_(0.5)
+    teacher[1].running_mean.fill_(0.25)
     before = [p.clone() for p in teacher.parameters()]
     ema_update_(teacher, student, 0.9)
     for t, b, s in zip(teacher.parameters(), before, student.parameters()):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
+    # the official code: parameters only; the teacher's statistics stay its own
+    torch.testing.assert_close(teacher[1].running_mean, torch.full((4,), 0.25))
+    ema_update_(teacher, student, 0.9, copy_buffers=True)  # ressl < 0.2
     torch.testing.assert_close(teacher[1].running_mean, torch.full((4,), 0.5))
 
 
@@ -236,7 +240,9 @@ def test_momentum_schedule():
 
 def test_cosine_lr_warmup_and_decay():
     lrs = [cosine_lr(s, 100, 1.0, warmup_steps=10) for s in range(101)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[9] == pytest.approx(0.9)
+    old = [cosine_lr(s, 100, 1.0, warmup_steps=10, warmup_from_zero=False) for s in range(10)]
+    assert old[0] == pytest.approx(0.1) and old[9] == pytest.approx(1.0)  # ressl < 0.2
     assert (
         lrs[10] == pytest.approx(1.0)
         and lrs[55] == pytest.approx(0.5)

@@ -455,6 +455,49 @@ def test_gaussian_blur_equals_torchvision(c):
     torch.testing.assert_close(gaussian_blur(x, torch.full((8,), 1e-6), kernel_size=5), x)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pil_blur_equals_pil_per_image_at_every_size(channels):
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    from ressl.views import pil_gaussian_blur
+
+    rng = np.random.default_rng(channels)
+    for height, width in ((8, 8), (13, 20), (32, 32), (64, 48), (96, 96)):
+        sigma = torch.tensor([0.1, 0.37, 0.5, 0.99, 1.0, 1.6, 2.0])  # one sigma per image
+        pixels = rng.integers(0, 256, (len(sigma), height, width, channels), dtype=np.uint8)
+        mode = "L" if channels == 1 else "RGB"
+        want = [np.asarray(Image.fromarray(p.squeeze(-1) if channels == 1 else p, mode)
+                           .filter(ImageFilter.GaussianBlur(float(s)))) for p, s in zip(pixels, sigma)]  # fmt: skip
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+        got = pil_gaussian_blur(x, sigma)
+        for i, w in enumerate(want):
+            assert np.array_equal(got[i].permute(1, 2, 0).numpy().reshape(w.shape), w), (height, i)
+        # float images in [0, 1] are blurred as PIL holds them: in 8 bits
+        floats = pil_gaussian_blur(x.float() / 255, sigma)
+        torch.testing.assert_close(floats, got.float() / 255)
+
+
+def test_the_strong_view_blurs_as_pil_with_the_papers_sigma_at_small_sizes():
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kw = dict(
+        size=32,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        flip_p=0.0,
+        crop=False,
+    )
+    sharp = strong_view(x, generator=gen(), blur_p=0.0, **kw)
+    pil = strong_view(x, generator=gen(), blur_p=1.0, **kw)
+    relative = strong_view(x, generator=gen(), blur_p=1.0, blur_mode="relative", **kw)
+    # at 32 px the old 3x3 kernel barely blurs; PIL's sigma 0.1-2 px removes far more detail
+    assert pil.var() < relative.var() < sharp.var()
+    with pytest.raises(ValueError, match="blur_mode must be one of pil, relative"):
+        strong_view(x, generator=gen(), blur_mode="box", **kw)
+
+
 def test_strong_view_blur_probability():
     x = uint8_images(400, 3, 32, 32)
     kw = {"size": 32, "mean": [0.0] * 3, "std": [1.0] * 3, "jitter_p": 0.0, "grayscale_p": 0.0}

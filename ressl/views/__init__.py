@@ -30,7 +30,7 @@ Example:
     torch.Size([8, 3, 32, 32])
 """
 
-from .blur import blur_kernel_size, gaussian_blur
+from .blur import BLUR_MODES, blur_kernel_size, gaussian_blur, pil_gaussian_blur
 from .colour import (
     adjust_brightness,
     adjust_colors,
@@ -56,6 +56,8 @@ __all__ = [
     "blur_kernel_size",
     "color_jitter",
     "gaussian_blur",
+    "pil_gaussian_blur",
+    "BLUR_MODES",
     "multicrop_scales",
     "normalize",
     "random_grayscale",

@@ -1,4 +1,15 @@
-"""Blur kernel: Gaussian blur with a sigma per image (torchvision's ``gaussian_blur``)."""
+"""Gaussian blur with a sigma per image: PIL's (the paper's code) or a Gaussian kernel.
+
+``pil_gaussian_blur`` is ``PIL.ImageFilter.GaussianBlur(sigma)`` computed for a
+batch on the device, bit for bit: PIL approximates the Gaussian by three "extended"
+box blurs per direction (Gwosdek et al. 2011: a box of fractional radius, its two
+outer taps weighted by the fraction), in 8-bit fixed point with rounding after
+every pass and the edge pixels repeated. The radius and weights are computed in
+float32 as PIL's C code does; the sums are exact integers (int64 cumulative sums),
+so every pixel equals PIL's (tested per image). ``gaussian_blur`` is torchvision's
+kernel blur (reflect padding, a kernel of about 10% of the side: ``blur_kernel_size``),
+what ressl used before 0.2.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +20,68 @@ from torch.nn import functional as F
 
 from .checks import check_images, check_per_image, coin
 
-__all__ = ["blur_kernel_size", "gaussian_blur", "random_blur"]
+__all__ = ["BLUR_MODES", "blur_kernel_size", "gaussian_blur", "pil_gaussian_blur", "random_blur"]
+
+#: ``pil``: PIL's GaussianBlur; ``relative``: a Gaussian kernel of about 10% of the side.
+BLUR_MODES = ("pil", "relative")
+
+
+def _box_radius(sigma: Tensor, passes: int = 3) -> Tensor:
+    """The extended box's radius for ``passes`` boxes approximating ``sigma`` (PIL's
+    ``_gaussian_blur_radius``, its float32 arithmetic included)."""
+    s2 = sigma.float() * sigma.float() / passes
+    big = torch.sqrt(12.0 * s2.double() + 1.0).float()
+    whole = torch.floor((big.double() - 1.0) / 2.0).float()
+    a = (2 * whole + 1) * (whole * (whole + 1) - 3 * s2)
+    return whole + a / (6 * (s2 - (whole + 1) * (whole + 1)))
+
+
+def _box_pass(x: Tensor, radius: Tensor) -> Tensor:
+    """One extended box blur along the last axis of int64 ``x`` (B, C, H, W), with PIL's
+    24-bit fixed-point weights and rounding; ``radius`` float32 (B,)."""
+    b, c, h, w = x.shape
+    r = torch.floor(radius).long()
+    ww = torch.trunc(torch.full_like(radius, float(1 << 24)) / (radius * 2 + 1)).long()
+    fw = ((1 << 24) - (r * 2 + 1) * ww) // 2
+    pad = int(r.max()) + 1  # a host sync: the widest box decides the padding
+    padded = torch.cat([x[..., :1].expand(b, c, h, pad), x, x[..., -1:].expand(b, c, h, pad)], -1)
+    sums = F.pad(padded.cumsum(-1), (1, 0))  # sums[..., i] = padded[..., :i].sum()
+    pos = torch.arange(w, device=x.device) + pad
+    r4 = r.view(b, 1, 1, 1)
+
+    def at(index: Tensor, t: Tensor) -> Tensor:
+        return t.gather(-1, index.expand(b, c, h, w))
+
+    box = at(pos + r4 + 1, sums) - at(pos - r4, sums)
+    outer = at(pos - r4 - 1, padded) + at(pos + r4 + 1, padded)
+    return (box * ww.view(b, 1, 1, 1) + outer * fw.view(b, 1, 1, 1) + (1 << 23)) >> 24
+
+
+def pil_gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
+    """``PIL.ImageFilter.GaussianBlur(sigma)`` per image, batched on the device.
+
+    Args:
+        images: uint8, or float in [0, 1] (quantised to 8 bits, as PIL holds them),
+            (B, C, H, W).
+        sigma: float (B,), >= 0 (PIL's ``radius``); 0 leaves an image unchanged.
+
+    Returns:
+        The blurred images, in the dtype given (float: the 8-bit result / 255).
+    """
+    images = check_images(images)
+    b = images.shape[0]
+    sigma = check_per_image("sigma", sigma, b).to(images.device)
+    x = (images if images.dtype == torch.uint8 else (images * 255).round().clamp(0, 255)).long()
+    radius = _box_radius(sigma)
+    for _ in range(3):
+        x = _box_pass(x, radius)
+    x = x.transpose(-1, -2)
+    for _ in range(3):
+        x = _box_pass(x, radius)
+    x = x.transpose(-1, -2)
+    if images.dtype == torch.uint8:
+        return x.to(torch.uint8).contiguous()
+    return (x.to(images.dtype) / 255).contiguous()
 
 
 def blur_kernel_size(size: int) -> int:
@@ -66,15 +138,24 @@ def _gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
 
 
 def random_blur(
-    images: Tensor, p: float, sigma_range: tuple[float, float], generator: torch.Generator
+    images: Tensor,
+    p: float,
+    sigma_range: tuple[float, float],
+    generator: torch.Generator,
+    mode: str = "pil",
 ) -> Tensor:
+    """Blur each image with probability ``p``, sigma uniform in ``sigma_range``; the
+    random draws (sigma, then the coin) are the same in both modes."""
     b, device = images.shape[0], images.device
     kernel_size = blur_kernel_size(images.shape[-1])
-    if p == 0 or kernel_size == 1:
+    if p == 0 or (mode == "relative" and kernel_size == 1):
         return images
     sigma = torch.rand(b, generator=generator, device=device)
     sigma = sigma * (sigma_range[1] - sigma_range[0]) + sigma_range[0]
     blur = coin(b, p, generator, device)
+    if mode == "pil":
+        blurred = pil_gaussian_blur(images, sigma)
+        return torch.where(blur.view(b, 1, 1, 1), blurred, images)
     # unblurred images get a delta kernel (identity, to float rounding) instead of a subset
     sigma = torch.where(blur, sigma, 1e-6)
     return _gaussian_blur(images, sigma, kernel_size)

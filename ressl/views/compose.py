@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .blur import random_blur
+from .blur import BLUR_MODES, random_blur
 from .checks import (
     check_channel_stats,
     check_generator,
@@ -140,14 +140,16 @@ def strong_view(
     blur_sigma: tuple[float, float] = (0.1, 2.0),
     flip_p: float = 0.5,
     crop: bool = True,
+    blur_mode: str = "pil",
 ) -> Tensor:
     """ReSSL's student view (MoCo v2): crop, jitter, grayscale, blur, flip, normalise.
 
     Per image and independently: RandomResizedCrop(size, scale); ColorJitter(*jitter)
     with probability ``jitter_p``, in a random op order; RandomGrayscale(grayscale_p);
-    GaussianBlur(``blur_kernel_size(size)``, sigma uniform in ``blur_sigma``) with
-    probability ``blur_p``; RandomHorizontalFlip(flip_p); Normalize(mean, std). The
-    paper blurs with p 0.5 on ImageNet; small datasets usually skip it (the default).
+    GaussianBlur(sigma uniform in ``blur_sigma`` pixels; PIL's, as the paper's code,
+    bit for bit) with probability ``blur_p``; RandomHorizontalFlip(flip_p);
+    Normalize(mean, std). The paper blurs with p 0.5 on ImageNet; small datasets
+    usually skip it (the default).
     Its length is the argument checks and this reference; the composition itself is a
     dozen lines in torchvision's order, kept together so the draw order stays visible.
 
@@ -166,6 +168,8 @@ def strong_view(
         flip_p: Probability of a horizontal flip.
         crop: ``False`` when the images were already randomly cropped to ``size``
             (e.g. in DataLoader workers): no crop here, the rest as above.
+        blur_mode: ``"pil"`` (PIL's GaussianBlur, the paper's) or ``"relative"`` (a
+            Gaussian kernel of about 10% of the side, ressl before 0.2).
 
     Returns:
         float32 (B, C, size, size), normalised.
@@ -184,6 +188,8 @@ def strong_view(
     blur_p = check_prob("blur_p", blur_p)
     flip_p = check_prob("flip_p", flip_p)
     blur_sigma = check_range("blur_sigma", blur_sigma)
+    if blur_mode not in BLUR_MODES:
+        raise ValueError(f"blur_mode must be one of {', '.join(BLUR_MODES)}, got {blur_mode!r}")
     check_channel_stats("mean", mean, images.shape[1])
     check_channel_stats("std", std, images.shape[1])
     b, _, height, width = images.shape
@@ -204,7 +210,7 @@ def strong_view(
         grey = rgb_to_grayscale(x)  # (B, 1, H, W), before x changes
         # x <- x (1 - m) + grey m: exact for m in {0, 1}, in place, no batch-sized temporary
         x.mul_(1.0 - to_grey).addcmul_(grey, to_grey)
-    x = random_blur(x, blur_p, blur_sigma, generator)
+    x = random_blur(x, blur_p, blur_sigma, generator, blur_mode)
     return _normalize_(x, mean, std)
 
 
@@ -261,6 +267,7 @@ class StrongView(_View):
         blur_p: Probability of Gaussian blur.
         blur_sigma: Range of the blur's sigma.
         flip_p: Probability of a horizontal flip.
+        blur_mode: ``"pil"`` (PIL's GaussianBlur) or ``"relative"``.
 
     Raises:
         ValueError: on a strength, probability or range out of bounds.
@@ -272,12 +279,17 @@ class StrongView(_View):
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     flip_p: float = 0.5
+    blur_mode: str = "pil"
 
     def __post_init__(self) -> None:
         check_jitter(self.jitter)
         for name in ("jitter_p", "grayscale_p", "blur_p", "flip_p"):
             check_prob(name, getattr(self, name))
         check_range("blur_sigma", self.blur_sigma)
+        if self.blur_mode not in BLUR_MODES:
+            raise ValueError(
+                f"blur_mode must be one of {', '.join(BLUR_MODES)}, got {self.blur_mode!r}"
+            )
 
     def _view(self, images: Tensor, **kw: Any) -> Tensor:
         return strong_view(images, **kw)
