@@ -125,8 +125,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="backbones to run (default: all)")
     parser.add_argument("--write", action="store_true", help="put the table in docs/benchmarks.md")
     args = parser.parse_args()
-    header = ["backbone", "parameters", "F", "train img/s (CPU)", "train time", "ONNX max |diff|",
-              "weights in own library, max |diff|", "embedded"]  # fmt: skip
+    header = ["backbone", "parameters", "F", "train img/s (CPU)", "train time", "ONNX vs PyTorch (max abs diff)",
+              "weights in own library (max abs diff)", "embedded"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
