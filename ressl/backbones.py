@@ -214,10 +214,12 @@ def _drop_classifier(net: nn.Module, spec: str) -> list[Change]:
     parent_path, _, child = path.rpartition(".")
     removed = [path]
     parent = net.get_submodule(parent_path) if parent_path else net
+    prefix = f"{parent_path}." if parent_path else ""
     if isinstance(parent, nn.Sequential) and child.isdigit() and int(child) > 0:
-        before = f"{parent_path}.{int(child) - 1}"
         if isinstance(parent[int(child) - 1], nn.Dropout):
-            removed.insert(0, before)
+            removed.insert(0, f"{prefix}{int(child) - 1}")
+    elif isinstance(getattr(parent, "dropout", None), nn.Dropout):  # GoogLeNet, Inception
+        removed.insert(0, f"{prefix}dropout")
     for p in removed:
         _set(net, p, nn.Identity())
     return [(p, "Identity()", "classifier removed") for p in removed]
@@ -247,7 +249,9 @@ def _torchvision(
             f"{spec} is not a torchvision classification model; it has "
             f"{', '.join(names[:6])}, ... ({len(names)} in all: torchvision.models.list_models())"
         )
-    kwargs = {"image_size": image_size} if name.startswith("vit_") else {}  # ViTs are sized
+    kwargs: dict[str, Any] = {"image_size": image_size} if name.startswith("vit_") else {}
+    if name in ("googlenet", "inception_v3"):
+        kwargs["aux_logits"] = False  # else training mode returns a tuple with the aux heads
     net = torchvision.models.get_model(name, weights=None, **kwargs)
     changes = (_small_stem(net, in_channels) if image_size <= SMALL_STEM_MAX and _resnet_like(net)
                else _first_conv(net, in_channels, spec) if in_channels != 3 else [])  # fmt: skip
@@ -360,7 +364,7 @@ def build_backbone(
                 f"{name} was a module given through the API; pass that module again "
                 "(e.g. load_encoder(path, backbone=module)) to rebuild it"
             )
-        if model == "small":
+        if library == "ressl" and model == "small":
             net, kwargs = SmallCNN(in_channels, width), {"in_channels": in_channels, "width": width}
         elif library == "timm":
             net, kwargs, changes = _timm(model, in_channels, image_size, spec)

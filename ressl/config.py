@@ -386,6 +386,13 @@ class TrainConfig:
                 "is warm-up, so the learning rate never decays",
                 "warmup_epochs", "epochs",
             ))  # fmt: skip
+        if self.decay_exempt == "names" and "resnet" not in self.backbone:
+            out.append(Note(
+                f"{{decay_exempt}} names is the official ResNet code's rule; {self.backbone} may "
+                "name its BatchNorms otherwise (e.g. features.N.1), and those are then decayed: "
+                "{decay_exempt} 1d exempts every 1-D parameter",
+                "decay_exempt",
+            ))  # fmt: skip
         return out
 
     def check_data(self, train_images: int, world_size: int = 1) -> list[Note]:

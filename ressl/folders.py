@@ -64,28 +64,36 @@ def _headers(files: Sequence[Path]) -> list[tuple[str, int]]:
     return found
 
 
-def folder_channels(files: Sequence[Path]) -> int:
+def folder_channels(headers: Sequence[tuple[str, int]]) -> int:
     """1 when every sampled file is greyscale (``GREY_MODES``), else 3."""
-    modes = [mode for mode, _ in _headers(files)]
+    modes = [mode for mode, _ in headers]
     return 1 if modes and all(m in GREY_MODES for m in modes) else 3
 
 
-def folder_side(files: Sequence[Path]) -> int:
+def folder_side(headers: Sequence[tuple[str, int]]) -> int:
     """The sampled files' median shorter side, in [8, ``DEFAULT_MAX_SIDE``]."""
-    sides = [side for _, side in _headers(files)]
+    sides = [side for _, side in headers]
     median = int(np.median(sides)) if sides else DEFAULT_MAX_SIDE
     return max(8, min(DEFAULT_MAX_SIDE, median))
 
 
 def _grey_stats(source: ImageSource) -> tuple[tuple[float], tuple[float]]:
-    """Mean and std in [0, 1] of greyscale training images (a sample when streamed)."""
+    """Mean and std in [0, 1] of greyscale training images (a sample when streamed),
+    summed in float64 chunks (never a float copy of the whole split)."""
     if isinstance(source, TensorImages):
-        pixels = source.images.float() / 255
+        chunks = source.images.split(4096)
     else:
         assert isinstance(source, FolderImages)
         picked = _sample(range(len(source)), _STATS_SAMPLE)
-        pixels = torch.stack([source[i][0] for i in picked]).float() / 255
-    return (float(pixels.mean()),), (max(float(pixels.std()), 1e-3),)
+        chunks = (torch.stack([source[i][0] for i in picked]),)
+    total = square = count = 0.0
+    for chunk in chunks:
+        values = chunk.double() / 255
+        total, square = total + float(values.sum()), square + float((values * values).sum())
+        count += values.numel()
+    mean = total / max(count, 1.0)
+    std = max(count / max(count - 1, 1.0) * (square / max(count, 1.0) - mean * mean), 0.0) ** 0.5
+    return (mean,), (max(std, 1e-3),)
 
 
 def _scan_split(split: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -240,14 +248,16 @@ def load_folder(
     """
     path, train_dir, test_dir = split_dirs(path)
     files, labels, classes = scan_train(train_dir, subset)
+    headers = _headers(files) if channels is None or size is None else []
     if channels is None:
-        channels = folder_channels(files)
+        channels = folder_channels(headers)
         if channels == 1:
             logger.info("%s: the images are greyscale; training on 1 channel", train_dir)
-    if size is None:
-        size = folder_side(files) if entry.name == "folder" else entry.image_size
+    if size is None and entry.name == "folder":
+        size = folder_side(headers)
         logger.info("%s: images of %d px (the files' median shorter side, at most %d)",
                     train_dir, size, DEFAULT_MAX_SIDE)  # fmt: skip
+    size = size or entry.image_size
     train, skipped = _folder_source(files, labels, size, train_dir, channels)
     memory = train if classes else None
 

@@ -70,7 +70,8 @@ def device_memory(device: torch.device) -> int | None:
 
 
 def _activations_per_image(net: nn.Module, channels: int, side: int) -> int:
-    """Elements the layers of ``net`` output for one ``side`` x ``side`` image (meta device)."""
+    """Elements the layers of ``net`` output for one ``side`` x ``side`` image (on the
+    device of its parameters: meta, so free, unless it cannot run there)."""
     total = [0]
 
     def count(module: nn.Module, inputs: object, output: object) -> None:
@@ -83,7 +84,9 @@ def _activations_per_image(net: nn.Module, channels: int, side: int) -> int:
     try:
         with torch.no_grad():
             net.eval()  # the same shapes; BatchNorm takes a batch of one
-            net(torch.empty(1, channels, side, side, device="meta"))
+            param = next(iter(net.parameters()), None)
+            device = param.device if param is not None else torch.device("meta")
+            net(torch.zeros(1, channels, side, side, device=device))
     finally:
         net.train(training)
         for hook in hooks:
@@ -121,7 +124,13 @@ def training_memory(
     buffers = sum(b.numel() for b in model.student.buffers())
     # student + teacher weights and buffers, the student's gradients and SGD momentum
     weights = 4 * (4 * params + 2 * buffers)
-    per_image = {s: _activations_per_image(model.student, channels, s) for s in set(student_sides)}
+    try:
+        per_image = {s: _activations_per_image(model.student, channels, s)
+                     for s in set(student_sides)}  # fmt: skip
+    except RuntimeError:  # a module holding tensors of its own: counted on a real copy
+        model = model_from_settings(settings)
+        per_image = {s: _activations_per_image(model.student, channels, s)
+                     for s in set(student_sides)}  # fmt: skip
     activations = batch_per_process * sum(per_image[s] for s in student_sides)
     activations *= 2 if autocast else 4
     inputs = batch_per_process * 4 * channels * sum(s * s for s in student_sides) * 2

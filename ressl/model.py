@@ -138,5 +138,11 @@ def model_from_settings(
     try:
         with torch.device("meta"):
             return ReSSL(net, **kw)
-    except NotImplementedError:  # an initialiser that copies data (torchvision's RegNets)
-        return ReSSL(net, **kw).to("meta")
+    except (NotImplementedError, ValueError, RuntimeError):
+        # an initialiser that copies data (torchvision's RegNets), or a module holding tensors
+        # of its own or using an op without a meta kernel: built for real (a genuine problem
+        # raises again there)
+        real = settings["backbone"] if backbone is None else backbone
+        if isinstance(real, nn.Module):
+            real = copy.deepcopy(real)  # the caller's module stays where it is
+        return ReSSL(real, **kw).to("meta")

@@ -23,7 +23,7 @@ from typing import Any
 from .atomic import write_atomic
 from .rules import ConfigError
 
-__all__ = ["STEPS", "TENSORBOARD", "RunLog", "read_steps"]
+__all__ = ["STEPS", "TENSORBOARD", "RunLog", "read_steps", "require_tensorboard"]
 
 #: The per-step stream's file name in a run folder.
 STEPS = "steps.jsonl"
@@ -48,7 +48,8 @@ def read_steps(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def _tensorboard_writer(folder: Path, purge_step: int | None) -> Any:
+def require_tensorboard() -> Any:
+    """``SummaryWriter``, or a ConfigError saying how to install it."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -56,7 +57,7 @@ def _tensorboard_writer(folder: Path, purge_step: int | None) -> Any:
             "{log} tensorboard needs the tensorboard package: pip install 'ressl[tensorboard]'",
             "log",
         ) from None
-    return SummaryWriter(str(folder), purge_step=purge_step)
+    return SummaryWriter
 
 
 class RunLog:
@@ -69,12 +70,12 @@ class RunLog:
     """
 
     def __init__(self, run_dir: Path, step: int, *, tensorboard: bool = False) -> None:
-        self.writer = (_tensorboard_writer(run_dir / TENSORBOARD, step + 1 if step else None)
+        # the steps after the checkpoint's (a fresh run: all) belong to a past that is redone
+        self.writer = (require_tensorboard()(str(run_dir / TENSORBOARD), purge_step=step + 1)
                        if tensorboard else None)  # fmt: skip
         self.path = run_dir / STEPS
-        kept = read_steps(self.path, upto=step)
-        if step == 0 or len(kept) != len(read_steps(self.path)) or not self.path.is_file():
-            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode(), STEPS)
+        kept = read_steps(self.path, upto=step)  # rewritten whole: no cut line stays behind
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode(), STEPS)
 
     def window(self, row: dict[str, Any]) -> None:
         """One progress window's row (``step``, ``epoch``, ``loss``, ``lr``, ...)."""

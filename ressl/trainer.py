@@ -55,7 +55,7 @@ from .runlock import hold_run_folder
 from .runs import CHECKPOINT, METRICS, CheckpointError, read_metrics, write_metrics
 from .sources import FolderImages, ImageData, ImageSource, TensorImages
 from .step import EncodeCrops, training_step
-from .steplog import RunLog
+from .steplog import RunLog, require_tensorboard
 from .stopping import StopAgreement, Stopped
 from .validation import check_file, check_resumable, metadata_json
 from .views import StrongView, WeakView
@@ -249,6 +249,8 @@ def _build(
     The order of random draws (weights, queue, generators) is fixed: resumed and
     distributed runs depend on it.
     """
+    if config.log == "tensorboard":
+        require_tensorboard()  # on every rank, before anything is loaded
     device = select_device(world.device(config.device))
     amp = autocast_dtype(config.precision, device)
     data = load_dataset(config.dataset, root=config.data_root, download=config.download,
@@ -323,6 +325,14 @@ def _check_memory(
         raise
     except ValueError as e:  # the backbone's own words: "timm:x needs timm ...", "... cannot take"
         raise ConfigError(f"{{backbone}} {e}", "backbone") from None
+    except (RuntimeError, AssertionError) as e:  # a crop side the backbone cannot take
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            f"{{backbone}} {config.backbone} cannot take the crops of {{crops}} "
+            f"{', '.join(map(str, sides))}: {first}",
+            "backbone",
+            "crops",
+        ) from None
     check_fits(estimate, device)
 
 

@@ -265,3 +265,35 @@ def test_attention_models_export_to_onnx(tmp_path):
     report = export_onnx(TinyViT().eval(), tmp_path / "vit.onnx", image_size=16, channels=3,
                          mean=(0.5,) * 3, std=(0.25,) * 3)  # fmt: skip
     assert report.verification.passed
+
+
+class Scaled(nn.Module):
+    """A module holding a plain tensor attribute (not a buffer): no meta-device copy of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.scale = torch.full((1, 3, 1, 1), 2.0)
+
+    def forward(self, x):
+        return self.conv(x * self.scale).mean(dim=(2, 3))
+
+
+def test_modules_that_cannot_run_on_the_meta_device_still_train(tmp_path, tiny_settings):
+    settings = dict(tiny_settings, out=str(tmp_path / "run"), epochs=1)
+    del settings["backbone"]
+    ckpt = train(backbone=Scaled(), **settings)
+    encoder, _ = load_encoder(ckpt, backbone=Scaled())
+    assert encoder.features(torch.rand(2, 3, 16, 16)).shape == (2, 6)
+
+
+def test_googlenet_gives_features_in_train_mode_and_a_library_name_is_not_ressls():
+    net = build_backbone("torchvision:googlenet", 3, 32)
+    assert net.ressl_build.kwargs == {"aux_logits": False}
+    assert [p for p, _, _ in net.ressl_build.changes] == ["dropout", "fc"]
+    net.train()
+    assert isinstance(net(torch.rand(2, 3, 32, 32)), torch.Tensor)  # no aux-logits tuple
+    with pytest.raises(
+        ValueError, match="torchvision:small is not a torchvision classification model"
+    ):
+        build_backbone("torchvision:small", 3, 32)

@@ -38,6 +38,11 @@ def test_a_resume_logs_each_step_once(tmp_path, tiny_settings):
     train(resume=run, epochs=2)
     assert _steps(run) == [1, 2, 3, 4, 5, 6, 7, 8]
     assert read_steps(run / STEPS)[4]["loss"] != 9.0
+    with open(run / STEPS, "a") as f:  # only a cut line: the next row must not be glued to it
+        f.write('{"step": 9, "lo')
+    train(resume=run, epochs=3)
+    assert _steps(run) == list(range(1, 13))
+    assert (run / STEPS).read_text().count("\n") == 12
 
 
 def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

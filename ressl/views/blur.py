@@ -36,14 +36,13 @@ def _box_radius(sigma: Tensor, passes: int = 3) -> Tensor:
     return whole + a / (6 * (s2 - (whole + 1) * (whole + 1)))
 
 
-def _box_pass(x: Tensor, radius: Tensor) -> Tensor:
+def _box_pass(x: Tensor, radius: Tensor, pad: int) -> Tensor:
     """One extended box blur along the last axis of int64 ``x`` (B, C, H, W), with PIL's
-    24-bit fixed-point weights and rounding; ``radius`` float32 (B,)."""
+    24-bit fixed-point weights and rounding; ``radius`` float32 (B,); ``pad`` > its max."""
     b, c, h, w = x.shape
     r = torch.floor(radius).long()
     ww = torch.trunc(torch.full_like(radius, float(1 << 24)) / (radius * 2 + 1)).long()
     fw = ((1 << 24) - (r * 2 + 1) * ww) // 2
-    pad = int(r.max()) + 1  # a host sync: the widest box decides the padding
     padded = torch.cat([x[..., :1].expand(b, c, h, pad), x, x[..., -1:].expand(b, c, h, pad)], -1)
     sums = F.pad(padded.cumsum(-1), (1, 0))  # sums[..., i] = padded[..., :i].sum()
     pos = torch.arange(w, device=x.device) + pad
@@ -73,11 +72,12 @@ def pil_gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
     sigma = check_per_image("sigma", sigma, b).to(images.device)
     x = (images if images.dtype == torch.uint8 else (images * 255).round().clamp(0, 255)).long()
     radius = _box_radius(sigma)
+    pad = int(radius.max()) + 1 if b else 1  # one host sync: the widest box decides the padding
     for _ in range(3):
-        x = _box_pass(x, radius)
+        x = _box_pass(x, radius, pad)
     x = x.transpose(-1, -2)
     for _ in range(3):
-        x = _box_pass(x, radius)
+        x = _box_pass(x, radius, pad)
     x = x.transpose(-1, -2)
     if images.dtype == torch.uint8:
         return x.to(torch.uint8).contiguous()
@@ -144,8 +144,9 @@ def random_blur(
     generator: torch.Generator,
     mode: str = "pil",
 ) -> Tensor:
-    """Blur each image with probability ``p``, sigma uniform in ``sigma_range``; the
-    random draws (sigma, then the coin) are the same in both modes."""
+    """Blur each image with probability ``p``, sigma uniform in ``sigma_range``: sigma is
+    drawn, then the coin (nothing is drawn when ``p`` is 0, or in ``relative`` mode when
+    the kernel would be 1 pixel)."""
     b, device = images.shape[0], images.device
     kernel_size = blur_kernel_size(images.shape[-1])
     if p == 0 or (mode == "relative" and kernel_size == 1):
