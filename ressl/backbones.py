@@ -252,6 +252,7 @@ def _torchvision(
     kwargs: dict[str, Any] = {"image_size": image_size} if name.startswith("vit_") else {}
     if name in ("googlenet", "inception_v3"):
         kwargs["aux_logits"] = False  # else training mode returns a tuple with the aux heads
+        kwargs["init_weights"] = True  # torchvision's truncated-normal init, said explicitly
     net = torchvision.models.get_model(name, weights=None, **kwargs)
     changes = (_small_stem(net, in_channels) if image_size <= SMALL_STEM_MAX and _resnet_like(net)
                else _first_conv(net, in_channels, spec) if in_channels != 3 else [])  # fmt: skip

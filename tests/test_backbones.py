@@ -289,7 +289,7 @@ def test_modules_that_cannot_run_on_the_meta_device_still_train(tmp_path, tiny_s
 
 def test_googlenet_gives_features_in_train_mode_and_a_library_name_is_not_ressls():
     net = build_backbone("torchvision:googlenet", 3, 32)
-    assert net.ressl_build.kwargs == {"aux_logits": False}
+    assert net.ressl_build.kwargs == {"aux_logits": False, "init_weights": True}
     assert [p for p, _, _ in net.ressl_build.changes] == ["dropout", "fc"]
     net.train()
     assert isinstance(net(torch.rand(2, 3, 32, 32)), torch.Tensor)  # no aux-logits tuple

@@ -36,24 +36,33 @@ def _box_radius(sigma: Tensor, passes: int = 3) -> Tensor:
     return whole + a / (6 * (s2 - (whole + 1) * (whole + 1)))
 
 
-def _box_pass(x: Tensor, radius: Tensor, pad: int) -> Tensor:
-    """One extended box blur along the last axis of int64 ``x`` (B, C, H, W), with PIL's
-    24-bit fixed-point weights and rounding; ``radius`` float32 (B,); ``pad`` > its max."""
-    b, c, h, w = x.shape
+def _box_pass(x: Tensor, radius: Tensor, whole: list[int], dim: int) -> Tensor:
+    """One extended box blur along ``dim`` (-1: rows, -2: columns) of int64 ``x``
+    (B, C, H, W), with PIL's 24-bit fixed-point weights and rounding; ``radius`` float32
+    (B,), whose integer parts are the values in ``whole`` (sigma <= 2.9 px: 0 or 1). Each
+    integer radius is a pair of shifted slices of one cumulative sum; images pick theirs."""
+    b, n = x.shape[0], x.shape[dim]
     r = torch.floor(radius).long()
     ww = torch.trunc(torch.full_like(radius, float(1 << 24)) / (radius * 2 + 1)).long()
     fw = ((1 << 24) - (r * 2 + 1) * ww) // 2
-    padded = torch.cat([x[..., :1].expand(b, c, h, pad), x, x[..., -1:].expand(b, c, h, pad)], -1)
-    sums = F.pad(padded.cumsum(-1), (1, 0))  # sums[..., i] = padded[..., :i].sum()
-    pos = torch.arange(w, device=x.device) + pad
-    r4 = r.view(b, 1, 1, 1)
+    ww4, fw4 = ww.view(b, 1, 1, 1), fw.view(b, 1, 1, 1)
+    pad = max(whole) + 1
+    first, last = x.narrow(dim, 0, 1), x.narrow(dim, n - 1, 1)
+    reps = [1, 1, 1, 1]
+    reps[dim] = pad
+    padded = torch.cat([first.repeat(reps), x, last.repeat(reps)], dim)
+    sums = torch.cat([torch.zeros_like(first), padded.cumsum(dim)], dim)  # [i] = sum of [:i]
 
-    def at(index: Tensor, t: Tensor) -> Tensor:
-        return t.gather(-1, index.expand(b, c, h, w))
+    def part(t: Tensor, start: int) -> Tensor:
+        return t.narrow(dim, start, n)
 
-    box = at(pos + r4 + 1, sums) - at(pos - r4, sums)
-    outer = at(pos - r4 - 1, padded) + at(pos + r4 + 1, padded)
-    return (box * ww.view(b, 1, 1, 1) + outer * fw.view(b, 1, 1, 1) + (1 << 23)) >> 24
+    out = x
+    for k in whole:  # sums[p + k + 1] - sums[p - k] = padded[p - k .. p + k], p = i + pad
+        box = part(sums, pad + k + 1) - part(sums, pad - k)
+        outer = part(padded, pad - k - 1) + part(padded, pad + k + 1)
+        blurred = (box * ww4 + outer * fw4 + (1 << 23)) >> 24
+        out = blurred if len(whole) == 1 else torch.where((r == k).view(b, 1, 1, 1), blurred, out)
+    return out
 
 
 def pil_gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
@@ -72,13 +81,9 @@ def pil_gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
     sigma = check_per_image("sigma", sigma, b).to(images.device)
     x = (images if images.dtype == torch.uint8 else (images * 255).round().clamp(0, 255)).long()
     radius = _box_radius(sigma)
-    pad = int(radius.max()) + 1 if b else 1  # one host sync: the widest box decides the padding
-    for _ in range(3):
-        x = _box_pass(x, radius, pad)
-    x = x.transpose(-1, -2)
-    for _ in range(3):
-        x = _box_pass(x, radius, pad)
-    x = x.transpose(-1, -2)
+    whole = torch.floor(radius).long().unique().tolist() if b else [0]  # one host sync
+    for dim in (-1, -1, -1, -2, -2, -2):  # PIL: three passes along rows, then three along columns
+        x = _box_pass(x, radius, whole, dim)
     if images.dtype == torch.uint8:
         return x.to(torch.uint8).contiguous()
     return (x.to(images.dtype) / 255).contiguous()
@@ -154,9 +159,11 @@ def random_blur(
     sigma = torch.rand(b, generator=generator, device=device)
     sigma = sigma * (sigma_range[1] - sigma_range[0]) + sigma_range[0]
     blur = coin(b, p, generator, device)
-    if mode == "pil":
-        blurred = pil_gaussian_blur(images, sigma)
-        return torch.where(blur.view(b, 1, 1, 1), blurred, images)
+    if mode == "pil":  # only the images that are blurred (one host sync)
+        chosen = blur.nonzero().squeeze(1)
+        out = images.clone()
+        out[chosen] = pil_gaussian_blur(images[chosen], sigma[chosen]).to(images.dtype)
+        return out
     # unblurred images get a delta kernel (identity, to float rounding) instead of a subset
     sigma = torch.where(blur, sigma, 1e-6)
     return _gaussian_blur(images, sigma, kernel_size)
