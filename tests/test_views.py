@@ -478,6 +478,31 @@ def test_pil_blur_equals_pil_per_image_at_every_size(channels):
         torch.testing.assert_close(floats, got.float() / 255)
 
 
+def test_pil_blur_with_a_known_bound_is_the_same_blur():
+    from ressl.views import pil_gaussian_blur
+
+    x = torch.randint(
+        0, 256, (16, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    for top in (2.0, 3.0):  # box radii 0..1 and 0..2
+        sigma = torch.rand(16, generator=torch.Generator().manual_seed(1)) * (top - 0.1) + 0.1
+        assert torch.equal(pil_gaussian_blur(x, sigma, max_sigma=top), pil_gaussian_blur(x, sigma))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pil_blur_never_waits_for_the_gpu():
+    from ressl.views.blur import random_blur
+
+    x = torch.rand(8, 3, 32, 32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    random_blur(x, 0.5, (0.1, 2.0), g, "pil")  # warm-up (allocations, kernels)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        random_blur(x, 0.5, (0.1, 2.0), g, "pil")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_the_strong_view_blurs_as_pil_with_the_papers_sigma_at_small_sizes():
     x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     kw = dict(

@@ -65,13 +65,15 @@ def _box_pass(x: Tensor, radius: Tensor, whole: list[int], dim: int) -> Tensor:
     return out
 
 
-def pil_gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
+def pil_gaussian_blur(images: Tensor, sigma: Tensor, max_sigma: float | None = None) -> Tensor:
     """``PIL.ImageFilter.GaussianBlur(sigma)`` per image, batched on the device.
 
     Args:
         images: uint8, or float in [0, 1] (quantised to 8 bits, as PIL holds them),
             (B, C, H, W).
         sigma: float (B,), >= 0 (PIL's ``radius``); 0 leaves an image unchanged.
+        max_sigma: an upper bound of ``sigma``, known on the host: then nothing waits
+            for the device (otherwise one sync reads the box radii).
 
     Returns:
         The blurred images, in the dtype given (float: the 8-bit result / 255).
@@ -81,7 +83,11 @@ def pil_gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
     sigma = check_per_image("sigma", sigma, b).to(images.device)
     x = (images if images.dtype == torch.uint8 else (images * 255).round().clamp(0, 255)).long()
     radius = _box_radius(sigma)
-    whole = torch.floor(radius).long().unique().tolist() if b else [0]  # one host sync
+    if max_sigma is not None:  # the radius grows with sigma: every box up to the bound's
+        top = int(torch.floor(_box_radius(torch.tensor([float(max_sigma)]))).item())
+        whole = list(range(top + 1))
+    else:
+        whole = torch.floor(radius).long().unique().tolist() if b else [0]  # one host sync
     for dim in (-1, -1, -1, -2, -2, -2):  # PIL: three passes along rows, then three along columns
         x = _box_pass(x, radius, whole, dim)
     if images.dtype == torch.uint8:
@@ -159,11 +165,16 @@ def random_blur(
     sigma = torch.rand(b, generator=generator, device=device)
     sigma = sigma * (sigma_range[1] - sigma_range[0]) + sigma_range[0]
     blur = coin(b, p, generator, device)
-    if mode == "pil":  # only the images that are blurred (one host sync)
-        chosen = blur.nonzero().squeeze(1)
-        out = images.clone()
-        out[chosen] = pil_gaussian_blur(images[chosen], sigma[chosen]).to(images.dtype)
-        return out
+    if mode == "pil":
+        if device.type == "cpu":  # only the images that are blurred (a CPU "sync" is free)
+            chosen = blur.nonzero().squeeze(1)
+            out = images.clone()
+            out[chosen] = pil_gaussian_blur(images[chosen], sigma[chosen], sigma_range[1]).to(
+                images.dtype
+            )
+            return out
+        blurred = pil_gaussian_blur(images, sigma, sigma_range[1])  # no host sync on a GPU
+        return torch.where(blur.view(b, 1, 1, 1), blurred.to(images.dtype), images)
     # unblurred images get a delta kernel (identity, to float rounding) instead of a subset
     sigma = torch.where(blur, sigma, 1e-6)
     return _gaussian_blur(images, sigma, kernel_size)

@@ -1,0 +1,28 @@
+"""The GPU benchmark runs on a CPU with tiny sizes and prints its whole table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_the_gpu_benchmark_runs_on_a_cpu_with_tiny_sizes():
+    out = subprocess.run(
+        [sys.executable, "gpu.py", "--tiny", "--no-compile"], cwd=BENCHMARKS, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| small")]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| small 16 px, batch 8, one crop",
+        "| small 16 px, batch 8, multi-crop 16,12",
+        "| small 16 px, batch 8, symmetric",
+    ]
+    for row in rows:
+        ips, flops = row.split(" | ")[2], row.split(" | ")[4]
+        assert float(ips.replace(",", "")) > 0 and float(flops) > 0
+    assert "`ressl train` on the first row's settings" in out.stdout
+    assert "through a JPEG folder streamed from disk" in out.stdout
