@@ -49,6 +49,7 @@ def training_step(
     student: Callable[[list[Tensor]], list[Tensor]] | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
     teacher_bn: str = "own",
+    teacher: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """One optimisation step; returns the loss (detached, on the device, no host sync).
 
@@ -69,6 +70,7 @@ def training_step(
             distributed all-gather); default identity.
         teacher_bn: ``"own"``: the teacher's BatchNorm statistics follow its own
             forward passes (the official code); ``"student"``: copied from the student.
+        teacher: the teacher forward; default ``model.teacher`` (pass a compiled one).
     """
     device_type = model.queue.device.type
     forward = student if student is not None else EncodeCrops(model.student)
@@ -83,7 +85,8 @@ def training_step(
             ema_update_(  # official order: EMA before the teacher forward
                 model.teacher, model.student, momentum, copy_buffers=teacher_bn == "student"
             )
-            z_t = [model.teacher(x) for x in x_teacher]  # (B, D); two with symmetric
+            teach = teacher if teacher is not None else model.teacher
+            z_t = [teach(x) for x in x_teacher]  # (B, D); two with symmetric
         if symmetric:
             loss = symmetric_relation_loss(
                 z_s, z_t, model.queue, student_temperature, teacher_temperature

@@ -122,6 +122,9 @@ class _Run:
     base_lr: float
     resave: bool = False  # write the checkpoint at the end even if no step was taken
     logs: RunLog | None = None  # steps.jsonl and TensorBoard (rank 0)
+    compiled: _Compiled | None = None  # the compiled student and teacher, until the first step
+    teacher_fn: Any = None  # the compiled teacher forward, when compiled
+    compile_seconds: float = 0.0
 
     @property
     def total_steps(self) -> int:
@@ -194,7 +197,49 @@ class _Run:
             student_temperature=c.student_temperature, teacher_temperature=c.teacher_temperature,
             symmetric=self.plan.symmetric, autocast_dtype=self.amp, student=self.student,
             gather=all_gather_cat if self.world.distributed else None, teacher_bn=c.teacher_bn,
+            teacher=self.teacher_fn,
         )  # fmt: skip
+
+    def first_step(self, batch: Tensor | list[Tensor], lr: float, momentum: float) -> Tensor:
+        """The first step of a compiled run: compiled (its time logged), or, when compiling
+        fails, eager from here on with one warning."""
+        assert self.compiled is not None
+        compiled, self.compiled = self.compiled, None
+        self.student, self.teacher_fn = compiled.student, compiled.teacher
+        t = time.perf_counter()
+        try:
+            loss = self.step(batch, lr, momentum)
+            float(loss)  # the compiled graphs have run
+        except Exception as e:  # noqa: BLE001 - dynamo and inductor raise many kinds
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if self.world.main:
+                log.warning("torch.compile failed (%s: %s); training eager", type(e).__name__,
+                            first)  # fmt: skip
+            self.student, self.teacher_fn = compiled.eager_student, None
+            return self.step(batch, lr, momentum)
+        self.compile_seconds = time.perf_counter() - t
+        if self.world.main:
+            log.info("compiled the step in %.1f s (kept out of images/s)", self.compile_seconds)
+        return loss
+
+
+@dataclass
+class _Compiled:
+    """A compiled run's networks before its first step, and the eager student to fall back to."""
+
+    student: Any  # torch.compile's wrappers
+    teacher: Any
+    eager_student: nn.Module
+
+
+def _compiled(config: TrainConfig, device: torch.device, student: nn.Module,
+              teacher: nn.Module) -> _Compiled | None:  # fmt: skip
+    """The step's networks under ``torch.compile`` when ``compile`` says so (auto: CUDA)."""
+    if config.compile == "off" or (config.compile == "auto" and device.type != "cuda"):
+        return None
+    mode = None if config.compile_mode == "default" else config.compile_mode
+    return _Compiled(torch.compile(student, mode=mode, dynamic=False),
+                     torch.compile(teacher, mode=mode, dynamic=False), student)  # fmt: skip
 
 
 class _Window:
@@ -301,7 +346,7 @@ def _build(
         config, world, device, amp, data, source, plan, strong, teacher, student,
         TrainState(model, optimizer, views), run_dir, settings,
         steps_per_epoch=len(data.train) // config.batch_size,
-        base_lr=base_lr,
+        base_lr=base_lr, compiled=_compiled(config, device, student, model.teacher),
     )  # fmt: skip
 
 
@@ -434,7 +479,14 @@ def _epoch(
         step = state.step(run.steps_per_epoch)
         lr = run.lr(step)
         momentum = momentum_schedule(step, run.total_steps, c.ema_momentum, c.momentum_schedule)
-        window.add(run.step(images, lr, momentum), labels.shape[0] * world.size)
+        if run.compiled is not None:  # compile time is kept out of images/s
+            t = time.perf_counter()
+            window.add(run.first_step(images, lr, momentum), 0)
+            t_epoch += time.perf_counter() - t
+            window.start += time.perf_counter() - t
+            seen -= labels.shape[0] * world.size
+        else:
+            window.add(run.step(images, lr, momentum), labels.shape[0] * world.size)
         state.batch_in_epoch += 1
         seen += labels.shape[0] * world.size  # images of the global batch
         ends = len(window.losses) >= c.progress_every or state.batch_in_epoch == run.steps_per_epoch

@@ -1,0 +1,55 @@
+"""A compiled step (``compile``): the same training to float tolerance, compile time kept
+out of images/s, one warning and eager training when compiling fails."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from ressl import load_checkpoint, train
+
+
+def _run(tmp_path, settings, name, **changes):
+    return load_checkpoint(train(**dict(settings, out=str(tmp_path / name), epochs=1,
+                                        precision="fp32", **changes)))[0]  # fmt: skip
+
+
+def test_a_compiled_step_trains_what_the_eager_step_trains(tmp_path, tiny_settings, caplog):
+    pytest.importorskip("torch._inductor")
+    eager = _run(tmp_path, tiny_settings, "eager", compile="off")
+    with caplog.at_level(logging.INFO, logger="ressl"):
+        compiled = _run(tmp_path, tiny_settings, "compiled", compile="on")
+    if any("torch.compile failed" in r.message for r in caplog.records):
+        pytest.skip("torch.compile cannot build here (no C++ compiler?)")
+    assert any("compiled the step in" in r.message for r in caplog.records)
+    assert compiled.keys() == eager.keys()  # the checkpoint does not see the compiled wrappers
+    for key, value in eager.items():
+        if key.startswith("model.") and value.is_floating_point():
+            torch.testing.assert_close(compiled[key], value, atol=1e-4, rtol=1e-4, msg=key)
+
+
+def test_auto_compiles_on_cuda_only(tmp_path, tiny_settings, caplog):
+    with caplog.at_level(logging.INFO, logger="ressl"):
+        _run(tmp_path, tiny_settings, "auto")
+    assert not any("compiled the step" in r.message for r in caplog.records)  # a CPU
+
+
+def test_a_failed_compile_trains_eager_with_one_warning(
+    tmp_path, tiny_settings, caplog, monkeypatch
+):
+    def broken(module, **kw):
+        def fail(*args, **kwargs):
+            raise RuntimeError("inductor: no C++ compiler found\nmore detail")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level(logging.WARNING, logger="ressl"):
+        state = _run(tmp_path, tiny_settings, "fallback", compile="on")
+    warned = [r.message for r in caplog.records if "torch.compile failed" in r.message]
+    assert warned == [
+        "torch.compile failed (RuntimeError: inductor: no C++ compiler found); training eager"
+    ]
+    assert all(torch.isfinite(v).all() for k, v in state.items() if v.is_floating_point())
