@@ -53,3 +53,29 @@ def test_a_failed_compile_trains_eager_with_one_warning(
         "torch.compile failed (RuntimeError: inductor: no C++ compiler found); training eager"
     ]
     assert all(torch.isfinite(v).all() for k, v in state.items() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("plan", [dict(crops=(16, 12)), dict(symmetric=True, queue_size=64)])
+def test_compiled_multicrop_and_symmetric_runs_compile_once_and_resume(
+    tmp_path, tiny_settings, plan
+):
+    pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+
+    graphs: list[int] = []
+
+    def after_epoch(event):
+        if event.kind == "epoch":
+            graphs.append(counters["stats"]["unique_graphs"])
+
+    settings = dict(tiny_settings, precision="fp32", compile="on", **plan)
+    straight = train(
+        **dict(settings, out=str(tmp_path / "straight"), epochs=2), callback=after_epoch
+    )
+    assert graphs[0] == graphs[1]  # nothing recompiled after the first epoch's warm-up
+    train(**dict(settings, out=str(tmp_path / "resumed"), epochs=1))
+    resumed = train(resume=tmp_path / "resumed", epochs=2)
+    a, b = load_checkpoint(straight)[0], load_checkpoint(resumed)[0]
+    for key, value in a.items():  # a compiled run resumes to where it would have gone, to 1e-5
+        if key.startswith("model.") and value.is_floating_point():
+            torch.testing.assert_close(b[key], value, atol=1e-5, rtol=1e-5, msg=key)
