@@ -18,6 +18,41 @@ def size_text(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+def _weights_metadata(path: Path) -> dict[str, str] | None:
+    """The metadata of a backbone weights file (``ressl export -o X.safetensors``), else None."""
+    if not path.is_file() or path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    from ressl.weights import FORMAT
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return None  # the checkpoint path says what is wrong with the file
+    return meta if meta.get("format") == FORMAT else None
+
+
+def _weights_info(path: Path, meta: dict[str, str], as_json: bool) -> str:
+    from ressl.backbones import BackboneBuild
+
+    try:
+        described = BackboneBuild.from_json(meta["backbone_build"]).describe()
+    except (KeyError, TypeError, ValueError, AttributeError):
+        fail(f"{path}: its backbone_build metadata is not a backbone description")
+    if as_json:
+        return json.dumps({k: v for k, v in meta.items() if k != "code"} | {"code": meta.get("code", "")},
+                          indent=2)  # fmt: skip
+    return "\n".join([
+        f"weights        {path} ({size_text(path.stat().st_size)}): the {meta.get('weights', '?')} "
+        f"backbone of {meta.get('source', '?')} (ressl {meta.get('ressl_version', '?')})",
+        f"backbone       {described}",
+        "load it without ressl:",
+        meta.get("code", "").rstrip(),
+    ])  # fmt: skip
+
+
 def info_cmd(
     path: Annotated[
         Path,
@@ -36,6 +71,10 @@ def info_cmd(
         fail(f"{path}: no such file or folder")
     if path.suffix.lower() == ".onnx":
         typer.echo(onnx_info(path, as_json))
+        return
+    weights = _weights_metadata(path)
+    if weights is not None:
+        typer.echo(_weights_info(path, weights, as_json))
         return
     checked = check_file(path)
     meta, settings = checked.meta, checked.settings

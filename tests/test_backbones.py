@@ -189,6 +189,14 @@ def test_a_torchvision_run_exports_weights_the_library_loads(capsys, tmp_path, m
     exec(code_text.replace("'backbone.safetensors'", repr(str(out))), scope)
     with torch.no_grad():
         assert torch.allclose(scope["net"].eval()(x), encoder.features(x), atol=1e-6)
+    # ressl info describes the weights file
+    code, stdout, err = run_cli(capsys, "info", out)
+    assert code == 0, err
+    assert (
+        "the student backbone of last.safetensors" in stdout
+        and "torchvision mobilenet_v3_small" in stdout
+    )
+    assert "net.load_state_dict(load_file('backbone.safetensors'))" in stdout
     # the checkpoint itself is never the target
     code, _, err = run_cli(
         capsys, "export", mobilenet_run, "-o", mobilenet_run / "last.safetensors", "--overwrite"
