@@ -331,17 +331,11 @@ def knn_cmd(
         "seconds": round(seconds + time.perf_counter() - t0, 2),
         "device": str(dev),
     }
-    row = stamped(row)
-    where = record(source, row, record_result)
-    if as_json:
-        typer.echo(json.dumps(row))
-        return
-    typer.echo(
-        f"kNN (k {k}, t {temperature:g}) on {data.name}: {row['train_images']} train -> "
-        f"{row['test_images']} test images, {source.description} ({row['dim']}-d)"
-    )
     top5 = f"  top-5 {acc['top5']:.2f}%" if "top5" in acc else ""
-    typer.echo(f"top-1 {acc['top1']:.2f}%{top5}" + (f"  (recorded in {where})" if where else ""))
+    _finish(source, row, record_result, as_json,
+            f"kNN (k {k}, t {temperature:g}) on {data.name}: {row['train_images']} train -> "
+            f"{row['test_images']} test images, {source.description} ({row['dim']}-d)",
+            f"top-1 {acc['top1']:.2f}%{top5}")  # fmt: skip
 
 
 @eval_app.command("linear")
@@ -392,6 +386,15 @@ def linear_cmd(
     if protocol is Protocol.paper:
         _paper_linear(path, weights, device, dataset, data_root, probe, record_result, as_json)
         return
+    _fast_linear(path, weights, device, dataset, data_root, batch_size, probe, record_result,
+                 as_json)  # fmt: skip
+
+
+def _fast_linear(
+    path: Path, weights: Weights, device: str, dataset: str | None, data_root: Path | None,
+    batch_size: int, probe: dict[str, Any], record_result: bool, as_json: bool,
+) -> None:  # fmt: skip
+    """``eval linear`` (the fast probe): a linear layer on features extracted once."""
     from ressl.evaluate import linear_probe
 
     from .progress import CountProgress
@@ -401,25 +404,17 @@ def linear_cmd(
     )
     train_f, train_y, test_f, test_y = feats
     t0 = time.perf_counter()
-    with CountProgress("probe epochs", epochs, unit="epochs/s") as progress:
+    with CountProgress("probe epochs", probe["epochs"], unit="epochs/s") as progress:
         acc = linear_probe(train_f, train_y, test_f, test_y, len(data.classes), **probe,
                            device=dev, progress=progress)  # fmt: skip
     row = {**_base_row("linear", source, data, feats), **probe,
            **{key: round(v, 4) for key, v in acc.items()},
            "seconds": round(seconds + time.perf_counter() - t0, 2), "device": str(dev)}  # fmt: skip
-    row = stamped(row)
-    where = record(source, row, record_result)
-    if as_json:
-        typer.echo(json.dumps(row))
-        return
-    typer.echo(
-        f"linear probe ({epochs} epochs, lr {lr:g}) on {data.name}: {row['train_images']} train -> "
-        f"{row['test_images']} test images, {source.description} ({row['dim']}-d)"
-    )
-    typer.echo(
-        f"top-1 {acc['top1']:.2f}%  (train {acc['train_top1']:.2f}%)"
-        + (f"  (recorded in {where})" if where else "")
-    )
+    _finish(source, row, record_result, as_json,
+            f"linear probe ({probe['epochs']} epochs, lr {probe['lr']:g}) on {data.name}: "
+            f"{row['train_images']} train -> {row['test_images']} test images, "
+            f"{source.description} ({row['dim']}-d)",
+            f"top-1 {acc['top1']:.2f}%  (train {acc['train_top1']:.2f}%)")  # fmt: skip
 
 
 def _paper_linear(
@@ -444,18 +439,22 @@ def _paper_linear(
     row = {"protocol": "linear-paper", **source.info, "features": source.features,
            "dataset": data.name, "train_images": len(data.memory), "test_images": len(data.test),
            **probe, **acc, "seconds": round(time.perf_counter() - t0, 2), "device": str(dev)}  # fmt: skip
+    _finish(source, row, record_result, as_json,
+            f"linear evaluation, the paper's protocol ({probe['epochs']} epochs of random crops, "
+            f"lr {probe['lr']:g}, batch {probe['batch_size']}) on {data.name}: "
+            f"{row['train_images']} train -> {row['test_images']} test images, "
+            f"{source.description}",
+            f"top-1 {acc['top1']:.2f}% (final epoch); best {acc['best_top1']:.2f}% at epoch "
+            f"{acc['best_epoch']}, selected on the test set")  # fmt: skip
+
+
+def _finish(source: FeatureSource, row: dict[str, Any], record_result: bool, as_json: bool,
+            heading: str, result: str) -> None:  # fmt: skip
+    """Stamp and record an evaluation's row, then print it: as JSON, or a heading and the result."""
     row = stamped(row)
     where = record(source, row, record_result)
     if as_json:
         typer.echo(json.dumps(row))
         return
-    typer.echo(
-        f"linear evaluation, the paper's protocol ({probe['epochs']} epochs of random crops, lr "
-        f"{probe['lr']:g}, batch {probe['batch_size']}) on {data.name}: {row['train_images']} "
-        f"train -> {row['test_images']} test images, {source.description}"
-    )
-    typer.echo(
-        f"top-1 {acc['top1']:.2f}% (final epoch); best {acc['best_top1']:.2f}% at epoch "
-        f"{acc['best_epoch']}, selected on the test set"
-        + (f"  (recorded in {where})" if where else "")
-    )
+    typer.echo(heading)
+    typer.echo(result + (f"  (recorded in {where})" if where else ""))

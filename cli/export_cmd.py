@@ -55,6 +55,7 @@ def export_cmd(
 ) -> None:
     """Export a checkpoint's encoder to ONNX (preprocessing and metadata inside, verified
     against PyTorch), or its backbone's weights to a plain safetensors state dict."""
+    # long by its options only: Typer declares each in the signature
     from ressl.export.exporter import export_onnx
 
     from ressl.atomic import check_writable

@@ -179,6 +179,7 @@ def plot_cmd(
     seed: Annotated[int, typer.Option(help="Seed for the choice of t-SNE points.")] = 0,
 ) -> None:
     """Draw a run's curves (curves.png) and a t-SNE of test-set features coloured by class (tsne.png)."""
+    # long by its options only: Typer declares each in the signature
     rows = read_metrics(run_dir)
     if tsne_points < 4:
         fail(f"--tsne-points must be >= 4, got {tsne_points}")

@@ -62,7 +62,8 @@ def load_dataset(
     subset: int | None = None,
     channels: int | None = None,
 ) -> ImageData:
-    """Load a named dataset as uint8 images and int64 labels.
+    """Load a named dataset as uint8 images and int64 labels (long only by this docstring
+    and the argument checks).
 
     Args:
         spec: One of :func:`dataset_names`: ``"fashion-mnist"`` (1 channel, 28 px),

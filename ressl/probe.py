@@ -50,6 +50,16 @@ def _accuracy(layer: torch.nn.Linear, x: Tensor, y: Tensor) -> float:
     return 100.0 * float((layer(x).argmax(1) == y).float().mean()) if len(y) else math.nan
 
 
+def _sgd_step(opt: torch.optim.Optimizer, layer: torch.nn.Linear, x: Tensor, y: Tensor,
+              lr: float) -> None:  # fmt: skip
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = F.cross_entropy(layer(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def paper_linear_eval(
     fn: Callable[[Tensor], Tensor],
     train: ImageSource,
@@ -116,12 +126,7 @@ def paper_linear_eval(
                 x = weak_view(images, size=image_size, mean=mean, std=std, generator=crops,
                               scale=crop_scale)  # fmt: skip
                 features = fn(x).float()
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, steps, lr)
-            loss = F.cross_entropy(layer(features), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _sgd_step(opt, layer, features, y, cosine_lr(step, steps, lr))
             step += 1
         with torch.no_grad():
             per_epoch.append(round(_accuracy(layer, test_x, test_y), 4))

@@ -292,7 +292,7 @@ def _build(
     """Phase 1: data, model, optimiser, crop plan and a fresh state, from the config.
 
     The order of random draws (weights, queue, generators) is fixed: resumed and
-    distributed runs depend on it.
+    distributed runs depend on it, which is why the build stays in one function.
     """
     if config.log == "tensorboard":
         require_tensorboard()  # on every rank, before anything is loaded
@@ -613,6 +613,8 @@ def train(
     **settings: Any,
 ) -> Path:
     """Pre-train an encoder with ReSSL and return the path of the final checkpoint.
+
+    (Most of its length is this docstring; a resume is handed to ``_continue``.)
 
     The configuration is ``config`` (a :class:`ressl.config.TrainConfig`) or, config-free,
     the keyword arguments: every field of ``TrainConfig`` is a keyword (``ressl train

@@ -496,11 +496,12 @@ def test_pil_blur_never_waits_for_the_gpu():
     x = torch.rand(8, 3, 32, 32, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     random_blur(x, 0.5, (0.1, 2.0), g, "pil")  # warm-up (allocations, kernels)
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # any host sync now raises a RuntimeError
     try:
-        random_blur(x, 0.5, (0.1, 2.0), g, "pil")
+        out = random_blur(x, 0.5, (0.1, 2.0), g, "pil")
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    assert out.shape == x.shape and out.device == x.device
 
 
 def test_the_strong_view_blurs_as_pil_with_the_papers_sigma_at_small_sizes():
