@@ -13,12 +13,14 @@ what ressl used before 0.2.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from einops import rearrange
 from torch import Tensor
 from torch.nn import functional as F
 
-from .checks import check_images, check_per_image, coin
+from .checks import check_images, check_per_image, coin, syncs_are_free
 
 __all__ = ["BLUR_MODES", "blur_kernel_size", "gaussian_blur", "pil_gaussian_blur", "random_blur"]
 
@@ -34,6 +36,12 @@ def _box_radius(sigma: Tensor, passes: int = 3) -> Tensor:
     whole = torch.floor((big.double() - 1.0) / 2.0).float()
     a = (2 * whole + 1) * (whole * (whole + 1) - 3 * s2)
     return whole + a / (6 * (s2 - (whole + 1) * (whole + 1)))
+
+
+@functools.lru_cache(maxsize=64)
+def _whole_radius(sigma: float) -> int:
+    """The integer part of the box radius of ``sigma`` (host arithmetic, computed once)."""
+    return int(torch.floor(_box_radius(torch.tensor([sigma]))).item())
 
 
 def _box_pass(x: Tensor, radius: Tensor, whole: list[int], dim: int) -> Tensor:
@@ -84,8 +92,7 @@ def pil_gaussian_blur(images: Tensor, sigma: Tensor, max_sigma: float | None = N
     x = (images if images.dtype == torch.uint8 else (images * 255).round().clamp(0, 255)).long()
     radius = _box_radius(sigma)
     if max_sigma is not None:  # the radius grows with sigma: every box up to the bound's
-        top = int(torch.floor(_box_radius(torch.tensor([float(max_sigma)]))).item())
-        whole = list(range(top + 1))
+        whole = list(range(_whole_radius(float(max_sigma)) + 1))
     else:
         whole = torch.floor(radius).long().unique().tolist() if b else [0]  # one host sync
     for dim in (-1, -1, -1, -2, -2, -2):  # PIL: three passes along rows, then three along columns
@@ -166,7 +173,7 @@ def random_blur(
     sigma = sigma * (sigma_range[1] - sigma_range[0]) + sigma_range[0]
     blur = coin(b, p, generator, device)
     if mode == "pil":
-        if device.type == "cpu":  # only the images that are blurred (a CPU "sync" is free)
+        if syncs_are_free(device):  # only the images that are blurred
             chosen = blur.nonzero().squeeze(1)
             out = images.clone()
             out[chosen] = pil_gaussian_blur(images[chosen], sigma[chosen], sigma_range[1]).to(

@@ -6,6 +6,7 @@ Every public view function validates at its boundary with these, so a bad argume
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -25,8 +26,10 @@ __all__ = [
     "check_range",
     "check_size",
     "coin",
+    "device_constant",
     "is_number",
     "per_image",
+    "syncs_are_free",
 ]
 
 
@@ -119,3 +122,28 @@ def per_image(values: Tensor) -> Tensor:
 
 def coin(batch: int, p: float, generator: torch.Generator, device: torch.device) -> Tensor:
     return torch.rand(batch, generator=generator, device=device) < p  # (B,) bool
+
+
+def syncs_are_free(device: torch.device) -> bool:
+    """Whether reading a value of ``device`` on the host costs nothing (the CPU): kernels
+    may then branch on data (gather a subset, count); elsewhere they stay sync-free."""
+    return device.type == "cpu"
+
+
+def device_constant(
+    values: tuple[float, ...] | tuple[bool, ...], device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``torch.tensor(values)`` on ``device``, made once per (values, device, dtype).
+
+    Copying host values to a GPU waits for it, so the views' constants (normalisation,
+    jitter ranges, hue anchors) are copied at the first step and reused: read-only.
+    """
+    if torch.compiler.is_compiling():  # a traced graph holds its own constants
+        return torch.tensor(values, device=device, dtype=dtype)
+    return _constant(tuple(values), torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor whatever the caller's mode
+        return torch.tensor(values, device=device, dtype=dtype)

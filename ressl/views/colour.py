@@ -20,7 +20,9 @@ from .checks import (
     check_per_image,
     check_prob,
     coin,
+    device_constant,
     per_image,
+    syncs_are_free,
 )
 
 __all__ = [
@@ -101,7 +103,7 @@ def _hue_(x: Tensor, factor: Tensor) -> Tensor:
     hue = (t_b - t_g).mul_(is_r)
     hue.addcmul_(t_r - t_b + 2.0, is_g).addcmul_(t_g - t_r + 4.0, is_b)  # (B, H, W)
     hue += (6.0 * factor).view(-1, 1, 1)  # the rotation, in sextants
-    anchors = torch.tensor([3.0, 5.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    anchors = device_constant((3.0, 5.0, 1.0), x.device, x.dtype).view(1, 3, 1, 1)
     u = hue.unsqueeze(1) - anchors  # (B, 3, H, W)
     dist = u.sub_(torch.round(u * (1.0 / 6.0)).mul_(6.0)).abs_()  # circular, in [0, 3]
     ramp = dist.neg_().add_(2.0).clamp_(0.0, 1.0)
@@ -223,7 +225,7 @@ def adjust_colors_(
     # instead on the whole batch at every step and is kept only where due (no sync).
     b, device = x.shape[0], x.device
     if gather_hue is None:
-        gather_hue = device.type == "cpu"
+        gather_hue = syncs_are_free(device)
     order = order.to(device=device, dtype=torch.int64)
     factors = factors.to(device=device, dtype=x.dtype)
     todo = torch.ones(b, dtype=torch.bool, device=device) if apply is None else apply.to(device)
@@ -231,7 +233,7 @@ def adjust_colors_(
     if x.shape[1] == 1:  # saturation and hue leave grey images unchanged
         on[2] = on[3] = False
     blends = [op for op in range(3) if on[op]]
-    on_t = torch.tensor(on, device=device)
+    on_t = device_constant(tuple(on), device, torch.bool)
     hue_counts = [0] * 5  # images whose hue is due at step 0, 1, 2, 3, never
     if on[3]:
         hue_step = torch.where(todo, (order == 3).to(torch.uint8).argmax(dim=1), 4)  # (B,)
@@ -282,8 +284,9 @@ def sample_jitter_params(
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     device = torch.device(generator.device)
-    lo = torch.tensor([max(0.0, 1.0 - j) for j in jitter[:3]] + [-jitter[3]], device=device)
-    hi = torch.tensor([1.0 + j for j in jitter[:3]] + [jitter[3]], device=device)
+    lo = device_constant((*(max(0.0, 1.0 - j) for j in jitter[:3]), -jitter[3]), device,
+                         torch.float32)  # fmt: skip
+    hi = device_constant((*(1.0 + j for j in jitter[:3]), jitter[3]), device, torch.float32)
     factors = torch.rand(batch, 4, generator=generator, device=device) * (hi - lo) + lo
     order = torch.argsort(torch.rand(batch, 4, generator=generator, device=device), dim=1)
     return factors, order

@@ -26,6 +26,7 @@ from .checks import (
     check_range,
     check_size,
     coin,
+    device_constant,
     per_image,
 )
 from .colour import adjust_colors_, rgb_to_grayscale, sample_jitter_params
@@ -65,8 +66,8 @@ def normalize(
 def _affine(
     mean: Sequence[float], std: Sequence[float], c: int, input_scale: float, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    m = torch.tensor(check_channel_stats("mean", mean, c), device=device)
-    s = torch.tensor(check_channel_stats("std", std, c), device=device)
+    m = device_constant(tuple(check_channel_stats("mean", mean, c)), device, torch.float32)
+    s = device_constant(tuple(check_channel_stats("std", std, c)), device, torch.float32)
     return (input_scale / s).view(1, c, 1, 1), (-m / s).view(1, c, 1, 1)
 
 
