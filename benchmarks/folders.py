@@ -46,14 +46,18 @@ def write_jpegs(root: Path, n: int, seed: int = 0) -> list[Path]:
     return files
 
 
-def rate(source: FolderImages, batch: int, workers: int, crops: list | None) -> float:
+def rate(
+    source: FolderImages, batch: int, workers: int, crops: list | None, decode: str = "workers"
+) -> float:
     t0 = time.perf_counter()
     n = 0
     if crops is None:
         for x, _ in source.batches(batch, epoch=0, seed=0, num_workers=workers):
             n += x.shape[0]
     else:
-        for views, _ in source.crop_batches(batch, crops, epoch=0, seed=0, num_workers=workers):
+        for views, _ in source.crop_batches(
+            batch, crops, epoch=0, seed=0, num_workers=workers, decode=decode
+        ):
             n += views[0].shape[0]
     return n / (time.perf_counter() - t0)
 
@@ -63,6 +67,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=lambda t: [int(v) for v in t.split(",")], default=[0, 2])
+    p.add_argument("--decode", type=lambda t: t.split(","), default=["workers", "device"],
+                   help="where crops are decoded: workers (PIL), device (torchvision, the CPU here)")  # fmt: skip
     p.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     args = p.parse_args()
 
@@ -79,12 +85,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = write_jpegs(Path(tmp), args.images)
         source = FolderImages(files, [0] * len(files), 224)
-        rate(source, args.batch_size, 0, plans[1][1])  # warm the file cache
+        for decode in args.decode:  # warm the file cache, and each decoder's first call
+            rate(source, args.batch_size, 0, plans[1][1], decode)
         for name, crops in plans:
-            for w in args.workers:
-                ips = rate(source, args.batch_size, w, crops)
-                rows.append((name, w, ips))
-                print(f"{name}, {w} workers: {ips:.1f} images/s", flush=True)
+            for decode in args.decode if crops is not None else ["workers"]:
+                for w in args.workers:
+                    ips = rate(source, args.batch_size, w, crops, decode)
+                    rows.append((name, decode, w, ips))
+                    print(f"{name}, {decode}, {w} workers: {ips:.1f} images/s", flush=True)
 
     cores = os.cpu_count() or 1
     workers = ",".join(str(w) for w in args.workers)
@@ -93,14 +101,16 @@ def main() -> None:
         f"{args.batch_size}, decode + crops + resize (PIL, bilinear with antialiasing) per image; "
         f"{cpu_model()}, {cores} cores; torch {torch.__version__}. 0 workers = in the training process.",
         "",
-        "| what is cut per image | workers | images/s |",
-        "|---|---:|---:|",
+        "| what is cut per image | decoded | workers | images/s |",
+        "|---|---|---:|---:|",
     ]
-    lines += [f"| {name} | {w} | {ips:,.1f} |" for name, w, ips in rows]
+    lines += [f"| {name} | {d} | {w} | {ips:,.1f} |" for name, d, w, ips in rows]
     lines += [
         "",
         f"Command: `python benchmarks/folders.py --images {args.images} --batch-size {args.batch_size} "
-        f"--workers {workers}`",
+        f"--workers {workers} --decode {','.join(args.decode)}`. decoded = workers: PIL decodes "
+        "and crops in the workers; device: the workers read bytes and the training device (here "
+        "the CPU, in the training process) decodes the batch with torchvision and cuts the crops.",
     ]
     table = "\n".join(lines)
     print(table)

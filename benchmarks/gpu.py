@@ -1,15 +1,19 @@
-"""The ReSSL step on the hardware users train on: images/s, peak memory, FLOPs and the
-fraction of the device's bf16 peak, eager and compiled, one crop, multi-crop and
-symmetric; a ResNet-50 run through the JPEG folder path; and a check that
-``ressl train``'s own images/s agrees with the step's.
+"""The ReSSL step on the hardware users train on: images/s, the views' share of the step,
+peak memory, FLOPs and the fraction of the device's bf16 peak, eager, compiled and under
+CUDA graphs, one crop, multi-crop and symmetric; a ResNet-50 run through the JPEG folder
+path, decoded in the workers and on the device; and a check that ``ressl train``'s own
+images/s agrees with the step's.
 
 The step is the trainer's (``CropPlan.views`` + ``training_step``: views, student
-forward and backward, EMA, teacher forward, relation loss, enqueue) on uint8 images
-already on the device, bf16 autocast where supported, channels-last. "compiled"
+forward and backward, EMA, teacher forward, relation loss, fused SGD, enqueue) on uint8
+images already on the device, bf16 autocast where supported, channels-last. "compiled"
 wraps the student and the teacher in ``torch.compile`` (one graph per crop side);
-its compile time is reported and kept out of images/s. FLOPs per image come from
-``torch.utils.flop_counter`` over one step. The 200-epoch projection is for
-50,000 training images (CIFAR-size).
+"cuda graphs" is the same with ``mode="reduce-overhead"``; compile time is reported and
+kept out of images/s. The views' share is the views alone (crops, colour, blur,
+normalisation) timed the same way, over the step's time. FLOPs per image come from
+``torch.utils.flop_counter`` over one eager step. The 200-epoch projection is for
+50,000 training images (CIFAR-size). The JPEG rows time the crops alone (the
+DataLoader and the decode, no training) and ``ressl train`` on them.
 
 One H100/H200 (under 5 minutes):
 
@@ -23,6 +27,7 @@ On a CPU, with tiny sizes (what the tests run):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -38,9 +43,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ressl import ReSSL, folders, train
+from ressl import ReSSL, folders, load_dataset, train
 from ressl.crops import CropPlan
 from ressl.device import autocast_dtype
+from ressl.sources import FolderImages
 from ressl.step import EncodeCrops, training_step
 from ressl.views import StrongView, WeakView
 
@@ -58,7 +64,7 @@ class Case:
     batch: int
     crops: tuple[int, ...] | None = None
     symmetric: bool = False
-    compiled: bool = False
+    mode: str = "eager"  # or "compiled", or "cuda graphs" (compile mode reduce-overhead)
 
     @property
     def label(self) -> str:
@@ -85,7 +91,8 @@ def _step_fn(case: Case, device: torch.device, channels: int) -> tuple[Any, floa
     model = ReSSL(case.backbone, in_channels=channels, image_size=case.size, hidden_dim=512,
                   embed_dim=128, queue_size=max(4096, 2 * case.batch)).to(device)  # fmt: skip
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
-    opt = torch.optim.SGD(model.student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(model.student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4,
+                          fused=True)  # as ressl train (--sgd-kernel fused)  # fmt: skip
     amp = autocast_dtype("auto", device)
     views = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (case.batch, channels, case.size, case.size), dtype=torch.uint8,
@@ -94,19 +101,25 @@ def _step_fn(case: Case, device: torch.device, channels: int) -> tuple[Any, floa
     student: nn.Module = EncodeCrops(model.student)
     teacher: nn.Module = model.teacher
     seconds = 0.0
-    if case.compiled:
-        student, teacher = torch.compile(student), torch.compile(teacher)
-        model.teacher = teacher  # type: ignore[assignment]
+    if case.mode != "eager":
+        mode = "reduce-overhead" if case.mode == "cuda graphs" else None
+        student = torch.compile(student, mode=mode, dynamic=False)
+        teacher = torch.compile(teacher, mode=mode, dynamic=False)
 
-    def step() -> torch.Tensor:
+    def make_views() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         x_t, x_s = plan.views(images, generator=views, mean=mean, std=std, student=StrongView(),
                               teacher=WeakView())  # fmt: skip
         x_t = [x.contiguous(memory_format=torch.channels_last) for x in x_t]
         x_s = [x.contiguous(memory_format=torch.channels_last) for x in x_s]
-        return training_step(model, opt, x_t, x_s, momentum=0.99, symmetric=plan.symmetric,
-                             autocast_dtype=amp, student=student)  # fmt: skip
+        return x_t, x_s
 
-    if case.compiled:
+    def step() -> torch.Tensor:
+        x_t, x_s = make_views()
+        return training_step(model, opt, x_t, x_s, momentum=0.99, symmetric=plan.symmetric,
+                             autocast_dtype=amp, student=student, teacher=teacher)  # fmt: skip
+
+    step.views = make_views  # type: ignore[attr-defined]
+    if case.mode != "eager":
         t = time.perf_counter()
         step()
         step()  # the second call compiles what the first did not (e.g. backward)
@@ -115,31 +128,40 @@ def _step_fn(case: Case, device: torch.device, channels: int) -> tuple[Any, floa
     return step, seconds
 
 
+def _timed(fn: Any, device: torch.device, steps: int) -> float:
+    """Seconds per call of ``fn`` over ``steps`` calls (the device's queue drained)."""
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = fn()
+    _sync(device)
+    if isinstance(out, torch.Tensor):
+        assert torch.isfinite(out)
+    return (time.perf_counter() - t) / steps
+
+
 def measure(case: Case, device: torch.device, steps: int, channels: int = 3) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
         step, compile_seconds = _step_fn(case, device, channels)
-    except Exception as e:  # noqa: BLE001 - a failed compile is a row saying so
-        return {"case": case, "error": str(e).splitlines()[0][:80]}
-    step()  # warm-up
-    _sync(device)
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops() / case.batch
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    _sync(device)
-    seconds = time.perf_counter() - t
-    assert torch.isfinite(loss)
-    ips = case.batch * steps / seconds
+        step()  # warm-up
+        _sync(device)
+        flops = 0.0
+        if case.mode == "eager":  # the compiled step does the same arithmetic
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops = counter.get_total_flops() / case.batch
+        seconds = _timed(step, device, steps)
+        views = _timed(step.views, device, steps)  # the views alone: their share of a step
+    except Exception as e:  # noqa: BLE001 - a failed compile or step is a row saying so
+        return {"case": case, "error": str(e).strip().splitlines()[0][:80]}
+    ips = case.batch / seconds
     peak = _peak(device)
     memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"case": case, "images_per_second": ips, "flops_per_image": flops,
-            "peak_fraction": ips * flops / peak if peak else None, "memory": memory,
-            "compile_seconds": compile_seconds,
+    return {"case": case, "images_per_second": ips, "flops_per_image": flops or None,
+            "peak_fraction": ips * flops / peak if peak and flops else None, "memory": memory,
+            "compile_seconds": compile_seconds, "views_share": views / seconds,
             "cifar_200_epochs_min": CIFAR_IMAGES * CIFAR_EPOCHS / ips / 60}  # fmt: skip
 
 
@@ -169,6 +191,57 @@ def _cell(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _rows(cases: list[Case], device: torch.device, steps: int) -> list[dict[str, Any]]:
+    """Every case measured; a compiled row takes the FLOPs of its eager twin."""
+    rows = [measure(case, device, steps) for case in cases]
+    eager = {r["case"]: r for r in rows if "error" not in r and r["case"].mode == "eager"}
+    peak = _peak(device)
+    for r in rows:
+        twin = eager.get(dataclasses.replace(r["case"], mode="eager"))
+        if "error" not in r and r["flops_per_image"] is None and twin is not None:
+            r["flops_per_image"] = twin["flops_per_image"]
+            if peak and r["flops_per_image"]:
+                r["peak_fraction"] = r["images_per_second"] * r["flops_per_image"] / peak
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| step | mode | images/s | views' share | peak memory (GiB) | GFLOP/image | "
+             "of bf16 peak | compile | 200 CIFAR epochs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        case = r["case"]
+        if "error" in r:
+            lines.append(f"| {case.label} | {case.mode} | failed: {r['error']} | | | | | | |")
+            continue
+        memory = None if r["memory"] is None else r["memory"] / 2**30
+        flops = None if r["flops_per_image"] is None else r["flops_per_image"] / 1e9
+        lines.append(
+            f"| {case.label} | {case.mode} | {r['images_per_second']:,.0f} | "
+            f"{r['views_share']:.0%} | {_cell(memory, '.2f')} | {_cell(flops, '.3f')} | "
+            f"{_cell(r['peak_fraction'], '.1%')} | {r['compile_seconds']:.0f} s | "
+            f"{r['cifar_200_epochs_min']:,.0f} min |"
+        )
+    return lines
+
+
+def pipeline_images_per_second(root: Path, side: int, batch: int, workers: int,
+                               device: torch.device, decode: str) -> float:  # fmt: skip
+    """The streamed folder's crops alone (no training): images/s delivered on ``device``."""
+    data = load_dataset(f"folder:{root}", image_size=side)
+    plan = CropPlan.build(side, (0.2, 1.0))
+    assert isinstance(data.train, FolderImages)
+    batches = data.train.crop_batches(batch, plan.worker_crops, epoch=0, seed=0, device=device,
+                                      num_workers=workers, decode=decode)  # fmt: skip
+    next(iter(batches))  # workers started
+    _sync(device)
+    t, n = time.perf_counter(), 0
+    for _, labels in batches:
+        n += labels.shape[0]
+    _sync(device)
+    return n / (time.perf_counter() - t)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="small sizes, for a CPU (the tests)")
@@ -177,36 +250,24 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="put the table in docs/benchmarks.md")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    compiled = (False,) if args.no_compile else (False, True)
+    modes = ("eager",) if args.no_compile else ("eager", "compiled", "cuda graphs")
     if args.tiny:
         steps = args.steps or 2
-        cases = [Case("small", 16, 8, compiled=c) for c in compiled]
+        cases = [Case("small", 16, 8, mode=m) for m in modes]
         cases += [Case("small", 16, 8, crops=(16, 12)), Case("small", 16, 8, symmetric=True)]
         folder = dict(backbone="small", image_size=32, batch_size=8, count=32, side=40, epochs=1)
     else:
         steps = args.steps or 20
-        cases = [Case("small", 28, 1024, compiled=c) for c in compiled]
-        cases += [Case("resnet18", 32, b, compiled=c) for b in (256, 512) for c in compiled]
+        cases = [Case("small", 28, 1024, mode=m) for m in modes]
+        cases += [Case("resnet18", 32, 512, mode=m) for m in modes]
+        cases += [Case("resnet18", 32, 256, mode=m) for m in modes[:2]]
         cases += [Case("resnet18", 32, 256, crops=(32, 28, 24, 20, 16)),
                   Case("resnet18", 32, 256, symmetric=True)]  # fmt: skip
         folder = dict(
             backbone="resnet50", image_size=224, batch_size=128, count=2048, side=256, epochs=2
         )
-    rows = [measure(case, device, steps) for case in cases]
-    lines = ["| step | mode | images/s | peak memory (GiB) | GFLOP/image | of bf16 peak | compile | 200 CIFAR epochs |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for r in rows:
-        case = r["case"]
-        mode = "compiled" if case.compiled else "eager"
-        if "error" in r:
-            lines.append(f"| {case.label} | {mode} | failed: {r['error']} | | | | | |")
-            continue
-        memory = None if r["memory"] is None else r["memory"] / 2**30
-        lines.append(
-            f"| {case.label} | {mode} | {r['images_per_second']:,.0f} | {_cell(memory, '.2f')} | "
-            f"{r['flops_per_image'] / 1e9:.3f} | {_cell(r['peak_fraction'], '.1%')} | "
-            f"{r['compile_seconds']:.0f} s | {r['cifar_200_epochs_min']:,.0f} min |"
-        )
+    rows = _rows(cases, device, steps)
+    lines = _table(rows)
     first, workers = rows[0], min(16, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:  # the first row's step, through ressl train
         c = first["case"]
@@ -215,19 +276,27 @@ def main() -> None:
                                             batch_size=c.batch, image_size=c.size, epochs=2,
                                             queue_size=max(4096, 2 * c.batch))  # fmt: skip
     folders.MAX_IN_MEMORY_BYTES = 0  # the folder is streamed from disk however small it is
+    jpeg = ["| JPEG folder, " + f"{folder['backbone']} {folder['image_size']} px, batch "
+            f"{folder['batch_size']} | crops alone | ressl train |", "|---|---:|---:|"]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         spec = folder.copy()
         root = _image_folder(Path(tmp), spec.pop("count"), spec.pop("side"), ".jpg")
-        folder_ips = trainer_images_per_second(device, dataset=f"folder:{root}",
-                                               num_workers=workers, **spec)  # fmt: skip
+        for decode in ("workers", "device"):
+            alone = pipeline_images_per_second(root, spec["image_size"], spec["batch_size"],
+                                               workers, device, decode)  # fmt: skip
+            trained_jpeg = trainer_images_per_second(device, dataset=f"folder:{root}",
+                                                     num_workers=workers, decode=decode, **spec)  # fmt: skip
+            where = (f"decoded in {workers} DataLoader workers (PIL)" if decode == "workers"
+                     else f"bytes read in {workers} workers, decoded on the {device.type}")  # fmt: skip
+            jpeg.append(f"| {where} | {alone:,.0f} | {trained_jpeg:,.0f} |")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     table = "\n".join(lines) + (
         f"\n\n`ressl train` on the first row's settings (an in-memory folder): {trained:,.0f} "
-        f"images/s, against the step's {first.get('images_per_second', 0):,.0f}. "
-        f"{folder['backbone']} at {folder['image_size']} px through a JPEG folder streamed "
-        f"from disk (decoded and cropped in {workers} DataLoader workers): "
-        f"{folder_ips:,.0f} images/s.\n\n"
-        f"{name}, torch {torch.__version__}, {steps} timed steps per row; "
+        f"images/s, against the step's {first.get('images_per_second', 0):,.0f}.\n\n"
+        + "\n".join(jpeg)
+        + "\n\n"
+        f"{name}, torch {torch.__version__}, {steps} timed steps per row, fused SGD; images/s "
+        "of the JPEG folder from `ressl train`'s last epoch; "
         f"`python benchmarks/gpu.py{' --tiny' if args.tiny else ''}`."
     )
     print(table)

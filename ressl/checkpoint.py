@@ -164,10 +164,15 @@ def load_optimizer_tensors(
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
     for group in optimizer.param_groups:
         for param in group["params"]:
-            for key, value in optimizer.state.get(param, {}).items():
+            entry = optimizer.state.get(param, {})
+            for key, value in entry.items():
                 if isinstance(value, Tensor) and value.shape != param.shape:
                     raise ValueError(f"its {key} of shape {tuple(value.shape)} is for a parameter "
                                      f"of shape {tuple(param.shape)}")  # fmt: skip
+                if isinstance(value, Tensor) and value.stride() != param.stride():
+                    # the parameter's layout (channels-last), as the first step made it: fused
+                    # SGD reads parameter, gradient and buffer as one flat layout
+                    entry[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 @dataclass

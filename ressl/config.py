@@ -37,6 +37,7 @@ from .rules import (
     CHANNELS,
     CROP_SCALES,
     CROPS,
+    DECODE_PLACES,
     DEVICE,
     JITTER,
     NO_LEGACY,
@@ -142,6 +143,16 @@ class TrainConfig:
     num_workers: int = _field(
         DATA, 4, "DataLoader workers for streamed folders.", integer(0), resumable=True
     )
+    decode: Literal["auto", "workers", "device"] = _field(
+        DATA,
+        "auto",
+        "Where streamed folders' JPEGs are decoded and cropped: workers (PIL, in the "
+        "DataLoader workers), or device (the workers read bytes; the training device "
+        "decodes a batch in one call, nvjpeg on CUDA, and cuts the crops); auto: device on "
+        "CUDA. Other files are decoded in the workers either way.",
+        choice("auto", *DECODE_PLACES),
+        resumable=True,
+    )
     backbone: str = _recipe(
         MODEL,
         "Encoder: small (a fast CNN for CPU runs), resnet18, resnet50, any torchvision "
@@ -185,6 +196,16 @@ class TrainConfig:
     sgd_momentum: float = _field(OPTIM, 0.9, "SGD momentum.", number(0.0, strict=False, below=1.0))
     nesterov: bool = _field(
         OPTIM, False, "Nesterov momentum for SGD (needs --sgd-momentum > 0).", BOOL
+    )
+    sgd_kernel: Literal["fused", "foreach", "default"] = _field(
+        OPTIM,
+        "fused",
+        "SGD's update: fused (one kernel for all parameters), foreach (a few kernels), or "
+        "default, PyTorch's choice (foreach on GPUs, one update per parameter on CPUs; "
+        "ressl < 0.3). The same arithmetic, rounded differently.",
+        choice("fused", "foreach", "default"),
+        legacy="default",
+        resumable=True,
     )
     warmup_epochs: int = _recipe(
         OPTIM, "Linear warm-up epochs before the cosine decay.", integer(0)

@@ -21,7 +21,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from .imagefiles import as_mode, resize_center_crop
 
-__all__ = ["decode_crops", "decode_image", "decode_images", "readable_images"]
+__all__ = [
+    "crop_boxes",
+    "cut_crops",
+    "decode_crops",
+    "decode_image",
+    "decode_images",
+    "readable_images",
+]
 
 
 def _mode(channels: int) -> str:
@@ -76,24 +83,41 @@ def decode_crops(
         One ``(C, side, side)`` uint8 tensor per crop, or None when the file cannot
         be decoded.
     """
-    from .views import sample_crop_boxes  # views imports nothing from here
-
     mode = _mode(channels)
     try:
         with Image.open(path) as im:
             rgb = as_mode(im, mode)
-        w, h = rgb.size
-        out = []
-        for side, scale in crops:
-            top, left, bh, bw = sample_crop_boxes(1, h, w, generator=generator, scale=scale)[
-                0
-            ].tolist()
-            crop = rgb.resize(
-                (side, side), Image.Resampling.BILINEAR, box=(left, top, left + bw, top + bh)
-            )
-            out.append(_chw(crop))
+        boxes = crop_boxes(rgb.size[1], rgb.size[0], crops, generator)
+        return cut_crops(rgb, [side for side, _ in crops], boxes)
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         return None
+
+
+def crop_boxes(
+    height: int, width: int, crops: Sequence[tuple[int, tuple[float, float]]],
+    generator: torch.Generator,
+) -> list[tuple[int, int, int, int]]:  # fmt: skip
+    """One RandomResizedCrop box ``(top, left, h, w)`` per crop of a ``height x width``
+    image, drawn in order from ``generator`` (both decode paths draw these)."""
+    from .views import sample_crop_boxes  # views imports nothing from here
+
+    return [
+        tuple(sample_crop_boxes(1, height, width, generator=generator, scale=scale)[0].tolist())
+        for _, scale in crops
+    ]  # type: ignore[misc]
+
+
+def cut_crops(
+    image: Image.Image, sides: Sequence[int], boxes: Sequence[tuple[int, int, int, int]]
+) -> list[Tensor]:
+    """Each box of ``image`` resized to its side with PIL's antialiased bilinear filter:
+    one ``(C, side, side)`` uint8 tensor per box."""
+    out = []
+    for side, (top, left, bh, bw) in zip(sides, boxes):
+        crop = image.resize(
+            (side, side), Image.Resampling.BILINEAR, box=(left, top, left + bw, top + bh)
+        )
+        out.append(_chw(crop))
     return out
 
 

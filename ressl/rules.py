@@ -162,6 +162,8 @@ BACKBONE = Rule(
     "one of " + ", ".join(BUILTIN_BACKBONES) + ", torchvision:NAME or timm:NAME",
     lambda v: split_backbone(v) is not None,
 )
+#: Where streamed folders' files are decoded: DataLoader workers (PIL), or the training device.
+DECODE_PLACES = ("workers", "device")
 CHANNELS = Rule("1 (greyscale) or 3 (RGB)", lambda v: is_int(v) and v in (1, 3))
 BOOL = Rule("True or False", lambda v: isinstance(v, bool))
 TEXT = Rule("a string", lambda v: isinstance(v, str))

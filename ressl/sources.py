@@ -28,10 +28,20 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .decode import decode_crops, decode_image
+from .jpegs import EncodedFile, collate_encoded, decode_on_device, read_for_device
+from .rules import DECODE_PLACES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FolderImages", "ImageData", "ImageSource", "TensorImages", "epoch_order", "source_part"]
+__all__ = [
+    "DECODE_PLACES",
+    "FolderImages",
+    "ImageData",
+    "ImageSource",
+    "TensorImages",
+    "epoch_order",
+    "source_part",
+]
 
 
 def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool = True) -> Tensor:
@@ -296,53 +306,75 @@ class FolderImages(ImageSource, Dataset):
         start: int = 0,
         num_workers: int = 0,
         shard: tuple[int, int] = (0, 1),
+        decode: str = "workers",
     ) -> Iterator[tuple[list[Tensor], Tensor]]:
-        """One shuffled epoch of random crops cut in the DataLoader workers.
+        """One shuffled epoch of random crops cut from the full-resolution files.
 
-        Each file is decoded at full resolution and ``crops`` are cut from it
-        (:func:`ressl.decode.decode_crops`), so small-scale crops keep their
-        detail and the device only flips, colours and normalises. The boxes come
-        from a generator seeded by ``(seed, epoch, index)``: the same crops for any
-        number of workers, and after a resume. ``shard`` as in :meth:`batches`.
+        Each file is decoded at full resolution and ``crops`` are cut from it, so
+        small-scale crops keep their detail and the device only flips, colours and
+        normalises. The boxes come from a generator seeded by ``(seed, epoch, index)``:
+        the same crops for any number of workers, and after a resume. ``shard`` as in
+        :meth:`batches`.
+
+        Args:
+            decode: ``"workers"``: PIL decodes and crops in the DataLoader workers
+                (:func:`ressl.decode.decode_crops`); ``"device"``: the workers only read
+                JPEG bytes and ``device`` decodes them, batched, and cuts the same boxes
+                (:mod:`ressl.jpegs`; other files are decoded in the workers).
 
         Yields:
             ``([crop_1 (B, C, s_1, s_1) uint8, ...], labels (B,))`` on ``device``.
         """
+        if decode not in DECODE_PLACES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_PLACES)}, got {decode!r}")
         device = torch.device(device)
         order, todo = self._plan(
             batch_size, epoch=epoch, seed=seed, shuffle=True, drop_last=True, start=start
         )
         sampler = [self._slice(order, b, batch_size, shard).tolist() for b in todo]
-        dataset = _CroppedFiles(
-            self, [(int(s), (float(a), float(b))) for s, (a, b) in crops], seed, epoch
-        )
+        plan = [(int(s), (float(a), float(b))) for s, (a, b) in crops]
+        dataset = _CroppedFiles(self, plan, seed, epoch, on_device=decode == "device")
         loader = DataLoader(
             dataset, batch_sampler=sampler, num_workers=num_workers,
             pin_memory=device.type == "cuda",
+            collate_fn=collate_encoded if decode == "device" else None,
         )  # fmt: skip
+        if decode == "device":
+            sides = [s for s, _ in plan]
+            for batch in loader:
+                views = decode_on_device(batch.files, sides, device, self.channels)
+                yield views, batch.labels.to(device, non_blocking=True)
+            return
         for views, y in loader:
             yield [v.to(device, non_blocking=True) for v in views], y.to(device, non_blocking=True)
 
 
 class _CroppedFiles(Dataset):
+    """``(crops, label)`` per file, or, ``on_device``, ``(EncodedFile, label)``."""
+
     def __init__(
         self,
         source: FolderImages,
         crops: list[tuple[int, tuple[float, float]]],
         seed: int,
         epoch: int,
+        on_device: bool = False,
     ) -> None:
         self.files, self.labels, self.crops, self.seed, self.epoch = (
             source.files, source.labels, crops, seed, epoch,
         )  # fmt: skip
-        self.channels = source.channels
+        self.channels, self.on_device = source.channels, on_device
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[list[Tensor], int]:
+    def __getitem__(self, i: int) -> tuple[list[Tensor] | EncodedFile, int]:
         key = (self.seed * 1_000_003 + self.epoch) * 2**31 + i
         generator = torch.Generator().manual_seed(key % (2**63 - 1))
+        if self.on_device:
+            return read_for_device(self.files[i], self.crops, generator, self.channels), int(
+                self.labels[i]
+            )
         views = decode_crops(self.files[i], self.crops, generator, self.channels)
         if views is None:
             logger.warning("could not decode %s; using black crops", self.files[i])

@@ -101,6 +101,23 @@ def _param_groups(model: nn.Module, weight_decay: float, rule: str) -> list[dict
     ]
 
 
+def _sgd(groups: list[dict[str, Any]], lr: float, config: TrainConfig,
+         world: World) -> torch.optim.SGD:  # fmt: skip
+    """SGD with the update kernel of ``sgd_kernel``; where fused is not supported (a device or
+    dtype without the kernel), foreach, with one warning."""
+    kw: dict[str, Any] = dict(lr=lr, momentum=config.sgd_momentum, nesterov=config.nesterov)
+    if config.sgd_kernel == "foreach":
+        return torch.optim.SGD(groups, **kw, foreach=True)
+    if config.sgd_kernel == "fused":
+        try:
+            return torch.optim.SGD(groups, **kw, fused=True)
+        except (RuntimeError, ValueError) as e:
+            if world.main:
+                log.warning("fused SGD is not supported here (%s); using foreach", e)
+            return torch.optim.SGD(groups, **kw, foreach=True)
+    return torch.optim.SGD(groups, **kw)
+
+
 @dataclass
 class _Run:
     """A built run: everything the epochs need, and the state they change."""
@@ -175,7 +192,10 @@ class _Run:
             start=s.batch_in_epoch, num_workers=c.num_workers,
             shard=(self.world.rank, self.world.size))  # fmt: skip
         if isinstance(self.source, FolderImages):
-            return self.source.crop_batches(c.batch_size, self.plan.worker_crops, **kw)
+            decode = "device" if c.decode == "device" or (
+                c.decode == "auto" and self.device.type == "cuda") else "workers"  # fmt: skip
+            return self.source.crop_batches(c.batch_size, self.plan.worker_crops, **kw,
+                                            decode=decode)  # fmt: skip
         return self.source.batches(c.batch_size, **kw)  # type: ignore[return-value]
 
     def step(self, batch: Tensor | list[Tensor], lr: float, momentum: float) -> Tensor:
@@ -334,8 +354,7 @@ def _build(
         student = wrap_ddp(student, device)
     base_lr = config.lr * config.batch_size / 256  # lr is per 256 images
     groups = _param_groups(model.student, config.weight_decay, config.decay_exempt)
-    optimizer = torch.optim.SGD(groups, lr=base_lr,
-                                momentum=config.sgd_momentum, nesterov=config.nesterov)  # fmt: skip
+    optimizer = _sgd(groups, base_lr, config, world)
     # each rank draws its own augmentations; rank 0's stream is the single-process one
     views = torch.Generator(device=device).manual_seed(_view_seed(config, world))
     strong = StrongView(jitter=config.jitter, jitter_p=config.jitter_p,
