@@ -26,6 +26,9 @@ __all__ = ["BLUR_MODES", "blur_kernel_size", "gaussian_blur", "pil_gaussian_blur
 
 #: ``pil``: PIL's GaussianBlur; ``relative``: a Gaussian kernel of about 10% of the side.
 BLUR_MODES = ("pil", "relative")
+#: Pixels per chunk of PIL-mode blur on CPU (64x64 RGB: 5 images; 224x224: 1). Measured for
+#: 128 images at 64 px: 224 ms whole, 104 ms in chunks; 16 at 224 px: 362 ms -> 135 ms.
+_CPU_CHUNK = 65_536
 
 
 def _box_radius(sigma: Tensor, passes: int = 3) -> Tensor:
@@ -95,11 +98,21 @@ def pil_gaussian_blur(images: Tensor, sigma: Tensor, max_sigma: float | None = N
         whole = list(range(_whole_radius(float(max_sigma)) + 1))
     else:
         whole = torch.floor(radius).long().unique().tolist() if b else [0]  # one host sync
-    for dim in (-1, -1, -1, -2, -2, -2):  # PIL: three passes along rows, then three along columns
-        x = _box_pass(x, radius, whole, dim)
+    per_chunk = b if not syncs_are_free(x.device) else max(1, _CPU_CHUNK // x[0].numel())
+    if per_chunk < b:  # on CPU, chunks whose int64 temporaries stay in cache: 2-3x faster
+        x = torch.cat([_box_passes(x[i : i + per_chunk], radius[i : i + per_chunk], whole)
+                       for i in range(0, b, per_chunk)])  # fmt: skip
+    else:
+        x = _box_passes(x, radius, whole)
     if images.dtype == torch.uint8:
         return x.to(torch.uint8).contiguous()
     return (x.to(images.dtype) / 255).contiguous()
+
+
+def _box_passes(x: Tensor, radius: Tensor, whole: list[int]) -> Tensor:
+    for dim in (-1, -1, -1, -2, -2, -2):  # PIL: three passes along rows, then three along columns
+        x = _box_pass(x, radius, whole, dim)
+    return x
 
 
 def blur_kernel_size(size: int) -> int:
