@@ -11,7 +11,11 @@ wraps the student and the teacher in ``torch.compile`` (one graph per crop side)
 "cuda graphs" is the same with ``mode="reduce-overhead"``; compile time is reported and
 kept out of images/s. The views' share is the views alone (crops, colour, blur,
 normalisation) timed the same way, over the step's time. FLOPs per image come from
-``torch.utils.flop_counter`` over one eager step. The 200-epoch projection is for
+``torch.utils.flop_counter`` over one eager step. A second table times the views alone,
+eager and under ``torch.compile`` (graphs between the random draws): on a CPU the
+compiled views ran 2-2.5x slower at batch 256 (the eager kernels gather subsets and work
+in cache-sized chunks there) and 1.4x faster at batch 32, where launch overhead rules,
+as on a GPU; this table says whether compiling them pays there. The 200-epoch projection is for
 50,000 training images (CIFAR-size). The JPEG rows time the crops alone (the
 DataLoader and the decode, no training) and ``ressl train`` on them.
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -225,6 +230,35 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def views_rows(device: torch.device, steps: int, tiny: bool) -> list[str]:
+    """The views alone, eager and under ``torch.compile`` (graphs between the draws): what a
+    compiled views phase would gain (not in ``ressl train`` until a GPU says it pays)."""
+    cases = [(16, 8, 0.0), (32, 8, 0.5)] if tiny else [(32, 512, 0.0), (224, 128, 0.5)]
+    lines = ["| views alone | eager | compiled | compiled / eager |", "|---|---:|---:|---:|"]
+    for size, batch, blur in cases:
+        plan = CropPlan.build(size, (0.2, 1.0))
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+        g = torch.Generator(device=device).manual_seed(0)
+        strong = StrongView(blur_p=blur)
+
+        views = functools.partial(plan.views, images, generator=g, mean=(0.5,) * 3,
+                                  std=(0.25,) * 3, student=strong, teacher=WeakView())  # fmt: skip
+
+        compiled = torch.compile(views)
+        try:
+            compiled()
+            compiled()
+            times = [_timed(fn, device, steps) for fn in (views, compiled)]
+        except Exception as e:  # noqa: BLE001 - a failed compile is a row saying so
+            lines.append(f"| {size} px, batch {batch}, blur {blur} | failed: "
+                         f"{str(e).strip().splitlines()[0][:60]} | | |")  # fmt: skip
+            continue
+        eager_ips, compiled_ips = (batch / t for t in times)
+        lines.append(f"| {size} px, batch {batch}, blur p {blur} | {eager_ips:,.0f} images/s | "
+                     f"{compiled_ips:,.0f} images/s | {compiled_ips / eager_ips:.2f}x |")  # fmt: skip
+    return lines
+
+
 def pipeline_images_per_second(root: Path, side: int, batch: int, workers: int,
                                device: torch.device, decode: str) -> float:  # fmt: skip
     """The streamed folder's crops alone (no training): images/s delivered on ``device``."""
@@ -268,6 +302,7 @@ def main() -> None:
         )
     rows = _rows(cases, device, steps)
     lines = _table(rows)
+    views = [] if args.no_compile else ["", *views_rows(device, steps, args.tiny)]
     first, workers = rows[0], min(16, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:  # the first row's step, through ressl train
         c = first["case"]
@@ -290,7 +325,7 @@ def main() -> None:
                      else f"bytes read in {workers} workers, decoded on the {device.type}")  # fmt: skip
             jpeg.append(f"| {where} | {alone:,.0f} | {trained_jpeg:,.0f} |")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    table = "\n".join(lines) + (
+    table = "\n".join(lines + views) + (
         f"\n\n`ressl train` on the first row's settings (an in-memory folder): {trained:,.0f} "
         f"images/s, against the step's {first.get('images_per_second', 0):,.0f}.\n\n"
         + "\n".join(jpeg)

@@ -150,3 +150,25 @@ def test_no_host_sync_in_the_steady_state_on_cuda(case):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_compiled_views_take_the_sync_free_paths_and_never_recompile():
+    """Under torch.compile a value read on the host is a graph break and a value the graph
+    specialises on: the CPU's gather paths (hue counts, blurred subsets) would recompile at
+    every batch. ``syncs_are_free`` is False while compiling, so the graphs stay the same."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    plan = CropPlan.build(16, (0.2, 1.0))
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    views = functools.partial(plan.views, images, generator=g, mean=(0.5,) * 3,
+                              std=(0.25,) * 3, student=StrongView(blur_p=0.5), teacher=WeakView())  # fmt: skip
+    compiled = torch.compile(views, backend="eager")
+    compiled()
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(4):  # other hue counts and blurred subsets at every call
+        compiled()
+    assert counters["stats"]["unique_graphs"] == graphs

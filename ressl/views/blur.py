@@ -41,6 +41,7 @@ def _box_radius(sigma: Tensor, passes: int = 3) -> Tensor:
     return whole + a / (6 * (s2 - (whole + 1) * (whole + 1)))
 
 
+@torch.compiler.disable  # host arithmetic: run as is, not traced
 @functools.lru_cache(maxsize=64)
 def _whole_radius(sigma: float) -> int:
     """The integer part of the box radius of ``sigma`` (host arithmetic, computed once)."""

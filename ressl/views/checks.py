@@ -125,9 +125,11 @@ def coin(batch: int, p: float, generator: torch.Generator, device: torch.device)
 
 
 def syncs_are_free(device: torch.device) -> bool:
-    """Whether reading a value of ``device`` on the host costs nothing (the CPU): kernels
-    may then branch on data (gather a subset, count); elsewhere they stay sync-free."""
-    return device.type == "cpu"
+    """Whether reading a value of ``device`` on the host costs nothing (the CPU, eager):
+    kernels may then branch on data (gather a subset, count); elsewhere, and under
+    ``torch.compile`` (where a value read is a graph break and a recompile), they stay
+    sync-free."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def device_constant(
