@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -146,6 +147,7 @@ def _timed(fn: Any, device: torch.device, steps: int) -> float:
 
 
 def measure(case: Case, device: torch.device, steps: int, channels: int = 3) -> dict[str, Any]:
+    print(f"{case.label}, {case.mode}", file=sys.stderr, flush=True)  # where the minutes go
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -182,13 +184,17 @@ def _image_folder(root: Path, count: int, side: int, suffix: str) -> Path:
 
 
 def trainer_images_per_second(device: torch.device, **settings: Any) -> float:
-    """``ressl train``'s own images/s: the last epoch's ``metrics.jsonl`` row."""
+    """``ressl train``'s own images/s, eager (as the first row it is compared with; and no
+    compile time in the budget): the last epoch's ``metrics.jsonl`` row."""
+    t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         train(out=f"{tmp}/run", device=str(device), knn_every=-1, warmup_epochs=0,
-              **settings)  # fmt: skip
+              compile="off", **settings)  # fmt: skip
         rows = [
             json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()
         ]
+    print(f"ressl train {settings.get('backbone')}: {time.perf_counter() - t:.0f} s",
+          file=sys.stderr, flush=True)  # fmt: skip
     return float(rows[-1]["images_per_second"])
 
 

@@ -149,8 +149,9 @@ class TrainConfig:
         "Where streamed folders' JPEGs are decoded and cropped: workers (PIL, in the "
         "DataLoader workers), or device (the workers read bytes; the training device "
         "decodes a batch in one call, nvjpeg on CUDA, and cuts the crops); auto: device on "
-        "CUDA. Other files are decoded in the workers either way.",
+        "CUDA. Other files are decoded in the workers either way (ressl < 0.3: workers).",
         choice("auto", *DECODE_PLACES),
+        legacy="workers",
         resumable=True,
     )
     backbone: str = _recipe(

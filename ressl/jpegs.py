@@ -5,7 +5,9 @@ DataLoader worker reads a file's header and bytes and draws its crop boxes, the 
 draws as the PIL path (:func:`ressl.decode.decode_crops`), so both paths cut the same
 crops. The main process hands a batch's bytes to ``torchvision.io.decode_jpeg`` on the
 training device (nvjpeg on CUDA, the whole batch in one call) and cuts the crops there,
-resized with antialiased bilinear filtering (PIL's filter, to rounding). Files that
+resized with antialiased bilinear filtering (PIL's filter; the pixels differ by the
+decoders' rounding and at a crop's border, where PIL's filter reads the pixels just
+outside the box and torch's stops at its edge). Files that
 are not plain JPEGs (PNG and other formats, CMYK, an EXIF rotation) are decoded by PIL
 in the worker as before; a JPEG the device cannot decode falls back to PIL too.
 """
@@ -16,6 +18,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,9 +115,15 @@ def read_for_device(
     return EncodedFile(path, data, boxes)
 
 
-def _decode_jpegs(data: list[Tensor], device: torch.device, channels: int) -> list[Tensor | None]:
-    """``decode_jpeg`` of every file on ``device``: one call for the batch; when it fails
-    (one damaged file fails them all), file by file, None for those that fail."""
+#: Devices whose decoder failed on every file of a batch (warned once each).
+_BROKEN: set[str] = set()
+#: One side stream per CUDA device for nvjpeg (see ``_decode_jpegs``).
+_STREAMS: dict[torch.device, Any] = {}
+
+
+def _decode_all(data: list[Tensor], device: torch.device, channels: int) -> list[Tensor | None]:
+    """``decode_jpeg`` of every file: one call for the batch; when it fails (one damaged
+    file fails them all), file by file, None for those that fail."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
@@ -132,6 +141,38 @@ def _decode_jpegs(data: list[Tensor], device: torch.device, channels: int) -> li
             return out
 
 
+def _decode_jpegs(data: list[Tensor], device: torch.device, channels: int) -> list[Tensor | None]:
+    """The batch decoded on ``device`` (:func:`_decode_all`).
+
+    On CUDA nvjpeg writes its outputs from a stream of its own that does not wait for the
+    training step in flight. Allocated on the training stream, an output could reuse
+    memory the queued step still reads. So they are allocated on a side stream (its own
+    memory pool), which waits for the training stream; the training stream then waits
+    for the side stream, and each image is recorded as used there, so its memory is not
+    reused before the step that reads it has run.
+    """
+    if not data:  # every file of the batch was decoded in the workers
+        return []
+    if device.type != "cuda":
+        out = _decode_all(data, device, channels)
+    else:
+        main = torch.cuda.current_stream(device)
+        side = _STREAMS.setdefault(device, torch.cuda.Stream(device))
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            out = _decode_all(data, device, channels)
+        main.wait_stream(side)
+        for image in out:
+            if image is not None:
+                image.record_stream(main)
+    if len(out) > 1 and all(image is None for image in out) and str(device) not in _BROKEN:
+        _BROKEN.add(str(device))
+        logger.warning("decode_jpeg decoded none of a batch's %d JPEGs on %s; they are decoded "
+                       "with PIL here (slow): if this repeats, train with --decode workers",
+                       len(out), device)  # fmt: skip
+    return out
+
+
 def _resized(image: Tensor, box: tuple[int, int, int, int], side: int) -> Tensor:
     """The ``box`` of a float ``(C, H, W)`` image resized to ``side`` (antialiased bilinear)."""
     top, left, h, w = box
@@ -140,7 +181,10 @@ def _resized(image: Tensor, box: tuple[int, int, int, int], side: int) -> Tensor
 
 
 def _pil_crops(f: EncodedFile, sides: Sequence[int], channels: int) -> list[Tensor] | None:
-    """The crops of a file the device could not decode, cut by PIL at the same boxes."""
+    """The crops of a file the device could not decode, cut by PIL at the same boxes (None
+    for a file whose boxes were never drawn: the worker could not read it)."""
+    if len(f.boxes) != len(sides):
+        return None
     try:
         with Image.open(f.path) as im:
             image = as_mode(im, "L" if channels == 1 else "RGB")
@@ -176,7 +220,7 @@ def decode_on_device(
                 per_crop[k].append(_resized(x, f.boxes[k], side))
             continue
         crops = f.crops if f.crops is not None else _pil_crops(f, sides, channels)
-        if crops is None:
+        if crops is None or len(crops) != len(sides):
             logger.warning("could not decode %s; using black crops", f.path)
             crops = [torch.zeros(channels, s, s, dtype=torch.uint8) for s in sides]
         for k, crop in enumerate(crops):

@@ -104,18 +104,23 @@ def _param_groups(model: nn.Module, weight_decay: float, rule: str) -> list[dict
 def _sgd(groups: list[dict[str, Any]], lr: float, config: TrainConfig,
          world: World) -> torch.optim.SGD:  # fmt: skip
     """SGD with the update kernel of ``sgd_kernel``; where fused is not supported (a device or
-    dtype without the kernel), foreach, with one warning."""
+    dtype without the kernel: PyTorch would refuse it only at the first step), foreach,
+    with one warning."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
     kw: dict[str, Any] = dict(lr=lr, momentum=config.sgd_momentum, nesterov=config.nesterov)
-    if config.sgd_kernel == "foreach":
-        return torch.optim.SGD(groups, **kw, foreach=True)
-    if config.sgd_kernel == "fused":
-        try:
-            return torch.optim.SGD(groups, **kw, fused=True)
-        except (RuntimeError, ValueError) as e:
-            if world.main:
-                log.warning("fused SGD is not supported here (%s); using foreach", e)
-            return torch.optim.SGD(groups, **kw, foreach=True)
-    return torch.optim.SGD(groups, **kw)
+    if config.sgd_kernel == "default":
+        return torch.optim.SGD(groups, **kw)
+    params = [p for g in groups for p in g["params"]]
+    supported = _get_fused_kernels_supported_devices()
+    unfit = next((p for p in params if p.device.type not in supported
+                  or not p.is_floating_point()), None)  # fmt: skip
+    if config.sgd_kernel == "fused" and unfit is None:
+        return torch.optim.SGD(groups, **kw, fused=True)
+    if config.sgd_kernel == "fused" and unfit is not None and world.main:
+        log.warning("fused SGD has no kernel for %s %s parameters; using foreach", unfit.dtype,
+                    unfit.device.type)  # fmt: skip
+    return torch.optim.SGD(groups, **kw, foreach=True)
 
 
 @dataclass

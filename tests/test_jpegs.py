@@ -1,8 +1,9 @@
 """JPEGs decoded on the training device (``decode="device"``), against PIL in the workers.
 
 On a CPU the "device" is the CPU: the workers read bytes and the main process decodes
-them with ``torchvision.io.decode_jpeg`` and cuts the crops with torch, the code a GPU
-runs (nvjpeg then decodes).
+them with ``torchvision.io.decode_jpeg`` and cuts the crops with torch. A GPU runs the
+same Python, but torchvision's CUDA decoder (nvjpeg, a side stream) is not exercised
+here; the CUDA test at the end runs where a GPU exists.
 """
 
 from __future__ import annotations
@@ -129,3 +130,36 @@ def test_a_streamed_jpeg_run_decodes_on_the_device_and_resumes_bitwise(tmp_path,
     w, _ = load_checkpoint(workers)
     key = "model.student.backbone.features.0.weight"
     assert not torch.equal(w[key], a[key])  # another decoder: close, not the same pixels
+
+
+def test_a_batch_without_plain_jpegs_needs_no_device_decoder(tmp_path):
+    """PNG folders stream through the device path too: every file decoded in the workers."""
+    for i in range(4):
+        Image.fromarray(_photo(i)).save(tmp_path / f"{i}.png")
+    files = sorted(tmp_path.glob("*.png"))
+    pil, dev = _batches(files, "workers"), _batches(files, "device")
+    for (views_p, _), (views_d, _) in zip(pil, dev):
+        assert all(map(torch.equal, views_p, views_d))
+
+
+def test_a_file_the_worker_cannot_read_gives_black_crops_and_a_full_batch(tmp_path, caplog):
+    files = _folder(tmp_path, 3)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
+    g = torch.Generator().manual_seed(0)
+    read = [read_for_device(str(f), CROPS, g) for f in [*files, tmp_path / "bad.jpg"]]
+    assert read[-1].data is None and read[-1].crops is None and read[-1].boxes == []
+    with caplog.at_level(logging.WARNING, logger="ressl.jpegs"):
+        views = decode_on_device(read, [24, 12], torch.device("cpu"))
+    assert [tuple(v.shape) for v in views] == [(4, 3, 24, 24), (4, 3, 12, 12)]
+    assert all(not v[3].any() for v in views) and "bad.jpg" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_decodes_what_the_cpu_decodes(tmp_path):
+    files = _folder(tmp_path)
+    g = [torch.Generator().manual_seed(i) for i in range(len(files))]
+    read = [read_for_device(str(f), CROPS, gen) for f, gen in zip(files, g)]
+    cpu = decode_on_device(read, [24, 12], torch.device("cpu"))
+    cuda = decode_on_device(read, [24, 12], torch.device("cuda"))
+    for a, b in zip(cpu, cuda):
+        assert b.device.type == "cuda" and (a.float() - b.cpu().float()).abs().mean() < 1.5

@@ -373,3 +373,28 @@ def test_a_stop_between_window_ends_keeps_every_loss(tmp_path, tiny_settings, mo
     _, meta = load_checkpoint(tmp_path / "run" / "last.safetensors")
     assert (meta["batch_in_epoch"], meta["epoch_loss_count"]) == ("2", "2")
     assert float(meta["epoch_loss_sum"]) > 0
+
+
+@pytest.mark.parametrize("kernel", ["fused", "foreach", "default"])
+def test_the_sgd_kernel_setting_picks_the_update(kernel):
+    from ressl.distributed import World
+    from ressl.trainer import _sgd
+
+    p = torch.zeros(3, requires_grad=True)
+    opt = _sgd([{"params": [p], "weight_decay": 0.0}], 0.1, TrainConfig(sgd_kernel=kernel), World())
+    group = opt.param_groups[0]
+    assert (group["fused"], group["foreach"]) == {
+        "fused": (True, None), "foreach": (None, True), "default": (None, None)}[kernel]  # fmt: skip
+
+
+def test_fused_sgd_falls_back_to_foreach_where_it_has_no_kernel(caplog):
+    """PyTorch refuses fused SGD for such parameters only at the first step; ressl checks
+    before it builds the optimiser."""
+    from ressl.distributed import World
+    from ressl.trainer import _sgd
+
+    p = torch.zeros(3, device="meta", requires_grad=True)
+    with caplog.at_level("WARNING", logger="ressl"):
+        opt = _sgd([{"params": [p], "weight_decay": 0.0}], 0.1, TrainConfig(), World())
+    assert opt.param_groups[0]["foreach"] and not opt.param_groups[0]["fused"]
+    assert "fused SGD has no kernel for torch.float32 meta parameters" in caplog.text
