@@ -34,7 +34,6 @@ from .rules import DECODE_PLACES
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DECODE_PLACES",
     "FolderImages",
     "ImageData",
     "ImageSource",
