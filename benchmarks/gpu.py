@@ -120,6 +120,8 @@ def _step_fn(case: Case, device: torch.device, channels: int) -> tuple[Any, floa
         return x_t, x_s
 
     def step() -> torch.Tensor:
+        if case.mode == "cuda graphs":
+            torch.compiler.cudagraph_mark_step_begin()  # as ressl train does
         x_t, x_s = make_views()
         return training_step(model, opt, x_t, x_s, momentum=0.99, symmetric=plan.symmetric,
                              autocast_dtype=amp, student=student, teacher=teacher)  # fmt: skip

@@ -217,6 +217,8 @@ class _Run:
             x_s = [x.contiguous(memory_format=torch.channels_last) for x in x_s]
         for group in self.state.optimizer.param_groups:
             group["lr"] = lr
+        if self.teacher_fn is not None and c.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
         return training_step(
             self.state.model, self.state.optimizer, x_t, x_s, momentum=momentum,
             student_temperature=c.student_temperature, teacher_temperature=c.teacher_temperature,

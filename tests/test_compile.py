@@ -16,11 +16,14 @@ def _run(tmp_path, settings, name, **changes):
                                         precision="fp32", **changes)))[0]  # fmt: skip
 
 
-def test_a_compiled_step_trains_what_the_eager_step_trains(tmp_path, tiny_settings, caplog):
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_a_compiled_step_trains_what_the_eager_step_trains(tmp_path, tiny_settings, caplog, mode):
+    """reduce-overhead: CUDA graphs on a GPU (each step marked as a new one); here the
+    same code path, without the graphs."""
     pytest.importorskip("torch._inductor")
     eager = _run(tmp_path, tiny_settings, "eager", compile="off")
     with caplog.at_level(logging.INFO, logger="ressl"):
-        compiled = _run(tmp_path, tiny_settings, "compiled", compile="on")
+        compiled = _run(tmp_path, tiny_settings, "compiled", compile="on", compile_mode=mode)
     if any("torch.compile failed" in r.message for r in caplog.records):
         pytest.skip("torch.compile cannot build here (no C++ compiler?)")
     assert any("compiled the step in" in r.message for r in caplog.records)
