@@ -431,6 +431,12 @@ class TrainConfig:
                 "{decay_exempt} 1d exempts every 1-D parameter",
                 "decay_exempt",
             ))  # fmt: skip
+        if self.decode == "device" and self.device == "cpu":
+            out.append(Note(
+                "{decode} device on {device} cpu decodes every JPEG in the training process, "
+                "one core: {decode} workers spreads it over the DataLoader workers (faster "
+                "with 2 or more)", "decode", "device",
+            ))  # fmt: skip
         return out
 
     def check_data(self, train_images: int, world_size: int = 1) -> list[Note]:

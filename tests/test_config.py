@@ -103,6 +103,9 @@ def test_notes_and_checks_against_the_data():
         config.check_data(5)
     with pytest.raises(ConfigError, match="divisible by the 3 processes"):
         config.check_data(100, world_size=3)
+    (note,) = TrainConfig(epochs=10, decode="device", device="cpu").notes()
+    assert note.render(flag).startswith("--decode device on --device cpu decodes every JPEG")
+    assert TrainConfig(epochs=10, decode="device", device="cuda").notes() == []
 
 
 def test_resumed_changes_only_what_may_change():
