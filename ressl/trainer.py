@@ -106,13 +106,16 @@ def _sgd(groups: list[dict[str, Any]], lr: float, config: TrainConfig,
     """SGD with the update kernel of ``sgd_kernel``; where fused is not supported (a device or
     dtype without the kernel: PyTorch would refuse it only at the first step), foreach,
     with one warning."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
     kw: dict[str, Any] = dict(lr=lr, momentum=config.sgd_momentum, nesterov=config.nesterov)
     if config.sgd_kernel == "default":
         return torch.optim.SGD(groups, **kw)
     params = [p for g in groups for p in g["params"]]
-    supported = _get_fused_kernels_supported_devices()
+    try:  # a private helper of torch >= 2.2; the devices it names have the kernel
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        supported = _get_fused_kernels_supported_devices()
+    except ImportError:
+        supported = ["cuda", "cpu"]
     unfit = next((p for p in params if p.device.type not in supported
                   or not p.is_floating_point()), None)  # fmt: skip
     if config.sgd_kernel == "fused" and unfit is None:
