@@ -54,8 +54,9 @@ def export_cmd(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Export a checkpoint's encoder to ONNX (preprocessing and metadata inside, verified
-    against PyTorch), or its backbone's weights to a plain safetensors state dict."""
-    # long by its options only: Typer declares each in the signature
+    against PyTorch), or its backbone's weights to a plain safetensors state dict.
+
+    Long by its options only: Typer declares each in the signature."""
     from ressl.export.exporter import export_onnx
 
     from ressl.atomic import check_writable

@@ -178,8 +178,9 @@ def plot_cmd(
     data_root: DataRootOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for the choice of t-SNE points.")] = 0,
 ) -> None:
-    """Draw a run's curves (curves.png) and a t-SNE of test-set features coloured by class (tsne.png)."""
-    # long by its options only: Typer declares each in the signature
+    """Draw a run's curves (curves.png) and a t-SNE of test-set features coloured by class (tsne.png).
+
+    Long by its options only: Typer declares each in the signature."""
     rows = read_metrics(run_dir)
     if tsne_points < 4:
         fail(f"--tsne-points must be >= 4, got {tsne_points}")

@@ -27,11 +27,13 @@ __all__ = [
     "decode_crops",
     "decode_image",
     "decode_images",
+    "pil_mode",
     "readable_images",
 ]
 
 
-def _mode(channels: int) -> str:
+def pil_mode(channels: int) -> str:
+    """The PIL mode of ``channels``: "L" for 1, "RGB" for 3."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
     return "L" if channels == 1 else "RGB"
@@ -49,7 +51,7 @@ def decode_image(path: str | Path, size: int, channels: int = 3) -> Tensor | Non
     Returns:
         The image, or None when the file cannot be decoded.
     """
-    mode = _mode(channels)
+    mode = pil_mode(channels)
     try:
         with Image.open(path) as im:
             im.draft(mode, (size, size))  # JPEG: decode at a reduced scale >= size
@@ -83,7 +85,7 @@ def decode_crops(
         One ``(C, side, side)`` uint8 tensor per crop, or None when the file cannot
         be decoded.
     """
-    mode = _mode(channels)
+    mode = pil_mode(channels)
     try:
         with Image.open(path) as im:
             rgb = as_mode(im, mode)

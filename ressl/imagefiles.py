@@ -18,6 +18,7 @@ __all__ = [
     "as_mode",
     "images_under",
     "is_image_name",
+    "is_upright",
     "resize_center_crop",
 ]
 
@@ -77,6 +78,11 @@ def _lab_to_rgb(image: Image.Image) -> Image.Image:
     return ImageCms.applyTransform(image, transform)  # type: ignore[return-value]
 
 
+def is_upright(image: Image.Image) -> bool:
+    """Whether the image needs no EXIF rotation (orientation 1, or none recorded)."""
+    return image.getexif().get(0x0112, 1) == 1
+
+
 def as_mode(image: Image.Image, mode: str) -> Image.Image:
     """``image`` upright (its EXIF orientation applied) in ``mode`` ("L" or "RGB").
 
@@ -88,7 +94,7 @@ def as_mode(image: Image.Image, mode: str) -> Image.Image:
         ValueError: a mode PIL cannot convert to ``mode`` (e.g. premultiplied "La"),
             naming it.
     """
-    if image.getexif().get(0x0112, 1) != 1:  # an orientation other than "upright"
+    if not is_upright(image):
         image = ImageOps.exif_transpose(image)
     if image.mode in (*_SIXTEEN_BIT, "I", "F"):
         image = _eight_bit(image)

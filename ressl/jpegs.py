@@ -26,8 +26,8 @@ from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
-from .decode import crop_boxes, cut_crops, decode_crops
-from .imagefiles import as_mode
+from .decode import crop_boxes, cut_crops, decode_crops, pil_mode
+from .imagefiles import as_mode, is_upright
 
 __all__ = ["EncodedBatch", "EncodedFile", "decode_on_device", "read_for_device"]
 
@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 #: The PIL modes of JPEGs that ``decode_jpeg`` turns into RGB or greyscale as PIL does.
 _PLAIN_MODES = ("RGB", "L")
-_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -82,7 +81,7 @@ def _plain_jpeg(path: str) -> tuple[int, int] | None:
         with Image.open(path) as im:
             if im.format != "JPEG" or im.mode not in _PLAIN_MODES:
                 return None
-            if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # decode_jpeg on CUDA ignores it
+            if not is_upright(im):  # decode_jpeg on CUDA ignores the EXIF rotation
                 return None
             return im.size[1], im.size[0]
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
@@ -187,7 +186,7 @@ def _pil_crops(f: EncodedFile, sides: Sequence[int], channels: int) -> list[Tens
         return None
     try:
         with Image.open(f.path) as im:
-            image = as_mode(im, "L" if channels == 1 else "RGB")
+            image = as_mode(im, pil_mode(channels))
         return cut_crops(image, sides, f.boxes)
     except Exception:  # noqa: BLE001 - as in decode_crops
         return None

@@ -80,6 +80,9 @@ def paper_linear_eval(
 ) -> dict[str, Any]:
     """Train a linear layer on augmented crops through the frozen ``fn``; test top-1.
 
+    Long by its arguments and their checks; the body is the official protocol in order
+    (features of the test set once, then epochs of crops, SGD steps and a test).
+
     Args:
         fn: ``(B, C, H, W)`` normalised images -> ``(B, F)`` backbone features, in eval
             mode (called under ``no_grad``).

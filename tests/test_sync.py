@@ -160,16 +160,23 @@ def test_the_cpu_paths_do_read_values_on_the_host():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_no_host_sync_in_the_steady_state_on_cuda(case):
+    """A host sync inside the steps raises (debug mode "error"), failing the test."""
     steps = _steps(torch.device("cuda"), **CASES[case], sgd={"fused": True})
     next(steps)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        assert torch.cuda.get_sync_debug_mode() == 2  # "error": the check is armed
         for _ in range(3):
             next(steps)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match="synchroniz"):  # the mode does catch a sync
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            torch.zeros(1, device="cuda").item()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def test_compiled_views_take_the_sync_free_paths_and_never_recompile():
