@@ -93,7 +93,7 @@ def export_cmd(
 def embed_cmd(
     model: Annotated[Path, typer.Argument(help="An ONNX encoder written by `ressl export`.")],
     paths: Annotated[
-        list[Path],
+        list[str],  # str, not Path: Path("") is ".", and '' must not embed the working tree
         typer.Argument(help="Image files and folders (searched recursively).", metavar="PATH"),
     ],
     out: Annotated[

@@ -1,15 +1,18 @@
 """Images to model input with PIL and numpy alone (serving machines have no PyTorch).
 
-The resize is the one ressl trains and evaluates folders with
-(``ressl.decode.decode_image``): the shorter side is resized to S with PIL's
-antialiased bilinear filter, then the centre S x S is cropped. Files and PIL
-images are converted to the model's colour mode (``"L"`` for 1 channel, ``"RGB"``
-for 3); arrays must already have the model's channel count.
+Files, their bytes and PIL images go through the one decode ressl trains and
+evaluates folders with (``ressl.imagefiles.decode_to_size``): JPEGs decoded at a
+reduced scale >= S, upright, converted to the model's colour mode (``"L"`` for 1
+channel, ``"RGB"`` for 3), the shorter side resized to S with PIL's antialiased
+bilinear filter, the centre S x S cropped. So ``ressl serve`` (bytes), ``Embedder``
+(paths) and training give the same pixels bit for bit. uint8 arrays take the same
+resize; they must already have the model's channel count.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -19,7 +22,8 @@ from PIL import Image
 
 from ressl.imagefiles import (  # torch-free
     IMAGE_EXTENSIONS,
-    as_mode,
+    TooManyPixels,
+    decode_to_size,
     images_under,
     resize_center_crop,
 )
@@ -27,6 +31,7 @@ from ressl.imagefiles import (  # torch-free
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageInput",
+    "TooManyPixels",
     "image_files",
     "load_image",
     "pil_mode",
@@ -35,8 +40,8 @@ __all__ = [
 ]
 
 
-#: One image: a file path, a PIL image, uint8 (H, W[, C]) or float (C, H, W) in [0, 1].
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # noqa: UP007 - a runtime alias
+#: One image: a file path, a file's bytes, a PIL image, uint8 (H, W[, C]) or float (C, H, W) in [0, 1].
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]  # noqa: UP007 - a runtime alias
 
 _MODES = {1: "L", 3: "RGB"}
 
@@ -55,21 +60,28 @@ def pil_mode(channels: int) -> str:
     return _MODES[channels]
 
 
-def load_image(image: str | os.PathLike[str] | Image.Image, size: int, channels: int) -> np.ndarray:
-    """A file or PIL image as float32 ``(C, size, size)`` in [0, 1].
+def load_image(
+    image: str | os.PathLike[str] | bytes | Image.Image,
+    size: int,
+    channels: int,
+    *,
+    max_pixels: int | None = None,
+) -> np.ndarray:
+    """A file, its bytes or a PIL image as float32 ``(C, size, size)`` in [0, 1].
+
+    Args:
+        image: a path, the encoded file's bytes, or a PIL image.
+        size: the model's input side S.
+        channels: 1 or 3.
+        max_pixels: refuse larger images (width x height as decoded) before decoding.
 
     Raises:
-        OSError, ValueError, SyntaxError, ...: whatever PIL raises on an unreadable file.
+        TooManyPixels: over ``max_pixels``.
+        OSError, ValueError, SyntaxError, ...: whatever PIL raises on an unreadable file;
+            ValueError for a path that is not a regular file.
     """
-    mode = pil_mode(channels)
-    if isinstance(image, Image.Image):
-        pil = as_mode(image, mode)
-    else:
-        with Image.open(image) as im:
-            im.draft(mode, (size, size))  # JPEG: decode at a reduced scale >= size
-            pil = as_mode(im, mode)  # upright; palette, 16-bit, alpha, CMYK -> the model's mode
-    array = np.asarray(resize_center_crop(pil, size), dtype=np.uint8)
-    return _hwc_to_chw(array)
+    pixels = decode_to_size(image, size, pil_mode(channels), max_pixels=max_pixels)
+    return _hwc_to_chw(np.asarray(pixels, dtype=np.uint8))
 
 
 def _hwc_to_chw(array: np.ndarray) -> np.ndarray:
@@ -136,7 +148,7 @@ def to_batch(
     """
     if isinstance(images, np.ndarray):
         return _array_batch(images, size, channels, any_size)
-    if isinstance(images, (str, os.PathLike, Image.Image)):
+    if isinstance(images, (str, os.PathLike, bytes, Image.Image)):
         images = [images]
     if not isinstance(images, Sequence):
         raise TypeError(
@@ -160,12 +172,13 @@ def _one(item: Any, size: int, channels: int, any_size: bool) -> np.ndarray:
         return _array_batch(item, size, channels, any_size)
     if isinstance(item, Image.Image):
         return load_image(item, size, channels)[None]
-    if isinstance(item, (str, os.PathLike)):
+    if isinstance(item, (str, os.PathLike, bytes)):
         pil_mode(channels)  # a model files cannot be fed to: say so before reading any
+        name = "image bytes" if isinstance(item, bytes) else os.fspath(item)
         try:
             return load_image(item, size, channels)[None]
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-            raise OSError(f"{os.fspath(item)}: not a readable image ({e})") from None
+            raise OSError(f"{name}: not a readable image ({unreadable_reason(e)})") from None
     raise TypeError(
         f"each image must be a path, a PIL image or a numpy array, got {type(item).__name__}"
     )
@@ -197,22 +210,34 @@ def _array_batch(array: np.ndarray, size: int, channels: int, any_size: bool) ->
     )
 
 
+def unreadable_reason(error: BaseException) -> str:
+    """Why an image could not be read, in one line, without the file object or name PIL
+    repeats (``cannot identify image file <_io.BytesIO object at 0x...>``)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = re.sub(r"\s*(<[^<>]* object at 0x[0-9a-fA-F]+>|'[^']*')$", "", text).strip(" :")
+    return text or type(error).__name__
+
+
 def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """The files to embed: files as given, folders searched recursively for images.
 
-    In folders, files with an extension in ``IMAGE_EXTENSIONS`` (any case) count;
-    hidden files and folders are skipped, links followed (cycles not). Files named
-    directly are taken whatever their extension. Order: arguments in order,
+    In folders, regular files with an extension in ``IMAGE_EXTENSIONS`` (any case)
+    count; hidden files and folders, pipes, sockets and devices are skipped, links
+    followed (cycles not). Files named directly are taken whatever their extension (one
+    that is not a regular file is skipped when read, with its reason). Order: arguments in order,
     each folder's files sorted; duplicates dropped.
 
     Raises:
         FileNotFoundError: a path does not exist.
-        ValueError: a folder holds no image file, or no path was given.
+        ValueError: a folder holds no image file, no path or an empty one was given.
     """
     if not paths:
         raise ValueError("no input given: name image files or folders to embed")
     found: list[Path] = []
-    for p in map(Path, paths):
+    for given in paths:
+        if not os.fspath(given).strip():
+            raise ValueError("an empty path was given; name an image file or folder")
+        p = Path(given)
         if p.is_dir():
             files = images_under(p)
             if not files:

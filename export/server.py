@@ -11,8 +11,9 @@ Endpoints:
 - ``GET /healthz`` (the process answers) and ``GET /readyz`` (the model is loaded).
 - ``GET /metrics``: Prometheus counters (requests, images, errors, latency).
 
-Images are decoded exactly as :class:`ressl.export.Embedder` decodes files (the same
-``load_image``), so a served embedding equals ``Embedder`` on the same file and batch.
+Images are decoded exactly as :class:`ressl.export.Embedder` decodes files and as
+training decodes folders (the same ``load_image`` on the uploaded bytes), so a served
+embedding equals ``Embedder`` on the same file bit for bit.
 Decoding runs in a thread pool and the model in its own thread (``MicroBatcher``),
 never on the event loop. Bad input gets a 4xx with ``{"error": ...}`` naming the
 problem. Needs the ``serve`` extra (``pip install 'ressl[serve]'``); no torch.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import json
 import os
 import time
@@ -43,7 +43,7 @@ from starlette.routing import Route
 
 from .batching import MicroBatcher
 from .embedder import Embedder
-from .images import load_image
+from .images import TooManyPixels, load_image, unreadable_reason
 
 __all__ = ["ServeSettings", "create_app"]
 
@@ -183,29 +183,30 @@ class EmbeddingService:
     # ------------------------------------------------------------------ decoding
 
     def _decode(self, name: str, data: bytes) -> np.ndarray:
-        """One encoded image -> float32 ``(C, S, S)``, as ``Embedder`` decodes files."""
+        """One encoded image -> float32 ``(C, S, S)``: the bytes go through the same decode
+        as ``Embedder``'s files and training folders (``load_image``), so a served
+        embedding equals theirs bit for bit."""
         info = self.embedder.info
         if not data:
             raise BadInput(400, f"{name} is empty")
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                pixels = image.width * image.height
-                if pixels > self.settings.max_pixels:
-                    raise BadInput(
-                        413, f"{name} is {image.width}x{image.height} pixels, over the limit of "
-                        f"{self.settings.max_pixels} (a decompression bomb?)",
-                    )  # fmt: skip
-                return load_image(image, info.image_size, info.channels)
-        except BadInput:
-            raise
+            return load_image(
+                data, info.image_size, info.channels, max_pixels=self.settings.max_pixels
+            )
+        except TooManyPixels as e:
+            raise BadInput(413, f"{name} is {e}") from None
         except Image.DecompressionBombError as e:
-            raise BadInput(413, f"{name}: {e}") from None
+            raise BadInput(413, f"{name}: {unreadable_reason(e)}") from None
         except ValueError as e:  # a model that takes no image files (pil_mode)
             if "channel" in str(e):
                 raise BadInput(400, str(e)) from None
-            raise BadInput(400, f"{name} is not an image PIL can read ({e})") from None
+            raise BadInput(
+                400, f"{name} is not an image PIL can read ({unreadable_reason(e)})"
+            ) from None
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ...
-            raise BadInput(400, f"{name} is not an image PIL can read ({e})") from None
+            raise BadInput(
+                400, f"{name} is not an image PIL can read ({unreadable_reason(e)})"
+            ) from None
 
     def _decode_all(self, items: list[tuple[str, bytes]]) -> np.ndarray:
         return np.stack([self._decode(name, data) for name, data in items])

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .imagefiles import as_mode, resize_center_crop
+from .imagefiles import as_mode, decode_to_size, opened_image
 
 __all__ = [
     "crop_boxes",
@@ -53,10 +53,7 @@ def decode_image(path: str | Path, size: int, channels: int = 3) -> Tensor | Non
     """
     mode = pil_mode(channels)
     try:
-        with Image.open(path) as im:
-            im.draft(mode, (size, size))  # JPEG: decode at a reduced scale >= size
-            rgb = as_mode(im, mode)  # palette, grey, 16-bit, alpha, CMYK -> RGB; GIF: frame 1
-        image = resize_center_crop(rgb, size)  # (S, S) RGB
+        image = decode_to_size(path, size, mode)  # the one decode, shared with ressl.export
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         return None
     return _chw(image)
@@ -87,7 +84,7 @@ def decode_crops(
     """
     mode = pil_mode(channels)
     try:
-        with Image.open(path) as im:
+        with opened_image(path) as im:  # a regular file (a pipe would block)
             rgb = as_mode(im, mode)
         boxes = crop_boxes(rgb.size[1], rgb.size[0], crops, generator)
         return cut_crops(rgb, [side for side, _ in crops], boxes)
@@ -133,7 +130,7 @@ def _chw(image: Image.Image | np.ndarray) -> Tensor:
 def _can_open(path: str | Path) -> bool:
     """Header check only (cheap): can PIL identify the image and its size?"""
     try:
-        with Image.open(path) as im:
+        with opened_image(path) as im:
             return im.size[0] > 0 and im.size[1] > 0
     except Exception:  # noqa: BLE001 - as in decode_image
         return False

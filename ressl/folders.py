@@ -22,11 +22,10 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .datasets import DatasetInfo
 from .decode import decode_images, readable_images
-from .imagefiles import GREY_MODES, IMAGE_EXTENSIONS, images_under, is_image_name
+from .imagefiles import GREY_MODES, IMAGE_EXTENSIONS, images_under, is_image_name, opened_image
 from .sources import FolderImages, ImageData, ImageSource, TensorImages
 
 logger = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def _headers(files: Sequence[Path]) -> list[tuple[str, int]]:
     found = []
     for f in _sample(files, _SAMPLE):
         try:
-            with Image.open(f) as im:
+            with opened_image(f) as im:
                 found.append((im.mode, min(im.size)))
         except Exception:  # noqa: BLE001 - unreadable files are skipped (and counted) later
             continue

@@ -22,12 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
 from .decode import crop_boxes, cut_crops, decode_crops, pil_mode
-from .imagefiles import as_mode, is_upright
+from .imagefiles import as_mode, is_upright, opened_image
 
 __all__ = ["EncodedBatch", "EncodedFile", "decode_on_device", "read_for_device"]
 
@@ -78,7 +77,7 @@ def collate_encoded(items: list[tuple[EncodedFile, int]]) -> EncodedBatch:
 def _plain_jpeg(path: str) -> tuple[int, int] | None:
     """``(height, width)`` of a JPEG that ``decode_jpeg`` decodes as PIL would (header only)."""
     try:
-        with Image.open(path) as im:
+        with opened_image(path) as im:
             if im.format != "JPEG" or im.mode not in _PLAIN_MODES:
                 return None
             if not is_upright(im):  # decode_jpeg on CUDA ignores the EXIF rotation
@@ -185,7 +184,7 @@ def _pil_crops(f: EncodedFile, sides: Sequence[int], channels: int) -> list[Tens
     if len(f.boxes) != len(sides):
         return None
     try:
-        with Image.open(f.path) as im:
+        with opened_image(f.path) as im:
             image = as_mode(im, pil_mode(channels))
         return cut_crops(image, sides, f.boxes)
     except Exception:  # noqa: BLE001 - as in decode_crops

@@ -170,3 +170,24 @@ def test_embed_accepts_device_and_threads(capsys, tmp_path, trained_run, image_f
     emb, paths, _ = load_embeddings(tmp_path / "e.npz")
     assert emb.shape == (len(paths), 32) and emb.dtype == np.float32
     assert np.isfinite(emb).all()
+
+
+def test_embed_refuses_an_empty_path_and_skips_pipes(capsys, tmp_path, trained_run, image_folder):
+    """'' is not the working directory; a named pipe with an image name is skipped, not read."""
+    import os
+
+    model = tmp_path / "m.onnx"
+    export_onnx(trained_run, model, verify=False)
+    code, _, err = run_cli(capsys, "embed", model, "", "-o", tmp_path / "e.npz")
+    assert_one_line_error(code, err, "an empty path was given")
+    assert not (tmp_path / "e.npz").exists()
+    if not hasattr(os, "mkfifo"):
+        return
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    one = next((image_folder / "test").rglob("*.png"))
+    code, out, err = run_cli(capsys, "embed", model, pipe, one, "-o", tmp_path / "e.npz")
+    assert code == 0, err
+    assert "pipe.png: not a regular file (a pipe, socket or device)" in err
+    _, paths, extra = load_embeddings(tmp_path / "e.npz")
+    assert paths == [str(one)] and extra["skipped"] == [str(pipe)]
