@@ -7,6 +7,7 @@ cuts RandomResizedCrops from the full-resolution file (streamed training folders
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
     "decode_crops",
     "decode_image",
     "decode_images",
+    "ignore_stop_signals",
     "pil_mode",
     "readable_images",
 ]
@@ -137,7 +139,12 @@ def _can_open(path: str | Path) -> bool:
 
 
 class _MapFiles(Dataset):
-    """``(index, fn(file))`` pairs, so a DataLoader can run ``fn`` over files in workers."""
+    """``(index, fn(file))`` pairs, so a DataLoader can run ``fn`` over files in workers.
+
+    A tensor result travels as a numpy array: pickled through the workers' queue, not
+    shared through one file descriptor per tensor (per file, here), whose hand-over
+    broke with a traceback when the main process stopped on a signal mid-transfer.
+    """
 
     def __init__(self, fn: Callable[[str], Any], files: Sequence[str]) -> None:
         self.fn, self.files = fn, files
@@ -146,11 +153,25 @@ class _MapFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
-        return i, self.fn(self.files[i])
+        out = self.fn(self.files[i])
+        return i, out.numpy() if isinstance(out, Tensor) else out
 
 
 def _as_list(batch: list[Any]) -> list[Any]:
     return batch
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader worker's ``worker_init_fn``: SIGTERM and Ctrl-C are left to the main process.
+
+    ``timeout``, Slurm's ``scancel`` and a terminal's Ctrl-C signal the whole process
+    group. A worker that died of the signal (or raised the main process's stop
+    exception) made the main process's DataLoader report "worker killed by signal"
+    with a traceback, even as it was stopping cleanly. Ignoring them, workers finish
+    when the main process shuts its loader down (or exits: they watch it).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _map_files(
@@ -161,10 +182,12 @@ def _map_files(
         yield from ((i, fn(f)) for i, f in enumerate(files))
         return
     loader = DataLoader(
-        _MapFiles(fn, files), batch_size=64, num_workers=workers, collate_fn=_as_list
-    )
+        _MapFiles(fn, files), batch_size=64, num_workers=workers, collate_fn=_as_list,
+        worker_init_fn=ignore_stop_signals,
+    )  # fmt: skip
     for chunk in loader:
-        yield from chunk
+        yield from ((i, torch.from_numpy(out) if isinstance(out, np.ndarray) else out)
+                    for i, out in chunk)  # fmt: skip
 
 
 def decode_images(

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .decode import decode_crops, decode_image
+from .decode import decode_crops, decode_image, ignore_stop_signals
 from .jpegs import EncodedFile, collate_encoded, decode_on_device, read_for_device
 from .rules import DECODE_PLACES
 
@@ -289,7 +289,7 @@ class FolderImages(ImageSource, Dataset):
         sampler = [self._slice(order, b, batch_size, shard).tolist() for b in todo]
         loader = DataLoader(
             self, batch_sampler=sampler, num_workers=num_workers,
-            pin_memory=device.type == "cuda",
+            pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
         )  # fmt: skip
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -335,7 +335,7 @@ class FolderImages(ImageSource, Dataset):
         dataset = _CroppedFiles(self, plan, seed, epoch, on_device=decode == "device")
         loader = DataLoader(
             dataset, batch_sampler=sampler, num_workers=num_workers,
-            pin_memory=device.type == "cuda",
+            pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
             collate_fn=collate_encoded if decode == "device" else None,
         )  # fmt: skip
         if decode == "device":

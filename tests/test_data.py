@@ -732,3 +732,42 @@ def test_exif_orientation_is_honoured(tmp_path):
                        decode_image(tmp_path / "upright.png", 16))  # fmt: skip
     np.testing.assert_array_equal(load_image(tmp_path / "rotated.png", 16, 3),
                                   load_image(tmp_path / "upright.png", 16, 3))  # fmt: skip
+
+
+class _WorkerSignals(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import signal
+
+        return int(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN) + 2 * int(
+            signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        )
+
+
+def test_decode_workers_leave_stop_signals_to_the_main_process():
+    """A group SIGTERM (timeout, scancel) or Ctrl-C must not kill workers under a loader the
+    main process is stopping cleanly: they ignore both (ressl.decode.ignore_stop_signals)."""
+    from ressl.decode import ignore_stop_signals
+
+    loader = torch.utils.data.DataLoader(
+        _WorkerSignals(), num_workers=1, worker_init_fn=ignore_stop_signals
+    )
+    assert [int(x) for x in loader] == [3, 3]
+
+
+def test_decoding_in_workers_equals_decoding_here(tmp_path):
+    """Worker results come back as arrays (no file descriptor per image), the same pixels."""
+    from ressl.decode import decode_images
+
+    files = []
+    for i in range(5):
+        Image.new("RGB", (40 + i, 30), (i * 40, 10, 200)).save(tmp_path / f"{i}.png")
+        files.append(str(tmp_path / f"{i}.png"))
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    files.insert(2, str(tmp_path / "bad.png"))
+    here, kept_here = decode_images(files, 28, workers=0)
+    there, kept_there = decode_images(files, 28, workers=2)
+    assert torch.equal(here, there) and torch.equal(kept_here, kept_there)
+    assert kept_here.tolist() == [0, 1, 3, 4, 5]
