@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ressl import BackboneBuild, ConfigError, build_backbone, load_encoder, train
+from ressl.backbones import start_batchnorm_
 from ressl.checkpoint import read_metadata
 
 
@@ -52,6 +53,41 @@ def test_a_torchvision_model_takes_the_channels_and_gives_deterministic_features
     net.train()
     assert net(x).shape == (4, 1024) and torch.equal(net(x), net(x))  # no dropout left
     assert BackboneBuild.from_json(build.to_json()) == build
+
+
+def test_eval_mode_keeps_the_scale_of_training_from_the_start():
+    # torchvision's MobileNetV3: BatchNorm momentum 0.01 and depthwise convolutions whose
+    # outputs have variance 1e-2..1e-5. Had its running statistics started at PyTorch's
+    # (0, 1), eval mode would shrink the features about 1e8-fold (after a 7-step run:
+    # the same features for every image, kNN at chance)
+    net = build_backbone("torchvision:mobilenet_v3_small", 1, 28)
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {m.momentum for m in norms} == {0.01}  # the model's own, restored
+    assert all(int(m.num_batches_tracked) == 0 for m in norms)  # no training batch seen
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        trained = net.train()(x)
+        evaluated = net.eval()(x)
+    ratio = evaluated.norm(dim=1).mean() / trained.norm(dim=1).mean()
+    assert 0.5 < ratio < 2, ratio
+
+
+def test_start_batchnorm_sets_the_statistics_of_noise_and_leaves_the_rng():
+    conv = nn.Conv2d(1, 2, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.mul_(1e-3)  # a variance of about 1e-7, far from the initial 1
+    net = nn.Sequential(conv, nn.BatchNorm2d(2, momentum=0.01), nn.Dropout(0.5)).eval()
+    rng = torch.get_rng_state()
+    start_batchnorm_(net, 1, 8)
+    assert torch.equal(torch.get_rng_state(), rng) and not net.training
+    # a 6x6 map: 36 values per image, ceil(256 / 36) = 8 images
+    noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = conv(noise).transpose(0, 1).flatten(1)  # (2, B*6*6)
+    bn = net[1]
+    torch.testing.assert_close(bn.running_mean, y.mean(1))
+    torch.testing.assert_close(bn.running_var, y.var(1))  # unbiased, as PyTorch keeps it
+    assert bn.momentum == 0.01 and int(bn.num_batches_tracked) == 0
 
 
 def test_vits_are_sized_to_the_images():
