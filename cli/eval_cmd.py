@@ -49,6 +49,7 @@ class FeatureSource:
     features: str  # "backbone" or the ONNX output's name
     run_dir: Path
     info: dict[str, Any] = field(default_factory=dict)  # extra fields for the eval.jsonl record
+    position: str | None = None  # where the checkpoint's run is (ressl.position)
 
 
 def _checkpoint_source(path: Path, weights: str, device: torch.device) -> FeatureSource:
@@ -62,13 +63,16 @@ def _checkpoint_source(path: Path, weights: str, device: torch.device) -> Featur
         out: Tensor = encoder.features(x)  # type: ignore[operator]
         return out
 
-    meta = read_metadata(file)
+    from ressl.position import Position
+
+    where = Position.from_metadata(read_metadata(file), settings.get("epochs"))
     return FeatureSource(
         fn=backbone, mean=tuple(settings["mean"]), std=tuple(settings["std"]),
         channels=int(settings["channels"]), image_size=int(settings["image_size"]),
         default_dataset=settings.get("dataset"), description=f"{weights} backbone features",
         features="backbone", run_dir=file.parent,
-        info={"checkpoint": file.name, "epoch": int(meta.get("epoch", 0)), "weights": weights},
+        info={"checkpoint": file.name, "epoch": where.epochs_done, "weights": weights},
+        position=str(where),
     )  # fmt: skip
 
 

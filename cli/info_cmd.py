@@ -18,6 +18,13 @@ def size_text(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+def shown(value: Any) -> str:
+    """A metric for people: floats to 4 significant digits (``7.386``, ``0.0003162``)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def _weights_metadata(path: Path) -> dict[str, str] | None:
     """The metadata of a backbone weights file (``ressl export -o X.safetensors``), else None."""
     if not path.is_file() or path.suffix.lower() != ".safetensors":
@@ -65,6 +72,7 @@ def info_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
 ) -> None:
     """Describe a checkpoint (format, versions, progress, metrics, settings) or an exported ONNX encoder."""
+    from ressl.position import Position
     from ressl.validation import check_file, metadata_json
 
     if not path.exists():
@@ -95,18 +103,14 @@ def info_cmd(
             )
         )
         return
+    where = Position.from_metadata(meta, settings.get("epochs"))
     lines = [
         f"checkpoint     {path}",
         f"format         {meta['format']} v{meta['format_version']} (ressl {meta.get('ressl_version', '?')})",
-        f"progress       epoch {meta.get('epoch')}/{settings.get('epochs')}, step {meta.get('step')}"
-        + (
-            f" (mid-epoch, batch {meta['batch_in_epoch']})"
-            if meta.get("batch_in_epoch", "0") != "0"
-            else ""
-        ),
+        f"progress       {where}, step {meta.get('step')}",
     ]
     if metrics:
-        lines.append("last metrics   " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+        lines.append("last metrics   " + ", ".join(f"{k}={shown(v)}" for k, v in metrics.items()))
     lines.append("settings")
     width = max((len(k) for k in settings), default=0)
     lines += [f"  {k:<{width}}  {json.dumps(v)}" for k, v in settings.items()]

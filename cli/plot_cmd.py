@@ -68,7 +68,7 @@ def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
                 continue
             if isinstance(row, dict) and isinstance(row.get("top1"), (int, float)):
                 try:
-                    rows.append({**row, "epoch": int(row.get("epoch"))})  # type: ignore[arg-type]
+                    rows.append({**row, "epoch": float(row.get("epoch"))})  # type: ignore[arg-type]
                 except (TypeError, ValueError):
                     continue
     return rows
@@ -241,6 +241,6 @@ def _tsne_figure(
         )
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:points].sort().values
     emb = run_tsne(feats[idx.to(feats.device)], perplexity=perplexity, iterations=iterations)
-    epoch = source.info.get("epoch")
-    title = f"t-SNE of {len(idx)} {data.name} test images\n{source.description}, epoch {epoch}"
+    where = f", {source.position}" if source.position else ""
+    title = f"t-SNE of {len(idx)} {data.name} test images\n{source.description}{where}"
     return plot_tsne(plt, emb, labels[idx.to(labels.device)], data.classes, title, path)

@@ -50,6 +50,7 @@ from .functional import cosine_lr, momentum_schedule
 from .memory import check_fits, training_memory
 from .model import ReSSL
 from .monitor import knn_monitor
+from .position import Position
 from .rules import ConfigError, Note, is_int
 from .runlock import hold_run_folder
 from .runs import CHECKPOINT, METRICS, CheckpointError, read_metrics, write_metrics
@@ -497,9 +498,9 @@ def _train_epochs(run: _Run, notify: Callable[[TrainEvent], None]) -> Path:
         if stop.stopping and state.epoch < c.epochs:
             path = run.save()
             if world.main:
-                log.warning("interrupted: saved %s in epoch %d after batch %d of %d; continue with "
-                            "--resume %s", path, state.epoch + 1, state.batch_in_epoch,
-                            run.steps_per_epoch, run.run_dir)  # fmt: skip
+                where = Position(state.epoch, state.batch_in_epoch, run.steps_per_epoch, c.epochs)
+                log.warning("interrupted at %s: saved %s; continue with --resume %s", where, path,
+                            run.run_dir)  # fmt: skip
             notify(run.event("end", metrics={"interrupted": True}))
             raise Stopped(stop.signum or signal.SIGINT, str(path))
     return _end(run, saved, notify)
