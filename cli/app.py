@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from ressl._version import __version__
-from ressl.rules import ConfigError, Note, flag
+from ressl.rules import ConfigError, DataNotFoundError, Note, flag
 
 from .common import Interrupted, UserError
 from .eval_cmd import eval_app
@@ -137,6 +137,8 @@ def _run(argv: Sequence[str] | None) -> NoReturn:
     except UserError as e:
         _die(str(e))
     except ConfigError as e:  # names settings as the flags the user typed
+        _die(e.render(flag))
+    except DataNotFoundError as e:  # names --data-root and --download
         _die(e.render(flag))
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         _die(str(e) or type(e).__name__)
