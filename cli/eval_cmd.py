@@ -242,11 +242,12 @@ def _setup(
     data_root: Path | None,
     batch_size: int,
 ) -> tuple[FeatureSource, Any, torch.device, tuple[Tensor, ...], float]:
+    existing(path)  # the arguments before torch is imported (seconds)
+    if batch_size < 1:
+        fail(f"--batch-size must be >= 1, got {batch_size}")
     import torch
 
     dev = pick_device(device)
-    if batch_size < 1:
-        fail(f"--batch-size must be >= 1, got {batch_size}")
     source = load_source(path, weights.value, dev)
     data = load_eval_data(source, dataset, data_root)
     t0 = time.perf_counter()
@@ -320,8 +321,6 @@ def knn_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Weighted kNN (cosine on L2-normalised features): train split as memory, top-1 (and top-5) on the test split."""
-    from ressl.evaluate import knn_accuracy
-
     if k < 1:
         fail(f"--k must be >= 1, got {k}")
     if not temperature > 0:
@@ -329,6 +328,8 @@ def knn_cmd(
     source, data, dev, feats, seconds = _setup(
         path, weights, device, dataset, data_root, batch_size
     )
+    from ressl.evaluate import knn_accuracy
+
     train_f, train_y, test_f, test_y = feats
     t0 = time.perf_counter()
     acc = knn_accuracy(train_f, train_y, test_f, test_y, len(data.classes), k, temperature)
@@ -404,13 +405,13 @@ def _fast_linear(
     batch_size: int, probe: dict[str, Any], record_result: bool | None, as_json: bool,
 ) -> None:  # fmt: skip
     """``eval linear`` (the fast probe): a linear layer on features extracted once."""
+    source, data, dev, feats, seconds = _setup(
+        path, weights, device, dataset, data_root, batch_size
+    )
     from ressl.evaluate import linear_probe
 
     from .progress import CountProgress
 
-    source, data, dev, feats, seconds = _setup(
-        path, weights, device, dataset, data_root, batch_size
-    )
     train_f, train_y, test_f, test_y = feats
     t0 = time.perf_counter()
     with CountProgress("probe epochs", probe["epochs"], unit="epochs/s") as progress:
@@ -431,6 +432,7 @@ def _paper_linear(
     probe: dict[str, Any], record_result: bool | None, as_json: bool,
 ) -> None:  # fmt: skip
     """``eval linear --protocol paper``: the official protocol, its final epoch reported."""
+    existing(path)  # before torch is imported (seconds)
     from ressl.probe import paper_linear_eval
 
     from .progress import CountProgress

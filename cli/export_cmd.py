@@ -57,12 +57,12 @@ def export_cmd(
     against PyTorch), or its backbone's weights to a plain safetensors state dict.
 
     Long by its options only: Typer declares each in the signature."""
+    if not checkpoint.exists():  # before torch is imported (seconds)
+        fail(f"{checkpoint}: no such file or folder")
     from ressl.export.exporter import export_onnx
 
     from ressl.atomic import check_writable
 
-    if not checkpoint.exists():
-        fail(f"{checkpoint}: no such file or folder")
     check_writable(out, "output")  # a folder or an unwritable place is named as such
     suffix = out.suffix.lower()
     if suffix not in (".onnx", ".safetensors"):

@@ -72,11 +72,11 @@ def info_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
 ) -> None:
     """Describe a checkpoint (format, versions, progress, metrics, settings) or an exported ONNX encoder."""
+    if not path.exists():  # before torch is imported (seconds)
+        fail(f"{path}: no such file or folder")
     from ressl.position import Position
     from ressl.validation import check_file, metadata_json
 
-    if not path.exists():
-        fail(f"{path}: no such file or folder")
     if path.suffix.lower() == ".onnx":
         typer.echo(onnx_info(path, as_json))
         return

@@ -18,10 +18,10 @@ from typing import Annotated, Any
 import typer
 
 from ressl.config import TrainConfig, settings
-from ressl.datasets import DATASETS
+from ressl.datasets import DATASETS, find
 from ressl.rules import Setting, flag
 
-from .common import Interrupted, existing, explicit_options, launch_rank
+from .common import Interrupted, existing, explicit_options, fail, launch_rank
 
 __all__ = ["cli_default", "train_cmd"]
 
@@ -95,15 +95,18 @@ def _parameters() -> list[inspect.Parameter]:
 
 def train_cmd(ctx: typer.Context, **options: Any) -> None:
     """Pre-train an encoder with ReSSL; writes RUN/last.safetensors and RUN/metrics.jsonl."""
+    resume: Path | None = options.pop("resume")
+    given = {name: options[name] for name in explicit_options(ctx) if name in options}
+    if resume is not None:
+        existing(resume)
+    else:  # settings and the data's folder are checked before torch is imported (seconds)
+        _check_folder(TrainConfig.from_keywords(**given).dataset)
+
     from ressl.stopping import Stopped
     from ressl.trainer import train
 
     from .progress import TrainProgress
 
-    resume: Path | None = options.pop("resume")
-    given = {name: options[name] for name in explicit_options(ctx) if name in options}
-    if resume is not None:
-        existing(resume)
     try:
         if launch_rank() != 0:  # under torchrun, rank 0 alone draws progress and prints
             logging.getLogger("ressl").setLevel(logging.ERROR)
@@ -116,6 +119,13 @@ def train_cmd(ctx: typer.Context, **options: Any) -> None:
         message = f"interrupted by {e.signal_name}; {saved}"
         raise Interrupted(e.signum, message) from None
     typer.echo(str(path))
+
+
+def _check_folder(dataset: str) -> None:
+    """A ``folder:PATH`` dataset's folder exists (the rest is checked when it is read)."""
+    _, path = find(dataset)
+    if path is not None and not Path(path).expanduser().exists():
+        fail(f"image folder {path} does not exist")
 
 
 train_cmd.__signature__ = inspect.Signature(_parameters())  # type: ignore[attr-defined]
