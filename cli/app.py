@@ -30,7 +30,6 @@ from .serve_cmd import serve_cmd
 from .train_cmd import train_cmd
 
 
-
 def _without_flag_types(command: Any, ctx: Any) -> None:
     """A flag takes no value, so ``--help`` shows none for it (Typer would print ``<bool>``)."""
     for param in command.get_params(ctx):
