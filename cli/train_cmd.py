@@ -68,7 +68,7 @@ def _option(name: str, default: Any, meta: Setting, kind: Any) -> inspect.Parame
         *decls,
         help=help_text,
         rich_help_panel=meta.panel,
-        metavar=meta.metavar or ("|".join(meta.rule.choices) or None),
+        metavar=meta.metavar or (" | ".join(meta.rule.choices) or None),
         show_default=not meta.recipe and default is not None,
     )
     kind = base if default is not None else base | None
@@ -170,7 +170,24 @@ def options_table() -> str:
         tags = " *(resume)*" if meta.resumable else ""
         lines.append(f"| `{flag(name)}`{tags} | {shown} | {meta.rule.expect} | {meta.help} |")
     lines.append("| `--resume` | none | a run folder or checkpoint | Continue that run. |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", datasets_table()]) + "\n"
+
+
+def datasets_table() -> str:
+    """The datasets ``--dataset`` (and ``ressl eval --dataset``) accepts, from the registry."""
+    lines = [
+        "## Datasets",
+        "",
+        "`--dataset` takes a name or an alias, in any case, `_` for `-` (`fashion_mnist`,",
+        "`CIFAR-10`); generated from `ressl.datasets.DATASETS`.",
+        "",
+        "| dataset | also accepted | what | channels | default size |",
+        "|---|---|---|---|---|",
+    ]
+    for d in DATASETS.values():
+        aliases = ", ".join(f"`{a}`" for a in d.aliases) or "-"
+        lines.append(f"| `{d.spec}` | {aliases} | {d.summary} | {d.channels} | {d.image_size} |")
+    return "\n".join(lines)
 
 
 def write_docs(root: Path) -> None:
