@@ -149,7 +149,7 @@ def embed_cmd(
 
 
 def _export_weights(checkpoint: Path, out: Path, weights: str) -> None:
-    from ressl.weights import save_backbone_weights
+    from ressl.weights import loading_code, save_backbone_weights
 
     saved = save_backbone_weights(checkpoint, out, weights=weights)
     build = saved.build
@@ -158,6 +158,7 @@ def _export_weights(checkpoint: Path, out: Path, weights: str) -> None:
         f"{saved.tensors} tensors, {saved.parameters:,} parameters; {build.describe()}"
     )
     try:
-        typer.echo("load it without ressl:\n" + build.code(out.name))
+        code = loading_code(build, out, saved.mean, saved.std)
+        typer.echo("load it without ressl:\n" + code.rstrip())
     except ValueError as e:
         typer.echo(str(e))

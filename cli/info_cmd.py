@@ -45,19 +45,34 @@ def _weights_info(path: Path, meta: dict[str, str], as_json: bool) -> str:
     from ressl.backbones import BackboneBuild
 
     try:
-        described = BackboneBuild.from_json(meta["backbone_build"]).describe()
+        build = BackboneBuild.from_json(meta["backbone_build"])
+        described = build.describe()
     except (KeyError, TypeError, ValueError, AttributeError):
         fail(f"{path}: its backbone_build metadata is not a backbone description")
+    code = _code_for(path, build, meta)
     if as_json:
-        return json.dumps({k: v for k, v in meta.items() if k != "code"} | {"code": meta.get("code", "")},
+        return json.dumps({k: v for k, v in meta.items() if k != "code"} | {"code": code},
                           indent=2)  # fmt: skip
     return "\n".join([
         f"weights        {path} ({size_text(path.stat().st_size)}): the {meta.get('weights', '?')} "
         f"backbone of {meta.get('source', '?')} (ressl {meta.get('ressl_version', '?')})",
         f"backbone       {described}",
         "load it without ressl:",
-        meta.get("code", "").rstrip(),
+        code.rstrip(),
     ])  # fmt: skip
+
+
+def _code_for(path: Path, build: Any, meta: dict[str, str]) -> str:
+    """The loading code for the file where it is now (its full path, eval mode, the run's
+    mean/std); the code stored at export when the file does not say its mean/std."""
+    from ressl.weights import loading_code
+
+    try:
+        settings = json.loads(meta.get("settings", "{}"))
+        mean, std = settings["mean"], settings["std"]
+        return loading_code(build, path, [float(m) for m in mean], [float(s) for s in std])
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return meta.get("code", "")
 
 
 def info_cmd(
