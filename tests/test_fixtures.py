@@ -88,7 +88,9 @@ def test_v1_evaluates(capsys, run_copy: Path):
     assert code == 0, err
     row = json.loads(out)
     # where the run is: 1 of 3 batches into its second epoch (ressl.position)
-    assert row["dataset"] == "fashion-mnist" and row["epoch"] == 1.33 and row["test_images"] == 10000
+    assert (
+        row["dataset"] == "fashion-mnist" and row["epoch"] == 1.33 and row["test_images"] == 10000
+    )
     assert 10.0 < row["top1"] <= 100.0  # better than chance even this early
 
 
