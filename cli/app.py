@@ -13,11 +13,13 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-from ressl.rules import ConfigError, Note, flag
+from ressl._version import __version__
+from ressl.rules import ConfigError, DataNotFoundError, Note, flag
 
 from .common import Interrupted, UserError
 from .eval_cmd import eval_app
@@ -27,20 +29,73 @@ from .plot_cmd import plot_cmd
 from .serve_cmd import serve_cmd
 from .train_cmd import train_cmd
 
+
+def _without_flag_types(command: Any, ctx: Any) -> None:
+    """A flag takes no value, so ``--help`` shows none for it (Typer would print ``<bool>``)."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+
+
+class _Command(TyperCommand):
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _without_flag_types(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+class _Group(TyperGroup):
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _without_flag_types(self, ctx)
+        super().format_help(ctx, formatter)
+
+
 app = typer.Typer(
     name="ressl",
     help="ReSSL: relational self-supervised pre-training of image encoders.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
-app.command("train")(train_cmd)
-app.command("info")(info_cmd)
-app.command("export")(export_cmd)
-app.command("embed")(embed_cmd)
+app.command("train", cls=_Command)(train_cmd)
+app.command("info", cls=_Command)(info_cmd)
+app.command("export", cls=_Command)(export_cmd)
+app.command("embed", cls=_Command)(embed_cmd)
+eval_app.info.cls = _Group
+for _info in eval_app.registered_commands:
+    _info.cls = _Command
 app.add_typer(eval_app, name="eval")
-app.command("plot")(plot_cmd)
-app.command("serve")(serve_cmd)
+app.command("plot", cls=_Command)(plot_cmd)
+app.command("serve", cls=_Command)(serve_cmd)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ressl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="Warnings and errors only, without the lines that say what a command loaded "
+            "and decided (dataset, device, precision, image size, backbone changes, fitted "
+            "defaults). Give it before the command: ressl -q train ...",
+        ),
+    ] = False,
+) -> None:
+    """ReSSL: relational self-supervised pre-training of image encoders."""
+    logging.getLogger("ressl").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def _is_usage_error(e: BaseException) -> bool:
@@ -51,8 +106,10 @@ def _is_usage_error(e: BaseException) -> bool:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: run the app, turn user errors into one line and an exit status.
 
-    The ``ressl`` logger writes its warnings to stderr, settings named as flags, for the
-    duration of the call (and is put back as it was, for callers in the same process).
+    The ``ressl`` logger writes what a command loads and decides (INFO: the dataset, device,
+    precision, backbone changes, fitted defaults) and its warnings to stderr, settings named
+    as flags, for the duration of the call (``ressl -q``: warnings only), and is put back as
+    it was, for callers in the same process.
     """
     previous = _terminate_as_interrupt()
     handler = _StderrHandler()
@@ -61,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log = logging.getLogger("ressl")
     before = log.level, log.propagate
     log.addHandler(handler)
-    log.setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
     log.propagate = False  # the CLI owns the terminal
     try:
         _run(argv)
@@ -80,6 +137,8 @@ def _run(argv: Sequence[str] | None) -> NoReturn:
         _die(str(e))
     except ConfigError as e:  # names settings as the flags the user typed
         _die(e.render(flag))
+    except DataNotFoundError as e:  # names --data-root and --download
+        _die(e.render(flag))
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         _die(str(e) or type(e).__name__)
     except Interrupted as e:  # exit 128 + the signal: 130 after Ctrl-C, 143 after SIGTERM
@@ -87,6 +146,8 @@ def _run(argv: Sequence[str] | None) -> NoReturn:
     except OSError as e:  # a full disk, an unreadable file: name the file
         _die(f"{e.filename}: {e.strerror or e}" if getattr(e, "filename", None) else str(e))
     except Exception as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # the help went to stdout: nothing to add
+            sys.exit(2)
         if _is_usage_error(e):
             _die(e.format_message() if hasattr(e, "format_message") else str(e))  # type: ignore[attr-defined]
         if type(e).__name__ == "Abort":

@@ -3,9 +3,10 @@
 Both take a ressl checkpoint (a ``.safetensors`` file or a run folder) or an ONNX
 model exported from one, extract features of a dataset's labelled train split and
 its test split once, and then run the weighted kNN (k 200, t 0.1) or train a linear
-probe on them. Results go to stdout and, for checkpoints and models alike, one JSON
-line is appended to ``eval.jsonl`` in the folder that holds the file (see
-docs/evaluation.md).
+probe on them. Results go to stdout and, for a checkpoint, one JSON line is appended to
+``eval.jsonl`` in its run folder (the run's history, which ``ressl plot`` draws). An ONNX
+model is a file that may sit anywhere (a working folder, a read-only release): its result
+is recorded, next to it, only when ``--record`` is given (see docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class FeatureSource:
     features: str  # "backbone" or the ONNX output's name
     run_dir: Path
     info: dict[str, Any] = field(default_factory=dict)  # extra fields for the eval.jsonl record
+    position: str | None = None  # where the checkpoint's run is (ressl.position)
+    recorded: bool = True  # results go to RUN/eval.jsonl unless --no-record (ONNX: --record)
 
 
 def _checkpoint_source(path: Path, weights: str, device: torch.device) -> FeatureSource:
@@ -62,13 +65,16 @@ def _checkpoint_source(path: Path, weights: str, device: torch.device) -> Featur
         out: Tensor = encoder.features(x)  # type: ignore[operator]
         return out
 
-    meta = read_metadata(file)
+    from ressl.position import Position
+
+    where = Position.from_metadata(read_metadata(file), settings.get("epochs"))
     return FeatureSource(
         fn=backbone, mean=tuple(settings["mean"]), std=tuple(settings["std"]),
         channels=int(settings["channels"]), image_size=int(settings["image_size"]),
         default_dataset=settings.get("dataset"), description=f"{weights} backbone features",
         features="backbone", run_dir=file.parent,
-        info={"checkpoint": file.name, "epoch": int(meta.get("epoch", 0)), "weights": weights},
+        info={"checkpoint": file.name, "epoch": where.epochs_done, "weights": weights},
+        position=str(where),
     )  # fmt: skip
 
 
@@ -156,7 +162,7 @@ def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
         default_dataset=meta.get("dataset") or settings.get("dataset"),
         description=f"ONNX output {out_name!r} "
         f"({what.get(meta.get('head', ''), 'not a ressl export: unknown whether head or backbone')})",
-        features=f"onnx:{out_name}", run_dir=path.parent, info=info,
+        features=f"onnx:{out_name}", run_dir=path.parent, info=info, recorded=False,
     )  # fmt: skip
 
 
@@ -194,11 +200,10 @@ def features(
 
     n_train = len(data.memory) if data.memory is not None else 0
     n_test = len(data.test) if data.test is not None else 0
-    typer.echo(
-        f"extracting {source.description} of {n_train} + {n_test} {data.name} images on {device} ...",
-        err=True,
+    heading = (
+        f"extracting {source.description} of {n_train} + {n_test} {data.name} images on {device}"
     )
-    with CountProgress("extract", n_train + n_test) as progress:
+    with CountProgress("extract", n_train + n_test, heading=heading) as progress:
         return split_features(source.fn, data, mean=source.mean, std=source.std,
                               batch_size=batch_size, device=device, progress=progress)  # fmt: skip
 
@@ -211,9 +216,10 @@ def stamped(row: dict[str, Any]) -> dict[str, Any]:
             "ressl_version": __version__}  # fmt: skip
 
 
-def record(source: FeatureSource, row: dict[str, Any], enabled: bool) -> Path | None:
-    """Append the ``stamped`` ``row`` to ``eval.jsonl`` next to the evaluated file."""
-    if not enabled:
+def record(source: FeatureSource, row: dict[str, Any], enabled: bool | None) -> Path | None:
+    """Append the ``stamped`` ``row`` to ``eval.jsonl`` next to the evaluated file (``enabled``
+    None: a checkpoint's result is recorded, an ONNX model's is not)."""
+    if not (source.recorded if enabled is None else enabled):
         return None
     path = source.run_dir / EVAL_LOG
     with path.open("a") as f:
@@ -236,11 +242,12 @@ def _setup(
     data_root: Path | None,
     batch_size: int,
 ) -> tuple[FeatureSource, Any, torch.device, tuple[Tensor, ...], float]:
+    existing(path)  # the arguments before torch is imported (seconds)
+    if batch_size < 1:
+        fail(f"--batch-size must be >= 1, got {batch_size}")
     import torch
 
     dev = pick_device(device)
-    if batch_size < 1:
-        fail(f"--batch-size must be >= 1, got {batch_size}")
     source = load_source(path, weights.value, dev)
     data = load_eval_data(source, dataset, data_root)
     t0 = time.perf_counter()
@@ -282,9 +289,12 @@ DataRootOpt = Annotated[
 ]
 BatchOpt = Annotated[int, typer.Option(help="Images per forward pass while extracting features.")]
 RecordOpt = Annotated[
-    bool,
+    bool | None,
     typer.Option(
-        "--record/--no-record", help=f"Append the result to {EVAL_LOG} next to the checkpoint."
+        "--record/--no-record",
+        help=f"Append the result to {EVAL_LOG} next to the evaluated file (default: for a "
+        "checkpoint or run folder, not for an .onnx model).",
+        show_default=False,
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
@@ -307,12 +317,10 @@ def knn_cmd(
     device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 512,
-    record_result: RecordOpt = True,
+    record_result: RecordOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Weighted kNN (cosine on L2-normalised features): train split as memory, top-1 (and top-5) on the test split."""
-    from ressl.evaluate import knn_accuracy
-
     if k < 1:
         fail(f"--k must be >= 1, got {k}")
     if not temperature > 0:
@@ -320,6 +328,8 @@ def knn_cmd(
     source, data, dev, feats, seconds = _setup(
         path, weights, device, dataset, data_root, batch_size
     )
+    from ressl.evaluate import knn_accuracy
+
     train_f, train_y, test_f, test_y = feats
     t0 = time.perf_counter()
     acc = knn_accuracy(train_f, train_y, test_f, test_y, len(data.classes), k, temperature)
@@ -368,7 +378,7 @@ def linear_cmd(
     device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 512,
-    record_result: RecordOpt = True,
+    record_result: RecordOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Linear evaluation on frozen features: the fast probe, or the paper's protocol; top-1 on the test split."""
@@ -392,16 +402,16 @@ def linear_cmd(
 
 def _fast_linear(
     path: Path, weights: Weights, device: str, dataset: str | None, data_root: Path | None,
-    batch_size: int, probe: dict[str, Any], record_result: bool, as_json: bool,
+    batch_size: int, probe: dict[str, Any], record_result: bool | None, as_json: bool,
 ) -> None:  # fmt: skip
     """``eval linear`` (the fast probe): a linear layer on features extracted once."""
+    source, data, dev, feats, seconds = _setup(
+        path, weights, device, dataset, data_root, batch_size
+    )
     from ressl.evaluate import linear_probe
 
     from .progress import CountProgress
 
-    source, data, dev, feats, seconds = _setup(
-        path, weights, device, dataset, data_root, batch_size
-    )
     train_f, train_y, test_f, test_y = feats
     t0 = time.perf_counter()
     with CountProgress("probe epochs", probe["epochs"], unit="epochs/s") as progress:
@@ -419,9 +429,10 @@ def _fast_linear(
 
 def _paper_linear(
     path: Path, weights: Weights, device: str, dataset: str | None, data_root: Path | None,
-    probe: dict[str, Any], record_result: bool, as_json: bool,
+    probe: dict[str, Any], record_result: bool | None, as_json: bool,
 ) -> None:  # fmt: skip
     """``eval linear --protocol paper``: the official protocol, its final epoch reported."""
+    existing(path)  # before torch is imported (seconds)
     from ressl.probe import paper_linear_eval
 
     from .progress import CountProgress
@@ -448,7 +459,7 @@ def _paper_linear(
             f"{acc['best_epoch']}, selected on the test set")  # fmt: skip
 
 
-def _finish(source: FeatureSource, row: dict[str, Any], record_result: bool, as_json: bool,
+def _finish(source: FeatureSource, row: dict[str, Any], record_result: bool | None, as_json: bool,
             heading: str, result: str) -> None:  # fmt: skip
     """Stamp and record an evaluation's row, then print it: as JSON, or a heading and the result."""
     row = stamped(row)

@@ -57,12 +57,12 @@ def export_cmd(
     against PyTorch), or its backbone's weights to a plain safetensors state dict.
 
     Long by its options only: Typer declares each in the signature."""
+    if not checkpoint.exists():  # before torch is imported (seconds)
+        fail(f"{checkpoint}: no such file or folder")
     from ressl.export.exporter import export_onnx
 
     from ressl.atomic import check_writable
 
-    if not checkpoint.exists():
-        fail(f"{checkpoint}: no such file or folder")
     check_writable(out, "output")  # a folder or an unwritable place is named as such
     suffix = out.suffix.lower()
     if suffix not in (".onnx", ".safetensors"):
@@ -149,7 +149,7 @@ def embed_cmd(
 
 
 def _export_weights(checkpoint: Path, out: Path, weights: str) -> None:
-    from ressl.weights import save_backbone_weights
+    from ressl.weights import loading_code, save_backbone_weights
 
     saved = save_backbone_weights(checkpoint, out, weights=weights)
     build = saved.build
@@ -158,6 +158,7 @@ def _export_weights(checkpoint: Path, out: Path, weights: str) -> None:
         f"{saved.tensors} tensors, {saved.parameters:,} parameters; {build.describe()}"
     )
     try:
-        typer.echo("load it without ressl:\n" + build.code(out.name))
+        code = loading_code(build, out, saved.mean, saved.std)
+        typer.echo("load it without ressl:\n" + code.rstrip())
     except ValueError as e:
         typer.echo(str(e))

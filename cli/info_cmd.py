@@ -18,6 +18,13 @@ def size_text(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+def shown(value: Any) -> str:
+    """A metric for people: floats to 4 significant digits (``7.386``, ``0.0003162``)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def _weights_metadata(path: Path) -> dict[str, str] | None:
     """The metadata of a backbone weights file (``ressl export -o X.safetensors``), else None."""
     if not path.is_file() or path.suffix.lower() != ".safetensors":
@@ -38,19 +45,34 @@ def _weights_info(path: Path, meta: dict[str, str], as_json: bool) -> str:
     from ressl.backbones import BackboneBuild
 
     try:
-        described = BackboneBuild.from_json(meta["backbone_build"]).describe()
+        build = BackboneBuild.from_json(meta["backbone_build"])
+        described = build.describe()
     except (KeyError, TypeError, ValueError, AttributeError):
         fail(f"{path}: its backbone_build metadata is not a backbone description")
+    code = _code_for(path, build, meta)
     if as_json:
-        return json.dumps({k: v for k, v in meta.items() if k != "code"} | {"code": meta.get("code", "")},
+        return json.dumps({k: v for k, v in meta.items() if k != "code"} | {"code": code},
                           indent=2)  # fmt: skip
     return "\n".join([
         f"weights        {path} ({size_text(path.stat().st_size)}): the {meta.get('weights', '?')} "
         f"backbone of {meta.get('source', '?')} (ressl {meta.get('ressl_version', '?')})",
         f"backbone       {described}",
         "load it without ressl:",
-        meta.get("code", "").rstrip(),
+        code.rstrip(),
     ])  # fmt: skip
+
+
+def _code_for(path: Path, build: Any, meta: dict[str, str]) -> str:
+    """The loading code for the file where it is now (its full path, eval mode, the run's
+    mean/std); the code stored at export when the file does not say its mean/std."""
+    from ressl.weights import loading_code
+
+    try:
+        settings = json.loads(meta.get("settings", "{}"))
+        mean, std = settings["mean"], settings["std"]
+        return loading_code(build, path, [float(m) for m in mean], [float(s) for s in std])
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return meta.get("code", "")
 
 
 def info_cmd(
@@ -65,10 +87,11 @@ def info_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
 ) -> None:
     """Describe a checkpoint (format, versions, progress, metrics, settings) or an exported ONNX encoder."""
+    if not path.exists():  # before torch is imported (seconds)
+        fail(f"{path}: no such file or folder")
+    from ressl.position import Position
     from ressl.validation import check_file, metadata_json
 
-    if not path.exists():
-        fail(f"{path}: no such file or folder")
     if path.suffix.lower() == ".onnx":
         typer.echo(onnx_info(path, as_json))
         return
@@ -95,18 +118,14 @@ def info_cmd(
             )
         )
         return
+    where = Position.from_metadata(meta, settings.get("epochs"))
     lines = [
         f"checkpoint     {path}",
         f"format         {meta['format']} v{meta['format_version']} (ressl {meta.get('ressl_version', '?')})",
-        f"progress       epoch {meta.get('epoch')}/{settings.get('epochs')}, step {meta.get('step')}"
-        + (
-            f" (mid-epoch, batch {meta['batch_in_epoch']})"
-            if meta.get("batch_in_epoch", "0") != "0"
-            else ""
-        ),
+        f"progress       {where}, step {meta.get('step')}",
     ]
     if metrics:
-        lines.append("last metrics   " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+        lines.append("last metrics   " + ", ".join(f"{k}={shown(v)}" for k, v in metrics.items()))
     lines.append("settings")
     width = max((len(k) for k in settings), default=0)
     lines += [f"  {k:<{width}}  {json.dumps(v)}" for k, v in settings.items()]

@@ -68,7 +68,7 @@ def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
                 continue
             if isinstance(row, dict) and isinstance(row.get("top1"), (int, float)):
                 try:
-                    rows.append({**row, "epoch": int(row.get("epoch"))})  # type: ignore[arg-type]
+                    rows.append({**row, "epoch": float(row.get("epoch"))})  # type: ignore[arg-type]
                 except (TypeError, ValueError):
                     continue
     return rows
@@ -230,17 +230,21 @@ def _tsne_figure(
     from ressl.evaluate import extract_features
     from ressl.manifold import tsne as run_tsne
 
+    from .progress import CountProgress
+
     n = len(data.test)
-    typer.echo(
-        f"t-SNE of {min(points, n)} of {n} {data.name} test images ({source.description}) ...",
-        err=True,
-    )
-    with torch.no_grad():
-        feats, labels = extract_features(
-            source.fn, data.test, mean=source.mean, std=source.std, device=device
-        )
+    heading = f"extracting {source.description} of {n} {data.name} test images on {device}"
+    with torch.no_grad(), CountProgress("extract", n, heading=heading) as progress:
+        feats, labels = extract_features(source.fn, data.test, mean=source.mean, std=source.std,
+                                         device=device, progress=progress)  # fmt: skip
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:points].sort().values
-    emb = run_tsne(feats[idx.to(feats.device)], perplexity=perplexity, iterations=iterations)
-    epoch = source.info.get("epoch")
-    title = f"t-SNE of {len(idx)} {data.name} test images\n{source.description}, epoch {epoch}"
+    heading = (
+        f"t-SNE of {len(idx)} of them: {iterations} gradient steps over all {len(idx)}^2 "
+        f"pairs on {feats.device} (exact; fewer --tsne-points or --iterations is faster)"
+    )
+    with CountProgress("t-SNE", iterations, unit="steps/s", heading=heading) as progress:
+        emb = run_tsne(feats[idx.to(feats.device)], perplexity=perplexity,
+                       iterations=iterations, progress=progress)  # fmt: skip
+    where = f", {source.position}" if source.position else ""
+    title = f"t-SNE of {len(idx)} {data.name} test images\n{source.description}{where}"
     return plot_tsne(plt, emb, labels[idx.to(labels.device)], data.classes, title, path)

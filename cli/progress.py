@@ -137,15 +137,17 @@ class CountProgress:
 
     In a terminal a bar; elsewhere a line at most every ``interval`` seconds and one at
     the end: ``embed: 12,000/60,000 (20%)  1,234 img/s  ETA 40s``. Call it with the count
-    done so far.
+    done so far. A ``heading`` (what is being counted) is printed first; then a job done
+    within one interval adds no line of its own, so it is said once.
     """
 
     def __init__(
         self, label: str, total: int, interval: float = 30.0,
         clock: Callable[[], float] = time.monotonic, unit: str = "img/s",
+        heading: str | None = None,
     ) -> None:  # fmt: skip
         self.label, self.total, self.interval, self.clock = label, total, interval, clock
-        self.unit = unit
+        self.unit, self.heading, self.lines = unit, heading, 0
         self.plain = not sys.stderr.isatty()
         self.console = Console(stderr=True)
         self.start = self._last = clock()
@@ -158,12 +160,15 @@ class CountProgress:
         self.task = self.progress.add_task(label, total=total, ips="-")
 
     def __enter__(self) -> CountProgress:
+        if self.heading:
+            self.console.print(self.heading, highlight=False, soft_wrap=True)
         self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
-        if self.plain and exc[0] is None and self.done and self._last != self.clock():
+        said = self.heading is None or self.lines > 0  # else the heading said it all
+        if self.plain and exc[0] is None and self.done and self._last != self.clock() and said:
             self._line(self.clock())
 
     def _line(self, now: float) -> None:
@@ -175,7 +180,7 @@ class CountProgress:
             + (f"  ETA {duration(eta)}" if self.done < self.total else ""),
             highlight=False,
         )
-        self._last = now
+        self._last, self.lines = now, self.lines + 1
 
     def __call__(self, done: int) -> None:
         self.done = done

@@ -18,10 +18,10 @@ from typing import Annotated, Any
 import typer
 
 from ressl.config import TrainConfig, settings
-from ressl.datasets import DATASETS
+from ressl.datasets import DATASETS, find
 from ressl.rules import Setting, flag
 
-from .common import Interrupted, existing, explicit_options, launch_rank
+from .common import Interrupted, existing, explicit_options, fail, launch_rank
 
 __all__ = ["cli_default", "train_cmd"]
 
@@ -68,7 +68,7 @@ def _option(name: str, default: Any, meta: Setting, kind: Any) -> inspect.Parame
         *decls,
         help=help_text,
         rich_help_panel=meta.panel,
-        metavar=meta.metavar or ("|".join(meta.rule.choices) or None),
+        metavar=meta.metavar or (" | ".join(meta.rule.choices) or None),
         show_default=not meta.recipe and default is not None,
     )
     kind = base if default is not None else base | None
@@ -95,15 +95,18 @@ def _parameters() -> list[inspect.Parameter]:
 
 def train_cmd(ctx: typer.Context, **options: Any) -> None:
     """Pre-train an encoder with ReSSL; writes RUN/last.safetensors and RUN/metrics.jsonl."""
+    resume: Path | None = options.pop("resume")
+    given = {name: options[name] for name in explicit_options(ctx) if name in options}
+    if resume is not None:
+        existing(resume)
+    else:  # settings and the data's folder are checked before torch is imported (seconds)
+        _check_folder(TrainConfig.from_keywords(**given).dataset)
+
     from ressl.stopping import Stopped
     from ressl.trainer import train
 
     from .progress import TrainProgress
 
-    resume: Path | None = options.pop("resume")
-    given = {name: options[name] for name in explicit_options(ctx) if name in options}
-    if resume is not None:
-        existing(resume)
     try:
         if launch_rank() != 0:  # under torchrun, rank 0 alone draws progress and prints
             logging.getLogger("ressl").setLevel(logging.ERROR)
@@ -116,6 +119,13 @@ def train_cmd(ctx: typer.Context, **options: Any) -> None:
         message = f"interrupted by {e.signal_name}; {saved}"
         raise Interrupted(e.signum, message) from None
     typer.echo(str(path))
+
+
+def _check_folder(dataset: str) -> None:
+    """A ``folder:PATH`` dataset's folder exists (the rest is checked when it is read)."""
+    _, path = find(dataset)
+    if path is not None and not Path(path).expanduser().exists():
+        fail(f"image folder {path} does not exist")
 
 
 train_cmd.__signature__ = inspect.Signature(_parameters())  # type: ignore[attr-defined]
@@ -160,7 +170,24 @@ def options_table() -> str:
         tags = " *(resume)*" if meta.resumable else ""
         lines.append(f"| `{flag(name)}`{tags} | {shown} | {meta.rule.expect} | {meta.help} |")
     lines.append("| `--resume` | none | a run folder or checkpoint | Continue that run. |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", datasets_table()]) + "\n"
+
+
+def datasets_table() -> str:
+    """The datasets ``--dataset`` (and ``ressl eval --dataset``) accepts, from the registry."""
+    lines = [
+        "## Datasets",
+        "",
+        "`--dataset` takes a name or an alias, in any case, `_` for `-` (`fashion_mnist`,",
+        "`CIFAR-10`); generated from `ressl.datasets.DATASETS`.",
+        "",
+        "| dataset | also accepted | what | channels | default size |",
+        "|---|---|---|---|---|",
+    ]
+    for d in DATASETS.values():
+        aliases = ", ".join(f"`{a}`" for a in d.aliases) or "-"
+        lines.append(f"| `{d.spec}` | {aliases} | {d.summary} | {d.channels} | {d.image_size} |")
+    return "\n".join(lines)
 
 
 def write_docs(root: Path) -> None:

@@ -248,6 +248,7 @@ def save_state(
         "epoch": str(state.epoch),
         "batch_in_epoch": str(state.batch_in_epoch),
         "step": str(state.step(steps_per_epoch)),
+        "steps_per_epoch": str(steps_per_epoch),  # where the run is: ressl.position
         "epoch_loss_sum": repr(state.loss_sum),
         "epoch_loss_count": str(state.loss_count),
         "metrics": json.dumps(state.rows[-1] if state.rows else {}),

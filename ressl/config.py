@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import os
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,13 +59,20 @@ from .rules import (
     sides_text,
 )
 
-__all__ = ["BACKBONES", "MAX_IMAGE_SIZE", "TrainConfig", "settings"]
+__all__ = ["BACKBONES", "FIT_UNUSED", "FIT_WARMUP", "MAX_IMAGE_SIZE", "TrainConfig", "settings"]
 
 #: The backbones ressl defines (``ressl.build_backbone`` also builds ``torchvision:NAME``,
 #: ``timm:NAME`` and any ``nn.Module`` given through the API).
 BACKBONES = BUILTIN_BACKBONES
 #: The largest image side ressl trains on (and accepts from a checkpoint's settings).
 MAX_IMAGE_SIZE = 4096
+#: A default batch leaving more than this share of the training images out of every epoch
+#: (the dropped last batch) is fitted to the data (``TrainConfig.fit_data``): 480 images at
+#: 256 would use 53% of them. Fashion-MNIST's 60,000 at 256 leave out 0.2%.
+FIT_UNUSED = 0.1
+#: The default warm-up is cut to at most this share of the run (the recipes' own: 1 of 50
+#: epochs, 5 of 200), so a short run's learning rate still decays.
+FIT_WARMUP = 0.1
 
 
 def _spec_ok(value: Any) -> bool:
@@ -438,6 +445,63 @@ class TrainConfig:
                 "with 2 or more)", "decode", "device",
             ))  # fmt: skip
         return out
+
+    def fit_data(
+        self, train_images: int, given: Collection[str], world_size: int = 1
+    ) -> tuple[TrainConfig, list[Note]]:
+        """This config with the defaults that cannot fit a small run made to follow it.
+
+        Only settings not in ``given`` (those the user set keep their value, and
+        :meth:`check_data` and :meth:`notes` say what is wrong with them) change:
+
+        - ``batch_size``: when the last, dropped, partial batch would leave more than
+          ``FIT_UNUSED`` of the training images out of every epoch, the epoch is cut into
+          as many steps as the default batch makes, of equal size (480 images, batch 256:
+          2 steps of 240 rather than 1 of 256).
+        - ``queue_size``: at most what one epoch's batches fill (a multiple of the images
+          enqueued per step, not above the training set), so the queue holds no stale
+          copies of the same images.
+        - ``warmup_epochs``: at most ``FIT_WARMUP`` of the run.
+
+        The fitted values are the run's settings (its checkpoint records them); a resumed
+        run keeps its checkpoint's.
+
+        Returns:
+            ``(config, notes)``: the notes say which default changed, to what and why.
+        """
+        changes: dict[str, Any] = {}
+        notes = []
+        batch = self.batch_size
+        if "batch_size" not in given and train_images >= 2 * world_size:
+            unused = train_images % batch if batch <= train_images else train_images
+            if unused > FIT_UNUSED * train_images:
+                steps = -(-train_images // batch)  # ceil: the steps the default batch makes
+                batch = max(train_images // steps // world_size * world_size, 2)
+                kept = train_images // batch * batch
+                changes["batch_size"] = batch
+                notes.append(Note(
+                    f"{{batch_size}} {batch} (default {self.batch_size}): an epoch of "
+                    f"{train_images} images uses {kept} of them, not "
+                    f"{train_images - unused}", "batch_size",
+                ))  # fmt: skip
+        per_step = batch * (2 if self.symmetric else 1)  # teacher embeddings enqueued per step
+        if "queue_size" not in given and self.queue_size > train_images:
+            queue = max(train_images // per_step, 1) * per_step
+            changes["queue_size"] = queue
+            notes.append(Note(
+                f"{{queue_size}} {queue} (default {self.queue_size}): one epoch fills it; a "
+                f"longer queue than the {train_images} training images holds stale copies of "
+                "them", "queue_size",
+            ))  # fmt: skip
+        most = int(FIT_WARMUP * self.epochs)
+        if "warmup_epochs" not in given and self.warmup_epochs > most:
+            changes["warmup_epochs"] = most
+            notes.append(Note(
+                f"{{warmup_epochs}} {most} (default {self.warmup_epochs}): at most "
+                f"{FIT_WARMUP:.0%} of {self.epochs} epochs, so the learning rate decays",
+                "warmup_epochs",
+            ))  # fmt: skip
+        return (self.replace(**changes) if changes else self), notes
 
     def check_data(self, train_images: int, world_size: int = 1) -> list[Note]:
         """Check the settings against the data and the process count.

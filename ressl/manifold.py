@@ -14,11 +14,15 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 __all__ = ["affinities", "tsne"]
+
+#: Gradient steps between two ``progress`` calls of :func:`tsne`.
+PROGRESS_EVERY = 10
 
 
 def _squared_distances(x: Tensor) -> Tensor:
@@ -105,6 +109,7 @@ def tsne(
     early_exaggeration: float = 12.0,
     exaggeration_iterations: int = 250,
     learning_rate: float | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Tensor:
     """Embed ``(N, F)`` points in ``dims`` dimensions with exact t-SNE.
 
@@ -121,6 +126,8 @@ def tsne(
         exaggeration_iterations: steps with exaggeration and momentum 0.5 (then 0.8).
         learning_rate: step size; default ``max(N / early_exaggeration / 4, 50)``
             (Belkina et al. 2019, scikit-learn's "auto").
+        progress: called with the gradient steps done, every ``PROGRESS_EVERY`` and at the
+            end (no host sync).
 
     Returns:
         ``(N, dims)`` float32 embedding, centred.
@@ -169,4 +176,6 @@ def tsne(
         gains = torch.where(flipped, gains + 0.2, gains * 0.8).clamp_min_(0.01)
         update = momentum * update - lr * gains * grad
         y = y + update
+        if progress is not None and ((it + 1) % PROGRESS_EVERY == 0 or it + 1 == iterations):
+            progress(it + 1)
     return y - y.mean(0, keepdim=True)

@@ -20,6 +20,7 @@ from typing import Any
 __all__ = [
     "BACKBONE",
     "ConfigError",
+    "DataNotFoundError",
     "Note",
     "Rule",
     "Setting",
@@ -63,6 +64,18 @@ class Note(_Named):
 
     def __repr__(self) -> str:
         return f"Note({str(self)!r})"
+
+
+class DataNotFoundError(_Named, FileNotFoundError):
+    """A built-in dataset's files are not found; the message says which settings fetch them
+    (``{data_root}``, ``{download}``), as keywords or as flags."""
+
+    def __init__(self, template: str, *names: str) -> None:
+        self.template, self.names = template, names
+        super().__init__(self.render(str))
+
+    def __str__(self) -> str:
+        return self.render(str)
 
 
 class ConfigError(_Named, ValueError):

@@ -50,6 +50,7 @@ from .functional import cosine_lr, momentum_schedule
 from .memory import check_fits, training_memory
 from .model import ReSSL
 from .monitor import knn_monitor
+from .position import Position
 from .rules import ConfigError, Note, is_int
 from .runlock import hold_run_folder
 from .runs import CHECKPOINT, METRICS, CheckpointError, read_metrics, write_metrics
@@ -317,12 +318,15 @@ def _non_finite(model: nn.Module) -> str | None:
 
 
 def _build(
-    config: TrainConfig, world: World, run_dir: Path, module: nn.Module | None = None
-) -> _Run:
+    config: TrainConfig, world: World, run_dir: Path, module: nn.Module | None = None,
+    given: set[str] | None = None,
+) -> _Run:  # fmt: skip
     """Phase 1: data, model, optimiser, crop plan and a fresh state, from the config.
 
-    The order of random draws (weights, queue, generators) is fixed: resumed and
-    distributed runs depend on it, which is why the build stays in one function.
+    A new run's defaults that cannot fit its data are fitted to it (``given``: the settings
+    the user set, kept; ``TrainConfig.fit_data``); a resumed one (``given`` None) keeps its
+    checkpoint's. The order of random draws (weights, queue, generators) is fixed: resumed
+    and distributed runs depend on it, which is why the build stays in one function.
     """
     if config.log == "tensorboard":
         require_tensorboard()  # on every rank, before anything is loaded
@@ -339,11 +343,16 @@ def _build(
         )
     plan = CropPlan.build(data.image_size, config.crop_scale, config.crops, config.crop_scales,
                           config.symmetric)  # fmt: skip
+    fitted: list[Note] = []
+    if given is not None:
+        config, fitted = config.fit_data(len(data.train), given, world.size)
     notes = config.check_data(len(data.train), world.size)  # errors first, then the notes
     _check_memory(config, data, plan, device, amp, world, module)  # before data moves to device
-    for note in config.notes() + notes:
-        if world.main:
+    if world.main:
+        for note in config.notes() + notes:
             log.warning("%s", note)
+        for note in fitted:
+            log.info("fitted to the data: %s", note)
     source = data.train.to(device) if isinstance(data.train, TensorImages) else data.train
     if data.memory is data.train:
         data.memory = source  # the kNN monitor's memory bank is the training split
@@ -460,9 +469,11 @@ def _epochs(run: _Run, notify: Callable[[TrainEvent], None]) -> Path:
     c, world = run.config, run.world
     notify(run.event("start"))
     if world.main:
-        log.info("training %s on %s (%d images, %d steps/epoch) on %s%s%s", c.backbone, c.dataset,
-                 len(run.data.train), run.steps_per_epoch, run.device,
-                 " with bf16 autocast" if run.amp else "",
+        d = run.data
+        log.info("training %s on %s: %d images of %d px, %d channel%s; batch %d (%d steps/epoch), "
+                 "%d epochs; on %s in %s%s", c.backbone, c.dataset, len(d.train), d.image_size,
+                 d.channels, "s" if d.channels > 1 else "", c.batch_size, run.steps_per_epoch,
+                 c.epochs, run.device, "bf16 autocast" if run.amp else "fp32",
                  f", {world.size} processes of {c.batch_size // world.size} images per step"
                  if world.distributed else "")  # fmt: skip
         log.info("backbone: %s", run.state.model.backbone_build.describe())
@@ -487,9 +498,9 @@ def _train_epochs(run: _Run, notify: Callable[[TrainEvent], None]) -> Path:
         if stop.stopping and state.epoch < c.epochs:
             path = run.save()
             if world.main:
-                log.warning("interrupted: saved %s in epoch %d after batch %d of %d; continue with "
-                            "--resume %s", path, state.epoch + 1, state.batch_in_epoch,
-                            run.steps_per_epoch, run.run_dir)  # fmt: skip
+                where = Position(state.epoch, state.batch_in_epoch, run.steps_per_epoch, c.epochs)
+                log.warning("interrupted at %s: saved %s; continue with --resume %s", where, path,
+                            run.run_dir)  # fmt: skip
             notify(run.event("end", metrics={"interrupted": True}))
             raise Stopped(stop.signum or signal.SIGINT, str(path))
     return _end(run, saved, notify)
@@ -688,6 +699,7 @@ def train(
         custom = {} if module is None else {"backbone": custom_spec(module)}
         cfg = (config.replace(**custom) if config is not None
                else TrainConfig.from_keywords(**settings, **custom))  # fmt: skip
+        given = _given(cfg, config, settings)
         cfg = cfg.replace(out=str(cfg.run_dir))
         run_dir, device = cfg.run_dir, cfg.device
     world = World.join(device)
@@ -702,7 +714,7 @@ def train(
                     f"--resume {run_dir} or choose another {{out}}",
                     "out",
                 )
-            run = _build(cfg, world, run_dir, module)
+            run = _build(cfg, world, run_dir, module, given)
             _open_folder(run)
             return _epochs(run, notify)
     finally:
@@ -720,6 +732,15 @@ def _continue(
     _replan(run, planned)
     _open_folder(run, json.loads(meta["metrics"]) if "metrics" in meta else None)
     return _epochs(run, notify)
+
+
+def _given(cfg: TrainConfig, config: TrainConfig | None, keywords: dict[str, Any]) -> set[str]:
+    """The settings a new run's user chose (kept as given; the rest may be fitted to the
+    data): the keywords given, or a config's values that differ from its dataset's defaults."""
+    if config is None:
+        return {k for k, v in keywords.items() if v is not None}
+    defaults = TrainConfig(dataset=cfg.dataset, image_size=cfg.image_size).to_dict()
+    return {k for k, v in cfg.to_dict().items() if v != defaults[k]}
 
 
 def _saved_device(file: Path) -> str:

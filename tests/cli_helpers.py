@@ -35,9 +35,11 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str
 
 
 def assert_one_line_error(code: int, err: str, needle: str) -> None:
-    """A non-zero exit with exactly one ``ressl: error: ...`` line containing ``needle``, no traceback."""
+    """A non-zero exit with exactly one ``ressl: error: ...`` line, the last, containing
+    ``needle``, and no traceback (the start-up lines of what was loaded may come before it)."""
     assert code != 0
     lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("ressl: error:") and needle in lines[0], lines[0]
+    errors = [line for line in lines if line.startswith("ressl: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert needle in lines[-1], lines[-1]
     assert "Traceback" not in err

@@ -19,7 +19,7 @@ def test_train_then_resume_then_info(capsys, tmp_path, image_folder):
         2,
     ]
     code, out, err = run_cli(capsys, "info", run)
-    assert code == 0 and "epoch 2/2" in out and '"small"' in out
+    assert code == 0 and "2 of 2 epochs done" in out and '"small"' in out
     code, out, _ = run_cli(capsys, "info", run / "last.safetensors", "--json")
     assert code == 0 and json.loads(out)["settings"]["queue_size"] == 32
 
@@ -154,9 +154,11 @@ def test_every_flag_the_readme_mentions_exists():
         "--index-url",
         "--logdir",
     }  # torchrun, all, ruff, pip, tensorboard
-    known = {
-        o for cmd in _commands().values() for p in cmd.params for o in p.opts + p.secondary_opts
-    }
+    import typer
+    from ressl.cli.app import app
+
+    commands = [typer.main.get_command(app), *_commands().values()]  # ressl --version, -q too
+    known = {o for cmd in commands for p in cmd.params for o in p.opts + p.secondary_opts}
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", readme))
     assert mentioned - known - torchrun - other == set()

@@ -177,3 +177,37 @@ def test_notes_name_settings_as_the_reader_knows_them():
     (note,) = TrainConfig(epochs=1).notes()
     assert str(note).startswith("warmup_epochs 1 >= epochs 1")
     assert note.render(flag).startswith("--warmup-epochs 1 >= --epochs 1")
+
+
+def test_defaults_that_cannot_fit_small_data_are_fitted_to_it():
+    config = TrainConfig(dataset="folder:/x", epochs=2)  # batch 256, queue 16384, warm-up 5
+    fitted, notes = config.fit_data(480, given={"dataset", "epochs"})
+    assert (fitted.batch_size, fitted.queue_size, fitted.warmup_epochs) == (240, 480, 0)
+    said = [n.render(lambda name: "--" + name.replace("_", "-")) for n in notes]
+    assert said[0].startswith("--batch-size 240 (default 256)")
+    assert said[1].startswith("--queue-size 480 (default 16384)")
+    assert said[2].startswith("--warmup-epochs 0 (default 5)")
+
+
+def test_settings_the_user_gave_are_kept_even_when_they_do_not_fit():
+    config = TrainConfig(dataset="folder:/x", epochs=2, queue_size=4096, warmup_epochs=3)
+    fitted, notes = config.fit_data(480, given={"dataset", "epochs", "queue_size", "warmup_epochs"})
+    assert (fitted.queue_size, fitted.warmup_epochs) == (4096, 3)
+    assert fitted.batch_size == 240 and len(notes) == 1
+    assert config.check_data(480, 1)  # the queue is still warned about
+
+
+def test_the_recipes_at_their_own_sizes_keep_their_defaults():
+    for dataset, images in (("fashion-mnist", 60000), ("cifar10", 50000), ("stl10", 105000)):
+        config = TrainConfig(dataset=dataset)
+        fitted, notes = config.fit_data(images, given={"dataset"})
+        assert fitted == config and notes == [], dataset
+
+
+def test_a_fitted_batch_is_shared_evenly_by_the_processes_and_fills_a_symmetric_queue():
+    config = TrainConfig(dataset="folder:/x", epochs=100, symmetric=True)
+    fitted, _ = config.fit_data(1000, given={"dataset"}, world_size=4)
+    assert fitted.batch_size % 4 == 0 and fitted.batch_size <= 250
+    assert fitted.queue_size % (2 * fitted.batch_size) == 0 and fitted.queue_size <= 1000
+    tiny, _ = TrainConfig(dataset="folder:/x").fit_data(100, given={"dataset"})
+    assert tiny.batch_size == 100 and tiny.queue_size == 100  # batch 256 > 100 images: one step

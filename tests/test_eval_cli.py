@@ -220,7 +220,7 @@ def test_info_defaults_to_the_current_folder(capsys, tiny_run: Path, monkeypatch
     monkeypatch.chdir(tiny_run)
     code, out, err = run_cli(capsys, "info")
     assert code == 0, err
-    assert out.startswith("checkpoint     .") and "progress       epoch 2/2" in out
+    assert out.startswith("checkpoint     .") and "progress       2 of 2 epochs done" in out
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(capsys, "info")
     assert code != 0 and "last.safetensors" in err and "Traceback" not in err

@@ -62,7 +62,7 @@ def test_v1_info(capsys, version: str):
     run, final = FIXTURES / f"{version}-run", FIXTURES / f"{version}-final.safetensors"
     code, out, err = run_cli(capsys, "info", run)
     assert code == 0, err
-    assert "epoch 1/2, step 4 (mid-epoch, batch 1)" in out and '"fashion-mnist"' in out
+    assert "epoch 2 of 2, 33% done (1.33 epochs), step 4" in out and '"fashion-mnist"' in out
     code, out, err = run_cli(capsys, "info", final, "--json")
     assert code == 0, err
     assert json.loads(out)["settings"]["queue_size"] == 64
@@ -87,7 +87,10 @@ def test_v1_evaluates(capsys, run_copy: Path):
     code, out, err = run_cli(capsys, "eval", "knn", run_copy, "--device", "cpu", "--json")
     assert code == 0, err
     row = json.loads(out)
-    assert row["dataset"] == "fashion-mnist" and row["epoch"] == 1 and row["test_images"] == 10000
+    # where the run is: 1 of 3 batches into its second epoch (ressl.position)
+    assert (
+        row["dataset"] == "fashion-mnist" and row["epoch"] == 1.33 and row["test_images"] == 10000
+    )
     assert 10.0 < row["top1"] <= 100.0  # better than chance even this early
 
 

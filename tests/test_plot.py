@@ -45,7 +45,7 @@ def test_plot_writes_curves_and_tsne(capsys, tmp_path: Path, tiny_run: Path):
     assert stdout.split() == [str(out / "curves.png"), str(out / "tsne.png")]
     assert_png(out / "curves.png")
     assert_png(out / "tsne.png")
-    assert "t-SNE of 12 of 12" in err
+    assert "t-SNE of 12 of them: 100 gradient steps" in err
 
 
 def test_plot_without_checkpoint_or_tsne_draws_only_curves(capsys, tmp_path: Path, tiny_run: Path):

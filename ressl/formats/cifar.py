@@ -121,8 +121,8 @@ def read_cifar(
 
     d = locate(
         name, candidates, [*train_files, test_file, meta_file], download, fetch,
-        f"Pass root=DIR holding {dirname}/ (the CIFAR 'python version'), "
-        "or use download=True with internet access.",
+        f"Set {{data_root}} to a folder holding {dirname}/ (the CIFAR 'python version'), "
+        "or allow {download} with internet access.",
         cache,
     )  # fmt: skip
     meta = _unpickle(d / meta_file)

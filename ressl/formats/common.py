@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..rules import DataNotFoundError
+
 logger = logging.getLogger("ressl.formats")
 
 __all__ = [
@@ -92,7 +94,7 @@ def locate(
     required: Sequence[str],
     download: bool,
     fetch: Callable[[], None],
-    how: str,
+    how: str,  # what to do, naming {data_root} and {download} (keywords, or flags on the CLI)
     cache: Path,
     gz_ok: bool = False,
 ) -> Path:
@@ -111,7 +113,7 @@ def locate(
         msg = f"{what} not found: looked for {', '.join(required)} in\n  {dirs}\n{how}"
         if error is not None:
             msg += f"\nThe download failed: {type(error).__name__}: {error}"
-        raise FileNotFoundError(msg)
+        raise DataNotFoundError(msg, "data_root", "download")
     return found
 
 

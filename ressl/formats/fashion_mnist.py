@@ -110,8 +110,8 @@ def read_fashion_mnist(
 
     d = locate(
         "Fashion-MNIST", candidates, required, download, fetch,
-        "Install it with `apt-get install dataset-fashion-mnist`, pass root=DIR holding "
-        "the four idx files (gzipped or not), or use download=True with internet access.",
+        "Install it with `apt-get install dataset-fashion-mnist`, set {data_root} to a folder "
+        "holding the four idx files (gzipped or not), or allow {download} with internet access.",
         cache, gz_ok=True,
     )  # fmt: skip
     train = take_subset(_fmnist_split(d, "train"), subset, "fashion-mnist")

@@ -84,8 +84,8 @@ def read_stl10(
 
     d = locate(
         "STL-10", candidates, _STL_FILES, download, fetch,
-        "Pass root=DIR holding stl10_binary/, or use download=True with internet access "
-        "(a 2.6 GB download).",
+        "Set {data_root} to a folder holding stl10_binary/, or allow {download} with internet "
+        "access (a 2.6 GB download).",
         cache,
     )  # fmt: skip
     names_file = d / "class_names.txt"
