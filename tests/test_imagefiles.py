@@ -272,3 +272,106 @@ def test_decode_path_reads_a_path_like(tmp_path):
     Image.new("RGB", (40, 30), (10, 20, 30)).save(tmp_path / "x.png")
     out = decode_to_size(Path(tmp_path / "x.png"), 28, "RGB")
     assert out.size == (28, 28) and out.getpixel((0, 0)) == (10, 20, 30)
+
+
+# ---------------------------------------------------------------- the image-file fuzz
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def _fuzz_files(root: Path) -> list[Path]:
+    """Files of every family the hostile report lacked: aspect ratios, pixel counts, modes,
+    formats, damaged bytes, non-regular files and links out of the tree."""
+    rng = np.random.default_rng(7)
+    files: list[tuple[str, bytes]] = []
+    for w, h in [(1, 1), (1, 50_000), (50_000, 1), (2, 3), (3, 20_000), (4000, 3), (1, 28),
+                 (28, 1), (27, 29), (600, 400)]:  # fmt: skip
+        for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"):
+            if fmt == "WEBP" and max(w, h) > 16383:
+                continue  # WebP's own limit
+            files.append(
+                (f"{w}x{h}.{fmt.lower()}", _encoded(Image.new("RGB", (w, h), (9, 99, 199)), fmt))
+            )
+    pixels = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    for mode, fmt in [("1", "PNG"), ("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"),
+                      ("I", "TIFF"), ("F", "TIFF"), ("CMYK", "TIFF"), ("YCbCr", "JPEG")]:  # fmt: skip
+        files.append((f"mode-{mode}.{fmt.lower()}", _encoded(pixels.convert(mode), fmt)))
+    sixteen = Image.fromarray(rng.integers(0, 65535, (30, 40), dtype=np.uint16))
+    files.append(("mode-I16.png", _encoded(sixteen, "PNG")))
+    good = _encoded(_photo(120, 80), "JPEG")
+    for cut in (0, 1, 10, 100, len(good) // 2, len(good) - 2):
+        files.append((f"truncated-{cut}.jpg", good[:cut]))
+    for i in range(8):
+        noise = rng.integers(0, 256, int(rng.integers(1, 4000)), dtype=np.uint8).tobytes()
+        files.append((f"noise-{i}.png", noise))
+        files.append((f"png-head-{i}.png", b"\x89PNG\r\n\x1a\n" + noise))
+    paths = []
+    for name, data in files:
+        (root / name).write_bytes(data)
+        paths.append(root / name)
+    outside = root.parent / f"{root.name}-outside"
+    outside.mkdir()
+    (outside / "far.png").write_bytes(_encoded(_photo(50, 40), "PNG"))
+    (root / "link-out.png").symlink_to(outside / "far.png")
+    (root / "dangling.png").symlink_to(outside / "missing.png")
+    (root / "folder.png").mkdir()
+    paths += [root / "link-out.png", root / "dangling.png", root / "folder.png"]
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / "pipe.png")
+        paths.append(root / "pipe.png")
+    if os.path.exists("/dev/zero"):
+        (root / "zero.png").symlink_to("/dev/zero")  # a device never ends
+        paths.append(root / "zero.png")
+    return paths
+
+
+#: What PIL and the regular-file check raise on a file that is not a readable image.
+CLEAN = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def test_image_file_fuzz_decodes_to_size_or_fails_cleanly(tmp_path):
+    from ressl.export.server import EmbeddingService
+
+    root = tmp_path / "fuzz"
+    root.mkdir()
+    paths = _fuzz_files(root)
+    decoded = refused = 0
+    with _deadline(120):
+        for path in paths:
+            for channels in (1, 3):
+                training = decode_image(path, 28, channels)
+                try:
+                    embedded = load_image(path, 28, channels)
+                except CLEAN:
+                    embedded = None
+                assert (training is None) == (embedded is None), path
+                if path.is_file() and not path.is_symlink() or path.name == "link-out.png":
+                    data = path.read_bytes()
+                    service = SimpleNamespace(
+                        embedder=SimpleNamespace(
+                            info=SimpleNamespace(image_size=28, channels=channels)
+                        ),
+                        settings=SimpleNamespace(max_pixels=40_000_000),
+                    )
+                    try:
+                        served = EmbeddingService._decode(service, path.name, data)  # type: ignore[arg-type]
+                    except Exception as e:  # the server's refusal: BadInput, 4xx
+                        assert type(e).__name__ == "BadInput" and 400 <= e.status < 500, (path, e)
+                        assert "object at 0x" not in str(e)
+                        served = None
+                    assert (served is None) == (embedded is None), path
+                    if served is not None:
+                        assert np.array_equal(served, embedded), path
+                if embedded is None:
+                    refused += 1
+                else:
+                    assert embedded.shape == (channels, 28, 28) and embedded.dtype == np.float32
+                    assert np.array_equal(embedded, training.numpy() / np.float32(255))
+                    decoded += 1
+    print(f"\nimage-file fuzz: {len(paths)} files x 2 channel counts: {decoded} decoded to 28x28, "
+          f"{refused} refused cleanly, 0 tracebacks, 0 hangs")  # fmt: skip
+    assert decoded > 100 and refused > 30
