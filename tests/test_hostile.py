@@ -43,7 +43,14 @@ def _checkpoint_cases(tensors, meta):
 
     for key in meta:
         drop = {k: v for k, v in meta.items() if k != key}
-        harmless = key in ("ressl_version", "rng_device", "world_size", "metrics", "backbone_build")
+        harmless = key in (
+            "ressl_version",
+            "rng_device",
+            "world_size",
+            "metrics",
+            "backbone_build",
+            "steps_per_epoch",
+        )
         uses = all_commands if key in ("format", "format_version", "settings") else ("resume",)
         add(f"meta -{key}", SAFE if harmless else BAD, m=drop, commands=uses)
         for value in ("", "x", "-5", "1e400", "[]", "{}", "null", "99999999999999999999"):
