@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .jsontext import parse_json
 from .rules import BUILTIN_BACKBONES, split_backbone
 
 __all__ = ["SMALL_STEM_MAX", "BackboneBuild", "SmallCNN", "build_backbone", "custom_spec"]
@@ -102,7 +103,7 @@ class BackboneBuild:
 
     @classmethod
     def from_json(cls, text: str) -> BackboneBuild:
-        d = json.loads(text)
+        d = parse_json(text, "the backbone build")
         return cls(**{**d, "changes": tuple(tuple(c) for c in d.get("changes", ()))})
 
     def describe(self) -> str:
