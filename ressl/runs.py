@@ -68,21 +68,23 @@ class RunFileError(ConfigError):
     """A file of a run folder is a link or not a regular file: ressl neither follows nor uses it."""
 
     @classmethod
-    def of(cls, path: Path) -> RunFileError:
-        """The error for ``path`` as it is now (a link, or some other non-regular file)."""
+    def of(cls, path: Path, *, folder: bool = False) -> RunFileError:
+        """The error for ``path`` as it is now (a link, or not a regular file; not a folder
+        with ``folder``)."""
         try:
             mode = os.lstat(path).st_mode
         except OSError:
             mode = 0
         if stat.S_ISLNK(mode):
-            what = "a symbolic link"
-            fix = "replace it by the file itself, or remove it"
+            what, fix = "a symbolic link", "replace it by the file it points to, or remove it"
+        elif folder:
+            what, fix = "not a folder", "remove it"
         else:
             what = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
             fix = "remove it"
         return cls(
-            f"{path} is {what}; ressl writes the files of a run folder itself and never follows "
-            f"or uses anything else in their place (it could point outside the run): {fix}"
+            f"{path} is {what}; ressl does not follow links or use special files in a run "
+            f"folder (they could point anywhere): {fix}"
         )
 
 
@@ -156,9 +158,9 @@ def check_run_folder(folder: str | Path) -> None:
             mode = os.lstat(folder / name).st_mode
         except FileNotFoundError:
             continue
-        wanted = stat.S_ISDIR if name in RUN_FOLDERS else stat.S_ISREG
-        if not wanted(mode):
-            raise RunFileError.of(folder / name)
+        is_folder = name in RUN_FOLDERS
+        if not (stat.S_ISDIR if is_folder else stat.S_ISREG)(mode):
+            raise RunFileError.of(folder / name, folder=is_folder)
 
 
 class CheckpointError(ValueError):
