@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ressl.runs import EVAL_LOG
+from ressl.jsontext import parse_json
+from ressl.runs import EVAL_LOG, append_run_file
 
 from .common import DeviceOpt, Weights, WeightsOpt, checkpoint_file, existing, fail
 
@@ -111,7 +112,7 @@ def _onnx_input(
             fail(str(e))
         return info.channels, None if info.dynamic_spatial else info.image_size, info.settings
     try:
-        settings = json.loads(meta.get("settings", "{}"))
+        settings = parse_json(meta.get("settings", "{}"), f"{path}: metadata 'settings'")
     except ValueError:
         settings = {}
     settings = settings if isinstance(settings, dict) else {}
@@ -222,8 +223,7 @@ def record(source: FeatureSource, row: dict[str, Any], enabled: bool | None) -> 
     if not (source.recorded if enabled is None else enabled):
         return None
     path = source.run_dir / EVAL_LOG
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_run_file(path, json.dumps(row) + "\n")
     return path
 
 

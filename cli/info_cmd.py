@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ressl.jsontext import parse_json
+
 from .common import fail
 
 __all__ = ["info_cmd", "onnx_info", "size_text"]
@@ -132,6 +134,21 @@ def info_cmd(
     typer.echo("\n".join(lines))
 
 
+def _verification(meta: dict[str, str], path: Path) -> dict[str, Any] | None:
+    """An exported file's verification record, None when it has none (or not in ressl's form)."""
+    if not meta.get("verification"):
+        return None
+    try:
+        v = parse_json(meta["verification"], f"{path}: metadata 'verification'")
+    except ValueError as e:
+        fail(str(e))
+    numbers = isinstance(v, dict) and all(
+        isinstance(v.get(k), (int, float)) and not isinstance(v.get(k), bool)
+        for k in ("max_abs_diff", "min_cosine")
+    )
+    return {**v, "criterion": str(v.get("criterion", "?"))} if numbers else None
+
+
 def onnx_info(path: Path, as_json: bool) -> str:
     """What ``ressl info`` prints for an exported ONNX file."""
     from ressl.export.modelfile import describe_model
@@ -150,7 +167,7 @@ def onnx_info(path: Path, as_json: bool) -> str:
                 "inputs": d["inputs"],
                 "outputs": d["outputs"],
                 "metadata": plain,
-                "verification": json.loads(meta.get("verification") or "null"),
+                "verification": _verification(meta, path),
                 "settings": info.settings,
             },
             indent=2,
@@ -176,8 +193,8 @@ def onnx_info(path: Path, as_json: bool) -> str:
             else ""
         )
         lines.append(f"source         {info.source} (sha256 {info.source_sha256}{progress})")
-    if meta.get("verification"):
-        v = json.loads(meta["verification"])
+    v = _verification(meta, path)
+    if v is not None:
         lines.append(
             f"verified       max |diff| {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.6f} "
             f"({v['criterion']})"

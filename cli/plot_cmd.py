@@ -9,7 +9,6 @@ paper's qualitative figure). Needs matplotlib: ``pip install 'ressl[plot]'``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -18,7 +17,9 @@ import typer
 if TYPE_CHECKING:
     import torch
 
-from ressl.runs import CHECKPOINT, METRICS
+from ressl.atomic import write_atomic
+from ressl.jsontext import parse_json
+from ressl.runs import CHECKPOINT, EVAL_LOG, METRICS, read_run_file
 
 from .common import DeviceOpt, Weights, WeightsOpt, fail
 from .eval_cmd import DataRootOpt, load_eval_data, load_source, pick_device
@@ -58,20 +59,28 @@ def _pyplot() -> Any:
 
 def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of a run folder's ``eval.jsonl`` that name an epoch and a top-1 accuracy."""
-    path = run_dir / "eval.jsonl"
+    path = run_dir / EVAL_LOG
     rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in (read_run_file(path) or "").splitlines():
+        try:
+            row = parse_json(line, str(path))
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("top1"), (int, float)):
             try:
-                row = json.loads(line)
-            except ValueError:
+                rows.append({**row, "epoch": float(row.get("epoch"))})  # type: ignore[arg-type]
+            except (TypeError, ValueError):
                 continue
-            if isinstance(row, dict) and isinstance(row.get("top1"), (int, float)):
-                try:
-                    rows.append({**row, "epoch": float(row.get("epoch"))})  # type: ignore[arg-type]
-                except (TypeError, ValueError):
-                    continue
     return rows
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically: a link there is replaced, not followed."""
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), "figure")
+    finally:
+        plt.close(fig)
+    return path
 
 
 def plot_curves(
@@ -124,9 +133,7 @@ def plot_curves(
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_tsne(
@@ -150,9 +157,7 @@ def plot_tsne(
     ax.set_title(title)
     if len(classes) <= 20:
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=3, frameon=False)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_cmd(
@@ -192,8 +197,9 @@ def plot_cmd(
     settings: dict[str, Any] = {}
     if checkpoint.is_file():
         from ressl.checkpoint import read_metadata
+        from ressl.validation import metadata_json
 
-        settings = json.loads(read_metadata(checkpoint).get("settings", "{}"))
+        settings = metadata_json(checkpoint, read_metadata(checkpoint), "settings", dict)
     name = run_dir.name
     if settings:
         name += f": {settings.get('backbone', '?')} on {settings.get('dataset', '?')}"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ressl.config import MAX_IMAGE_SIZE
+from ressl.jsontext import parse_json
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "INPUT_NAME", "OUTPUT_NAME", "ModelInfo"]
 
@@ -115,8 +116,8 @@ class ModelInfo:
             return meta[key]
 
         try:
-            mean = tuple(float(v) for v in json.loads(get("mean")))
-            std = tuple(float(v) for v in json.loads(get("std")))
+            mean = tuple(float(v) for v in parse_json(get("mean"), f"{where}: metadata 'mean'"))
+            std = tuple(float(v) for v in parse_json(get("std"), f"{where}: metadata 'std'"))
             info = cls(
                 backbone=get("backbone"),
                 image_size=int(get("image_size")),
@@ -131,10 +132,10 @@ class ModelInfo:
                 ressl_version=meta.get("ressl_version", ""),
                 source=meta.get("source", ""),
                 source_sha256=meta.get("source_sha256", ""),
-                settings=json.loads(meta.get("settings") or "{}"),
+                settings=parse_json(meta.get("settings") or "{}", f"{where}: metadata 'settings'"),
                 metadata=meta,
             )
-        except (TypeError, json.JSONDecodeError) as e:
+        except TypeError as e:
             raise ValueError(f"{where}: malformed ressl metadata ({e})") from None
         except ValueError as e:
             if str(e).startswith(where):

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ressl.atomic import write_atomic  # torch-free
+from ressl.jsontext import parse_json  # torch-free
 
 __all__ = ["save_embeddings", "load_embeddings"]
 
@@ -59,5 +60,6 @@ def save_embeddings(
 def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """Read an embedding file: ``(embeddings (N, D), paths, {"skipped": [...], "model": {...}})``."""
     with np.load(path, allow_pickle=False) as z:
-        extra = {"skipped": z["skipped"].tolist(), "model": json.loads(str(z["model"]))}
+        model = parse_json(str(z["model"]), f"{path}: its 'model'")
+        extra = {"skipped": z["skipped"].tolist(), "model": model}
         return z["embeddings"], z["paths"].tolist(), extra

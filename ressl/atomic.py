@@ -42,7 +42,9 @@ def write_atomic(
 
     The data goes to a temporary file beside ``path``, is flushed to disk, and is then
     renamed over ``path``; the rename is made durable too. Parent folders are created;
-    the file gets the usual permissions (0644 less the umask).
+    the file gets the usual permissions (0644 less the umask). No link is followed: the
+    temporary file is created new (``O_EXCL``), and a link at ``path`` is replaced by the
+    file, never written through.
 
     Returns:
         ``path``.
@@ -62,7 +64,10 @@ def write_atomic(
                 content(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644 & ~_umask())
+            if hasattr(os, "fchmod"):  # the file opened, not whatever the name holds by now
+                os.fchmod(f.fileno(), 0o644 & ~_umask())
+        if not hasattr(os, "fchmod"):  # Windows before Python 3.13
+            os.chmod(tmp, 0o644 & ~_umask())
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .jsontext import parse_json
 from .rules import BUILTIN_BACKBONES, split_backbone
 
 __all__ = [
@@ -123,7 +124,7 @@ class BackboneBuild:
 
     @classmethod
     def from_json(cls, text: str) -> BackboneBuild:
-        d = json.loads(text)
+        d = parse_json(text, "the backbone build")
         return cls(**{**d, "changes": tuple(tuple(c) for c in d.get("changes", ()))})
 
     def describe(self) -> str:

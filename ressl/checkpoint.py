@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .atomic import write_atomic
+from .jsontext import parse_json
 from .rules import is_number
 from .runs import CheckpointError, resolve_checkpoint
 
@@ -145,7 +146,7 @@ def load_optimizer_tensors(
     optimizer: torch.optim.Optimizer, tensors: Mapping[str, Tensor], blob: str
 ) -> None:
     """Inverse of ``optimizer_tensors``: restore an optimiser's state in place."""
-    rest = json.loads(blob)
+    rest = parse_json(blob, "its metadata 'optimizer'")
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):

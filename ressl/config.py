@@ -51,7 +51,6 @@ from .rules import (
     as_type,
     choice,
     integer,
-    interval,
     is_int,
     number,
     numbers_text,
@@ -73,6 +72,25 @@ FIT_UNUSED = 0.1
 #: The default warm-up is cut to at most this share of the run (the recipes' own: 1 of 50
 #: epochs, 5 of 200), so a short run's learning rate still decays.
 FIT_WARMUP = 0.1
+
+#: The sharpest softmax temperature accepted (teacher and student). The relation logits are
+#: cosines / tau, and the cosines come from a bf16 matmul under autocast, which resolves
+#: them to 2**-8 (0.004) near 1: at tau 1e-3 one such step is already a logit gap of 4,
+#: and a cosine gap of 0.09 one of 88, where fp32's exp underflows. Below it the teacher's
+#: target is a one-hot of rounding noise and the student's gradient grows as 1/tau.
+#: ReSSL uses 0.04 (teacher) and 0.1 (student), 40x and 100x above it.
+MIN_TEMPERATURE = 1e-3
+#: A seed is a signed 64-bit integer: torch's generators take [-2**63, 2**64), and ressl
+#: derives the others by adding small offsets (``seed + 1``, ``seed + 2 + 1000003 * rank``).
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+#: The teacher's EMA momentum m: 1 would leave the teacher at its initial weights forever.
+EMA_MOMENTUM = number(0.0, strict=False, below=1.0).explained(
+    "(1 would keep the teacher at its random initial weights: it would never learn)"
+)
+TEMPERATURE = number(MIN_TEMPERATURE, strict=False).explained(
+    "(a sharper softmax is a one-hot of bf16 rounding noise; ReSSL uses 0.04 and 0.1)"
+)
 
 
 def _spec_ok(value: Any) -> bool:
@@ -172,9 +190,7 @@ class TrainConfig:
     hidden_dim: int = _recipe(MODEL, "Projection head hidden width.", integer(1))
     embed_dim: int = _recipe(MODEL, "Embedding dimension D.", integer(1))
     queue_size: int = _recipe(METHOD, "Relation queue length K.", integer(1))
-    ema_momentum: float = _recipe(
-        METHOD, "Teacher EMA momentum m.", interval(0.0, 1.0, "in [0, 1]")
-    )
+    ema_momentum: float = _recipe(METHOD, "Teacher EMA momentum m.", EMA_MOMENTUM)
     teacher_bn: Literal["own", "student"] = _field(
         METHOD,
         "own",
@@ -189,8 +205,8 @@ class TrainConfig:
         "EMA momentum schedule: constant m (the paper), or cosine from m to 1.",
         choice("constant", "cosine"),
     )
-    student_temperature: float = _field(METHOD, 0.1, "tau_s.", number(0.0))
-    teacher_temperature: float = _field(METHOD, 0.04, "tau_t (sharper than tau_s).", number(0.0))
+    student_temperature: float = _field(METHOD, 0.1, "tau_s.", TEMPERATURE)
+    teacher_temperature: float = _field(METHOD, 0.04, "tau_t (sharper than tau_s).", TEMPERATURE)
     epochs: int = _recipe(OPTIM, "Total epochs (also when resuming).", integer(1), resumable=True)
     batch_size: int = _field(
         OPTIM, 256, "Images per step (the global batch when distributed).", integer(2)
@@ -345,7 +361,12 @@ class TrainConfig:
         choice("default", "reduce-overhead", "max-autotune"),
         resumable=True,
     )
-    seed: int = _field(RUN, 0, "Random seed (model init, data order, augmentations).", integer())
+    seed: int = _field(
+        RUN,
+        0,
+        "Random seed (model init, data order, augmentations).",
+        integer(SEED_RANGE[0], " (64 bits)", high=SEED_RANGE[1]),
+    )
 
     def __post_init__(self) -> None:
         problem = spec_problem(self.dataset)

@@ -14,6 +14,7 @@ computed from the training images for greyscale), and, for ``folder:PATH``, its 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -120,6 +121,20 @@ def _scan_split(split: Path) -> tuple[list[Path], list[int], list[str]]:
     files = [f for c in classes for f in per_class[c]]
     labels = [i for i, c in enumerate(classes) for _ in per_class[c]]
     return files, labels, classes
+
+
+def file_list_digest(files: Sequence[Path], labels: Sequence[int], root: Path) -> str:
+    """A short sha256 of a split's file names (relative to ``root``) and labels, in order:
+    cheap (no file is read or stat'ed), and it changes when a file is added, removed,
+    renamed or moved to another class (not when one is edited in place)."""
+    digest = hashlib.sha256()
+    for file, label in zip(files, labels, strict=True):
+        try:
+            name = file.relative_to(root).as_posix()
+        except ValueError:
+            name = file.as_posix()
+        digest.update(f"{label}\t{name}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:16]
 
 
 def split_dirs(path: Path) -> tuple[Path, Path, Path | None]:
@@ -247,6 +262,7 @@ def load_folder(
     """
     path, train_dir, test_dir = split_dirs(path)
     files, labels, classes = scan_train(train_dir, subset)
+    identity = (len(files), file_list_digest(files, labels, train_dir))
     headers = _headers(files) if channels is None or size is None else []
     if channels is None:
         channels = folder_channels(headers)
@@ -269,4 +285,5 @@ def load_folder(
     mean, std = (entry.mean, entry.std) if channels == 3 else _grey_stats(train)
     return ImageData(
         f"{entry.name}:{path}", train, memory, test, mean, std, channels, size, classes, skipped,
+        identity,
     )  # fmt: skip

@@ -107,6 +107,10 @@ class Rule:
     ok: Callable[[Any], bool]
     choices: tuple[str, ...] = ()  # the valid values, when they can be listed
 
+    def explained(self, why: str) -> Rule:
+        """The same rule, its ``expect`` followed by why the range ends where it does."""
+        return Rule(f"{self.expect} {why}", self.ok, self.choices)
+
 
 def is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)

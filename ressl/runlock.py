@@ -17,11 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .rules import ConfigError
-from .runs import CHECKPOINT, METRICS
+from .runs import CHECKPOINT, LOCK, METRICS, check_run_folder, open_run_file, read_run_file
 
 __all__ = ["LOCK", "RunInUseError", "hold_run_folder", "remove_stale_temp_files"]
-
-LOCK = ".lock"
 
 try:
     import fcntl
@@ -50,8 +48,8 @@ class RunInUseError(ConfigError):
 
 def _holder(lock: Path) -> str:
     try:
-        text = lock.read_text().split()
-    except OSError:
+        text = (read_run_file(lock) or "").split()
+    except (OSError, ConfigError):
         return "another process"
     if len(text) >= 2 and text[0].isdigit():
         since = f", since {' '.join(text[2:])}" if len(text) > 2 else ""
@@ -63,12 +61,12 @@ def _open_locked(lock: Path) -> int | None:
     """A descriptor holding the lock on ``lock`` as it is now, or None when another holds it."""
     while True:
         lock.parent.mkdir(parents=True, exist_ok=True)  # its last holder may have removed it
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_run_file(lock, os.O_RDWR | os.O_CREAT)  # a link there is refused
         if not _try_lock(fd):
             os.close(fd)
             return None
         try:  # its last holder may have removed it meanwhile: lock the file that is there
-            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            if os.lstat(lock).st_ino == os.fstat(fd).st_ino:
                 return fd
         except FileNotFoundError:
             pass
@@ -84,10 +82,13 @@ def hold_run_folder(folder: str | os.PathLike[str], *, resuming: bool = False) -
 
     Raises:
         RunInUseError: another process holds the folder; the message names it.
+        RunFileError: a file ressl writes there is a link or not a regular file (nothing
+            is written, here or where it points).
     """
     folder = Path(folder)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    check_run_folder(folder)
     lock = folder / LOCK
     fd = _open_locked(lock)
     if fd is None:

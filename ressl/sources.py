@@ -144,7 +144,8 @@ def source_part(source: ImageSource, start: int, stop: int) -> ImageSource:
     if isinstance(source, TensorImages):
         return TensorImages(source.images[start:stop], source.labels[start:stop])
     if isinstance(source, FolderImages):
-        return FolderImages(source.files[start:stop], source.labels[start:stop], source.image_size)
+        return FolderImages(source.files[start:stop], source.labels[start:stop], source.image_size,
+                            source.channels)  # fmt: skip
     raise TypeError(f"source_part takes TensorImages or FolderImages, got {type(source).__name__}")
 
 
@@ -398,6 +399,10 @@ class ImageData:
         image_size: Side of the stored square images.
         classes: Class names, index = label; ``[]`` when unlabelled.
         skipped: Unreadable image files skipped while loading (folders).
+        files: What identifies the training split's files (folders; None for a built-in
+            dataset, whose files do not change): their count and a digest of their names
+            and labels (``ressl.folders.file_list_digest``). A resume compares it with
+            the checkpoint's.
     """
 
     name: str
@@ -410,6 +415,7 @@ class ImageData:
     image_size: int
     classes: list[str]
     skipped: int = 0
+    files: tuple[int, str] | None = None
 
     def __post_init__(self) -> None:
         if len(self.mean) != self.channels or len(self.std) != self.channels:

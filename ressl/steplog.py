@@ -21,25 +21,24 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_atomic
+from .jsontext import parse_json
 from .rules import ConfigError
+from .runs import STEPS, TENSORBOARD, append_run_file, check_run_folder, read_run_file
 
 __all__ = ["STEPS", "TENSORBOARD", "RunLog", "read_steps", "require_tensorboard"]
-
-#: The per-step stream's file name in a run folder.
-STEPS = "steps.jsonl"
-#: The TensorBoard folder's name in a run folder.
-TENSORBOARD = "tensorboard"
 
 
 def read_steps(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
     """The rows of a ``steps.jsonl`` (those with ``step <= upto`` when given); a line that
-    is not a JSON object with an integer step (the tail of a killed write) is skipped."""
+    is not a JSON object with an integer step (the tail of a killed write) is skipped.
+
+    Raises:
+        RunFileError: the file is a link or not a regular file.
+    """
     rows: list[dict[str, Any]] = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in (read_run_file(path) or "").splitlines():
         try:
-            row = json.loads(line)
+            row = parse_json(line, str(path))
         except ValueError:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int):
@@ -70,6 +69,7 @@ class RunLog:
     """
 
     def __init__(self, run_dir: Path, step: int, *, tensorboard: bool = False) -> None:
+        check_run_folder(run_dir)  # no file or folder written here is a link out of it
         # the steps after the checkpoint's (a fresh run: all) belong to a past that is redone
         self.writer = (require_tensorboard()(str(run_dir / TENSORBOARD), purge_step=step + 1)
                        if tensorboard else None)  # fmt: skip
@@ -82,8 +82,7 @@ class RunLog:
         clean = {
             k: v for k, v in row.items() if not (isinstance(v, float) and not math.isfinite(v))
         }
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(clean) + "\n")
+        append_run_file(self.path, json.dumps(clean) + "\n")
         if self.writer is not None:
             for key in ("loss", "lr", "ema_momentum", "images_per_second"):
                 if key in clean:

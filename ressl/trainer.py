@@ -12,7 +12,6 @@ checkpoint, so ``train(resume=run_dir)`` needs nothing else.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import signal
@@ -358,6 +357,8 @@ def _build(
         data.memory = source  # the kNN monitor's memory bank is the training split
     settings = {**config.to_dict(), "image_size": data.image_size, "channels": data.channels,
                 "mean": list(data.mean), "std": list(data.std), "num_classes": len(data.classes)}  # fmt: skip
+    if data.files is not None:  # which files a folder held: a resume compares them
+        settings["data_files"], settings["data_digest"] = data.files
     torch.manual_seed(config.seed)  # the same initial weights and queue on every rank
     net = config.backbone if module is None else copy.deepcopy(module)  # never the caller's
     model = ReSSL(
@@ -445,13 +446,21 @@ def _restore(run: _Run, tensors: dict[str, Tensor], meta: dict[str, str]) -> Non
 def _open_folder(run: _Run, saved_row: dict[str, Any] | None = None) -> None:
     """The run folder and its metrics, made to agree with the state: one row per finished
     epoch, each once. A resumed run's later rows belong to a future it will write again;
-    the checkpoint's own last row (``saved_row``) fills in for one that a stop between the
-    checkpoint's rename and the metrics file's never wrote."""
+    the checkpoint's own last row (``saved_row``) stands for its epoch (it fills in for one
+    that a stop between the checkpoint's rename and the metrics file's never wrote). A line that is not a row (a
+    damaged file) is dropped with a warning: the checkpoint is the truth, and the file is
+    rewritten from the rows kept."""
+
+    def damaged(problem: str) -> None:
+        if run.world.main:
+            log.warning("%s; dropping it (the file is rewritten)", problem)
+
     rows: dict[int, dict[str, Any]] = {
-        row["epoch"]: row for row in read_metrics(run.run_dir / METRICS, run.state.epoch)
+        row["epoch"]: row
+        for row in read_metrics(run.run_dir / METRICS, run.state.epoch, on_bad_line=damaged)
     }
     if saved_row and saved_row.get("epoch") == run.state.epoch:
-        rows.setdefault(run.state.epoch, saved_row)
+        rows[run.state.epoch] = saved_row
     run.state.rows = [rows[e] for e in sorted(rows)]
     missing = sorted(set(range(1, run.state.epoch + 1)) - set(rows))
     if run.world.main:
@@ -728,9 +737,10 @@ def _continue(
     """A resumed run, in the folder this process holds: checked, restored, re-planned, trained."""
     cfg, state, meta, planned = _resume_config(file, given, module)
     run = _build(cfg, world, file.parent, module)
+    _check_same_files(run, metadata_json(file, meta, "settings", dict))
     _restore(run, state, meta)
     _replan(run, planned)
-    _open_folder(run, json.loads(meta["metrics"]) if "metrics" in meta else None)
+    _open_folder(run, metadata_json(file, meta, "metrics", dict, default={}) or None)
     return _epochs(run, notify)
 
 
@@ -741,6 +751,27 @@ def _given(cfg: TrainConfig, config: TrainConfig | None, keywords: dict[str, Any
         return {k for k, v in keywords.items() if v is not None}
     defaults = TrainConfig(dataset=cfg.dataset, image_size=cfg.image_size).to_dict()
     return {k for k, v in cfg.to_dict().items() if v != defaults[k]}
+
+
+def _check_same_files(run: _Run, saved: dict[str, Any]) -> None:
+    """Say so when an image folder's training files are not those the checkpoint's run
+    trained on (files added, removed, renamed or moved between classes). The run goes on
+    with the files there now, which may be what the user wants (more data); a checkpoint
+    from before ressl recorded them (``data_files`` and ``data_digest`` in its settings)
+    is not compared."""
+    then = (saved.get("data_files"), saved.get("data_digest"))
+    now = run.data.files
+    if now is None or not is_int(then[0]) or not isinstance(then[1], str) or now == then:
+        return
+    if run.world.main:
+        change = (f"{now[0]} image files where it trained on {then[0]}" if now[0] != then[0]
+                  else f"{now[0]} image files, as before, but not the same ones")  # fmt: skip
+        log.warning(
+            "%s changed since %s was trained on it: it now holds %s. The run continues on the "
+            "files there now, so its epoch order and kNN numbers are not those of the data it "
+            "started on; to continue on that data, restore the folder, or train this data "
+            "from the start in a new run folder", run.data.name, run.run_dir, change,
+        )  # fmt: skip
 
 
 def _saved_device(file: Path) -> str:

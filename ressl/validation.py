@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .config import MAX_IMAGE_SIZE
 from .config import settings as config_fields
+from .jsontext import parse_json
 from .rules import is_int, is_number
 from .runs import CheckpointError
 
@@ -77,9 +78,9 @@ def metadata_json(
     if key not in meta:
         raise _fail(path, f"its metadata has no {key!r} (a ressl checkpoint always has one)")
     try:
-        value = json.loads(meta[key])
-    except ValueError:
-        raise _fail(path, f"its metadata {key!r} is not valid JSON") from None
+        value = parse_json(meta[key], f"its metadata {key!r}")
+    except ValueError as e:
+        raise _fail(path, str(e)) from None
     if not isinstance(value, kind):
         raise _fail(path, f"its metadata {key!r} is not a JSON {kind.__name__}")
     return value

@@ -35,7 +35,10 @@ def test_user_errors_are_one_line(capsys, tmp_path, image_folder):
         (["train", "--resume", tmp_path / "nowhere"], "no such file or folder"),
         (["train", "--epochs", "abc"], "--epochs"),
         (["train", "--epochs", "0"], "--epochs must be an integer >= 1"),
-        (["train", "--teacher-temperature", "-1"], "--teacher-temperature must be a number > 0"),
+        (
+            ["train", "--teacher-temperature", "-1"],
+            "--teacher-temperature must be a number >= 0.001",
+        ),
         (["train", "--crop-scale", "big"], "--crop-scale must be 2 comma-separated numbers"),
         (["train", "--jitter", "0.4,0.4"], "--jitter must be 4 comma-separated numbers"),
         (["train", "--jitter-p", "1.5"], "--jitter-p must be a probability in [0, 1]"),

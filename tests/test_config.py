@@ -69,6 +69,22 @@ def test_values_are_coerced_to_the_field_types():
         (dict(dataset="mnist"), "dataset must be one of fashion-mnist, cifar10"),
         (dict(dataset="folder:"), "dataset folder:PATH needs the folder's path"),
         (dict(symmetric="yes"), "symmetric must be True or False, got 'yes'"),
+        # torch's generators take 64 bits; beyond, its own words never named the flag
+        (
+            dict(seed=10**20),
+            "seed must be an integer in [-9223372036854775808, 9223372036854775807]",
+        ),
+        (dict(seed=-(2**63) - 1), "seed must be an integer in [-9223372036854775808"),
+        (
+            dict(ema_momentum=1.0),
+            "ema_momentum must be a number >= 0 and < 1 (1 would keep the teacher",
+        ),
+        (dict(ema_momentum=-0.1), "ema_momentum must be a number >= 0 and < 1"),
+        (
+            dict(teacher_temperature=1e-30),
+            "teacher_temperature must be a number >= 0.001 (a sharper",
+        ),
+        (dict(student_temperature=0.0), "student_temperature must be a number >= 0.001"),
     ],
 )
 def test_each_rule_names_the_setting_and_the_valid_range(changes, message):
@@ -77,6 +93,12 @@ def test_each_rule_names_the_setting_and_the_valid_range(changes, message):
     assert message in str(e.value)
     name = next(iter(changes))
     assert e.value.render(flag).startswith(flag(name))  # the CLI's wording of the same error
+
+
+def test_range_ends_are_valid():
+    edges = dict(seed=2**63 - 1, ema_momentum=0.0, teacher_temperature=1e-3)
+    assert TrainConfig(**edges).seed == 2**63 - 1
+    assert TrainConfig(seed=-(2**63), ema_momentum=0.999999).ema_momentum == 0.999999
 
 
 def test_cross_field_rules():

@@ -9,11 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from cli_helpers import tiny_args
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -33,7 +35,7 @@ from ressl.distributed import (
     convert_batchnorm,
     wrap_ddp,
 )
-from ressl.sources import TensorImages, source_part
+from ressl.sources import FolderImages, TensorImages, source_part
 from ressl.step import EncodeCrops, training_step
 
 pytestmark = pytest.mark.skipif(
@@ -201,6 +203,17 @@ def test_source_part_and_gather_of_uneven_rows():
     )
     with pytest.raises(ValueError, match="0 <= start <= stop <= 10"):
         source_part(source, 5, 11)
+
+
+def test_source_part_of_a_greyscale_folder_keeps_one_channel(tmp_path):
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((10, 10), 60 * i, np.uint8), "L").save(files[-1])
+    part = source_part(FolderImages(files, [0, 1, 2, 3], 8, channels=1), 1, 3)
+    assert isinstance(part, FolderImages) and part.channels == 1 and part.labels.tolist() == [1, 2]
+    image, label = part[0]
+    assert image.shape == (1, 8, 8) and label == 1 and int(image[0, 0, 0]) == 60
 
 
 def test_torchrun_cli_end_to_end(tmp_path, image_folder):

@@ -251,3 +251,57 @@ def test_mutated_onnx_metadata_gives_one_line_never_a_traceback(
     print("\nonnx fuzz:", json.dumps(counts))
     assert not failures, failures[:10]
     assert counts["tracebacks"] == 0
+
+
+NESTED = "[" * 100_000 + "]" * 100_000  # Python's parser recursed once per level
+
+
+@pytest.mark.parametrize("key", ["settings", "metrics", "optimizer"])
+def test_nested_checkpoint_metadata_gives_one_line(capsys, tmp_path, source, image_folder, key):
+    run, tensors, meta = source
+    folder = tmp_path / "nested"
+    _write(folder, run, tensors, {**meta, key: NESTED})
+    uses = {"settings": ("info", "export", "resume"), "metrics": ("info", "resume"),
+            "optimizer": ("resume",)}[key]  # fmt: skip
+    for command in ("info", "export", "resume"):
+        code, _, err = _cli(capsys, command, folder, image_folder, tmp_path)
+        assert _clean(code, err) and "Recursion" not in err, (command, err)
+        if command in uses:
+            assert code == 2 and f"'{key}' nests JSON deeper than 32 levels" in err, (command, err)
+
+
+@pytest.mark.parametrize("key", ["settings", "mean", "verification"])
+def test_nested_onnx_metadata_gives_one_line(capsys, tmp_path, source, image_folder, key):
+    from ressl.export import export_onnx
+
+    run, _, _ = source
+    file = tmp_path / "nested.onnx"
+    export_onnx(run, file, verify=False)
+    proto = onnx.load(str(file))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    del proto.metadata_props[:]
+    for k, v in {**meta, key: NESTED}.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.save(proto, str(file))
+    embed = ["embed", file, image_folder / "test", "-o", tmp_path / "e.npz", "--device", "cpu"]
+    for command in (["info", file], embed):
+        code, _, err = run_cli(capsys, *command)
+        assert _clean(code, err) and "Recursion" not in err, (command[0], err)
+        if command[0] == "info" or key != "verification":  # (embed does not read it)
+            assert code == 2 and f"'{key}' nests JSON deeper than 32 levels" in err
+
+
+def test_parse_json_bounds_depth_and_size_not_strings():
+    from ressl.jsontext import MAX_JSON_DEPTH, parse_json
+
+    deepest = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert parse_json(deepest, "x") == eval(deepest)
+    with pytest.raises(ValueError, match="x nests JSON deeper than 32 levels"):
+        parse_json("[" + deepest + "]", "x")
+    # brackets and escaped quotes inside strings are text, not nesting
+    text = json.dumps({"a": "[" * 100 + '\\"{' * 50, "b": ["]]]"]})
+    assert parse_json(text, "x") == json.loads(text)
+    with pytest.raises(ValueError, match="x is 12 characters of JSON; at most 10 are read"):
+        parse_json('"0123456789"', "x", max_chars=10)
+    with pytest.raises(ValueError, match="x is not valid JSON"):
+        parse_json('{"a": [1, 2}', "x")

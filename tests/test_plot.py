@@ -81,9 +81,9 @@ def test_plot_user_errors_are_one_line(capsys, tmp_path: Path):
         (["plot", tmp_path / "absent"], "no such folder"),
         (["plot", tmp_path / "file.txt"], "is not a folder"),
         (["plot", empty], "has no metrics.jsonl"),
-        (["plot", broken], "line 2 is not JSON"),
+        (["plot", broken], "line 2 is not valid JSON"),
         (["plot", blank], "is empty"),
-        (["plot", broken, "--tsne-points", "2"], "line 2 is not JSON"),
+        (["plot", broken, "--tsne-points", "2"], "line 2 is not valid JSON"),
     ]
     for args, needle in cases:
         code, _, err = run_cli(capsys, *args)

@@ -398,3 +398,42 @@ def test_fused_sgd_falls_back_to_foreach_where_it_has_no_kernel(caplog):
         opt = _sgd([{"params": [p], "weight_decay": 0.0}], 0.1, TrainConfig(), World())
     assert opt.param_groups[0]["foreach"] and not opt.param_groups[0]["fused"]
     assert "fused SGD has no kernel for torch.float32 meta parameters" in caplog.text
+
+
+@pytest.mark.slow
+def test_resume_repairs_a_damaged_metrics_file_from_the_checkpoint(tmp_path, tiny_settings, caplog):
+    """A cut line used to make --resume refuse although the checkpoint holds the row."""
+    run = tmp_path / "run"
+    train(out=run, **dict(tiny_settings, epochs=1))
+    saved = metrics(run)
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "loss": 2.2, \n')
+    with caplog.at_level("WARNING", logger="ressl"):
+        train(resume=run, epochs=2)
+    assert "metrics.jsonl line 1 is not valid JSON; dropping it" in caplog.text
+    rows = metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0] == saved[0]
+
+
+@pytest.mark.slow
+def test_resume_says_when_the_folder_changed(tmp_path, tiny_settings, image_folder, caplog):
+    import shutil
+
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    run = tmp_path / "run"
+    train(out=run, **dict(tiny_settings, dataset=f"folder:{folder}", epochs=1))
+    settings = json.loads(load_checkpoint(run / "last.safetensors")[1]["settings"])
+    assert settings["data_files"] == 36 and len(settings["data_digest"]) == 16
+    with caplog.at_level("WARNING", logger="ressl"):
+        train(resume=run, epochs=2)  # unchanged: nothing said
+    assert "changed since" not in caplog.text
+    for i in range(8):
+        shutil.copy(folder / "train/class_0/0.png", folder / f"train/class_0/extra{i}.png")
+    with caplog.at_level("WARNING", logger="ressl"):
+        train(resume=run, epochs=3)
+    assert "changed since" in caplog.text and "44 image files where it trained on 36" in caplog.text
+    caplog.clear()
+    (folder / "train/class_0/extra0.png").rename(folder / "train/class_1/extra0.png")
+    with caplog.at_level("WARNING", logger="ressl"):
+        train(resume=run, epochs=4)  # same count, another class: still said
+    assert "44 image files, as before, but not the same ones" in caplog.text
