@@ -443,3 +443,34 @@ def test_metrics_count_every_route_in_the_prometheus_text_format(server):
     assert families["ressl_embed_seconds"].type == "histogram"
     seen = {(s.labels["path"], s.labels["status"]) for s in families["ressl_requests"].samples}
     assert {("/healthz", "200"), ("other", "404"), ("/embed", "405")} <= seen
+
+
+def test_a_model_claiming_a_huge_image_size_gets_bounded_requests(tmp_path, model, image_folder):
+    """A graph that takes any size, with metadata asking for 4096x4096: one decoded image is
+    192 MiB, so a request holds one and a batch runs one (not --max-images and --max-batch)."""
+    import onnx
+    from ressl.export.server import BadInput, EmbeddingService
+
+    proto = onnx.load(str(model))
+    for prop in proto.metadata_props:
+        if prop.key == "image_size":
+            prop.value = "4096"
+    onnx.save(proto, str(tmp_path / "huge.onnx"))
+    service = EmbeddingService(ServeSettings(str(tmp_path / "huge.onnx"), device="cpu"))
+    assert service.embedder.image_bytes == 3 * 4096 * 4096 * 4
+    assert service.max_images == 1 and service.batcher.max_batch == 1
+    assert service.embedder.images_per_run == 1
+
+    class Request:
+        headers = {"content-type": "application/json"}
+
+        async def stream(self):
+            png = base64.b64encode(_files(image_folder, 1)[0].read_bytes()).decode()
+            yield json.dumps({"images": [png, png]}).encode()
+
+    import asyncio
+
+    with pytest.raises(BadInput, match=r"2 images; the limit is 1 per request \(this model's "
+                       r"3x4096x4096 input is 192.0 MiB an image decoded\)") as e:  # fmt: skip
+        asyncio.run(service._images(Request()))  # type: ignore[arg-type]
+    assert e.value.status == 413
