@@ -22,7 +22,7 @@ def serve_cmd(
     device: Annotated[str, typer.Option(help="auto (CUDA when usable), cpu or cuda.")] = "auto",
     max_batch: Annotated[int, typer.Option(help="Images per model call (micro-batch).")] = 64,
     max_wait_ms: Annotated[
-        float, typer.Option(help="How long a request waits for others to share its batch.")
+        float, typer.Option(help="How long a request waits for others to share its batch, ms.")
     ] = 5.0,
     workers: Annotated[int, typer.Option(help="Server processes, each with the model.")] = 1,
     max_upload_mb: Annotated[float, typer.Option(help="The largest request body, MB.")] = 32.0,
@@ -35,19 +35,10 @@ def serve_cmd(
     except ImportError as e:
         fail(f"ressl serve needs the serve extra ({e.name} is missing): {INSTALL}")
     existing(model, "file")
-    if not 0 <= port <= 65535:
-        fail(f"--port must be in [0, 65535], got {port}")
-    if workers < 1:
-        fail(f"--workers must be >= 1, got {workers}")
-    if max_upload_mb <= 0:
-        fail(f"--max-upload-mb must be > 0, got {max_upload_mb:g}")
-    try:
-        settings = ServeSettings(
-            str(model), device=device, max_batch=max_batch, max_wait_ms=max_wait_ms,
-            max_upload_bytes=int(max_upload_mb * 2**20), max_images=max_images,
-        )  # fmt: skip
-    except ValueError as e:
-        fail("--" + str(e).replace("_", "-", 2) if str(e).startswith("max_") else str(e))
+    settings = ServeSettings(  # each value checked against its range (server.RULES), named as its flag
+        str(model), host=host, port=port, device=device, workers=workers, max_batch=max_batch,
+        max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb, max_images=max_images,
+    )  # fmt: skip
     app = create_app(settings)  # loads the model: a bad file fails here, in one line
     url = f"http://{host}:{port}"
     typer.echo(describe(settings, app.state.service, url) + f", {workers} worker(s)", err=True)

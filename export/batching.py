@@ -44,6 +44,10 @@ class MicroBatcher:
         self.batches = 0  # model calls so far
         self.batched_images = 0
         self._arriving = 0  # requests announced but not yet submitted
+        # Set when a request is queued or one on the way gives up (its decode failed): a batch
+        # being gathered waits on this, never on the queue alone, which would hold the batch
+        # until its deadline for a request that will never come.
+        self._changed = asyncio.Event()
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
@@ -53,6 +57,7 @@ class MicroBatcher:
             yield
         finally:
             self._arriving -= 1
+            self._changed.set()
 
     async def start(self) -> None:
         """Start collecting (in the running event loop)."""
@@ -75,6 +80,7 @@ class MicroBatcher:
             raise RuntimeError("the batcher is not started")
         done: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         await self._queue.put((images, done))
+        self._changed.set()
         return await done
 
     async def _collect(self) -> None:
@@ -84,17 +90,18 @@ class MicroBatcher:
             items = [await self._queue.get()]
             count, deadline = len(items[0][0]), loop.time() + self.max_wait
             while count < self.max_batch:
+                if not self._queue.empty():
+                    items.append(self._queue.get_nowait())
+                    count += len(items[-1][0])
+                    continue
+                left = deadline - loop.time()
+                if left <= 0 or not self._arriving:  # no one else is on the way
+                    break
+                self._changed.clear()  # (no await since the checks above: nothing is missed)
                 try:
-                    if self._queue.empty():
-                        left = deadline - loop.time()
-                        if left <= 0 or not self._arriving:  # no one else is on the way
-                            break
-                        items.append(await asyncio.wait_for(self._queue.get(), left))
-                    else:
-                        items.append(self._queue.get_nowait())
+                    await asyncio.wait_for(self._changed.wait(), left)
                 except asyncio.TimeoutError:
                     break
-                count += len(items[-1][0])
             await self._run(loop, items)
 
     async def _run(
@@ -104,7 +111,7 @@ class MicroBatcher:
     ) -> None:
         assert self._queue is not None
         try:
-            batch = np.concatenate([images for images, _ in items])
+            batch = items[0][0] if len(items) == 1 else np.concatenate([i for i, _ in items])
             rows = await loop.run_in_executor(self._pool, self.run, batch)
         except Exception as e:  # noqa: BLE001 - handed to every request of the batch
             for _, done in items:

@@ -13,6 +13,7 @@ import ctypes
 import io
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,13 +25,21 @@ import onnxruntime as ort
 from .images import ImageInput, load_image, pil_mode, to_batch
 from .metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
 
-__all__ = ["Embedder", "FileEmbeddings", "cuda_device_count", "open_session"]
+__all__ = ["RUN_INPUT_BYTES", "Embedder", "FileEmbeddings", "cuda_device_count", "open_session"]
 
 logger = logging.getLogger(__name__)
 
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 _ORT_DEFAULT_SEVERITY = 2  # onnxruntime's default logger level (warning); it has no getter
+
+#: The most input one onnxruntime run is handed, bytes. A run's memory grows with its input (a
+#: CNN's first activations are several times the image), so bounding the input bounds the run
+#: whatever image size a file's metadata claims: 64 MiB is 64 images at the default batch up to
+#: 3x512x512, 111 at 224 px, and one (run alone, never refused) at 4096 px.
+RUN_INPUT_BYTES = 64 * 2**20
+#: How onnxruntime says an allocation failed (its CPU arena, or C++'s std::bad_alloc).
+_ALLOCATION = re.compile(r"Failed to allocate memory[^\n]*|bad_alloc")
 
 
 def cuda_device_count() -> int:
@@ -205,6 +214,7 @@ class Embedder:
             self.session.get_modelmeta().custom_metadata_map, str(self.path)
         )
         self._check_graph()
+        self.images_per_run = max(1, min(batch_size, RUN_INPUT_BYTES // self.image_bytes))
 
     def _check_graph(self) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -229,6 +239,11 @@ class Embedder:
     def embedding_dim(self) -> int:
         return self.info.embedding_dim
 
+    @property
+    def image_bytes(self) -> int:
+        """Bytes of one decoded image: float32 ``(C, S, S)``."""
+        return 4 * self.info.channels * self.info.image_size**2
+
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """Images of any accepted kind -> float32 ``(N, C, S, S)`` in [0, 1] (see ``ressl.export.images.to_batch``)."""
         return to_batch(
@@ -236,20 +251,39 @@ class Embedder:
         )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """float32 ``(N, C, H, W)`` in [0, 1] -> float32 ``(N, D)``, in chunks of ``batch_size``."""
-        out = [
-            self.session.run([OUTPUT_NAME], {INPUT_NAME: batch[i : i + self.batch_size]})[0]
-            for i in range(0, len(batch), self.batch_size)
-        ]
+        """float32 ``(N, C, H, W)`` in [0, 1] -> float32 ``(N, D)``, in runs of at most
+        ``batch_size`` images and ``RUN_INPUT_BYTES`` of input (one image at least).
+
+        Raises:
+            ValueError: onnxruntime ran out of memory (naming the input it was given).
+        """
+        per_run = max(1, min(self.batch_size, RUN_INPUT_BYTES // max(1, batch[:1].nbytes)))
+        out = [self._run_once(batch[i : i + per_run]) for i in range(0, len(batch), per_run)]
         if not out:
             return np.zeros((0, self.info.embedding_dim), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
+
+    def _run_once(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]  # type: ignore[no-any-return]
+        except Exception as e:
+            failed = _ALLOCATION.search(str(e))
+            if failed is None:
+                raise  # anything else is a bug, not the input's size
+            n, c, h, w = batch.shape
+            raise ValueError(
+                f"{self.path}: onnxruntime ran out of memory running {n} {c}x{h}x{w} image(s) "
+                f"(the file's metadata asks for {self.info.image_size}x{self.info.image_size} "
+                f"input): {failed.group(0).strip()}"
+            ) from None
 
     def embed(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """Embed images: paths, PIL images, uint8 ``(H, W, C)`` / ``(N, H, W, C)`` or float ``(N, C, H, W)`` arrays.
 
         Files, PIL images and uint8 arrays are resized (shorter side to S,
         bilinear) and centre-cropped to S x S; float arrays in [0, 1] are fed unchanged.
+        Lists and 4-D arrays are brought to the model's input ``images_per_run`` at a
+        time, so their decoded memory is bounded by ``RUN_INPUT_BYTES``, not their number.
 
         Returns:
             float32 ``(N, D)``, rows L2-normalised.
@@ -258,7 +292,13 @@ class Embedder:
             TypeError, ValueError: on inputs of the wrong kind, shape, channels or range.
             OSError: a file cannot be read.
         """
-        return self.run(self.preprocess(images))
+        many = isinstance(images, np.ndarray) and images.ndim == 4
+        many = many or (isinstance(images, Sequence) and not isinstance(images, (str, bytes)))
+        if not many or len(images) <= self.images_per_run:  # type: ignore[arg-type]
+            return self.run(self.preprocess(images))
+        n, items = self.images_per_run, images
+        rows = [self.run(self.preprocess(items[i : i + n])) for i in range(0, len(items), n)]  # type: ignore[index, arg-type]
+        return np.concatenate(rows)
 
     __call__ = embed
 
@@ -281,9 +321,10 @@ class Embedder:
         rows: list[np.ndarray] = []
         done: list[str] = []
         skipped: list[tuple[str, str]] = []
-        for start in range(0, len(paths), self.batch_size):
+        per_run = self.images_per_run  # decoded images held at once: RUN_INPUT_BYTES at most
+        for start in range(0, len(paths), per_run):
             chunk, names = [], []
-            for p in paths[start : start + self.batch_size]:
+            for p in paths[start : start + per_run]:
                 try:
                     chunk.append(load_image(p, size, channels))
                     names.append(os.fspath(p))
@@ -293,6 +334,6 @@ class Embedder:
                 rows.append(self.run(np.stack(chunk)))
                 done += names
             if progress is not None:
-                progress(min(start + self.batch_size, len(paths)))
+                progress(min(start + per_run, len(paths)))
         emb = np.concatenate(rows) if rows else np.zeros((0, self.info.embedding_dim), np.float32)
         return FileEmbeddings(emb, done, skipped)

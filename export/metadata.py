@@ -164,24 +164,43 @@ class ModelInfo:
             raise ValueError(f"{where}: metadata settings is not a JSON object")
 
     def check_signature(self, inputs: list[Any], outputs: list[Any], where: str = "model") -> None:
-        """Refuse a graph whose input or output shape (dims: int, or a name when symbolic)
-        is not what this metadata describes: metadata copied onto a foreign graph.
+        """Refuse a graph whose input or output shape (dims: int, or a name / None when
+        symbolic) is not what this metadata describes: metadata copied onto a foreign graph.
+
+        Every fixed dimension must agree with the metadata, whatever ``dynamic_spatial``
+        says: the batch is never fixed (inputs are batched as they come), the channels are
+        ``channels``, a fixed height and width are ``image_size`` and only where the metadata
+        does not promise any size, the output is ``(batch, embedding_dim)``. A graph that
+        disagrees would fail on every run (or be fed images resized to a size it never takes).
 
         Raises:
             ValueError: naming the shape and what the metadata says.
         """
-        if len(inputs) != 4 or (isinstance(inputs[1], int) and inputs[1] != self.channels):
+        fixed = [isinstance(d, int) and d > 0 for d in inputs]
+        if len(inputs) != 4 or (fixed[1] and inputs[1] != self.channels):
             raise ValueError(
                 f"{where}: graph input has shape {inputs} but the metadata says "
                 f"{self.channels} channels"
             )
-        spatial = [d for d in inputs[2:] if isinstance(d, int) and d > 0]
-        if not self.dynamic_spatial and spatial and spatial != [self.image_size] * len(spatial):
+        if fixed[0]:
             raise ValueError(
-                f"{where}: graph input has shape {inputs} but the metadata says "
-                f"{self.image_size}x{self.image_size} images"
+                f"{where}: graph input has shape {inputs}: it takes batches of exactly "
+                f"{inputs[0]} images, but a ressl encoder takes any batch size"
             )
-        if len(outputs) != 2 or outputs[1] != self.embedding_dim:
+        spatial = [d for d, f in zip(inputs[2:], fixed[2:]) if f]
+        if spatial and (self.dynamic_spatial or spatial != [self.image_size] * len(spatial)):
+            says = (
+                "any image size" if self.dynamic_spatial else f"{self.image_size}x{self.image_size}"
+            )
+            raise ValueError(
+                f"{where}: graph input has shape {inputs} but the metadata says {says} "
+                f"(image_size {self.image_size}); the metadata is not this graph's"
+            )
+        if (
+            len(outputs) != 2
+            or outputs[1] != self.embedding_dim
+            or (isinstance(outputs[0], int) and outputs[0] > 0)
+        ):
             raise ValueError(
                 f"{where}: graph output has shape {outputs} but the metadata says "
                 f"(batch, {self.embedding_dim}) embeddings; the metadata is not this graph's"

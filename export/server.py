@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import json
 import os
 import time
@@ -37,51 +38,106 @@ import numpy as np
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ressl.rules import ConfigError, Rule, choice, integer, interval
 
 from .batching import MicroBatcher
-from .embedder import Embedder
+from .embedder import RUN_INPUT_BYTES, Embedder
 from .images import TooManyPixels, load_image, unreadable_reason
 
 __all__ = ["ServeSettings", "create_app"]
+
+#: The most decoded input one request may hold, bytes: its images wait, decoded, for their
+#: batch. Four model runs' worth (``RUN_INPUT_BYTES``): 256 RGB images at 256 px, one at 4096 px.
+REQUEST_INPUT_BYTES = 4 * RUN_INPUT_BYTES
 
 #: Latency histogram buckets, seconds.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+def _host(value: object) -> bool:
+    """An IP address to listen on, or ``localhost`` (no name lookups: ``"0"`` would resolve to
+    every interface, ``""`` means every interface to asyncio, any other name needs DNS)."""
+    if value == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(value)  # type: ignore[arg-type]
+    except ValueError:
+        return False
+    return True
+
+
+#: Each setting's valid values, the one place they are stated: checked on construction, and the
+#: command line's flags are these names (``max_wait_ms`` is ``--max-wait-ms``). Every bound is
+#: finite: an endless wait holds a request forever, an endless upload limit is no limit.
+RULES: dict[str, Rule] = {
+    "host": Rule("an IP address (127.0.0.1, 0.0.0.0, ::) or 'localhost'", _host),
+    "port": integer(1, high=65535),
+    "device": choice("auto", "cpu", "cuda"),
+    "workers": integer(1, high=64),
+    "max_batch": integer(1, high=4096),
+    "max_wait_ms": interval(0.0, 10_000.0, "a number of milliseconds in [0, 10000]"),
+    "max_upload_mb": interval(0.001, 1024.0, "a number of MB in [0.001, 1024]"),
+    "max_images": integer(1, high=10_000),
+    "max_pixels": integer(1, high=1_000_000_000),
+    "decode_threads": integer(1, high=256),
+}
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``, cut short when long (a 5,000-character value is not echoed whole)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:32]}... ({len(text)} characters)"
+
+
 @dataclass(frozen=True)
 class ServeSettings:
-    """How ``ressl serve`` serves a model.
+    """How ``ressl serve`` serves a model (valid values: ``RULES``).
 
     Attributes:
         model: The ONNX file (written by ``ressl export``).
+        host: The address to listen on.
+        port: The port to listen on.
         device: ``auto``, ``cpu`` or ``cuda``.
+        workers: Server processes, each with its own copy of the model.
         max_batch: Images per model call.
         max_wait_ms: How long a request waits for others to share its batch.
-        max_upload_bytes: The largest request body accepted.
+        max_upload_mb: The largest request body accepted, MB (2**20 bytes).
         max_images: The most images one request may carry.
         max_pixels: The largest image (width x height) decoded: larger is a
             decompression bomb.
         decode_threads: Threads decoding images.
+
+    Raises:
+        ConfigError: a value out of its range, naming the setting (as its flag on the CLI).
     """
 
     model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
     device: str = "auto"
+    workers: int = 1
     max_batch: int = 64
     max_wait_ms: float = 5.0
-    max_upload_bytes: int = 32 * 2**20
+    max_upload_mb: float = 32.0
     max_images: int = 256
     max_pixels: int = 40_000_000
     decode_threads: int = max(2, min(8, os.cpu_count() or 2))
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_upload_bytes", "max_images", "max_pixels", "decode_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        for name, rule in RULES.items():
+            value = getattr(self, name)
+            if not rule.ok(value):
+                raise ConfigError(f"{{{name}}} must be {rule.expect}, got {_shown(value)}", name)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
 
 
 class BadInput(Exception):
@@ -92,9 +148,17 @@ class BadInput(Exception):
         self.status = status
 
 
+#: The ``path`` label of a request to no route (a 404): one label for every unknown path, so
+#: that a client cannot create a metric series per URL it makes up.
+OTHER_PATH = "other"
+#: The status a request gets when its client went away before the answer (nginx's 499): the
+#: client's doing, not the server's, and never sent.
+CLIENT_CLOSED = 499
+
+
 @dataclass
 class Counters:
-    """What ``/metrics`` reports, in the Prometheus text format."""
+    """What ``/metrics`` reports, in the Prometheus text format (version 0.0.4)."""
 
     requests: dict[tuple[str, int], int] = field(default_factory=dict)
     images: int = 0
@@ -103,43 +167,51 @@ class Counters:
     latency_sum: float = 0.0
     latency_count: int = 0
 
-    def observe(self, path: str, status: int, seconds: float, images: int = 0) -> None:
+    def request(self, path: str, status: int) -> None:
+        """Count one answered request (every route, ``OTHER_PATH`` for unknown ones)."""
         key = (path, status)
         self.requests[key] = self.requests.get(key, 0) + 1
-        self.images += images
-        if status >= 400:
+        if status >= 400 and status != CLIENT_CLOSED:
             self.errors[status] = self.errors.get(status, 0) + 1
-        if path == "/embed":
-            self.latency_sum += seconds
-            self.latency_count += 1
-            for i, edge in enumerate(BUCKETS):
-                if seconds <= edge:
-                    self.buckets[i] += 1
+
+    def embedded(self, seconds: float, images: int) -> None:
+        """One ``POST /embed``: its latency and the images it embedded."""
+        self.images += images
+        self.latency_sum += seconds
+        self.latency_count += 1
+        for i, edge in enumerate(BUCKETS):
+            if seconds <= edge:
+                self.buckets[i] += 1
 
     def text(self, batches: int, batched: int) -> str:
+        requests = [
+            f'ressl_requests_total{{path="{p}",status="{s}"}} {n}'
+            for (p, s), n in sorted(self.requests.items())
+        ]
+        errors = [f'ressl_errors_total{{status="{s}"}} {n}' for s, n in sorted(self.errors.items())]
+        buckets = [
+            f'ressl_embed_seconds_bucket{{le="{edge}"}} {n}'
+            for edge, n in zip(BUCKETS, self.buckets)
+        ]
         lines = [
-            "# HELP ressl_requests_total HTTP requests by path and status.",
+            "# HELP ressl_requests_total HTTP requests by path and status (499: client went away).",
             "# TYPE ressl_requests_total counter",
-            *(
-                f'ressl_requests_total{{path="{p}",status="{s}"}} {n}'
-                for (p, s), n in sorted(self.requests.items())
-            ),  # fmt: skip
+            *requests,
             "# HELP ressl_images_total Images embedded.",
             "# TYPE ressl_images_total counter",
             f"ressl_images_total {self.images}",
             "# HELP ressl_errors_total Requests answered with an error, by status.",
             "# TYPE ressl_errors_total counter",
-            *(f'ressl_errors_total{{status="{s}"}} {n}' for s, n in sorted(self.errors.items())),
-            "# HELP ressl_batches_total Model calls (micro-batches) and the images they held.",
+            *errors,
+            "# HELP ressl_batches_total Model calls (micro-batches).",
             "# TYPE ressl_batches_total counter",
             f"ressl_batches_total {batches}",
+            "# HELP ressl_batched_images_total Images in those model calls.",
+            "# TYPE ressl_batched_images_total counter",
             f"ressl_batched_images_total {batched}",
             "# HELP ressl_embed_seconds Latency of POST /embed.",
             "# TYPE ressl_embed_seconds histogram",
-            *(
-                f'ressl_embed_seconds_bucket{{le="{edge}"}} {n}'
-                for edge, n in zip(BUCKETS, self.buckets)
-            ),  # fmt: skip
+            *buckets,
             f'ressl_embed_seconds_bucket{{le="+Inf"}} {self.latency_count}',
             f"ressl_embed_seconds_sum {self.latency_sum:.6f}",
             f"ressl_embed_seconds_count {self.latency_count}",
@@ -147,12 +219,42 @@ class Counters:
         return "\n".join(lines) + "\n"
 
 
+class CountRequests:
+    """ASGI middleware counting every HTTP request by route and status (``Counters.request``)."""
+
+    def __init__(self, app: ASGIApp, counters: Counters, paths: frozenset[str]) -> None:
+        self.app, self.counters, self.paths = app, counters, paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the server sends when the app raises before answering
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            path = scope["path"] if scope["path"] in self.paths else OTHER_PATH
+            self.counters.request(path, status)
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
 async def _body(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it passes ``limit`` bytes."""
+    """The request body, refused as soon as it passes ``limit`` bytes.
+
+    Raises:
+        BadInput: 413 over the limit.
+        ClientDisconnect: the client went away before sending all of it.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadInput(413, f"the request body of {declared} bytes exceeds the limit of {limit}")
@@ -165,6 +267,28 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+#: How deep a JSON body may nest: ``{"images": [...]}`` is 2 levels.
+JSON_DEPTH = 2
+_SCAN = 2**20  # bytes of JSON scanned at a time (bounds the scan's own memory)
+
+
+def _json_depth(body: bytes) -> int:
+    """How deep JSON text nests (brackets outside strings), found without parsing: no recursion,
+    time linear in the body, memory a few times ``_SCAN``."""
+    text = body.replace(b"\\\\", b"").replace(b'\\"', b"")  # escapes: left, every '"' is a quote
+    codes = np.frombuffer(text, np.uint8)
+    deepest = level = quotes = 0
+    for start in range(0, len(codes), _SCAN):
+        part = codes[start : start + _SCAN]
+        outside = (np.cumsum(part == ord('"')) + quotes) % 2 == 0  # not inside a string
+        opens = outside & ((part == ord("[")) | (part == ord("{")))
+        closes = outside & ((part == ord("]")) | (part == ord("}")))
+        depth = level + np.cumsum(opens.astype(np.int64) - closes)
+        deepest = max(deepest, int(depth.max()))
+        level, quotes = int(depth[-1]), quotes + int(np.count_nonzero(part == ord('"')))
+    return deepest
+
+
 class EmbeddingService:
     """The model, its batcher and counters, and the request handlers."""
 
@@ -173,8 +297,15 @@ class EmbeddingService:
         self.embedder = embedder or Embedder(
             settings.model, device=settings.device, batch_size=settings.max_batch
         )
+        # A request's decoded images are held until its batch runs: their memory is bounded by
+        # REQUEST_INPUT_BYTES whatever size the model's metadata asks for (one image at least).
+        self.max_images = min(
+            settings.max_images, max(1, REQUEST_INPUT_BYTES // self.embedder.image_bytes)
+        )
         self.batcher = MicroBatcher(
-            self.embedder.run, settings.max_batch, settings.max_wait_ms / 1000
+            self.embedder.run,
+            min(settings.max_batch, self.embedder.images_per_run),
+            settings.max_wait_ms / 1000,
         )
         self.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.counters = Counters()
@@ -234,13 +365,26 @@ class EmbeddingService:
                            "multipart/form-data files or application/json")  # fmt: skip
         if not items:
             raise BadInput(400, "the request carries no image")
-        if len(items) > s.max_images:
+        if len(items) > self.max_images:
             raise BadInput(413, f"the request carries {len(items)} images; the limit is "
-                           f"{s.max_images} per request")  # fmt: skip
+                           f"{self.max_images} per request{self._why_fewer()}")  # fmt: skip
         return items
+
+    def _why_fewer(self) -> str:
+        if self.max_images == self.settings.max_images:
+            return ""
+        info = self.embedder.info
+        return (
+            f" (this model's {info.channels}x{info.image_size}x{info.image_size} input is "
+            f"{self.embedder.image_bytes / 2**20:.1f} MiB an image decoded)"
+        )
 
     @staticmethod
     def _json_images(body: bytes) -> list[tuple[str, bytes]]:
+        depth = _json_depth(body)
+        if depth > JSON_DEPTH:
+            raise BadInput(400, f"the JSON body nests {depth} levels deep; JSON bodies must be "
+                           '{"images": [base64 string, ...]} (2 levels)')  # fmt: skip
         try:
             payload = json.loads(body)
         except ValueError:
@@ -282,9 +426,11 @@ class EmbeddingService:
                 )
         except BadInput as e:
             response = _error(e.status, str(e))
+        except ClientDisconnect:  # gone mid-upload: nobody reads the answer, nor is it an error
+            response = Response(status_code=CLIENT_CLOSED)
         except Exception as e:  # noqa: BLE001 - the model failed: the server stays up
             response = _error(500, f"embedding failed: {type(e).__name__}: {e}")
-        self.counters.observe("/embed", response.status_code, time.perf_counter() - start, count)
+        self.counters.embedded(time.perf_counter() - start, count)
         return response
 
     async def metadata(self, request: Request) -> Response:
@@ -297,9 +443,8 @@ class EmbeddingService:
             "embedding_dim": info.embedding_dim, "provider": self.embedder.provider,
             "source": info.source, "source_sha256": info.source_sha256,
             "ressl_version": info.ressl_version, "max_batch": self.settings.max_batch,
-            "max_images": self.settings.max_images,
+            "max_images": self.max_images,
         }  # fmt: skip
-        self.counters.observe("/metadata", 200, 0.0)
         return JSONResponse(body)
 
     async def healthz(self, request: Request) -> Response:
@@ -329,14 +474,17 @@ class EmbeddingService:
 def create_app(settings: ServeSettings, embedder: Embedder | None = None) -> Starlette:
     """The ASGI app serving ``settings.model`` (``app.state.service`` holds the service)."""
     service = EmbeddingService(settings, embedder)
+    routes = [
+        Route("/embed", service.embed, methods=["POST"]),
+        Route("/metadata", service.metadata, methods=["GET"]),
+        Route("/healthz", service.healthz, methods=["GET"]),
+        Route("/readyz", service.readyz, methods=["GET"]),
+        Route("/metrics", service.metrics, methods=["GET"]),
+    ]
+    paths = frozenset(route.path for route in routes)
     app = Starlette(
-        routes=[
-            Route("/embed", service.embed, methods=["POST"]),
-            Route("/metadata", service.metadata, methods=["GET"]),
-            Route("/healthz", service.healthz, methods=["GET"]),
-            Route("/readyz", service.readyz, methods=["GET"]),
-            Route("/metrics", service.metrics, methods=["GET"]),
-        ],
+        routes=routes,
+        middleware=[Middleware(CountRequests, counters=service.counters, paths=paths)],
         lifespan=service.lifespan,
     )
     app.state.service = service

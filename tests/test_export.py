@@ -467,3 +467,92 @@ def test_embedding_file_round_trip_and_atomic_writes(tmp_path):
         write_atomic(out, crash)
     np.testing.assert_array_equal(load_embeddings(out)[0], emb)  # the old file is intact
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["e.npz"]  # no temp file left
+
+
+def _variant(src: Path, dst: Path, meta: dict | None = None, dims: dict | None = None) -> Path:
+    """``src`` with metadata values replaced and input dims fixed (``{axis: size}``)."""
+    proto = onnx.load(str(src))
+    for prop in proto.metadata_props:
+        prop.value = (meta or {}).get(prop.key, prop.value)
+    shape = proto.graph.input[0].type.tensor_type.shape.dim
+    for axis, size in (dims or {}).items():
+        shape[axis].ClearField("dim_param")
+        shape[axis].dim_value = size
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_a_graph_whose_fixed_shape_contradicts_its_metadata_is_refused_at_load(
+    tmp_path, small_onnx, capsys
+):
+    """Metadata says any size (or 4096, in range) but the graph takes only 28x28, or batches
+    of exactly one: every run would fail, so the file is refused when it is opened."""
+    from cli_helpers import assert_one_line_error, run_cli
+
+    cases = [
+        ({"image_size": "4096"}, {2: 28, 3: 28}, "metadata says any image size (image_size 4096)"),
+        ({"image_size": "28"}, {2: 16, 3: 16}, "metadata says any image size (image_size 28)"),
+        ({"image_size": "4096", "dynamic_spatial": "false"}, {2: 28, 3: 28}, "says 4096x4096"),
+        ({}, {0: 1}, "takes batches of exactly 1 images"),
+    ]
+    for i, (meta, dims, needle) in enumerate(cases):
+        path = _variant(small_onnx, tmp_path / f"v{i}.onnx", meta, dims)
+        with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            Embedder(path, device="cpu")
+        with pytest.raises(ValueError, match="graph input has shape"):
+            describe_model(path)
+        code, _, err = run_cli(capsys, "embed", path, tmp_path, "-o", tmp_path / "e.npz")
+        assert_one_line_error(code, err, needle)
+
+
+def test_onnxruntime_runs_hold_a_bounded_input(tmp_path, small_onnx, monkeypatch):
+    """Images per run follow from RUN_INPUT_BYTES and the model's image size, whatever the
+    batch size: a file claiming a huge image size gets small runs (one image at least)."""
+    from ressl.export import embedder as embedder_module
+
+    paths = _photos(tmp_path / "photos") * 2  # 8 files
+    whole = Embedder(small_onnx, device="cpu", batch_size=64)
+    expected = whole.embed(paths)
+    monkeypatch.setattr(embedder_module, "RUN_INPUT_BYTES", 3 * 3 * 16 * 16 * 4)  # 3 images
+    emb = Embedder(small_onnx, device="cpu", batch_size=64)
+    assert emb.images_per_run == 3 and whole.images_per_run == 64
+    sizes: list[int] = []
+
+    class Recorder:
+        def run(self, names, feeds):
+            sizes.append(len(feeds["images"]))
+            return whole.session.run(names, feeds)
+
+    emb.session = Recorder()  # type: ignore[assignment]
+    np.testing.assert_allclose(emb.embed(paths), expected, atol=1e-6)
+    np.testing.assert_allclose(emb.embed_files(paths).embeddings, expected, atol=1e-6)
+    pixels = np.zeros((8, 16, 16, 3), np.uint8)
+    np.testing.assert_allclose(emb.embed(pixels), whole.embed(pixels), atol=1e-6)
+    assert sizes and max(sizes) == 3 and sum(sizes) == 24
+    monkeypatch.setattr(embedder_module, "RUN_INPUT_BYTES", 1)
+    assert Embedder(small_onnx, device="cpu").images_per_run == 1  # never zero
+
+
+def test_an_onnxruntime_allocation_failure_is_one_clean_error(small_onnx):
+    emb = Embedder(small_onnx, device="cpu")
+
+    class Failing:
+        def __init__(self, message):
+            self.message = message
+
+        def run(self, names, feeds):
+            raise RuntimeError(self.message)
+
+    emb.session = Failing(  # type: ignore[assignment]
+        "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node.\n"
+        "Status Message: bfc_arena.cc:360 Failed to allocate memory for requested buffer of "
+        "size 68719476736"
+    )
+    with pytest.raises(ValueError) as e:
+        emb.run(np.zeros((2, 3, 16, 16), np.float32))
+    assert len(str(e.value).splitlines()) == 1
+    assert "ran out of memory running 2 3x16x16 image(s)" in str(e.value)
+    assert "buffer of size 68719476736" in str(e.value)
+    emb.session = Failing("something else broke")  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="something else broke"):  # a bug keeps its traceback
+        emb.run(np.zeros((2, 3, 16, 16), np.float32))

@@ -40,7 +40,7 @@ def model(tmp_path_factory, image_folder):
 @pytest.fixture(scope="module")
 def server(model):
     settings = ServeSettings(str(model), device="cpu", max_batch=8, max_wait_ms=50,
-                             max_upload_bytes=300_000, max_images=5, max_pixels=1_000_000)  # fmt: skip
+                             max_upload_mb=300_000 / 2**20, max_images=5, max_pixels=1_000_000)  # fmt: skip
     app = create_app(settings)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -277,3 +277,200 @@ def test_a_stop_lets_requests_in_flight_finish(model, image_folder):
     thread.join(30)
     assert status == 200 and json.loads(out)["count"] == 1
     assert not thread.is_alive() and app.state.service.ready is False
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def test_a_batch_waiting_for_a_request_whose_decode_fails_runs_at_once():
+    """A batch gathered while another request decodes must not wait for it once it fails:
+    with an endless max wait it used to wait forever (and hold the server's stop)."""
+    import asyncio
+
+    from ressl.export.batching import MicroBatcher
+
+    def run(batch):
+        return batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch=8, max_wait=1e9)
+        await batcher.start()
+
+        async def failing():
+            with pytest.raises(ValueError), batcher.arriving():
+                await asyncio.sleep(0.2)  # decoding ...
+                raise ValueError("not an image")
+
+        async def waiting():
+            await asyncio.sleep(0.05)  # submitted while the other decodes
+            return await batcher.submit(np.ones((1, 2, 2, 2), np.float32))
+
+        start = time.perf_counter()
+        _, rows = await asyncio.wait_for(asyncio.gather(failing(), waiting()), 5)
+        seconds = time.perf_counter() - start
+        await asyncio.wait_for(batcher.stop(), 5)
+        return rows, seconds
+
+    rows, seconds = asyncio.run(scenario())
+    assert rows.tolist() == [[8.0]] and seconds < 2
+
+
+_SERVE_VALUES = ["0", "-1", "nan", "inf", "1e300", "", "x" * 5000, "9" * 5000]
+_SERVE_FLAGS = [
+    "--host", "--port", "--device", "--max-batch", "--max-wait-ms", "--workers",
+    "--max-upload-mb", "--max-images",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", _SERVE_FLAGS)
+def test_every_serve_flag_out_of_its_range_is_one_line_naming_it(capsys, tmp_path, flag):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"never read: the flags are checked first")
+    for value in _SERVE_VALUES:
+        if (flag, value) == ("--max-wait-ms", "0"):
+            continue  # valid: no waiting for others
+        code, _, err = run_cli(capsys, "serve", model, flag, value)
+        assert_one_line_error(code, err, flag)
+        assert len(err) < 300, err  # a 5,000-character value is not echoed whole
+
+
+def test_serve_settings_state_every_range_and_name_the_setting():
+    from ressl.export.server import RULES
+
+    from ressl.rules import ConfigError
+
+    assert set(RULES) <= set(ServeSettings.__dataclass_fields__)
+    for name, value in [("max_upload_mb", float("inf")), ("max_upload_mb", 1e300),
+                        ("max_upload_mb", float("nan")), ("max_wait_ms", float("inf")),
+                        ("max_wait_ms", 1e12), ("host", ""), ("port", 0)]:  # fmt: skip
+        with pytest.raises(ConfigError, match=f"^{name} must be"):
+            ServeSettings("m.onnx", **{name: value})
+    assert ServeSettings("m.onnx", max_upload_mb=0.5).max_upload_bytes == 2**19
+
+
+def _raw_http(url, request: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _metric(url, line_start):
+    text = _request(url, "/metrics")[2].decode()
+    return sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(line_start))  # fmt: skip
+
+
+def test_a_client_gone_mid_upload_is_a_499_not_a_server_error(server):
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    before = _metric(url, 'ressl_requests_total{path="/embed",status="499"}')
+    errors = _metric(url, "ressl_errors_total")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 200000\r\n\r\n" + b"{" * 1000)  # fmt: skip
+        time.sleep(0.2)
+    for _ in range(100):  # the server notices the closed connection
+        if _metric(url, 'ressl_requests_total{path="/embed",status="499"}') > before:
+            break
+        time.sleep(0.05)
+    assert _metric(url, 'ressl_requests_total{path="/embed",status="499"}') == before + 1
+    assert _metric(url, "ressl_errors_total") == errors  # not a 500, nor any error
+    assert _request(url, "/healthz")[0] == 200
+
+
+def test_nested_json_is_a_400_saying_so_without_recursing(server):
+    url, _ = server
+    deep = b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    cases = [
+        (deep, "nests 100001 levels deep"),
+        (b"[" * 100_000, "nests 100000 levels deep"),
+        (b'{"images": [["a"]]}', "nests 3 levels deep"),
+        (b'{"images": ["[[[[\\"[[[", "@@@"]}', "images[0] is not valid base64"),  # in strings
+    ]
+    for body, needle in cases:
+        status, _, out = _request(url, "/embed", body, "application/json")
+        assert status == 400 and needle in json.loads(out)["error"], (needle, out[:200])
+
+
+def test_a_part_that_is_not_an_image_is_named_without_a_python_repr(server, image_folder):
+    url, _ = server
+    png = base64.b64encode(_files(image_folder, 1)[0].read_bytes()).decode()
+    junk = base64.b64encode(b"not an image").decode()
+    body = json.dumps({"images": [png, png, png, junk]}).encode()
+    status, _, out = _request(url, "/embed", body, "application/json")
+    error = json.loads(out)["error"]
+    assert status == 400 and error.startswith("images[3] is not an image"), error
+    assert "object at 0x" not in error and "BytesIO" not in error
+    status, _, out = _request(url, "/embed", *_multipart([("notes.txt", b"plain text")]))
+    error = json.loads(out)["error"]
+    assert status == 400 and "notes.txt" in error and "object at 0x" not in error, error
+
+
+def test_metrics_count_every_route_in_the_prometheus_text_format(server):
+    url, _ = server
+    for path in ("/healthz", "/readyz", "/metadata", "/nowhere", "/nowhere/else"):
+        _request(url, path)
+    _request(url, "/embed")  # a GET: 405
+    _request(url, "/metrics")
+    text = _request(url, "/metrics")[2].decode()
+    # every sample's family is declared (# HELP, # TYPE) before it, as the format requires
+    helped, declared = set(), set()
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            helped.add(line.split()[2])
+        elif line.startswith("# TYPE "):
+            declared.add(line.split()[2])
+        else:
+            name = line.split("{")[0].split(" ")[0]
+            family = name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+            assert name in declared or family in declared, line
+            assert name in helped or family in helped, line
+    for needle in ('path="/healthz",status="200"', 'path="/readyz",status="200"',
+                   'path="/metadata",status="200"', 'path="/metrics",status="200"',
+                   'path="other",status="404"', 'path="/embed",status="405"'):  # fmt: skip
+        assert needle in text, needle
+    assert "/nowhere" not in text  # no series per made-up path
+    parser = pytest.importorskip("prometheus_client.parser")  # the reference parser agrees
+    families = {f.name: f for f in parser.text_string_to_metric_families(text)}
+    assert {"ressl_requests", "ressl_images", "ressl_errors", "ressl_batches",
+            "ressl_batched_images", "ressl_embed_seconds"} <= set(families)  # fmt: skip
+    assert families["ressl_batched_images"].type == "counter"
+    assert families["ressl_embed_seconds"].type == "histogram"
+    seen = {(s.labels["path"], s.labels["status"]) for s in families["ressl_requests"].samples}
+    assert {("/healthz", "200"), ("other", "404"), ("/embed", "405")} <= seen
+
+
+def test_a_model_claiming_a_huge_image_size_gets_bounded_requests(tmp_path, model, image_folder):
+    """A graph that takes any size, with metadata asking for 4096x4096: one decoded image is
+    192 MiB, so a request holds one and a batch runs one (not --max-images and --max-batch)."""
+    import onnx
+    from ressl.export.server import BadInput, EmbeddingService
+
+    proto = onnx.load(str(model))
+    for prop in proto.metadata_props:
+        if prop.key == "image_size":
+            prop.value = "4096"
+    onnx.save(proto, str(tmp_path / "huge.onnx"))
+    service = EmbeddingService(ServeSettings(str(tmp_path / "huge.onnx"), device="cpu"))
+    assert service.embedder.image_bytes == 3 * 4096 * 4096 * 4
+    assert service.max_images == 1 and service.batcher.max_batch == 1
+    assert service.embedder.images_per_run == 1
+
+    class Request:
+        headers = {"content-type": "application/json"}
+
+        async def stream(self):
+            png = base64.b64encode(_files(image_folder, 1)[0].read_bytes()).decode()
+            yield json.dumps({"images": [png, png]}).encode()
+
+    import asyncio
+
+    with pytest.raises(BadInput, match=r"2 images; the limit is 1 per request \(this model's "
+                       r"3x4096x4096 input is 192.0 MiB an image decoded\)") as e:  # fmt: skip
+        asyncio.run(service._images(Request()))  # type: ignore[arg-type]
+    assert e.value.status == 413
