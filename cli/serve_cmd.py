@@ -27,6 +27,12 @@ def serve_cmd(
     workers: Annotated[int, typer.Option(help="Server processes, each with the model.")] = 1,
     max_upload_mb: Annotated[float, typer.Option(help="The largest request body, MB.")] = 32.0,
     max_images: Annotated[int, typer.Option(help="The most images per request.")] = 256,
+    max_pixels: Annotated[
+        int, typer.Option(help="The largest image, width x height as decoded (a bomb: 413).")
+    ] = 40_000_000,
+    max_request_pixels: Annotated[
+        int, typer.Option(help="The most pixels one request's images hold, as decoded (~1 s/100M).")
+    ] = 100_000_000,
 ) -> None:
     """Serve embeddings over HTTP: POST /embed, GET /metadata, /healthz, /readyz, /metrics."""
     try:
@@ -38,6 +44,7 @@ def serve_cmd(
     settings = ServeSettings(  # each value checked against its range (server.RULES), named as its flag
         str(model), host=host, port=port, device=device, workers=workers, max_batch=max_batch,
         max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb, max_images=max_images,
+        max_pixels=max_pixels, max_request_pixels=max_request_pixels,
     )  # fmt: skip
     app = create_app(settings)  # loads the model: a bad file fails here, in one line
     url = f"http://{host}:{port}"

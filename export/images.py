@@ -24,6 +24,7 @@ from ressl.imagefiles import (  # torch-free
     IMAGE_EXTENSIONS,
     TooManyPixels,
     decode_to_size,
+    decoded_pixels,
     images_under,
     resize_center_crop,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageInput",
     "TooManyPixels",
+    "decoded_pixels",
     "image_files",
     "load_image",
     "pil_mode",

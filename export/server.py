@@ -48,7 +48,7 @@ from ressl.rules import ConfigError, Rule, choice, integer, interval
 
 from .batching import MicroBatcher
 from .embedder import RUN_INPUT_BYTES, Embedder
-from .images import TooManyPixels, load_image, unreadable_reason
+from .images import TooManyPixels, decoded_pixels, load_image, unreadable_reason
 
 __all__ = ["ServeSettings", "create_app"]
 
@@ -85,6 +85,7 @@ RULES: dict[str, Rule] = {
     "max_upload_mb": interval(0.001, 1024.0, "a number of MB in [0.001, 1024]"),
     "max_images": integer(1, high=10_000),
     "max_pixels": integer(1, high=1_000_000_000),
+    "max_request_pixels": integer(1, high=100_000_000_000),
     "decode_threads": integer(1, high=256),
 }
 
@@ -109,8 +110,12 @@ class ServeSettings:
         max_wait_ms: How long a request waits for others to share its batch.
         max_upload_mb: The largest request body accepted, MB (2**20 bytes).
         max_images: The most images one request may carry.
-        max_pixels: The largest image (width x height) decoded: larger is a
-            decompression bomb.
+        max_pixels: The largest image (width x height, as decoded) accepted: larger is
+            a decompression bomb.
+        max_request_pixels: The most pixels (width x height, as decoded) one request's
+            images may hold together: decoding costs about 1 s of a core per 100
+            million (a 6000x6000 PNG: 0.35 s), so this bounds the CPU a request takes,
+            refused (413) from the headers before anything is decoded.
         decode_threads: Threads decoding images.
 
     Raises:
@@ -127,6 +132,7 @@ class ServeSettings:
     max_upload_mb: float = 32.0
     max_images: int = 256
     max_pixels: int = 40_000_000
+    max_request_pixels: int = 100_000_000  # 1 s of decoding on one core (about 100 MP/s)
     decode_threads: int = max(2, min(8, os.cpu_count() or 2))
 
     def __post_init__(self) -> None:
@@ -340,7 +346,24 @@ class EmbeddingService:
             ) from None
 
     def _decode_all(self, items: list[tuple[str, bytes]]) -> np.ndarray:
+        self._check_request_pixels(items)
         return np.stack([self._decode(name, data) for name, data in items])
+
+    def _check_request_pixels(self, items: list[tuple[str, bytes]]) -> None:
+        """Refuse a request whose images would take more than ``max_request_pixels`` to
+        decode, from their headers alone (an image PIL cannot read, or over ``max_pixels``,
+        counts 0: its decode refuses it, naming it)."""
+        info, limit = self.embedder.info, self.settings.max_request_pixels
+        mode = "L" if info.channels == 1 else "RGB"
+        total = 0
+        for _, data in items:
+            pixels = decoded_pixels(data, info.image_size, mode)
+            total += pixels if pixels <= self.settings.max_pixels else 0
+            if total > limit:
+                raise BadInput(
+                    413, f"the request's {len(items)} images hold {total:,}+ pixels as decoded, "
+                    f"over the limit of {limit:,} per request; send them in smaller requests",
+                )  # fmt: skip
 
     async def _images(self, request: Request) -> list[tuple[str, bytes]]:
         """``(name, bytes)`` of each image a request carries."""

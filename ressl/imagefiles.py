@@ -32,6 +32,7 @@ __all__ = [
     "TooManyPixels",
     "as_mode",
     "decode_to_size",
+    "decoded_pixels",
     "images_under",
     "is_image_name",
     "is_upright",
@@ -156,6 +157,17 @@ def decode_to_size(
         _check_pixels(image, max_pixels)
         upright = as_mode(image, mode)  # palette, 16-bit, alpha, CMYK -> mode; GIF: frame 1
     return resize_center_crop(upright, size)
+
+
+def decoded_pixels(source: EncodedImage, size: int, mode: str) -> int:
+    """Width x height of ``source`` as :func:`decode_to_size` would decode it (after the JPEG
+    draft), from its header alone; 0 when PIL cannot read it."""
+    try:
+        with opened_image(source) as image:
+            image.draft(mode, (size, size))
+            return int(image.width * image.height)
+    except Exception:  # noqa: BLE001 - not an image: its decode will say why
+        return 0
 
 
 def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:

@@ -40,7 +40,8 @@ def model(tmp_path_factory, image_folder):
 @pytest.fixture(scope="module")
 def server(model):
     settings = ServeSettings(str(model), device="cpu", max_batch=8, max_wait_ms=50,
-                             max_upload_mb=300_000 / 2**20, max_images=5, max_pixels=1_000_000)  # fmt: skip
+                             max_upload_mb=300_000 / 2**20, max_images=5, max_pixels=1_000_000,
+                             max_request_pixels=2_000_000)  # fmt: skip
     app = create_app(settings)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -147,6 +148,9 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_stays_up(server,
     noise = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), np.uint8)).save(
         noise, format="PNG")  # fmt: skip
+    grey = io.BytesIO()
+    Image.new("L", (800, 800), 80).save(grey, format="PNG")  # 640,000 pixels each, under max_pixels
+    grey_800 = grey.getvalue()
     cases = [
         (_multipart([("notes.txt", b"not an image")]), 400, "notes.txt is not an image"),
         (_multipart([("empty.png", b"")]), 400, "empty.png is empty"),
@@ -154,6 +158,11 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_stays_up(server,
         (_multipart([("bomb.png", bomb.getvalue())]), 413, "decompression bomb"),
         (_multipart([("big.png", noise.getvalue())]), 413, "exceeds the limit of 300000"),
         (_multipart([(f"{i}.png", png) for i in range(6)]), 413, "6 images; the limit is 5"),
+        (
+            _multipart([(f"{i}.png", grey_800) for i in range(4)]),
+            413,
+            "the request's 4 images hold 2,560,000+ pixels as decoded, over the limit of 2,000,000",
+        ),
         ((png, "image/png"), 415, "content type 'image/png' is not accepted"),
         ((b"{not json", "application/json"), 400, "not valid JSON"),
         ((b'{"images": ["@@@"]}', "application/json"), 400, "images[0] is not valid base64"),
@@ -166,7 +175,9 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_stays_up(server,
         assert got == status and needle in error["error"], (needle, got, error)
     assert _request(url, "/healthz")[0] == 200
     metrics = _request(url, "/metrics")[2].decode()
-    assert 'ressl_errors_total{status="413"} 3' in metrics
+    assert 'ressl_errors_total{status="413"} 4' in metrics
+    three = _multipart([(f"{i}.png", grey_800) for i in range(3)])  # 1,920,000: within the budget
+    assert _request(url, "/embed", *three)[0] == 200
     assert "ressl_embed_seconds_count" in metrics and "ressl_images_total" in metrics
 
 
@@ -318,7 +329,7 @@ def test_a_batch_waiting_for_a_request_whose_decode_fails_runs_at_once():
 _SERVE_VALUES = ["0", "-1", "nan", "inf", "1e300", "", "x" * 5000, "9" * 5000]
 _SERVE_FLAGS = [
     "--host", "--port", "--device", "--max-batch", "--max-wait-ms", "--workers",
-    "--max-upload-mb", "--max-images",
+    "--max-upload-mb", "--max-images", "--max-pixels", "--max-request-pixels",
 ]  # fmt: skip
 
 
@@ -332,6 +343,18 @@ def test_every_serve_flag_out_of_its_range_is_one_line_naming_it(capsys, tmp_pat
         code, _, err = run_cli(capsys, "serve", model, flag, value)
         assert_one_line_error(code, err, flag)
         assert len(err) < 300, err  # a 5,000-character value is not echoed whole
+
+
+def test_serve_flags_default_to_the_settings_defaults():
+    """The command line's defaults are ServeSettings' (the one source of every default)."""
+    import inspect
+
+    from ressl.cli.serve_cmd import serve_cmd
+
+    fields = ServeSettings.__dataclass_fields__
+    for name, param in inspect.signature(serve_cmd).parameters.items():
+        if name != "model":
+            assert param.default == fields[name].default, name
 
 
 def test_serve_settings_state_every_range_and_name_the_setting():
