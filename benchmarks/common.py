@@ -17,10 +17,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def write_block(name: str, table: str, heading: str) -> Path:
+def write_block(name: str, table: str, heading: str, doc_name: str = "benchmarks.md") -> Path:
     """Put ``table`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in
-    docs/benchmarks.md, or append it under ``## heading`` when the markers are new."""
-    doc = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+    docs/DOC_NAME, or append it under ``## heading`` when the markers are new."""
+    doc = Path(__file__).resolve().parents[1] / "docs" / doc_name
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     block = f"{start}\n{table}\n{end}"

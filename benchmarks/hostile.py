@@ -12,7 +12,7 @@ another ressl installed (an older checkout in its own venv), for a before/after 
 
     git worktree add /tmp/ressl-before <commit> && python3 -m venv /tmp/ressl-before/.venv \\
         && /tmp/ressl-before/.venv/bin/pip install -e /tmp/ressl-before
-    python benchmarks/hostile.py --before /tmp/ressl-before/.venv/bin/python --write
+    python benchmarks/hostile.py --before /tmp/ressl-before/.venv/bin/python --write  # docs/hostile.md
 
 Files outside the case's own folder are checked before and after every case (their
 sha256): the table's last column says whether any changed.
@@ -41,7 +41,7 @@ import numpy as np
 from common import write_block  # noqa: E402  (benchmarks/ is on sys.path as a script)
 from PIL import Image
 
-LIMIT_S = 60.0  # a case still running after this is a hang
+LIMIT_S = 30.0  # a case still running after this is a hang
 BOMB = (1, 2_000_000)  # a 1 x 2,000,000 PNG: 4 kB on disk, S x 2,000,000*S once resized whole
 
 
@@ -108,18 +108,22 @@ def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     ) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def build_fixtures(root: Path) -> None:
-    """A tiny trained run and its ONNX encoder (written with this checkout's ressl)."""
-    from ressl.export import export_onnx
+_FIXTURE_RUN = """
+import sys
+from ressl import train
+from ressl.export import export_onnx
+root = sys.argv[1]
+train(dataset=f"folder:{root}/data", backbone="small", width=8, hidden_dim=32, embed_dim=16,
+      epochs=1, batch_size=8, queue_size=64, warmup_epochs=0, knn_every=-1, out=f"{root}/run",
+      device="cpu", seed=0)
+export_onnx(f"{root}/run", f"{root}/enc.onnx", verify=False)
+"""
 
-    from ressl import train
 
-    data = root / "data"
-    _folder(data, n=24)
-    train(dataset=f"folder:{data}", backbone="small", width=8, hidden_dim=32, embed_dim=16,
-          epochs=1, batch_size=8, queue_size=64, knn_every=-1, out=root / "run",
-          device="cpu", seed=0)  # fmt: skip
-    export_onnx(root / "run", root / "enc.onnx", verify=False)
+def build_fixtures(root: Path, python: str) -> None:
+    """A tiny trained run and its ONNX encoder, written by the ressl under test (``python``)."""
+    _folder(root / "data", n=24)
+    subprocess.run([python, "-c", _FIXTURE_RUN, str(root)], check=True, capture_output=True)
     (root / "bomb.png").write_bytes(_png(BOMB))
     (root / "small.png").write_bytes(_png((28, 28)))
     (root / "photo.jpg").write_bytes(_jpeg(84, 56))
@@ -127,6 +131,7 @@ def build_fixtures(root: Path) -> None:
 
 # ------------------------------------------------------------------ the cases
 
+RESUME = ["train", "--resume", "{dir}/run", "--epochs", "2", "--device", "cpu"]
 TRAIN = ["train", "--backbone", "small", "--width", "8", "--hidden-dim", "32", "--embed-dim",
          "16", "--epochs", "1", "--batch-size", "4", "--queue-size", "16", "--knn-every", "-1",
          "--device", "cpu"]  # fmt: skip
@@ -152,6 +157,59 @@ def _upload(name: str, data: bytes) -> tuple[str, bytes, str]:
     return ("/embed", *_multipart([(name, data)]))
 
 
+def _run_copy(d: Path) -> Path:
+    """The fixture run, copied into the case folder (the case may change it); case folders
+    are LABEL/cases/X beside LABEL/fixtures."""
+    run = d / "run"
+    shutil.copytree(d.parent.parent / "fixtures" / "run", run)
+    return run
+
+
+def _link_out(name: str) -> Callable[[Path], None]:
+    """The run copy's ``name`` as a link to a file outside the case folder."""
+
+    def setup(d: Path) -> None:
+        run = _run_copy(d)
+        target = d.parent.parent / f"outside-{d.name}.txt"
+        target.write_text("a file ressl must not touch\n")
+        (run / name).unlink(missing_ok=True)
+        (run / name).symlink_to(target)
+
+    return setup
+
+
+def _nested_settings(d: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    run = _run_copy(d)
+    file = run / "last.safetensors"
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(file), file, metadata={**meta, "settings": "[" * 100_000 + "]" * 100_000})
+
+
+def _cut_metrics_line(d: Path) -> None:
+    run = _run_copy(d)
+    text = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(text[: len(text) // 2])
+
+
+def _onnx_contradicting(d: Path) -> None:
+    """The encoder with a static 28x28 input whose metadata says image_size 4096."""
+    import onnx
+
+    model = onnx.load(d.parent.parent / "fixtures" / "enc.onnx")
+    for dim in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_value = 28
+    for prop in model.metadata_props:
+        if prop.key == "image_size":
+            prop.value = "4096"
+        elif prop.key == "dynamic_spatial":
+            prop.value = "false"
+    onnx.save(model, d / "lying.onnx")
+
+
 def cases() -> list[Case]:
     knn = ["eval", "knn", "{fx}/run", "--dataset", "folder:{dir}/imgs", "--no-record"]
     return [
@@ -167,6 +225,26 @@ def cases() -> list[Case]:
         Case("serve: 28x28 PNG upload (reference)", "1", request=_upload("s.png", _png((28, 28)))),
         Case("serve: 1x2,000,000 PNG upload", "1", request=_upload("bomb.png", _png(BOMB))),
         Case("serve: not an image", "6", request=_upload("x.png", b"not an image")),
+        Case("train --resume: RUN/.lock links out", "2", RESUME,
+             setup=_link_out(".lock")),
+        Case("eval knn: RUN/eval.jsonl links out", "2", ["eval", "knn", "{dir}/run"],
+             setup=_link_out("eval.jsonl")),
+        Case("serve --max-wait-ms inf", "3", ["serve", "{fx}/enc.onnx", "--max-wait-ms", "inf", "--port", "8719"]),
+        Case("embed: ONNX static 28x28, metadata 4096", "4/5", ["embed", "{dir}/lying.onnx", "{fx}/small.png",
+             "-o", "{dir}/e.npz"], setup=_onnx_contradicting),
+        Case("info: settings nested 100,000 deep", "5", ["info", "{dir}/run"], setup=_nested_settings),
+        Case("serve --max-upload-mb inf", "5", ["serve", "{fx}/enc.onnx", "--max-upload-mb", "inf"]),
+        Case("serve --max-upload-mb nan", "6", ["serve", "{fx}/enc.onnx", "--max-upload-mb", "nan"]),
+        Case("train --resume: metrics.jsonl line cut", "6", RESUME,
+             setup=_cut_metrics_line),
+        Case("train --seed 1e20", "6", [*TRAIN, "--dataset", "folder:{fx}/data", "--seed",
+             "100000000000000000000", "--out", "{dir}/run"]),
+        Case("train --ema-momentum 1", "6", [*TRAIN, "--dataset", "folder:{fx}/data", "--ema-momentum", "1",
+             "--out", "{dir}/run"]),
+        Case("train --teacher-temperature 1e-30", "6", [*TRAIN, "--dataset", "folder:{fx}/data",
+             "--teacher-temperature", "1e-30", "--out", "{dir}/run"]),
+        Case("ressl --version", "12", ["--version"]),
+        Case("info: a path that does not exist", "12", ["info", "{dir}/nothing"]),
     ]  # fmt: skip
 
 
@@ -307,14 +385,16 @@ def main() -> None:
     pythons = [("after", sys.executable)] + ([("before", args.before)] if args.before else [])
     chosen = [c for c in cases() if not args.only or args.only in c.name]
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        fixtures, scratch = root / "fixtures", root / "cases"
-        fixtures.mkdir()
-        scratch.mkdir()
-        build_fixtures(fixtures)
+        places = {}
+        for label, python in pythons:  # each ressl writes its own run and model
+            fixtures, scratch = Path(tmp) / label / "fixtures", Path(tmp) / label / "cases"
+            fixtures.mkdir(parents=True)
+            scratch.mkdir()
+            build_fixtures(fixtures, python)
+            places[label] = (fixtures, scratch)
         rows = []
         for case in chosen:
-            results = {label: run_case(case, py, fixtures, scratch) for label, py in pythons}
+            results = {label: run_case(case, py, *places[label]) for label, py in pythons}
             rows.append((case, results))
             for label, r in results.items():
                 print(f"{case.name} [{label}]: {r.status} | {r.line} | {r.peak_mb:.0f} MB | {r.seconds:.2f} s"
@@ -342,7 +422,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        write_block("hostile", table, "Hostile inputs, before and after")
+        write_block("hostile", table, "Before and after, one run", "hostile.md")
 
 
 if __name__ == "__main__":

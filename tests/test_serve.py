@@ -497,3 +497,58 @@ def test_a_model_claiming_a_huge_image_size_gets_bounded_requests(tmp_path, mode
                        r"3x4096x4096 input is 192.0 MiB an image decoded\)") as e:  # fmt: skip
         asyncio.run(service._images(Request()))  # type: ignore[arg-type]
     assert e.value.status == 413
+
+
+def _http_fuzz_bodies(png: bytes):
+    """(name, body, content type): mutated multipart and JSON bodies, nesting, budgets."""
+    rng = np.random.default_rng(11)
+    good, kind = _multipart([("a.png", png)])
+    yield "good", good, kind
+    for cut in (1, 10, len(good) // 3, len(good) // 2, len(good) - 3):
+        yield f"multipart cut at {cut}", good[:cut], kind
+    for i in range(12):
+        flipped = bytearray(good)
+        for at in rng.integers(0, len(good), 8):
+            flipped[at] = int(rng.integers(0, 256))
+        yield f"multipart with 8 bytes changed #{i}", bytes(flipped), kind
+    yield "multipart, wrong boundary", good, "multipart/form-data; boundary=nope"
+    yield "multipart, no boundary", good, "multipart/form-data"
+    for depth in (1, 2, 3, 50, 1000, 100_000):
+        body = b'{"images": ' + b"[" * depth + b"]" * depth + b"}"
+        yield f"JSON nested {depth} deep", body, "application/json"
+    b64 = base64.b64encode(png).decode()
+    for name, payload in [
+        ("JSON list", [b64]), ("JSON string", b64), ("JSON number", 3), ("JSON null", None),
+        ("images: a number", {"images": 5}), ("images: nested dict", {"images": [{"a": b64}]}),
+        ("images: 6 (over max_images)", {"images": [b64] * 6}),
+        ("images: bad base64", {"images": ["!!" + b64]}), ("images: empty string", {"images": [""]}),
+        ("images: base64 of noise", {"images": [base64.b64encode(rng.bytes(300)).decode()]}),
+        ("images: one good", {"images": [b64]}),
+    ]:  # fmt: skip
+        yield name, json.dumps(payload).encode(), "application/json"
+    yield "JSON, invalid UTF-8", b'{"images": ["\xff\xfe"]}', "application/json"
+    yield "JSON, 1e400", b'{"images": 1e400}', "application/json"
+    yield "random bytes as JSON", rng.bytes(500), "application/json"
+    yield "random bytes as multipart", rng.bytes(500), kind
+    yield "no content type", good, ""
+    yield "text/plain", good, "text/plain"
+
+
+def test_http_body_fuzz_gets_200_or_4xx_never_a_5xx(server, image_folder):
+    """Every mutated body is answered 200 or a 4xx naming the problem; the server stays up."""
+    url, _ = server
+    png = _files(image_folder, 1)[0].read_bytes()
+    statuses: dict[int, int] = {}
+    for name, body, kind in _http_fuzz_bodies(png):
+        status, _, out = _request(url, "/embed", body, kind or None)
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status == 200 or 400 <= status < 500, (name, status, out[:300])
+        if status != 200:
+            error = json.loads(out)["error"]
+            assert error and "object at 0x" not in error and len(error) < 400, (name, error)
+    assert _request(url, "/healthz")[0] == 200
+    cases = sum(statuses.values())
+    print(f"\nHTTP body fuzz: {cases} bodies: {statuses.get(200, 0)} embedded, "
+          f"{cases - statuses.get(200, 0)} refused with a 4xx ({dict(sorted(statuses.items()))}), "
+          "0 5xx, 0 hangs")  # fmt: skip
+    assert statuses.get(200, 0) >= 2 and cases - statuses.get(200, 0) >= 30
