@@ -10,16 +10,18 @@ torch only when they run, so ``ressl --help`` starts in a fraction of a second.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from ressl._version import __version__
-from ressl.rules import ConfigError, DataNotFoundError, Note, flag
+from ressl.rules import NAME_MAX, ConfigError, DataNotFoundError, Note, flag, names_fit
 
 from .common import Interrupted, UserError
 from .eval_cmd import eval_app
@@ -37,10 +39,30 @@ def _without_flag_types(command: Any, ctx: Any) -> None:
             param.metavar = ""
 
 
+def _check_path_names(command: Any, ctx: Any) -> None:
+    """Every path a command was given has names a file system takes; a longer one is a usage
+    error naming its option or argument (not ENAMETOOLONG from wherever it is first used)."""
+    for param in command.get_params(ctx):
+        value = ctx.params.get(param.name)
+        paths = value if isinstance(value, (list, tuple)) else [value]
+        for path in paths:
+            if isinstance(path, Path) and not names_fit(path):
+                longest = max(len(os.fsencode(part)) for part in path.parts)
+                raise typer.BadParameter(
+                    f"a name in the path is {longest} bytes long; file systems take {NAME_MAX}",
+                    ctx=ctx,
+                    param=param,
+                )
+
+
 class _Command(TyperCommand):
     def format_help(self, ctx: Any, formatter: Any) -> None:
         _without_flag_types(self, ctx)
         super().format_help(ctx, formatter)
+
+    def invoke(self, ctx: Any) -> Any:
+        _check_path_names(self, ctx)
+        return super().invoke(ctx)
 
 
 class _Group(TyperGroup):

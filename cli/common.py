@@ -73,22 +73,24 @@ def new_output(path: Path, overwrite: bool, flag: str = "-o") -> Path:
     return path
 
 
-def existing(path: Path, what: str = "file or folder") -> Path:
-    """``path``, or a one-line error when it does not exist."""
+def existing(path: Path, what: str = "file or folder", flag: str = "") -> Path:
+    """``path``, or a one-line error when it does not exist (naming ``flag`` when the path
+    came from an option, not an argument)."""
     if not path.exists():
-        fail(f"{path}: no such {what}")
+        fail(f"{flag} {path}: no such {what}".lstrip())
     return path
 
 
-def checkpoint_file(path: Path) -> Path:
-    """The checkpoint a path names (a run folder's ``last.safetensors``), or a one-line error."""
+def checkpoint_file(path: Path, flag: str = "") -> Path:
+    """The checkpoint a path names (a run folder's ``last.safetensors``), or a one-line error
+    (naming ``flag`` when the path came from an option)."""
     from ressl.runs import CheckpointError, resolve_checkpoint
 
-    existing(path)
+    existing(path, flag=flag)
     try:
         return resolve_checkpoint(path)
     except CheckpointError as e:
-        fail(str(e))
+        fail(f"{flag} {path}: {e}" if flag else str(e))
 
 
 def explicit_options(ctx: typer.Context) -> set[str]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ressl.jsontext import parse_json
+from ressl.rules import LEARNING_RATE, WEIGHT_DECAY
 from ressl.runs import EVAL_LOG, append_run_file
 
 from .common import DeviceOpt, Weights, WeightsOpt, checkpoint_file, existing, fail
@@ -385,12 +386,10 @@ def linear_cmd(
     if epochs < 1:
         fail(f"--epochs must be >= 1, got {epochs}")
     lr = lr if lr is not None else (0.3 if protocol is Protocol.paper else 0.1)
-    if not 0 < lr < float("inf"):
-        fail(f"--lr must be a number > 0, got {lr}")
+    LEARNING_RATE.check("lr", lr)  # the library's ranges, named as flags (ConfigError)
     if probe_batch_size < 1:
         fail(f"--probe-batch-size must be >= 1, got {probe_batch_size}")
-    if not 0 <= weight_decay < float("inf"):
-        fail(f"--weight-decay must be a number >= 0, got {weight_decay}")
+    WEIGHT_DECAY.check("weight_decay", weight_decay)
     probe: dict[str, Any] = dict(epochs=epochs, lr=lr, batch_size=probe_batch_size,
                                  weight_decay=weight_decay, seed=seed)  # fmt: skip
     if protocol is Protocol.paper:

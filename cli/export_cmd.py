@@ -63,7 +63,7 @@ def export_cmd(
 
     from ressl.atomic import check_writable
 
-    check_writable(out, "output")  # a folder or an unwritable place is named as such
+    check_writable(out, "-o")  # a folder or an unwritable place is named as such
     suffix = out.suffix.lower()
     if suffix not in (".onnx", ".safetensors"):
         fail(
@@ -122,7 +122,7 @@ def embed_cmd(
         fail(
             f"-o must name a .npz file (embeddings, paths and skipped files in one archive), got {out}"
         )
-    check_writable(out, "output")
+    check_writable(out, "-o")
     new_output(out, overwrite)
     if not model.exists():
         fail(f"{model}: no such file")

@@ -21,7 +21,7 @@ from ressl.config import TrainConfig, settings
 from ressl.datasets import DATASETS, find
 from ressl.rules import Setting, flag
 
-from .common import Interrupted, existing, explicit_options, fail, launch_rank
+from .common import Interrupted, checkpoint_file, explicit_options, fail, launch_rank
 
 __all__ = ["cli_default", "train_cmd"]
 
@@ -98,7 +98,7 @@ def train_cmd(ctx: typer.Context, **options: Any) -> None:
     resume: Path | None = options.pop("resume")
     given = {name: options[name] for name in explicit_options(ctx) if name in options}
     if resume is not None:
-        existing(resume)
+        checkpoint_file(resume, flag="--resume")
     else:  # settings and the data's folder are checked before torch is imported (seconds)
         _check_folder(TrainConfig.from_keywords(**given).dataset)
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ressl.rules import ConfigError
+
 from .images import ImageInput, load_image, pil_mode, to_batch
 from .metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
 
@@ -85,7 +87,7 @@ def _options(threads: int | None) -> ort.SessionOptions:
     )
     if threads is not None:
         if threads < 0:
-            raise ValueError(f"threads must be >= 0 (0: onnxruntime's choice), got {threads}")
+            raise ConfigError.invalid("threads", ">= 0 (0: onnxruntime's choice)", threads)
         so.intra_op_num_threads = threads
     return so
 
@@ -200,7 +202,7 @@ class Embedder:
         threads: int | None = None,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError.invalid("batch_size", ">= 1", batch_size)
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(

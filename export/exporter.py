@@ -37,6 +37,7 @@ from ressl._version import __version__
 from ressl.atomic import check_writable, write_atomic
 from ressl.checkpoint import load_encoder, read_metadata
 from ressl.model import Encoder, ReSSL
+from ressl.rules import ConfigError
 from ressl.runs import resolve_checkpoint
 from ressl.views import normalize
 
@@ -407,9 +408,7 @@ def export_onnx(
     if weights is not None and weights not in ("student", "teacher"):
         raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
     if not 9 <= opset <= 20:
-        raise ValueError(
-            f"opset must be between 9 and 20 (the TorchScript exporter's range), got {opset}"
-        )
+        raise ConfigError.invalid("opset", "in [9, 20] (the TorchScript exporter's range)", opset)
     out = check_writable(out, "ONNX file")
     net, fields, extra = _resolve_source(
         source, weights, head, backbone=backbone, image_size=image_size, channels=channels,

@@ -40,10 +40,12 @@ from .rules import (
     DECODE_PLACES,
     DEVICE,
     JITTER,
+    LEARNING_RATE,
     NO_LEGACY,
     PATH,
     PROBABILITY,
     SCALE,
+    WEIGHT_DECAY,
     ConfigError,
     Note,
     Rule,
@@ -212,10 +214,10 @@ class TrainConfig:
         OPTIM, 256, "Images per step (the global batch when distributed).", integer(2)
     )
     lr: float = _recipe(
-        OPTIM, "SGD learning rate per 256 images (scaled by batch_size / 256).", number(0.0)
+        OPTIM, "SGD learning rate per 256 images (scaled by batch_size / 256).", LEARNING_RATE
     )
     weight_decay: float = _recipe(
-        OPTIM, "Weight decay (not on BatchNorm weights and biases).", number(0.0, strict=False)
+        OPTIM, "Weight decay (not on BatchNorm weights and biases).", WEIGHT_DECAY
     )
     sgd_momentum: float = _field(OPTIM, 0.9, "SGD momentum.", number(0.0, strict=False, below=1.0))
     nesterov: bool = _field(

@@ -23,6 +23,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from .rules import ConfigError
+
 if TYPE_CHECKING:
     from .formats import Splits
 
@@ -243,7 +245,9 @@ def find(spec: str) -> tuple[DatasetInfo, str | None]:
     """
     entry, path, problem = _lookup(spec)
     if entry is None:
-        raise (TypeError if not isinstance(spec, str) else ValueError)(f"dataset {problem}")
+        if not isinstance(spec, str):
+            raise TypeError(f"dataset {problem}")
+        raise ConfigError("{dataset} " + problem, "dataset")
     return entry, path
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .rules import DEVICE
+from .rules import DEVICE, ConfigError
 
 __all__ = ["autocast_dtype", "select_device"]
 
@@ -14,7 +14,7 @@ def select_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not DEVICE.ok(device):  # the rule TrainConfig checks too
-        raise ValueError(f"device must be {DEVICE.expect}, got {device!r}")
+        raise ConfigError.invalid("device", DEVICE.expect, device)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .functional import cosine_lr
+from .rules import LEARNING_RATE, WEIGHT_DECAY
 from .views import normalize
 
 if TYPE_CHECKING:
@@ -299,12 +300,10 @@ def linear_probe(
     _check_probe(train_features, train_labels, test_features, test_labels, num_classes)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a number > 0, got {lr}")
+    LEARNING_RATE.check("lr", lr)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not 0 <= weight_decay < math.inf:
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay}")
+    WEIGHT_DECAY.check("weight_decay", weight_decay)
     device = torch.device(device) if device is not None else train_features.device
     gen = torch.Generator().manual_seed(seed)
     train_features = train_features.float().to(device)

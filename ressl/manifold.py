@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .rules import ConfigError
+
 __all__ = ["affinities", "tsne"]
 
 #: Gradient steps between two ``progress`` calls of :func:`tsne`.
@@ -142,12 +144,12 @@ def tsne(
         raise ValueError(f"t-SNE needs at least 4 points, got {n}")
     if dims < 1:
         raise ValueError(f"dims must be >= 1, got {dims}")
-    if iterations < 1 or exaggeration_iterations < 0:
-        raise ValueError(
-            f"iterations must be >= 1 and exaggeration_iterations >= 0, got {iterations} and {exaggeration_iterations}"
-        )
+    if iterations < 1:
+        raise ConfigError.invalid("iterations", ">= 1", iterations)
+    if exaggeration_iterations < 0:
+        raise ConfigError.invalid("exaggeration_iterations", ">= 0", exaggeration_iterations)
     if not perplexity > 0:
-        raise ValueError(f"perplexity must be > 0, got {perplexity}")
+        raise ConfigError.invalid("perplexity", "> 0", perplexity)
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or infinite values")
     x = x.float()

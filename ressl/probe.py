@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .functional import cosine_lr
+from .rules import LEARNING_RATE, WEIGHT_DECAY
 from .sources import ImageSource
 from .views import normalize, weak_view
 
@@ -107,8 +108,8 @@ def paper_linear_eval(
                              ("num_classes", num_classes, 2)):  # fmt: skip
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not 0 < lr < math.inf or not 0 <= weight_decay < math.inf:
-        raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {lr} and {weight_decay}")
+    LEARNING_RATE.check("lr", lr)
+    WEIGHT_DECAY.check("weight_decay", weight_decay)
     if len(train) < 1 or len(test) < 1:
         raise ValueError(f"need training and test images, got {len(train)} and {len(test)}")
     device = torch.device(device)

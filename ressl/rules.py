@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 import types
 import typing
@@ -29,6 +30,7 @@ __all__ = [
     "flag",
     "integer",
     "interval",
+    "names_fit",
     "number",
 ]
 
@@ -111,6 +113,11 @@ class Rule:
         """The same rule, its ``expect`` followed by why the range ends where it does."""
         return Rule(f"{self.expect} {why}", self.ok, self.choices)
 
+    def check(self, name: str, value: Any) -> None:
+        """Raise a :class:`ConfigError` naming ``name`` unless ``value`` is in range."""
+        if not self.ok(value):
+            raise ConfigError.invalid(name, self.expect, value)
+
 
 def is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -184,7 +191,20 @@ DECODE_PLACES = ("workers", "device")
 CHANNELS = Rule("1 (greyscale) or 3 (RGB)", lambda v: is_int(v) and v in (1, 3))
 BOOL = Rule("True or False", lambda v: isinstance(v, bool))
 TEXT = Rule("a string", lambda v: isinstance(v, str))
-PATH = Rule("a path", lambda v: isinstance(v, str) and v != "")
+#: The longest file or folder name the usual file systems take (ext4, APFS, NTFS), in bytes.
+NAME_MAX = 255
+
+
+def names_fit(path: str | os.PathLike[str]) -> bool:
+    """Every file or folder name in ``path`` is at most ``NAME_MAX`` bytes (longer names fail
+    with ENAMETOOLONG wherever the path is used)."""
+    return all(len(os.fsencode(part)) <= NAME_MAX for part in os.fspath(path).split(os.sep))
+
+
+PATH = Rule(
+    f"a path whose names are at most {NAME_MAX} bytes long",
+    lambda v: isinstance(v, str) and v != "" and names_fit(v),
+)
 SCALE = Rule("two numbers 0 < lo <= hi <= 1", _scale_range)
 JITTER = Rule(
     "four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)",
@@ -209,6 +229,11 @@ DEVICE = Rule(
     lambda v: isinstance(v, str) and re.fullmatch(r"auto|(cpu|cuda)(:\d+)?", v) is not None,
 )
 PROBABILITY = interval(0.0, 1.0, "a probability in [0, 1]")
+#: The largest float32: optimisers apply the learning rate and weight decay to float32
+#: tensors, where a larger value overflows (a traceback, or a loss of nan at the first step).
+FLOAT32_MAX = 3.4028234663852886e38
+LEARNING_RATE = number(0.0, below=FLOAT32_MAX)
+WEIGHT_DECAY = number(0.0, strict=False, below=FLOAT32_MAX)
 
 
 # --------------------------------------------------------------------------- parsing text

@@ -55,8 +55,8 @@ def test_values_are_coerced_to_the_field_types():
         (dict(epochs=0), "epochs must be an integer >= 1, got 0"),
         (dict(epochs=2.5), "epochs must be an integer >= 1, got 2.5"),
         (dict(batch_size=True), "batch_size must be an integer >= 2, got True"),
-        (dict(lr=float("nan")), "lr must be a number > 0, got nan"),
-        (dict(lr=float("inf")), "lr must be a number > 0, got inf"),
+        (dict(lr=float("nan")), "lr must be a number > 0 and < 3.40282e+38, got nan"),
+        (dict(lr=float("inf")), "lr must be a number > 0 and < 3.40282e+38, got inf"),
         (dict(sgd_momentum=1.0), "sgd_momentum must be a number >= 0 and < 1, got 1.0"),
         (
             dict(backbone="vit"),
