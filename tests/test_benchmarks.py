@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_runs_on_a_cpu_with_tiny_sizes():
     out = subprocess.run(
         [sys.executable, "gpu.py", "--tiny", "--no-compile"], cwd=BENCHMARKS, capture_output=True,

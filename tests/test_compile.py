@@ -16,6 +16,7 @@ def _run(tmp_path, settings, name, **changes):
                                         precision="fp32", **changes)))[0]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_a_compiled_step_trains_what_the_eager_step_trains(tmp_path, tiny_settings, caplog, mode):
     """reduce-overhead: CUDA graphs on a GPU (each step marked as a new one); here the

@@ -106,6 +106,7 @@ def test_cross_rank_batchnorm_is_batchnorm_in_one_process():
     torch.testing.assert_close(converted(x), nn.BatchNorm2d(3)(x))
 
 
+@pytest.mark.slow
 def test_two_process_steps_equal_one_process_on_the_global_batch(tmp_path):
     # 3 steps, 2 student crops (one DDP forward), cross-rank BatchNorm, gathered queue:
     # 2 ranks x 8 images must give what 1 process gives on the 16 images.
@@ -153,6 +154,7 @@ def _train_worker(rank: int, world: int, port: int, settings: dict, out: str) ->
     )
 
 
+@pytest.mark.slow
 def test_distributed_trainer_shares_the_queue_and_resumes_in_one_process(tmp_path, tiny_settings):
     run = tmp_path / "run"
     settings = dict(tiny_settings, out=str(run), epochs=1, precision="fp32")
@@ -216,6 +218,7 @@ def test_source_part_of_a_greyscale_folder_keeps_one_channel(tmp_path):
     assert image.shape == (1, 8, 8) and label == 1 and int(image[0, 0, 0]) == 60
 
 
+@pytest.mark.slow
 def test_torchrun_cli_end_to_end(tmp_path, image_folder):
     run = tmp_path / "run"
     cmd = [
@@ -278,6 +281,7 @@ def _interrupted_worker(rank: int, world: int, port: int, settings: dict, out: s
         Path(out, f"interrupted{rank}").touch()
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_one_rank_stops_all_ranks_together(tmp_path, tiny_settings):
     run = tmp_path / "run"
     ctx = mp.get_context("spawn")
@@ -320,6 +324,7 @@ def _compiled_worker(rank: int, world: int, port: int, settings: dict, out: str)
     train(**settings)
 
 
+@pytest.mark.slow
 def test_a_compiled_distributed_run_trains_what_the_eager_one_trains(tmp_path, tiny_settings):
     """torch.compile of the DDP-wrapped student (DDPOptimizer splits its graph at the
     gradient buckets) and of the teacher, on 2 gloo ranks."""

@@ -99,6 +99,7 @@ def test_sigterm_saves_like_ctrl_c_and_resumes_exactly(tmp_path, tiny_settings):
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_cli_saves_and_exits_143(tmp_path, image_folder):
     run = tmp_path / "run"
     args = tiny_args(image_folder, run, epochs=500, knn_every=-1)
@@ -204,6 +205,7 @@ def _assert_exactly_once(run, straight):
     assert not list(run.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file,nth,stage", CRASH_POINTS)
 def test_a_kill_at_any_point_of_a_save_loses_and_repeats_no_metrics_row(
     tmp_path, straight_run, file, nth, stage

@@ -82,6 +82,7 @@ def test_v1_exports_verified(capsys, tmp_path: Path, version: str):
     assert "verified:" in out and (tmp_path / "encoder.onnx").stat().st_size > 0
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_v1_evaluates(capsys, run_copy: Path):
     code, out, err = run_cli(capsys, "eval", "knn", run_copy, "--device", "cpu", "--json")

@@ -136,6 +136,7 @@ def _clean(code, err):
     return len(errors) == 1 and errors[0] == len(lines) - 1
 
 
+@pytest.mark.slow
 def test_mutated_checkpoints_give_one_line_never_a_traceback(
     capsys, tmp_path, source, image_folder
 ):
@@ -185,6 +186,7 @@ def _foreign_graph(meta, channels, size):
     return model
 
 
+@pytest.mark.slow
 def test_mutated_onnx_metadata_gives_one_line_never_a_traceback(
     capsys, tmp_path, source, image_folder
 ):

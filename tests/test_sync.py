@@ -179,6 +179,7 @@ def test_no_host_sync_in_the_steady_state_on_cuda(case):
             torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.slow
 def test_compiled_views_take_the_sync_free_paths_and_never_recompile():
     """Under torch.compile a value read on the host is a graph break and a value the graph
     specialises on: the CPU's gather paths (hue counts, blurred subsets) would recompile at

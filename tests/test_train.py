@@ -119,11 +119,11 @@ def test_resume_rejects_conflicting_settings_and_non_checkpoints(tmp_path, tiny_
     [
         ("epochs", 0, "epochs must be an integer >= 1"),
         ("queue_size", 4, "queue_size must be >= batch_size"),
-        ("teacher_temperature", -0.1, "teacher_temperature must be a number > 0"),
+        ("teacher_temperature", -0.1, "teacher_temperature must be a number >= 0.001"),
         ("crop_scale", (0.5, 0.2), "crop_scale must be two numbers"),
         ("dataset", "mnist", "dataset must be one of"),
         ("backbone", "vit", "backbone must be one of"),
-        ("ema_momentum", 1.5, "ema_momentum must be in"),
+        ("ema_momentum", 1.5, "ema_momentum must be a number >= 0 and < 1"),
         ("jitter", (0.4, 0.4, 0.4, 0.9), "jitter must be four numbers"),
         ("grayscale_p", -0.1, "grayscale_p must be"),
     ],
