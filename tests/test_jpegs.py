@@ -142,6 +142,7 @@ def test_a_damaged_jpeg_falls_back_without_losing_the_batch(tmp_path, caplog):
     assert (counts.device, counts.fallback, counts.failed) == (3 + 3, 0, 1)
 
 
+@pytest.mark.slow  # three tiny runs: about 3 s
 def test_a_streamed_jpeg_run_decodes_on_the_device_and_resumes_bitwise(tmp_path, monkeypatch):
     monkeypatch.setattr("ressl.folders.MAX_IN_MEMORY_BYTES", 0)
     for c in range(2):
@@ -154,6 +155,7 @@ def test_a_streamed_jpeg_run_decodes_on_the_device_and_resumes_bitwise(tmp_path,
     b, meta = load_checkpoint(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
     assert '"decode": "device"' in meta["settings"]
+    assert decoder_for(CPU).counts.device > 0 and decoder_for(CPU).counts.fallback == 0
     workers = train(out=tmp_path / "c", **dict(settings, decode="workers"))
     w, _ = load_checkpoint(workers)
     key = "model.student.backbone.features.0.weight"
@@ -182,33 +184,6 @@ def test_a_file_the_worker_cannot_read_gives_black_crops_and_a_full_batch(tmp_pa
     assert all(not v[3].any() for v in views) and "bad.jpg" in caplog.text
     counts = decoder_for(CPU).counts
     assert (counts.device, counts.fallback, counts.failed) == (3, 0, 1)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_nvjpeg_decodes_what_the_cpu_decodes(tmp_path):
-    files = _folder(tmp_path)
-    g = [torch.Generator().manual_seed(i) for i in range(len(files))]
-    read = [read_for_device(str(f), CROPS, gen) for f, gen in zip(files, g)]
-    cpu = decode_on_device(read, [24, 12], CPU)
-    cuda = decode_on_device(read, [24, 12], torch.device("cuda"))
-    for a, b in zip(cpu, cuda):
-        assert b.device.type == "cuda" and (a.float() - b.cpu().float()).abs().mean() < 1.5
-    # nvjpeg decoded them all: a PIL fallback copied over would pass the comparison too
-    counts = decoder_for("cuda").counts
-    assert (counts.device, counts.fallback, counts.failed) == (len(files), 0, 0)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_nvjpeg_passes_the_probe_and_auto_decodes_on_the_gpu():
-    assert decode_place("auto", "cuda") == "device" and decoder_for("cuda").works is True
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_resizes_a_4000_px_box_to_32_px():
-    image = _smooth(4000).cuda()
-    crop = resize_box(image, (0, 0, 4000, 4000), 32)
-    direct = resize_box(image.cpu(), (0, 0, 4000, 4000), 32)
-    assert (crop.cpu() - direct).abs().max() < 0.5
 
 
 def _smooth(size: int, seed: int = 0) -> torch.Tensor:
@@ -379,3 +354,30 @@ def test_a_broken_decoder_is_tried_on_one_batch_only(tmp_path, monkeypatch, capl
             want = cut_crops(im.convert("RGB"), [24, 12], f.boxes)
         assert all(torch.equal(v[i], w) for v, w in zip(first, want))
     assert all(map(torch.equal, first, second))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_decodes_what_the_cpu_decodes(tmp_path):
+    files = _folder(tmp_path)
+    g = [torch.Generator().manual_seed(i) for i in range(len(files))]
+    read = [read_for_device(str(f), CROPS, gen) for f, gen in zip(files, g)]
+    cpu = decode_on_device(read, [24, 12], CPU)
+    cuda = decode_on_device(read, [24, 12], torch.device("cuda"))
+    for a, b in zip(cpu, cuda):
+        assert b.device.type == "cuda" and (a.float() - b.cpu().float()).abs().mean() < 1.5
+    # nvjpeg decoded them all: a PIL fallback copied over would pass the comparison too
+    counts = decoder_for("cuda").counts
+    assert (counts.device, counts.fallback, counts.failed) == (len(files), 0, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_passes_the_probe_and_auto_decodes_on_the_gpu():
+    assert decode_place("auto", "cuda") == "device" and decoder_for("cuda").works is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_resizes_a_4000_px_box_to_32_px():
+    image = _smooth(4000).cuda()
+    crop = resize_box(image, (0, 0, 4000, 4000), 32)
+    direct = resize_box(image.cpu(), (0, 0, 4000, 4000), 32)
+    assert (crop.cpu() - direct).abs().max() < 0.5
