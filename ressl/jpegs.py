@@ -213,17 +213,20 @@ class DeviceDecoder:
         device: Where it decodes.
         works: Whether it decoded the probe JPEG; None until probed. Once False, batches
             skip the device and go to PIL at once.
+        failure: Why the probe failed ("" until it has).
         counts: Where the files handed to :func:`decode_on_device` were decoded.
     """
 
     device: torch.device
     works: bool | None = None
+    failure: str = ""
     counts: DecodeCounts = field(default_factory=DecodeCounts)
 
     def probe(self) -> bool:
         """Whether the device decodes a 16 x 16 JPEG to its colour: tried once, then known."""
         if self.works is None:
-            self.works = _decodes_probe(self.device)
+            self.failure = _probe_failure(self.device)
+            self.works = not self.failure
         return self.works
 
 
@@ -246,8 +249,9 @@ def _probe_jpeg() -> Tensor:
     return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
 
-def _decodes_probe(device: torch.device) -> bool:
-    """Whether ``decode_jpeg`` on ``device`` decodes the probe JPEG to its colour."""
+def _probe_failure(device: torch.device) -> str:
+    """Why ``decode_jpeg`` on ``device`` does not decode the probe JPEG to its colour ("":
+    it does)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
@@ -256,10 +260,12 @@ def _decodes_probe(device: torch.device) -> bool:
             (image,) = decode_jpeg([_probe_jpeg()], mode=ImageReadMode.RGB, device=device)
         mean = image.float().mean(dim=(1, 2)).cpu()  # (3,); a sync, once per device
     except Exception as error:  # noqa: BLE001 - a missing or broken decoder raises anything
-        logger.debug("decode_jpeg failed on a probe JPEG on %s: %s", device, error)
-        return False
+        first_line = (str(error).strip().splitlines() or [""])[0]  # CUDA errors run long
+        return f"{type(error).__name__}: {first_line}"
     expected = torch.tensor(_PROBE_RGB, dtype=torch.float32)
-    return image.shape == (3, 16, 16) and bool((mean - expected).abs().max() <= _PROBE_TOLERANCE)
+    if image.shape != (3, 16, 16) or (mean - expected).abs().max() > _PROBE_TOLERANCE:
+        return f"decoded {tuple(image.shape)} of mean {mean.tolist()}, not {_PROBE_RGB}"
+    return ""
 
 
 def decode_place(requested: str, device: torch.device | str) -> str:
@@ -281,9 +287,8 @@ def decode_place(requested: str, device: torch.device | str) -> str:
     if decoder.probe():
         return "device"
     if first:
-        logger.warning("decode_jpeg cannot decode JPEGs on %s (this torchvision's decoder "
-                       "failed on a probe image); --decode auto decodes them in the "
-                       "DataLoader workers", device)  # fmt: skip
+        why = f"decode_jpeg failed on a probe image on {device} ({decoder.failure})"
+        logger.warning("%s; --decode auto decodes the JPEGs in the DataLoader workers", why)
     return "workers"
 
 
@@ -407,9 +412,10 @@ def decode_on_device(
         data = [files[i].data for i in todo]
         decoded = dict(zip(todo, _decode_jpegs(data, device, channels)))  # type: ignore[arg-type]
         if all(image is None for image in decoded.values()) and not decoder.probe():
-            logger.warning("decode_jpeg decoded none of a batch's %d JPEGs on %s, nor a probe "
-                           "image: they are decoded with PIL in this process from now on "
-                           "(slow); train with --decode workers", len(todo), device)  # fmt: skip
+            why = f"decode_jpeg decoded none of a batch's {len(todo)} JPEGs on {device}"
+            then = "they are decoded with PIL in this process from now on (slow)"
+            advice = "train with --decode workers"
+            logger.warning("%s, nor a probe image (%s): %s; %s", why, decoder.failure, then, advice)
     per_crop: list[list[Tensor]] = [[] for _ in sides]
     counts = decoder.counts
     for i, f in enumerate(files):

@@ -195,8 +195,8 @@ def _smooth(size: int, seed: int = 0) -> torch.Tensor:
 
 
 def _read(paths: list[Path]) -> list[jpegs.EncodedFile]:
-    return [read_for_device(str(p), CROPS, torch.Generator().manual_seed(i))
-            for i, p in enumerate(paths)]  # fmt: skip
+    generators = [torch.Generator().manual_seed(i) for i in range(len(paths))]
+    return [read_for_device(str(p), CROPS, g) for p, g in zip(paths, generators)]
 
 
 def test_a_batch_crosses_from_the_workers_as_a_few_tensors(tmp_path):
@@ -333,7 +333,15 @@ def test_auto_falls_back_to_the_workers_with_one_line_when_the_probe_fails(monke
     with caplog.at_level(logging.WARNING, logger="ressl.jpegs"):
         places = [decode_place("auto", CPU) for _ in range(3)]  # three epochs
     assert places == ["workers"] * 3 and len(calls) == 1  # probed once
-    assert len(caplog.records) == 1 and "decodes them in the DataLoader workers" in caplog.text
+    assert len(caplog.records) == 1 and "decodes the JPEGs in the DataLoader workers" in caplog.text
+    assert "RuntimeError: no JPEG decoder on this device" in caplog.text  # why, in the line
+
+
+def test_the_probe_checks_the_colour_it_decodes(monkeypatch):
+    """A decoder that returns black images fails the probe too."""
+    black = [torch.zeros(3, 16, 16, dtype=torch.uint8)]
+    monkeypatch.setattr("torchvision.io.decode_jpeg", lambda data, **kwargs: black)
+    assert not decoder_for(CPU).probe() and "mean [0.0, 0.0, 0.0]" in decoder_for(CPU).failure
 
 
 def test_a_broken_decoder_is_tried_on_one_batch_only(tmp_path, monkeypatch, caplog):
@@ -346,7 +354,7 @@ def test_a_broken_decoder_is_tried_on_one_batch_only(tmp_path, monkeypatch, capl
         tried = len(calls)
         second = decode_on_device(read, [24, 12], CPU)
     assert tried == 1 + 4 + 1 and len(calls) == tried
-    assert caplog.text.count("decoded none of a batch") == 1
+    assert caplog.text.count("decoded none of a batch") == 1 and "no JPEG decoder" in caplog.text
     counts = decoder_for(CPU).counts
     assert (counts.device, counts.fallback, counts.failed) == (0, 8, 0)
     for i, f in enumerate(read):
