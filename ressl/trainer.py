@@ -46,6 +46,7 @@ from .distributed import (
     wrap_ddp,
 )
 from .functional import cosine_lr, momentum_schedule
+from .jpegs import decode_place
 from .memory import check_fits, training_memory
 from .model import ReSSL
 from .monitor import knn_monitor
@@ -200,8 +201,7 @@ class _Run:
             start=s.batch_in_epoch, num_workers=c.num_workers,
             shard=(self.world.rank, self.world.size))  # fmt: skip
         if isinstance(self.source, FolderImages):
-            decode = "device" if c.decode == "device" or (
-                c.decode == "auto" and self.device.type == "cuda") else "workers"  # fmt: skip
+            decode = decode_place(c.decode, self.device)  # auto: probes the device's decoder
             return self.source.crop_batches(c.batch_size, self.plan.worker_crops, **kw,
                                             decode=decode)  # fmt: skip
         return self.source.batches(c.batch_size, **kw)  # type: ignore[return-value]
