@@ -24,8 +24,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .rules import ConfigError
+
 __all__ = [
     "World",
+    "rank_device",
     "CrossRankBatchNorm",
     "convert_batchnorm",
     "wrap_ddp",
@@ -85,17 +88,16 @@ class World:
             return cls()
         if not dist.is_available():
             raise ValueError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
-        gpu = torch.cuda.is_available() and device in ("auto", "cuda")
+        mine = rank_device(device, size, local, _gpus())  # refused before the rendezvous
+        gpu = mine.startswith("cuda") and torch.cuda.is_available()
         if gpu:
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(mine)
         dist.init_process_group("nccl" if gpu else "gloo", init_method="env://")
         return cls(dist.get_rank(), dist.get_world_size(), local, owns_group=True)
 
     def device(self, requested: str) -> str:
-        """The device this rank trains on: ``auto``/``cuda`` -> its own GPU under torchrun."""
-        if self.distributed and requested in ("auto", "cuda") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
-        return requested
+        """The device this rank trains on (``rank_device``)."""
+        return rank_device(requested, self.size, self.local_rank, _gpus())
 
     def barrier(self) -> None:
         """Wait until every rank gets here (nothing when not distributed)."""
@@ -106,6 +108,44 @@ class World:
         """Destroy the process group if ``join`` created it."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def rank_device(requested: str, world_size: int, local_rank: int, gpus: int) -> str:
+    """The device a rank trains on, from the ``device`` setting.
+
+    In one process, the setting itself. In a world of several ranks (torchrun), ``cuda``,
+    and ``auto`` where there are GPUs, are the GPU of the rank's ``LOCAL_RANK`` (one GPU per
+    process, NCCL between them); ``cpu`` stays the CPU (gloo).
+
+    Raises:
+        ConfigError: ``cuda:N`` in a world of several ranks (every rank of the node would
+            train on that one GPU), or a ``LOCAL_RANK`` with no GPU of its own.
+    """
+    if world_size <= 1:
+        return requested
+    if requested == "auto":
+        requested = "cuda" if gpus else "cpu"
+    if requested.startswith("cuda:"):
+        raise ConfigError(
+            f"{{device}} {requested} names one GPU, but {world_size} processes were started "
+            "and each would train on it; give {device} cuda, and each process takes the GPU "
+            "of its LOCAL_RANK",
+            "device",
+        )
+    if requested != "cuda":
+        return requested
+    if 0 < gpus <= local_rank:
+        raise ConfigError(
+            f"{{device}} cuda: this process has LOCAL_RANK {local_rank}, but {gpus} GPU(s) are "
+            f"visible; start at most {gpus} processes per node (torchrun --nproc-per-node "
+            f"{gpus}), one per GPU",
+            "device",
+        )
+    return f"cuda:{local_rank}"  # without GPUs, select_device says so
 
 
 class CrossRankBatchNorm(_BatchNorm):

@@ -33,8 +33,10 @@ from ressl.distributed import (
     all_gather_cat,
     all_gather_rows,
     convert_batchnorm,
+    rank_device,
     wrap_ddp,
 )
+from ressl.rules import ConfigError
 from ressl.sources import FolderImages, TensorImages, source_part
 from ressl.step import EncodeCrops, training_step
 
@@ -343,3 +345,44 @@ def test_a_compiled_distributed_run_trains_what_the_eager_one_trains(tmp_path, t
     for key, value in runs["off"].items():
         if key.startswith("model.") and value.is_floating_point():
             torch.testing.assert_close(runs["on"][key], value, atol=1e-4, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize(
+    ("requested", "world", "local", "gpus", "device"),
+    [
+        ("cuda:1", 1, 0, 2, "cuda:1"),  # one process: the setting itself
+        ("auto", 1, 0, 2, "auto"),
+        ("auto", 4, 3, 4, "cuda:3"),  # torchrun: each rank its own GPU
+        ("cuda", 4, 2, 4, "cuda:2"),
+        ("auto", 2, 1, 0, "cpu"),  # no GPU: gloo on the CPU
+        ("cpu", 2, 1, 8, "cpu"),
+        ("cuda", 2, 1, 0, "cuda:1"),  # no GPU: select_device says so
+    ],
+)
+def test_each_rank_trains_on_its_own_gpu(requested, world, local, gpus, device):
+    assert rank_device(requested, world, local, gpus) == device
+
+
+@pytest.mark.parametrize(
+    ("requested", "local", "gpus", "needle"),
+    [
+        ("cuda:0", 0, 8, "{device} cuda:0 names one GPU, but 2 processes were started"),
+        ("cuda", 1, 1, "{device} cuda: this process has LOCAL_RANK 1, but 1 GPU(s) are visible"),
+    ],
+)
+def test_a_device_that_ranks_would_share_is_refused(requested, local, gpus, needle):
+    with pytest.raises(ConfigError) as e:
+        rank_device(requested, 2, local, gpus)
+    assert e.value.names == ("device",) and needle in e.value.template
+
+
+def test_torchrun_with_one_named_gpu_fails_before_the_rendezvous(monkeypatch):
+    """Before, ``--device cuda:0`` under torchrun chose gloo and put every rank on GPU 0."""
+    from ressl.distributed import World
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("rendezvous"))
+    with pytest.raises(ConfigError, match="device cuda:0 names one GPU"):
+        World.join("cuda:0")
