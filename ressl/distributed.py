@@ -4,8 +4,8 @@
 as ``torchrun`` sets it) or when a process group is already initialised. Each
 process ("rank") trains on its own shard of every global batch; the student is
 wrapped in ``DistributedDataParallel``; BatchNorm statistics are computed over
-the global batch (``CrossRankBatchNorm``, which, unlike ``torch.nn.SyncBatchNorm``,
-also runs on CPUs with the gloo backend); teacher embeddings are all-gathered
+the global batch (``torch.nn.SyncBatchNorm`` under NCCL; ``CrossRankBatchNorm``, which
+also runs on CPUs, with gloo: ``batchnorm_for``); teacher embeddings are all-gathered
 before they are enqueued, so every rank holds the identical queue.
 
 Everything here is a no-op in a single process.
@@ -30,6 +30,7 @@ __all__ = [
     "World",
     "rank_device",
     "CrossRankBatchNorm",
+    "batchnorm_for",
     "convert_batchnorm",
     "wrap_ddp",
     "all_gather_cat",
@@ -222,8 +223,8 @@ class _AllReduceSum(torch.autograd.Function):
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     """``DistributedDataParallel`` without per-forward buffer broadcasts.
 
-    ``CrossRankBatchNorm`` keeps the running statistics identical on every rank,
-    so rank 0's buffers need not be re-sent at every forward.
+    ``CrossRankBatchNorm`` and ``nn.SyncBatchNorm`` keep the running statistics identical
+    on every rank, so rank 0's buffers need not be re-sent at every forward.
     """
     kwargs: dict[str, Any] = {"device_ids": [device.index] if device.type == "cuda" else None}
     params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
@@ -233,13 +234,26 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module, **kwargs)
 
 
-def convert_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm in ``module`` by a ``CrossRankBatchNorm`` holding the same tensors.
+def batchnorm_for(backend: str) -> type[_BatchNorm]:
+    """The BatchNorm over the global batch for a process group's ``backend``.
+
+    NCCL: ``nn.SyncBatchNorm``, whose fused CUDA kernels read the input once in its own
+    dtype; ``CrossRankBatchNorm`` makes an fp32 copy and about ten unfused kernels per layer.
+    Otherwise (gloo): ``CrossRankBatchNorm``, since ``nn.SyncBatchNorm`` refuses CPU inputs
+    (and ``torch.batch_norm_stats`` has no CPU kernel). Both keep plain BatchNorm's tensors
+    and state-dict keys, so a checkpoint moves between them.
+    """
+    return nn.SyncBatchNorm if backend == "nccl" else CrossRankBatchNorm
+
+
+def convert_batchnorm(module: nn.Module, kind: type[_BatchNorm] = CrossRankBatchNorm) -> nn.Module:
+    """Replace every BatchNorm in ``module`` by a ``kind`` (``batchnorm_for``) holding the
+    same tensors.
 
     Returns the converted module (``module`` itself unless it is a BatchNorm).
     """
-    if isinstance(module, _BatchNorm) and not isinstance(module, CrossRankBatchNorm):
-        new = CrossRankBatchNorm(
+    if isinstance(module, _BatchNorm) and type(module) is not kind:
+        new = kind(
             module.num_features,
             module.eps,
             module.momentum,
@@ -253,7 +267,7 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
         new.train(module.training)
         return new
     for name, child in list(module.named_children()):
-        setattr(module, name, convert_batchnorm(child))
+        setattr(module, name, convert_batchnorm(child, kind))
     return module
 
 

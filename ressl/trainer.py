@@ -43,6 +43,7 @@ from .distributed import (
     World,
     all_gather_cat,
     any_rank,
+    batchnorm_for,
     convert_batchnorm,
     wrap_ddp,
 )
@@ -374,7 +375,8 @@ def _build(
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
     student: nn.Module = EncodeCrops(model.student)
     if world.distributed:
-        convert_batchnorm(model)  # batch statistics over the global batch, student and teacher
+        # batch statistics over the global batch, student and teacher
+        convert_batchnorm(model, batchnorm_for(torch.distributed.get_backend()))
         student = wrap_ddp(student, device)
     base_lr = config.lr * config.batch_size / 256  # lr is per 256 images
     groups = _param_groups(model.student, config.weight_decay, config.decay_exempt)

@@ -32,6 +32,7 @@ from ressl.distributed import (
     CrossRankBatchNorm,
     all_gather_cat,
     all_gather_rows,
+    batchnorm_for,
     convert_batchnorm,
     rank_device,
     wrap_ddp,
@@ -386,3 +387,32 @@ def test_torchrun_with_one_named_gpu_fails_before_the_rendezvous(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("rendezvous"))
     with pytest.raises(ConfigError, match="device cuda:0 names one GPU"):
         World.join("cuda:0")
+
+
+def test_nccl_gets_sync_batchnorm_and_gloo_cross_rank_batchnorm():
+    assert batchnorm_for("nccl") is nn.SyncBatchNorm
+    assert batchnorm_for("gloo") is CrossRankBatchNorm
+
+
+def test_sync_batchnorm_holds_the_same_tensors_as_plain_batchnorm():
+    """Checkpoints move between the two kinds and a plain model; in one process both are
+    BatchNorm."""
+    bn = nn.BatchNorm2d(3)
+    model = convert_batchnorm(nn.Sequential(nn.Sequential(bn)), nn.SyncBatchNorm)
+    converted = model[0][0]
+    assert type(converted) is nn.SyncBatchNorm and converted.weight is bn.weight
+    assert converted.running_var is bn.running_var
+    cross = convert_batchnorm(nn.Sequential(nn.Sequential(nn.BatchNorm2d(3))))
+    assert type(cross[0][0]) is CrossRankBatchNorm
+    assert cross.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(converted(x), nn.BatchNorm2d(3)(x))
+
+
+def test_sync_batchnorm_refuses_cpu_inputs_so_gloo_keeps_cross_rank_batchnorm(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+            nn.SyncBatchNorm(3)(torch.randn(4, 3, 5, 5))
+    finally:
+        dist.destroy_process_group()
