@@ -33,6 +33,7 @@ __all__ = [
     "batchnorm_for",
     "convert_batchnorm",
     "wrap_ddp",
+    "reset_ddp_",
     "all_gather_cat",
     "all_gather_rows",
     "any_rank",
@@ -244,6 +245,15 @@ def batchnorm_for(backend: str) -> type[_BatchNorm]:
     and state-dict keys, so a checkpoint moves between them.
     """
     return nn.SyncBatchNorm if backend == "nccl" else CrossRankBatchNorm
+
+
+def reset_ddp_(module: nn.Module) -> None:
+    """Make a ``DistributedDataParallel`` module ready for a forward after a backward that
+    failed part-way (its gradient hooks had fired for some parameters, so the next forward
+    would refuse to start); nothing for any other module."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):  # as DDP's own regrouping does
+        module._has_rebuilt_buckets = False
+        module.reducer._reset_state()
 
 
 def convert_batchnorm(module: nn.Module, kind: type[_BatchNorm] = CrossRankBatchNorm) -> nn.Module:

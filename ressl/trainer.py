@@ -45,6 +45,7 @@ from .distributed import (
     any_rank,
     batchnorm_for,
     convert_batchnorm,
+    reset_ddp_,
     wrap_ddp,
 )
 from .functional import cosine_lr, momentum_schedule
@@ -256,6 +257,7 @@ class _Run:
                 log.warning("torch.compile failed at step %d (%s: %s); training eager from its "
                             "start", step, type(e).__name__, first)  # fmt: skip
             before.restore_(self.state)
+            reset_ddp_(compiled.eager_student)  # a backward may have failed part-way
             self.compiled, self.student, self.teacher_fn, self.graphs = (
                 None, compiled.eager_student, None, False)  # fmt: skip
             return self.step(batch, lr, momentum)

@@ -92,7 +92,8 @@ def _compile_failing_at(call: int, where: str) -> tuple[Any, list[str]]:
     """A stand-in for ``torch.compile`` whose networks run eager (so a run that never fails is
     the eager run, bit for bit) and raise at their ``call``-th call, after the step's state
     has moved: in the teacher's forward (the views drawn, the student's BatchNorm statistics,
-    the EMA and the teacher's own moved), or in the student's backward (the teacher's too)."""
+    the EMA and the teacher's own moved), or in the student's backward at the first layer's
+    gradient (the other gradients computed and, distributed, reduced)."""
     calls = {"student": 0, "teacher": 0}
     compiled: list[str] = []
 
@@ -106,11 +107,13 @@ def _compile_failing_at(call: int, where: str) -> tuple[Any, list[str]]:
             if name == where == "teacher" and calls[name] == call:
                 raise RuntimeError("CUDA graph capture failed\nmore detail")
             if name == "student" and where == "backward" and calls[name] == call:
+                first = next(module.parameters())  # its gradient comes last in the backward
 
                 def fail(grad):
+                    handle.remove()
                     raise RuntimeError("compiled backward failed")
 
-                out[0].register_hook(fail)
+                handle = first.register_hook(fail)
             return out
 
         return run

@@ -416,3 +416,28 @@ def test_sync_batchnorm_refuses_cpu_inputs_so_gloo_keeps_cross_rank_batchnorm(tm
             nn.SyncBatchNorm(3)(torch.randn(4, 3, 5, 5))
     finally:
         dist.destroy_process_group()
+
+
+def _failing_compile_worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
+    """One rank of a compiled run whose student's backward fails at step 2 on every rank."""
+    from test_compile import _compile_failing_at
+
+    torch.compile = _compile_failing_at(2, "backward")[0]  # type: ignore[assignment]
+    _compiled_worker(rank, world, port, settings, out)
+
+
+@pytest.mark.slow
+def test_a_distributed_step_failing_in_the_warmup_reruns_eager_from_its_start(
+    tmp_path, tiny_settings
+):
+    """DDP's gradient hooks have fired part-way when a compiled backward fails: the eager
+    re-run of the step on every rank must still end where the eager run ends."""
+    runs = {}
+    for name, worker in (("off", _compiled_worker), ("fails", _failing_compile_worker)):
+        settings = dict(tiny_settings, out=str(tmp_path / name), epochs=1, precision="fp32",
+                        compile="off" if name == "off" else "on", knn_every=0)  # fmt: skip
+        mp.spawn(worker, args=(2, free_port(), settings, str(tmp_path)), nprocs=2, join=True)
+        runs[name] = load_checkpoint(tmp_path / name / "last.safetensors")[0]
+    assert "torch.compile failed at step 2" in (tmp_path / "log0.txt").read_text()
+    for key, value in runs["off"].items():
+        torch.testing.assert_close(runs["fails"][key], value, atol=0, rtol=0, msg=key)
