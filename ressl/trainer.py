@@ -240,11 +240,8 @@ class _Run:
         with one warning; so no step is taken twice."""
         compiled = self.compiled
         assert compiled is not None
-        self.student, self.teacher_fn, self.graphs = (
-            compiled.student,
-            compiled.teacher,
-            compiled.graphs,
-        )
+        self.student, self.teacher_fn = compiled.student, compiled.teacher
+        self.graphs = compiled.graphs
         step = self.state.step(self.steps_per_epoch) + 1
         before = StepSnapshot.take(self.state)
         t = time.perf_counter()
