@@ -255,6 +255,7 @@ class _Run:
                             "start", step, type(e).__name__, first)  # fmt: skip
             before.restore_(self.state)
             reset_ddp_(compiled.eager_student)  # a backward may have failed part-way
+            torch.compiler.reset()  # frees the compiled graphs and their CUDA-graph memory pool
             self.compiled, self.student, self.teacher_fn, self.graphs = (
                 None, compiled.eager_student, None, False)  # fmt: skip
             return self.step(batch, lr, momentum)

@@ -137,6 +137,8 @@ def test_a_step_failing_in_the_warmup_reruns_eager_from_the_state_it_started_in(
     eager = _run(tmp_path, settings, "eager", compile="off")
     fake_compile, compiled = _compile_failing_at(call, where)
     monkeypatch.setattr(torch, "compile", fake_compile)
+    resets: list[int] = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
     with caplog.at_level(logging.WARNING, logger="ressl"):
         fallback = _run(tmp_path, settings, "fallback", compile="on")
     assert compiled == ["student", "teacher"]
@@ -145,6 +147,7 @@ def test_a_step_failing_in_the_warmup_reruns_eager_from_the_state_it_started_in(
         assert torch.equal(fallback[key], value), key
     warned = [r.message for r in caplog.records if "torch.compile failed" in r.message]
     assert len(warned) == 1 and f"at step {call}" in warned[0], warned
+    assert resets == [1]  # the graphs' memory is given back before the eager re-run
 
 
 @pytest.mark.parametrize(("mode", "marked"), [("default", 0), ("reduce-overhead", 4),
