@@ -351,15 +351,15 @@ class TrainConfig:
         RUN,
         "auto",
         "torch.compile the step's networks (student forward and backward, teacher forward): "
-        "auto is on CUDA only (on CPUs it measured slower); a failed compile falls back to "
-        "eager with a warning.",
+        "auto is on CUDA only (on CPUs it measured slower); a compile or CUDA-graph capture "
+        "that fails in the first steps falls back to eager with a warning.",
         choice("auto", "off", "on"),
         resumable=True,
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = _field(
         RUN,
         "default",
-        "torch.compile mode (reduce-overhead: CUDA graphs).",
+        "torch.compile mode (reduce-overhead and max-autotune capture CUDA graphs).",
         choice("default", "reduce-overhead", "max-autotune"),
         resumable=True,
     )

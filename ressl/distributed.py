@@ -4,8 +4,8 @@
 as ``torchrun`` sets it) or when a process group is already initialised. Each
 process ("rank") trains on its own shard of every global batch; the student is
 wrapped in ``DistributedDataParallel``; BatchNorm statistics are computed over
-the global batch (``CrossRankBatchNorm``, which, unlike ``torch.nn.SyncBatchNorm``,
-also runs on CPUs with the gloo backend); teacher embeddings are all-gathered
+the global batch (``torch.nn.SyncBatchNorm`` under NCCL; ``CrossRankBatchNorm``, which
+also runs on CPUs, with gloo: ``batchnorm_for``); teacher embeddings are all-gathered
 before they are enqueued, so every rank holds the identical queue.
 
 Everything here is a no-op in a single process.
@@ -24,11 +24,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .rules import ConfigError
+
 __all__ = [
     "World",
+    "rank_device",
     "CrossRankBatchNorm",
+    "batchnorm_for",
     "convert_batchnorm",
     "wrap_ddp",
+    "reset_ddp_",
     "all_gather_cat",
     "all_gather_rows",
     "any_rank",
@@ -85,17 +90,16 @@ class World:
             return cls()
         if not dist.is_available():
             raise ValueError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
-        gpu = torch.cuda.is_available() and device in ("auto", "cuda")
+        mine = rank_device(device, size, local, _gpus())  # refused before the rendezvous
+        gpu = mine.startswith("cuda") and torch.cuda.is_available()
         if gpu:
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(mine)
         dist.init_process_group("nccl" if gpu else "gloo", init_method="env://")
         return cls(dist.get_rank(), dist.get_world_size(), local, owns_group=True)
 
     def device(self, requested: str) -> str:
-        """The device this rank trains on: ``auto``/``cuda`` -> its own GPU under torchrun."""
-        if self.distributed and requested in ("auto", "cuda") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
-        return requested
+        """The device this rank trains on (``rank_device``)."""
+        return rank_device(requested, self.size, self.local_rank, _gpus())
 
     def barrier(self) -> None:
         """Wait until every rank gets here (nothing when not distributed)."""
@@ -106,6 +110,44 @@ class World:
         """Destroy the process group if ``join`` created it."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def rank_device(requested: str, world_size: int, local_rank: int, gpus: int) -> str:
+    """The device a rank trains on, from the ``device`` setting.
+
+    In one process, the setting itself. In a world of several ranks (torchrun), ``cuda``,
+    and ``auto`` where there are GPUs, are the GPU of the rank's ``LOCAL_RANK`` (one GPU per
+    process, NCCL between them); ``cpu`` stays the CPU (gloo).
+
+    Raises:
+        ConfigError: ``cuda:N`` in a world of several ranks (every rank of the node would
+            train on that one GPU), or a ``LOCAL_RANK`` with no GPU of its own.
+    """
+    if world_size <= 1:
+        return requested
+    if requested == "auto":
+        requested = "cuda" if gpus else "cpu"
+    if requested.startswith("cuda:"):
+        raise ConfigError(
+            f"{{device}} {requested} names one GPU, but {world_size} processes were started "
+            "and each would train on it; give {device} cuda, and each process takes the GPU "
+            "of its LOCAL_RANK",
+            "device",
+        )
+    if requested != "cuda":
+        return requested
+    if 0 < gpus <= local_rank:
+        raise ConfigError(
+            f"{{device}} cuda: this process has LOCAL_RANK {local_rank}, but {gpus} GPU(s) are "
+            f"visible; start at most {gpus} processes per node (torchrun --nproc-per-node "
+            f"{gpus}), one per GPU",
+            "device",
+        )
+    return f"cuda:{local_rank}"  # without GPUs, select_device says so
 
 
 class CrossRankBatchNorm(_BatchNorm):
@@ -182,8 +224,8 @@ class _AllReduceSum(torch.autograd.Function):
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     """``DistributedDataParallel`` without per-forward buffer broadcasts.
 
-    ``CrossRankBatchNorm`` keeps the running statistics identical on every rank,
-    so rank 0's buffers need not be re-sent at every forward.
+    ``CrossRankBatchNorm`` and ``nn.SyncBatchNorm`` keep the running statistics identical
+    on every rank, so rank 0's buffers need not be re-sent at every forward.
     """
     kwargs: dict[str, Any] = {"device_ids": [device.index] if device.type == "cuda" else None}
     params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
@@ -193,13 +235,35 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module, **kwargs)
 
 
-def convert_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm in ``module`` by a ``CrossRankBatchNorm`` holding the same tensors.
+def batchnorm_for(backend: str) -> type[_BatchNorm]:
+    """The BatchNorm over the global batch for a process group's ``backend``.
+
+    NCCL: ``nn.SyncBatchNorm``, whose fused CUDA kernels read the input once in its own
+    dtype; ``CrossRankBatchNorm`` makes an fp32 copy and about ten unfused kernels per layer.
+    Otherwise (gloo): ``CrossRankBatchNorm``, since ``nn.SyncBatchNorm`` refuses CPU inputs
+    (and ``torch.batch_norm_stats`` has no CPU kernel). Both keep plain BatchNorm's tensors
+    and state-dict keys, so a checkpoint moves between them.
+    """
+    return nn.SyncBatchNorm if backend == "nccl" else CrossRankBatchNorm
+
+
+def reset_ddp_(module: nn.Module) -> None:
+    """Make a ``DistributedDataParallel`` module ready for a forward after a backward that
+    failed part-way (its gradient hooks had fired for some parameters, so the next forward
+    would refuse to start); nothing for any other module."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):  # as DDP's own regrouping does
+        module._has_rebuilt_buckets = False
+        module.reducer._reset_state()
+
+
+def convert_batchnorm(module: nn.Module, kind: type[_BatchNorm] = CrossRankBatchNorm) -> nn.Module:
+    """Replace every BatchNorm in ``module`` by a ``kind`` (``batchnorm_for``) holding the
+    same tensors.
 
     Returns the converted module (``module`` itself unless it is a BatchNorm).
     """
-    if isinstance(module, _BatchNorm) and not isinstance(module, CrossRankBatchNorm):
-        new = CrossRankBatchNorm(
+    if isinstance(module, _BatchNorm) and type(module) is not kind:
+        new = kind(
             module.num_features,
             module.eps,
             module.momentum,
@@ -213,7 +277,7 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
         new.train(module.training)
         return new
     for name, child in list(module.named_children()):
-        setattr(module, name, convert_batchnorm(child))
+        setattr(module, name, convert_batchnorm(child, kind))
     return module
 
 

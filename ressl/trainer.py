@@ -34,6 +34,7 @@ from .checkpoint import (
     restore_state,
     save_state,
 )
+from .compiled import WARMUP_STEPS, Compiled, StepSnapshot, compile_step
 from .config import TrainConfig
 from .crops import CropPlan
 from .data import load_dataset
@@ -42,7 +43,9 @@ from .distributed import (
     World,
     all_gather_cat,
     any_rank,
+    batchnorm_for,
     convert_batchnorm,
+    reset_ddp_,
     wrap_ddp,
 )
 from .functional import cosine_lr, momentum_schedule
@@ -148,9 +151,9 @@ class _Run:
     base_lr: float
     resave: bool = False  # write the checkpoint at the end even if no step was taken
     logs: RunLog | None = None  # steps.jsonl and TensorBoard (rank 0)
-    compiled: _Compiled | None = None  # the compiled student and teacher, until the first step
+    compiled: Compiled | None = None  # the compiled networks, until the warm-up ends or fails
     teacher_fn: Any = None  # the compiled teacher forward, when compiled
-    compile_seconds: float = 0.0
+    graphs: bool = False  # the step runs CUDA graphs: each step is marked as a new one
 
     @property
     def total_steps(self) -> int:
@@ -220,7 +223,7 @@ class _Run:
             x_s = [x.contiguous(memory_format=torch.channels_last) for x in x_s]
         for group in self.state.optimizer.param_groups:
             group["lr"] = lr
-        if self.teacher_fn is not None and c.compile_mode == "reduce-overhead":
+        if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
         return training_step(
             self.state.model, self.state.optimizer, x_t, x_s, momentum=momentum,
@@ -230,46 +233,48 @@ class _Run:
             teacher=self.teacher_fn,
         )  # fmt: skip
 
-    def first_step(self, batch: Tensor | list[Tensor], lr: float, momentum: float) -> Tensor:
-        """The first step of a compiled run: compiled (its time logged), or, when compiling
-        fails, eager from here on with one warning."""
-        assert self.compiled is not None
-        compiled, self.compiled = self.compiled, None
+    def warmup_step(self, batch: Tensor | list[Tensor], lr: float, momentum: float) -> Tensor:
+        """A step of a compiled run's warm-up (compile, CUDA-graph capture, first replay:
+        ``WARMUP_STEPS``), its time logged at the end. When it fails, the state goes back to
+        where the step started (``StepSnapshot``) and the run trains eager from this step on,
+        with one warning; so no step is taken twice."""
+        compiled = self.compiled
+        assert compiled is not None
         self.student, self.teacher_fn = compiled.student, compiled.teacher
+        self.graphs = compiled.graphs
+        step = self.state.step(self.steps_per_epoch) + 1
+        before = StepSnapshot.take(self.state)
         t = time.perf_counter()
         try:
             loss = self.step(batch, lr, momentum)
             float(loss)  # the compiled graphs have run
-        except Exception as e:  # noqa: BLE001 - dynamo and inductor raise many kinds
+        except Exception as e:  # noqa: BLE001 - dynamo, inductor and CUDA graphs raise many kinds
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             if self.world.main:
-                log.warning("torch.compile failed (%s: %s); training eager", type(e).__name__,
-                            first)  # fmt: skip
-            self.student, self.teacher_fn = compiled.eager_student, None
+                log.warning("torch.compile failed at step %d (%s: %s); training eager from its "
+                            "start", step, type(e).__name__, first)  # fmt: skip
+            before.restore_(self.state)
+            reset_ddp_(compiled.eager_student)  # a backward may have failed part-way
+            torch.compiler.reset()  # frees the compiled graphs and their CUDA-graph memory pool
+            self.compiled, self.student, self.teacher_fn, self.graphs = (
+                None, compiled.eager_student, None, False)  # fmt: skip
             return self.step(batch, lr, momentum)
-        self.compile_seconds = time.perf_counter() - t
-        if self.world.main:
-            log.info("compiled the step in %.1f s (kept out of images/s)", self.compile_seconds)
+        compiled.seconds += time.perf_counter() - t
+        compiled.warmup_left -= 1
+        if compiled.warmup_left == 0:
+            self.compiled = None
+            if self.world.main:
+                log.info("compiled the step in %.1f s (its first %d steps, kept out of "
+                         "images/s)", compiled.seconds, WARMUP_STEPS)  # fmt: skip
         return loss
 
 
-@dataclass
-class _Compiled:
-    """A compiled run's networks before its first step, and the eager student to fall back to."""
-
-    student: Any  # torch.compile's wrappers
-    teacher: Any
-    eager_student: nn.Module
-
-
 def _compiled(config: TrainConfig, device: torch.device, student: nn.Module,
-              teacher: nn.Module) -> _Compiled | None:  # fmt: skip
+              teacher: nn.Module) -> Compiled | None:  # fmt: skip
     """The step's networks under ``torch.compile`` when ``compile`` says so (auto: CUDA)."""
     if config.compile == "off" or (config.compile == "auto" and device.type != "cuda"):
         return None
-    mode = None if config.compile_mode == "default" else config.compile_mode
-    return _Compiled(torch.compile(student, mode=mode, dynamic=False),
-                     torch.compile(teacher, mode=mode, dynamic=False), student)  # fmt: skip
+    return compile_step(student, teacher, config.compile_mode)
 
 
 class _Window:
@@ -370,7 +375,8 @@ def _build(
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
     student: nn.Module = EncodeCrops(model.student)
     if world.distributed:
-        convert_batchnorm(model)  # batch statistics over the global batch, student and teacher
+        # batch statistics over the global batch, student and teacher
+        convert_batchnorm(model, batchnorm_for(torch.distributed.get_backend()))
         student = wrap_ddp(student, device)
     base_lr = config.lr * config.batch_size / 256  # lr is per 256 images
     groups = _param_groups(model.student, config.weight_decay, config.decay_exempt)
@@ -528,9 +534,9 @@ def _epoch(
         step = state.step(run.steps_per_epoch)
         lr = run.lr(step)
         momentum = momentum_schedule(step, run.total_steps, c.ema_momentum, c.momentum_schedule)
-        if run.compiled is not None:  # compile time is kept out of images/s
+        if run.compiled is not None:  # compile and capture time are kept out of images/s
             t = time.perf_counter()
-            window.add(run.first_step(images, lr, momentum), 0)
+            window.add(run.warmup_step(images, lr, momentum), 0)
             t_epoch += time.perf_counter() - t
             window.start += time.perf_counter() - t
             seen -= labels.shape[0] * world.size

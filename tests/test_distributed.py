@@ -32,9 +32,12 @@ from ressl.distributed import (
     CrossRankBatchNorm,
     all_gather_cat,
     all_gather_rows,
+    batchnorm_for,
     convert_batchnorm,
+    rank_device,
     wrap_ddp,
 )
+from ressl.rules import ConfigError
 from ressl.sources import FolderImages, TensorImages, source_part
 from ressl.step import EncodeCrops, training_step
 
@@ -343,3 +346,98 @@ def test_a_compiled_distributed_run_trains_what_the_eager_one_trains(tmp_path, t
     for key, value in runs["off"].items():
         if key.startswith("model.") and value.is_floating_point():
             torch.testing.assert_close(runs["on"][key], value, atol=1e-4, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize(
+    ("requested", "world", "local", "gpus", "device"),
+    [
+        ("cuda:1", 1, 0, 2, "cuda:1"),  # one process: the setting itself
+        ("auto", 1, 0, 2, "auto"),
+        ("auto", 4, 3, 4, "cuda:3"),  # torchrun: each rank its own GPU
+        ("cuda", 4, 2, 4, "cuda:2"),
+        ("auto", 2, 1, 0, "cpu"),  # no GPU: gloo on the CPU
+        ("cpu", 2, 1, 8, "cpu"),
+        ("cuda", 2, 1, 0, "cuda:1"),  # no GPU: select_device says so
+    ],
+)
+def test_each_rank_trains_on_its_own_gpu(requested, world, local, gpus, device):
+    assert rank_device(requested, world, local, gpus) == device
+
+
+@pytest.mark.parametrize(
+    ("requested", "local", "gpus", "needle"),
+    [
+        ("cuda:0", 0, 8, "{device} cuda:0 names one GPU, but 2 processes were started"),
+        ("cuda", 1, 1, "{device} cuda: this process has LOCAL_RANK 1, but 1 GPU(s) are visible"),
+    ],
+)
+def test_a_device_that_ranks_would_share_is_refused(requested, local, gpus, needle):
+    with pytest.raises(ConfigError) as e:
+        rank_device(requested, 2, local, gpus)
+    assert e.value.names == ("device",) and needle in e.value.template
+
+
+def test_torchrun_with_one_named_gpu_fails_before_the_rendezvous(monkeypatch):
+    """Before, ``--device cuda:0`` under torchrun chose gloo and put every rank on GPU 0."""
+    from ressl.distributed import World
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("rendezvous"))
+    with pytest.raises(ConfigError, match="device cuda:0 names one GPU"):
+        World.join("cuda:0")
+
+
+def test_nccl_gets_sync_batchnorm_and_gloo_cross_rank_batchnorm():
+    assert batchnorm_for("nccl") is nn.SyncBatchNorm
+    assert batchnorm_for("gloo") is CrossRankBatchNorm
+
+
+def test_sync_batchnorm_holds_the_same_tensors_as_plain_batchnorm():
+    """Checkpoints move between the two kinds and a plain model; in one process both are
+    BatchNorm."""
+    bn = nn.BatchNorm2d(3)
+    model = convert_batchnorm(nn.Sequential(nn.Sequential(bn)), nn.SyncBatchNorm)
+    converted = model[0][0]
+    assert type(converted) is nn.SyncBatchNorm and converted.weight is bn.weight
+    assert converted.running_var is bn.running_var
+    cross = convert_batchnorm(nn.Sequential(nn.Sequential(nn.BatchNorm2d(3))))
+    assert type(cross[0][0]) is CrossRankBatchNorm
+    assert cross.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(converted(x), nn.BatchNorm2d(3)(x))
+
+
+def test_sync_batchnorm_refuses_cpu_inputs_so_gloo_keeps_cross_rank_batchnorm(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+            nn.SyncBatchNorm(3)(torch.randn(4, 3, 5, 5))
+    finally:
+        dist.destroy_process_group()
+
+
+def _failing_compile_worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
+    """One rank of a compiled run whose student's backward fails at step 2 on every rank."""
+    from test_compile import _compile_failing_at
+
+    torch.compile = _compile_failing_at(2, "backward")[0]  # type: ignore[assignment]
+    _compiled_worker(rank, world, port, settings, out)
+
+
+@pytest.mark.slow
+def test_a_distributed_step_failing_in_the_warmup_reruns_eager_from_its_start(
+    tmp_path, tiny_settings
+):
+    """DDP's gradient hooks have fired part-way when a compiled backward fails: the eager
+    re-run of the step on every rank must still end where the eager run ends."""
+    runs = {}
+    for name, worker in (("off", _compiled_worker), ("fails", _failing_compile_worker)):
+        settings = dict(tiny_settings, out=str(tmp_path / name), epochs=1, precision="fp32",
+                        compile="off" if name == "off" else "on", knn_every=0)  # fmt: skip
+        mp.spawn(worker, args=(2, free_port(), settings, str(tmp_path)), nprocs=2, join=True)
+        runs[name] = load_checkpoint(tmp_path / name / "last.safetensors")[0]
+    assert "torch.compile failed at step 2" in (tmp_path / "log0.txt").read_text()
+    for key, value in runs["off"].items():
+        torch.testing.assert_close(runs["fails"][key], value, atol=0, rtol=0, msg=key)
