@@ -44,7 +44,7 @@ def _component(frames: list[tuple[str, str]]) -> str:
     """The component of an op from its ``ressl.views`` frames, innermost first
     (function name, source line)."""
     for func, line in frames:
-        if "_hue_(" in line or func == "_hue_":
+        if "_hue_(" in line or "_hue(" in line or func in ("_hue_", "_hue", "_hue_where_"):
             return "jitter: hue"
         if func == "_blend_":
             return "jitter: blends"
