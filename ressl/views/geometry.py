@@ -22,6 +22,7 @@ from .checks import (
     check_per_image,
     check_range,
     check_size,
+    device_constant,
     per_image,
 )
 
@@ -114,7 +115,8 @@ def _grid_coords(start: Tensor, length: Tensor, size: int, full: int) -> Tensor:
     crop (as F.interpolate clamps to the input), then mapped to [-1, 1] for
     ``align_corners=False``.
     """
-    dst = torch.arange(size, device=start.device, dtype=torch.float32) + 0.5
+    centres = tuple(u + 0.5 for u in range(size))  # output pixel centres, exact in float32
+    dst = device_constant(centres, start.device, torch.float32)
     src = dst * (length / size)[:, None] - 0.5
     src = torch.minimum(src.clamp_(min=0.0), (length - 1)[:, None]) + start[:, None]
     return src.mul_(2.0 / full).add_(1.0 / full - 1.0)
