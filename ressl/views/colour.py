@@ -74,12 +74,14 @@ def _blend_(
     if contrast is None and saturation is None:
         return x.mul_(f).clamp_(0.0, 1.0)
     grey = rgb_to_grayscale(x)  # (B, 1, H, W); x itself when C == 1
-    ref = grey.new_zeros(())
-    if contrast is not None:
+    if x.shape[1] == 1:
+        saturation = None  # a grey image is its own grey: nothing to blend
+    if contrast is None:
+        ref = grey * per_image(saturation) if saturation is not None else grey.new_zeros(())
+    else:
         ref = per_image(grey.mean(dim=(1, 2, 3)) * contrast)  # (B, 1, 1, 1)
-    if saturation is not None and x.shape[1] == 3:
-        # the masks are 0 or 1: ref + grey s is exact, fused or not
-        ref = torch.addcmul(ref, grey, per_image(saturation))  # (B, 1, H, W)
+        if saturation is not None:  # masks of 0 and 1: ref + grey s is exact, fused or not
+            ref = torch.addcmul(ref, grey, per_image(saturation))  # (B, 1, H, W)
     # lerp: x + (1 - f) (ref - x), one pass instead of two; exactly x where f == 1
     return x.lerp_(ref.expand_as(x), 1.0 - f).clamp_(0.0, 1.0)
 
