@@ -7,7 +7,8 @@ see. View ops (reshapes, slices) launch nothing and are counted apart. Each op i
 the component whose code runs it (the innermost ``ressl.views`` frame that says).
 
 ``--against REV`` loads that revision's ``ressl/views`` from git beside the working
-tree's and prints both, and times both on this CPU (their CPU paths) side by side.
+tree's and prints both, and times both on this CPU side by side: their CPU paths (what
+a CPU run uses) and their GPU paths (the arithmetic a GPU would do, at a CPU's speed).
 
     python benchmarks/view_ops.py --against HEAD~1
 """
@@ -195,20 +196,23 @@ def main() -> None:
         print(
             "| (view ops, no kernel) | " + " | ".join(str(c.views) for c in counts.values()) + " |"
         )
-    print(f"\nCPU time of the views (CPU paths), ms per step, median of {args.repeat}, "
-          f"interleaved; {torch.get_num_threads()} threads\n")  # fmt: skip
+    print(f"\nCPU time of the views, ms per step, median of {args.repeat}, interleaved; "
+          f"{torch.get_num_threads()} thread(s)\n")  # fmt: skip
     for blur_p in (0.0, 0.5):
-        times: dict[str, list[float]] = {label: [] for label in packages}
-        for _ in range(3):  # interleaved rounds, so drift hits both alike
-            for label, p in packages.items():
-                times[label] += cpu_ms(p, args.batch, args.size, blur_p, args.repeat // 3 + 1)
-        medians = {label: sorted(t)[len(t) // 2] for label, t in times.items()}
-        cells = ", ".join(f"{label} {ms:.2f}" for label, ms in medians.items())
-        ratio = ""
-        if len(medians) == 2:
-            before, after = medians.values()
-            ratio = f" ({before / after:.2f}x)"
-        print(f"- blur p {blur_p}: {cells}{ratio}")
+        for paths in ("CPU paths", "GPU paths"):
+            times: dict[str, list[float]] = {label: [] for label in packages}
+            for _ in range(3):  # interleaved rounds, so drift hits both alike
+                for label, p in packages.items():
+                    with gpu_paths(p) if paths == "GPU paths" else contextlib.nullcontext():
+                        times[label] += cpu_ms(p, args.batch, args.size, blur_p,
+                                               args.repeat // 3 + 1)  # fmt: skip
+            medians = {label: sorted(t)[len(t) // 2] for label, t in times.items()}
+            cells = ", ".join(f"{label} {ms:.2f}" for label, ms in medians.items())
+            ratio = ""
+            if len(medians) == 2:
+                before, after = medians.values()
+                ratio = f" ({before / after:.2f}x)"
+            print(f"- blur p {blur_p}, {paths}: {cells}{ratio}")
 
 
 if __name__ == "__main__":
