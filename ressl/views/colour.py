@@ -274,8 +274,9 @@ def adjust_colors_(
             start = sum(hue_counts[:s])
             idx = by_step[start : start + hue_counts[s]]
             x.index_copy_(0, idx, _hue(x.index_select(0, idx), factors[idx, 3]))
-        _blend_(x, f[:, s], contrast=None if contrast is None else contrast[:, s],
-                saturation=None if saturation is None else saturation[:, s])  # fmt: skip
+        to_mean = None if contrast is None else contrast[:, s]  # (B,) 0 or 1
+        to_grey = None if saturation is None else saturation[:, s]
+        _blend_(x, f[:, s], contrast=to_mean, saturation=to_grey)
     return x
 
 
