@@ -5,10 +5,10 @@ batch on the device, bit for bit: PIL approximates the Gaussian by three "extend
 box blurs per direction (Gwosdek et al. 2011: a box of fractional radius, its two
 outer taps weighted by the fraction), in 8-bit fixed point with rounding after
 every pass and the edge pixels repeated. The radius and weights are computed in
-float32 as PIL's C code does; the sums are exact integers (int64 cumulative sums),
-so every pixel equals PIL's (tested per image). ``gaussian_blur`` is torchvision's
-kernel blur (reflect padding, a kernel of about 10% of the side: ``blur_kernel_size``),
-what ressl used before 0.2.
+float32 as PIL's C code does; each pass is a few int64 multiply-adds of shifted
+slices, exact integers, so every pixel equals PIL's (tested per image).
+``gaussian_blur`` is torchvision's kernel blur (reflect padding, a kernel of about 10%
+of the side: ``blur_kernel_size``), what ressl used before 0.2.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import Tensor
 from torch.nn import functional as F
 
-from .checks import check_images, check_per_image, coin, syncs_are_free
+from .checks import check_images, check_per_image, coin, device_constant, syncs_are_free
 
 __all__ = ["BLUR_MODES", "blur_kernel_size", "gaussian_blur", "pil_gaussian_blur", "random_blur"]
 
@@ -48,33 +48,32 @@ def _whole_radius(sigma: float) -> int:
     return int(torch.floor(_box_radius(torch.tensor([sigma]))).item())
 
 
-def _box_pass(x: Tensor, radius: Tensor, whole: list[int], dim: int) -> Tensor:
-    """One extended box blur along ``dim`` (-1: rows, -2: columns) of int64 ``x``
-    (B, C, H, W), with PIL's 24-bit fixed-point weights and rounding; ``radius`` float32
-    (B,), whose integer parts are the values in ``whole`` (sigma <= 2.9 px: 0 or 1). Each
-    integer radius is a pair of shifted slices of one cumulative sum; images pick theirs."""
-    b, n = x.shape[0], x.shape[dim]
-    r = torch.floor(radius).long()
-    ww = torch.trunc(torch.full_like(radius, float(1 << 24)) / (radius * 2 + 1)).long()
+def _box_taps(radius: Tensor, most: int) -> Tensor:
+    """(B, 2 R + 3) int64 tap weights of each image's extended box, R = ``most`` (a bound of
+    the integer radii), with PIL's 24-bit fixed-point weights: ``ww`` on the ``2 r + 1``
+    taps of the box, ``fw`` on the two just outside it, 0 beyond. One pass of the box is then
+    ``sum_j w_j x[i + j]`` (an exact integer), rounded: ``(sum + 2^23) >> 24``."""
+    r = torch.floor(radius).long()[:, None]  # (B, 1)
+    ww = torch.trunc(torch.full_like(radius, float(1 << 24)) / (radius * 2 + 1)).long()[:, None]
     fw = ((1 << 24) - (r * 2 + 1) * ww) // 2
-    ww4, fw4 = ww.view(b, 1, 1, 1), fw.view(b, 1, 1, 1)
-    pad = max(whole) + 1
-    first, last = x.narrow(dim, 0, 1), x.narrow(dim, n - 1, 1)
-    reps = [1, 1, 1, 1]
-    reps[dim] = pad
-    padded = torch.cat([first.repeat(reps), x, last.repeat(reps)], dim)
-    sums = torch.cat([torch.zeros_like(first), padded.cumsum(dim)], dim)  # [i] = sum of [:i]
+    span = tuple(abs(j) for j in range(-most - 1, most + 2))
+    dist = device_constant(span, radius.device, torch.int64)  # (T,) |tap offset|
+    return torch.where(dist <= r, ww, torch.where(dist == r + 1, fw, 0))  # (B, T)
 
-    def part(t: Tensor, start: int) -> Tensor:
-        return t.narrow(dim, start, n)
 
-    out = x
-    for k in whole:  # sums[p + k + 1] - sums[p - k] = padded[p - k .. p + k], p = i + pad
-        box = part(sums, pad + k + 1) - part(sums, pad - k)
-        outer = part(padded, pad - k - 1) + part(padded, pad + k + 1)
-        blurred = (box * ww4 + outer * fw4 + (1 << 23)) >> 24
-        out = blurred if len(whole) == 1 else torch.where((r == k).view(b, 1, 1, 1), blurred, out)
-    return out
+def _box_pass(x: Tensor, taps: Tensor, dim: int) -> Tensor:
+    """One extended box blur along ``dim`` (-1: rows, -2: columns) of int64 ``x``
+    (B, C, H, W), the edge pixels repeated: ``taps`` (B, T) from ``_box_taps``. A few
+    multiply-adds of shifted slices, the same for every image: no branch on its radius."""
+    b, n, t = x.shape[0], x.shape[dim], taps.shape[1]
+    pad = t // 2
+    edges = tuple(min(max(i, 0), n - 1) for i in range(-pad, n + pad))
+    padded = x.index_select(dim, device_constant(edges, x.device, torch.int64))  # edges repeated
+    half = device_constant((1 << 23,), x.device, torch.int64)
+    out = torch.addcmul(half, padded.narrow(dim, 0, n), taps[:, 0].view(b, 1, 1, 1))
+    for j in range(1, t):
+        out.addcmul_(padded.narrow(dim, j, n), taps[:, j].view(b, 1, 1, 1))
+    return out.bitwise_right_shift_(24)
 
 
 def pil_gaussian_blur(images: Tensor, sigma: Tensor, max_sigma: float | None = None) -> Tensor:
@@ -96,23 +95,24 @@ def pil_gaussian_blur(images: Tensor, sigma: Tensor, max_sigma: float | None = N
     x = (images if images.dtype == torch.uint8 else (images * 255).round().clamp(0, 255)).long()
     radius = _box_radius(sigma)
     if max_sigma is not None:  # the radius grows with sigma: every box up to the bound's
-        whole = list(range(_whole_radius(float(max_sigma)) + 1))
+        most = _whole_radius(float(max_sigma))
     else:
-        whole = torch.floor(radius).long().unique().tolist() if b else [0]  # one host sync
+        most = int(torch.floor(radius).max().item()) if b else 0  # one host sync
+    taps = _box_taps(radius, most)
     per_chunk = b if not syncs_are_free(x.device) else max(1, _CPU_CHUNK // x[0].numel())
     if per_chunk < b:  # on CPU, chunks whose int64 temporaries stay in cache: 2-3x faster
-        x = torch.cat([_box_passes(x[i : i + per_chunk], radius[i : i + per_chunk], whole)
+        x = torch.cat([_box_passes(x[i : i + per_chunk], taps[i : i + per_chunk])
                        for i in range(0, b, per_chunk)])  # fmt: skip
     else:
-        x = _box_passes(x, radius, whole)
+        x = _box_passes(x, taps)
     if images.dtype == torch.uint8:
         return x.to(torch.uint8).contiguous()
     return (x.to(images.dtype) / 255).contiguous()
 
 
-def _box_passes(x: Tensor, radius: Tensor, whole: list[int]) -> Tensor:
+def _box_passes(x: Tensor, taps: Tensor) -> Tensor:
     for dim in (-1, -1, -1, -2, -2, -2):  # PIL: three passes along rows, then three along columns
-        x = _box_pass(x, radius, whole, dim)
+        x = _box_pass(x, taps, dim)
     return x
 
 

@@ -66,32 +66,35 @@ def _blend_(
 ) -> Tensor:
     """In place ``x <- clamp(f x + (1 - f) ref, 0, 1)``, torchvision's ``_blend``.
 
-    ``ref`` per image is 0 (brightness), the mean grey level where ``contrast`` is True,
-    or the grey image where ``saturation`` is True (bool (B,) masks, at most one True per
-    image). A factor of 1 leaves an image exactly as it is.
+    ``ref`` per image is 0 (brightness), the mean grey level where ``contrast`` is 1, or
+    the grey image where ``saturation`` is 1 (float (B,) masks of 0 and 1, at most one 1
+    per image). A factor of 1 leaves an image exactly as it is.
     """
     f = per_image(factor)
     if contrast is None and saturation is None:
         return x.mul_(f).clamp_(0.0, 1.0)
     grey = rgb_to_grayscale(x)  # (B, 1, H, W); x itself when C == 1
-    ref: Tensor = torch.zeros((), device=x.device, dtype=x.dtype)
-    if contrast is not None:
-        ref = per_image(grey.mean(dim=(1, 2, 3)) * contrast.to(x.dtype))  # (B, 1, 1, 1)
-    if saturation is not None and x.shape[1] == 3:
-        ref = grey.mul_(per_image(saturation.to(x.dtype))).add_(ref)  # grey is fresh here
+    if x.shape[1] == 1:
+        saturation = None  # a grey image is its own grey: nothing to blend
+    if contrast is None:
+        ref = grey * per_image(saturation) if saturation is not None else grey.new_zeros(())
+    else:
+        ref = per_image(grey.mean(dim=(1, 2, 3)) * contrast)  # (B, 1, 1, 1)
+        if saturation is not None:  # masks of 0 and 1: ref + grey s is exact, fused or not
+            ref = torch.addcmul(ref, grey, per_image(saturation))  # (B, 1, H, W)
     # lerp: x + (1 - f) (ref - x), one pass instead of two; exactly x where f == 1
     return x.lerp_(ref.expand_as(x), 1.0 - f).clamp_(0.0, 1.0)
 
 
-def _hue_(x: Tensor, factor: Tensor) -> Tensor:
-    # Closed form of torchvision's RGB -> HSV -> shift hue -> RGB. With V = max,
+def _hue(x: Tensor, factor: Tensor) -> Tensor:
+    # A new tensor. Closed form of torchvision's RGB -> HSV -> shift hue -> RGB. With V = max,
     # chroma = max - min and t_c = (V - x_c) / chroma, the hue in sextants is
     # t_b - t_g, 2 + t_r - t_b or 4 + t_g - t_r where R, G or B is the max (ties: R, then
     # G); after the shift h, channel c is V - chroma * clamp(2 - dist(h, a_c), 0, 1) with
     # dist on the circle of length 6 and a = (3, 5, 1). Float arithmetic only: bool
     # kernels (==, where) run ~20x slower than float ones on CPU.
     if x.shape[1] == 1:
-        return x
+        return x.clone()
     maxc = x.amax(dim=1, keepdim=True)  # (B, 1, H, W)
     chroma = maxc - x.amin(dim=1, keepdim=True)
     inv = chroma.clamp(min=1e-12).reciprocal_()  # chroma == 0: grey, the hue is moot
@@ -107,7 +110,7 @@ def _hue_(x: Tensor, factor: Tensor) -> Tensor:
     u = hue.unsqueeze(1) - anchors  # (B, 3, H, W)
     dist = u.sub_(torch.round(u * (1.0 / 6.0)).mul_(6.0)).abs_()  # circular, in [0, 3]
     ramp = dist.neg_().add_(2.0).clamp_(0.0, 1.0)
-    return torch.addcmul(maxc, chroma, ramp, value=-1.0, out=x)
+    return torch.addcmul(maxc, chroma, ramp, value=-1.0)
 
 
 def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
@@ -134,8 +137,7 @@ def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:
         float (B, C, H, W), a new tensor.
     """
     factor = check_per_image("factor", factor, images.shape[0])
-    every = torch.ones_like(factor, dtype=torch.bool)
-    return _blend_(images.clone(), factor, contrast=every)
+    return _blend_(images.clone(), factor, contrast=torch.ones_like(factor))
 
 
 def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
@@ -151,8 +153,7 @@ def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
     factor = check_per_image("factor", factor, images.shape[0])
     if images.shape[1] == 1:
         return images.clone()
-    every = torch.ones_like(factor, dtype=torch.bool)
-    return _blend_(images.clone(), factor, saturation=every)
+    return _blend_(images.clone(), factor, saturation=torch.ones_like(factor))
 
 
 def adjust_hue(images: Tensor, factor: Tensor) -> Tensor:
@@ -165,7 +166,7 @@ def adjust_hue(images: Tensor, factor: Tensor) -> Tensor:
     Returns:
         float (B, C, H, W), a new tensor.
     """
-    return _hue_(images.clone(), check_per_image("factor", factor, images.shape[0]))
+    return _hue(images, check_per_image("factor", factor, images.shape[0]))
 
 
 def adjust_colors(
@@ -216,13 +217,17 @@ def adjust_colors_(
     *,
     gather_hue: bool | None = None,
 ) -> Tensor:
-    # At each of the 4 steps every image has one op due. Brightness, contrast and
-    # saturation are all blends, so one in-place blend over the whole batch serves them
-    # (factor 1, an exact identity, for images whose op is another); hue runs only on the
-    # images whose hue is due, gathered. Same results as a loop over images, with no
-    # batch-sized temporaries (on CPU each costs page faults, more than the arithmetic).
-    # Gathering needs the per-step counts on the host, a sync; on accelerators hue runs
-    # instead on the whole batch at every step and is kept only where due (no sync).
+    # Brightness, contrast and saturation are all in-place blends, so one blend over the
+    # whole batch serves a slot of every image's op sequence (factor 1, an exact identity,
+    # for an image with nothing there); the hue runs between slots. Each image gets its
+    # ops in its order, as alone. Two layouts of the slots, the same results:
+    # - sync-free (accelerators): the blends before the hue right-aligned in slots 0-2,
+    #   those after it left-aligned in slots 3-5, so every image's hue falls before slot 3:
+    #   one hue pass over the batch (kept where it is due), 6 blend passes.
+    # - gathered (CPU, where a host read is free): the blends at their positions 0-3 and
+    #   each image's hue at its own, run on the images due there only, gathered by count:
+    #   4 blend passes, and each image's hue computed once. No batch-sized temporaries
+    #   beyond the blends' (on CPU each costs page faults, more than the arithmetic).
     b, device = x.shape[0], x.device
     if gather_hue is None:
         gather_hue = syncs_are_free(device)
@@ -233,29 +238,53 @@ def adjust_colors_(
     if x.shape[1] == 1:  # saturation and hue leave grey images unchanged
         on[2] = on[3] = False
     blends = [op for op in range(3) if on[op]]
-    on_t = device_constant(tuple(on), device, torch.bool)
-    hue_counts = [0] * 5  # images whose hue is due at step 0, 1, 2, 3, never
-    if on[3]:
-        hue_step = torch.where(todo, (order == 3).to(torch.uint8).argmax(dim=1), 4)  # (B,)
-        if gather_hue:
-            by_step = torch.argsort(hue_step, stable=True)
-            hue_counts = torch.bincount(hue_step, minlength=5).tolist()  # the one host sync
-    for step in range(4):
-        op = order[:, step]  # (B,)
-        if blends:
-            due = todo & on_t[op] & (op < 3)
-            f = torch.where(due, factors.gather(1, op[:, None]).squeeze(1), 1.0)
-            contrast = due & (op == 1) if 1 in blends else None
-            saturation = due & (op == 2) if 2 in blends else None
-            _blend_(x, f, contrast=contrast, saturation=saturation)
+    hue_at = order == 3  # (B, 4)
+    k = hue_at.to(torch.uint8).argmax(dim=1, keepdim=True)  # (B, 1) the hue's position
+    hue_counts = [0] * 5  # gathered: images whose hue is due before slot 0, 1, 2, 3, never
+    if on[3] and gather_hue:
+        hue_step = torch.where(todo, k.squeeze(1), 4)  # (B,)
+        by_step = torch.argsort(hue_step, stable=True)
+        hue_counts = torch.bincount(hue_step, minlength=5).tolist()  # the one host sync
+    if not blends:
         if on[3] and not gather_hue:
-            due_hue = per_image((hue_step == step).to(x.dtype))  # (B, 1, 1, 1)
-            x.lerp_(_hue_(x.clone(), factors[:, 3]), due_hue)  # exactly x where not due
-        elif hue_counts[step]:
-            start = sum(hue_counts[:step])
-            idx = by_step[start : start + hue_counts[step]]
-            x.index_copy_(0, idx, _hue_(x.index_select(0, idx), factors[idx, 3]))
+            _hue_where_(x, factors[:, 3], todo)
+        elif on[3]:
+            idx = by_step[: b - hue_counts[4]]
+            x.index_copy_(0, idx, _hue(x.index_select(0, idx), factors[idx, 3]))
+        return x
+    p = device_constant((0, 1, 2, 3), device, torch.int64)  # (4,) positions in the order
+    after = (p > k).to(torch.int64)  # (B, 4) 1 after the hue
+    if on[3] and not gather_hue:  # slot p + 3 - k before the hue, p + 2 - k after it
+        slot, slots = p + (3 - k) - after, 6
+    elif on[3]:  # slot p; the hue's own position holds no blend
+        slot, slots = p.expand(b, 4), 4
+    else:  # the blends in their order in slots 0-2 (the hue does nothing)
+        slot, slots = p - after, 3
+    slot = torch.where(hue_at, 6, slot)  # the hue's own entry: slot 6, dropped
+    ops = order.new_full((b, 7), 3).scatter_(1, slot, order)  # (B, 7) op per slot; 3: none
+    on_t = device_constant(tuple(on), device, torch.bool)
+    due = todo[:, None] & on_t[ops] & (ops < 3)  # (B, 7)
+    f = torch.where(due, factors.gather(1, ops.clamp(max=2)), 1.0)  # (B, 7), 1 where none
+    contrast = (due & (ops == 1)).to(x.dtype) if 1 in blends else None  # (B, 7) 0 or 1
+    saturation = (due & (ops == 2)).to(x.dtype) if 2 in blends else None
+    for s in range(slots):
+        if on[3] and not gather_hue and s == 3:  # after every image's blends before its hue
+            _hue_where_(x, factors[:, 3], todo)
+        elif gather_hue and hue_counts[s]:  # gathered: the images whose hue is at position s
+            start = sum(hue_counts[:s])
+            idx = by_step[start : start + hue_counts[s]]
+            x.index_copy_(0, idx, _hue(x.index_select(0, idx), factors[idx, 3]))
+        to_mean = None if contrast is None else contrast[:, s]  # (B,) 0 or 1
+        to_grey = None if saturation is None else saturation[:, s]
+        _blend_(x, f[:, s], contrast=to_mean, saturation=to_grey)
     return x
+
+
+def _hue_where_(x: Tensor, factor: Tensor, todo: Tensor) -> Tensor:
+    """In place: the hue of ``x`` (B, C, H, W) rotated by ``factor`` (B,) where ``todo``
+    (bool (B,)), computed for the whole batch (no host read)."""
+    # lerp: exactly x where the weight is 0, exactly the hue where it is 1
+    return x.lerp_(_hue(x, factor), per_image(todo.to(x.dtype)))
 
 
 def sample_jitter_params(

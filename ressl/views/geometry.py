@@ -22,6 +22,7 @@ from .checks import (
     check_per_image,
     check_range,
     check_size,
+    device_constant,
     per_image,
 )
 
@@ -107,17 +108,22 @@ def sample_crop_boxes(
     return torch.stack((top, left, h, w), dim=1).to(torch.int64)
 
 
-def _grid_coords(start: Tensor, length: Tensor, size: int, full: int) -> Tensor:
-    """(B, size) grid_sample coordinates of torch's bilinear resize of a crop.
+def _grid_coords(start: Tensor, length: Tensor, size: int, full: tuple[int, int]) -> Tensor:
+    """(B, 2, size) grid_sample coordinates of torch's bilinear resize of a crop, rows then
+    columns: ``start`` and ``length`` (B, 2) are the box's (top, left) and (h, w) in an
+    image of ``full`` = (H, W).
 
     Source pixel of output ``u`` is ``(u + 0.5) * length / size - 0.5`` clamped to the
     crop (as F.interpolate clamps to the input), then mapped to [-1, 1] for
     ``align_corners=False``.
     """
-    dst = torch.arange(size, device=start.device, dtype=torch.float32) + 0.5
-    src = dst * (length / size)[:, None] - 0.5
-    src = torch.minimum(src.clamp_(min=0.0), (length - 1)[:, None]) + start[:, None]
-    return src.mul_(2.0 / full).add_(1.0 / full - 1.0)
+    centres = tuple(u + 0.5 for u in range(size))  # output pixel centres, exact in float32
+    dst = device_constant(centres, start.device, torch.float32)
+    src = dst * (length / size)[..., None] - 0.5
+    src = torch.minimum(src.clamp_(min=0.0), (length - 1)[..., None]) + start[..., None]
+    to_unit = tuple(2.0 / n for n in full), tuple(1.0 / n - 1.0 for n in full)
+    scale, shift = (device_constant(v, start.device, torch.float32)[:, None] for v in to_unit)
+    return src.mul_(scale).add_(shift)
 
 
 def resized_crop(images: Tensor, boxes: Tensor, size: int, *, flip: Tensor | None = None) -> Tensor:
@@ -154,9 +160,8 @@ def resized_crop(images: Tensor, boxes: Tensor, size: int, *, flip: Tensor | Non
 def resample(images: Tensor, boxes: Tensor, size: int, flip: Tensor | None) -> Tensor:
     """resized_crop without the uint8 scaling: float32 in the input's value range."""
     b, c, height, width = images.shape
-    top, left, h, w = boxes.to(device=images.device, dtype=torch.float32).unbind(1)
-    gy = _grid_coords(top, h, size, height)  # (B, size)
-    gx = _grid_coords(left, w, size, width)
+    boxes = boxes.to(device=images.device, dtype=torch.float32)
+    gy, gx = _grid_coords(boxes[:, :2], boxes[:, 2:], size, (height, width)).unbind(1)  # (B, size)
     if flip is not None:
         gx = torch.where(flip.to(images.device)[:, None], gx.flip(1), gx)
     # On CPU, run in chunks whose temporaries stay in L2 and below the allocator's
