@@ -23,6 +23,9 @@ One H100/H200 (under 5 minutes):
 
     python benchmarks/gpu.py --write
 
+On a lent GPU machine, run ``gpu_suite.py`` instead: it uses these functions section by
+section, each row written to a file as soon as it is measured (docs/speed.md).
+
 On a CPU, with tiny sizes (what the tests run):
 
     python benchmarks/gpu.py --tiny
