@@ -233,13 +233,15 @@ def photo_like(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
 
 def photo_folder(root: Path, count: int, sides: tuple[int, int] = (500, 375)) -> Path:
     """``count`` photo-like JPEGs (quality 90, landscape and portrait ``sides``) in two class
-    folders under ``root/train``."""
+    folders under ``root/train``. 64 images are drawn (0.04 s each at 500x375) and each file
+    is one of them rolled sideways by its index, so no two files are the same bytes."""
     rng = np.random.default_rng(0)
+    drawn = [photo_like(rng, *(sides if i % 3 else sides[::-1])) for i in range(min(count, 64))]
     for i in range(count):
         folder = root / "train" / f"c{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
-        width, height = sides if i % 3 else sides[::-1]
-        Image.fromarray(photo_like(rng, width, height)).save(folder / f"{i}.jpg", quality=90)
+        pixels = np.roll(drawn[i % len(drawn)], i, axis=1)
+        Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
     return root
 
 
