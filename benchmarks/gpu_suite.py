@@ -163,8 +163,29 @@ def nvjpeg(rows: Rows, sizes: Sizes, out: Path) -> None:
     guarded(rows, "decode_jpeg, one file", probe)
 
 
+class TestRows:
+    """A pytest plugin: a row per test as it finishes (a section killed mid-run keeps them)."""
+
+    def __init__(self, rows: Rows) -> None:
+        self.rows = rows
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        if report.when == "call" or report.outcome != "passed":  # a setup skip or error too
+            why = report.longrepr  # a skip's is (file, line, reason)
+            message = str(why[2] if isinstance(why, tuple) else why).splitlines()[-1][:300]
+            self.rows.add(
+                row="test",
+                test=report.nodeid,
+                when=report.when,
+                outcome=report.outcome,
+                seconds=round(report.duration, 2),
+                message=message if why else None,
+            )
+
+
 def cuda_tests(rows: Rows, sizes: Sizes, out: Path) -> None:
-    """``pytest -m cuda`` (the tests skipped without CUDA), its report in ``cuda_tests.xml``."""
+    """``pytest -m cuda`` (the tests skipped without CUDA): a row per test, a summary row,
+    and the report in ``cuda_tests.xml``."""
     import xml.etree.ElementTree as ET
 
     import pytest
@@ -173,7 +194,7 @@ def cuda_tests(rows: Rows, sizes: Sizes, out: Path) -> None:
     args = ["-m", "cuda", "-v", "-rA", "-p", "no:cacheprovider", f"--junitxml={report}"]
     args += ["--continue-on-collection-errors", "-o", "faulthandler_timeout=60"]
     os.chdir(HERE.parent)
-    code = pytest.main(args)
+    code = pytest.main(args, plugins=[TestRows(rows)])
     counts: dict[str, Any] = {"exit_code": int(code)}
     if report.exists():
         suite = ET.parse(report).getroot()

@@ -46,8 +46,12 @@ def correctness(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
                 f"{r['decoded_on']}; max difference {r['max_diff']}, mean {r['mean_diff']:.3f}; "
                 f"a batch of 8 equal: {r['batch_of_8_equal']} |"
             )
+    tests = [r for r in rows.get("cuda_tests", []) if r.get("row") == "test"]
+    for r in tests:
+        if r["outcome"] == "failed":
+            lines.append(f"| {r['test']} ({r['when']}) | failed: {r['message']} |")
     for r in rows.get("cuda_tests", []):
-        if "error" not in r:
+        if "error" not in r and r.get("row") != "test":
             failed = ", ".join(r.get("failed", [])) or "none"
             lines.append(
                 f"| `pytest -m cuda` | {r.get('tests', '?')} tests, {r.get('failures', '?')} "
