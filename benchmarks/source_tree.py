@@ -77,7 +77,7 @@ def imported_from(env: dict[str, str] | None = None) -> Path | None:
         text=True,
         cwd=Path(os.sep),
         env=env,
-        timeout=120,
+        timeout=60,
     )
     return Path(out.stdout.strip()).parent if out.returncode == 0 else None
 
@@ -90,11 +90,17 @@ def ensure_importable(install: bool = True, root: Path = ROOT) -> dict[str, str]
     how: dict[str, str] = {}
     if install and imported_from() is None:  # never reinstall over another tree's ressl
         pip = [*python(), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index"]
-        out = subprocess.run([*pip, "-e", str(root)], capture_output=True, text=True, timeout=180)
-        importlib.invalidate_caches()
-        if out.returncode == 0 and imported_from() == root / "ressl":
-            return {"ressl_import": "pip install -e"}
-        how["pip_error"] = (out.stderr or out.stdout).strip()[-500:]
+        try:
+            out = subprocess.run(
+                [*pip, "-e", str(root)], capture_output=True, text=True, timeout=90
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            how["pip_error"] = f"{type(e).__name__}: {e}"
+        else:
+            importlib.invalidate_caches()
+            if out.returncode == 0 and imported_from() == root / "ressl":
+                return {"ressl_import": "pip install -e"}
+            how["pip_error"] = (out.stderr or out.stdout).strip()[-500:]
     os.environ[FINDER_ENV] = str(root)  # inherited by every process started from here
     install_finder(root)
     return {**how, "ressl_import": "finder"}
