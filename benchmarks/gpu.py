@@ -23,6 +23,9 @@ One H100/H200 (under 5 minutes):
 
     python benchmarks/gpu.py --write
 
+On a lent GPU machine, run ``gpu_suite.py`` instead: it uses these functions section by
+section, each row written to a file as soon as it is measured (docs/speed.md).
+
 On a CPU, with tiny sizes (what the tests run):
 
     python benchmarks/gpu.py --tiny
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import gc
 import json
 import os
 import sys
@@ -89,6 +93,24 @@ def _peak(device: torch.device) -> float | None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def reset_device(device: torch.device) -> None:
+    """Forget the previous row: dynamo's caches and the CUDA-graph trees and their memory
+    pools, cached blocks, and the peak-memory statistics (else a row's peak is its
+    predecessors')."""
+    torch._dynamo.reset()
+    try:  # also part of dynamo's reset in recent torch; explicit for older ones
+        from torch._inductor import cudagraph_trees
+
+        cudagraph_trees.reset_cudagraph_trees()
+    except (ImportError, AttributeError):
+        pass
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _step_fn(case: Case, device: torch.device, channels: int) -> tuple[Any, float]:
@@ -185,13 +207,51 @@ def _image_folder(root: Path, count: int, side: int, suffix: str) -> Path:
     return root
 
 
-def trainer_images_per_second(device: torch.device, **settings: Any) -> float:
-    """``ressl train``'s own images/s, eager (as the first row it is compared with; and no
-    compile time in the budget): the last epoch's ``metrics.jsonl`` row."""
+def photo_like(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A ``(height, width, 3)`` uint8 image that compresses and decodes like a photo: smooth
+    gradients, a few objects with sharp edges, and a fine texture (pixel noise would make
+    JPEGs several times larger and slower to decode than photos of the same size)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) / max(width, height)  # (H, W)
+    slope = rng.uniform(-120, 120, (2, 3)).astype(np.float32)
+    image = (
+        rng.uniform(60, 190, 3).astype(np.float32)
+        + x[..., None] * slope[0]
+        + y[..., None] * slope[1]
+    )
+    for _ in range(int(rng.integers(3, 7))):  # objects: ellipses with their own shading
+        cx, cy = rng.uniform(0, 1, 2) * (x[0, -1], y[-1, 0])
+        rx, ry = rng.uniform(0.03, 0.3, 2)
+        inside = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1  # (H, W)
+        shade = rng.uniform(0, 255, 3).astype(np.float32) - 40 * y[..., None]
+        image = np.where(inside[..., None], shade, image)
+    # texture: noise on a coarse grid, smoothly upsampled, and a little pixel noise
+    coarse = rng.normal(128, 40, (max(height // 3, 1), max(width // 3, 1), 3)).clip(0, 255)
+    smooth = Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    image += 0.25 * (np.asarray(smooth, np.float32) - 128) + rng.normal(0, 6, image.shape)
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def photo_folder(root: Path, count: int, sides: tuple[int, int] = (500, 375)) -> Path:
+    """``count`` photo-like JPEGs (quality 90, landscape and portrait ``sides``) in two class
+    folders under ``root/train``. 64 images are drawn (0.04 s each at 500x375) and each file
+    is one of them rolled sideways by its index, so no two files are the same bytes."""
+    rng = np.random.default_rng(0)
+    drawn = [photo_like(rng, *(sides if i % 3 else sides[::-1])) for i in range(min(count, 64))]
+    for i in range(count):
+        folder = root / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.roll(drawn[i % len(drawn)], i, axis=1)
+        Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+def trainer_images_per_second(device: torch.device, compile: str = "off", **settings: Any) -> float:
+    """``ressl train``'s own images/s: the last epoch's ``metrics.jsonl`` row; eager by
+    default (as the first row it is compared with; and no compile time in the budget)."""
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         train(out=f"{tmp}/run", device=str(device), knn_every=-1, warmup_epochs=0,
-              compile="off", **settings)  # fmt: skip
+              compile=compile, **settings)  # fmt: skip
         rows = [
             json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()
         ]
@@ -206,7 +266,10 @@ def _cell(value: Any, fmt: str) -> str:
 
 def _rows(cases: list[Case], device: torch.device, steps: int) -> list[dict[str, Any]]:
     """Every case measured; a compiled row takes the FLOPs of its eager twin."""
-    rows = [measure(case, device, steps) for case in cases]
+    rows = []
+    for case in cases:
+        reset_device(device)
+        rows.append(measure(case, device, steps))
     eager = {r["case"]: r for r in rows if "error" not in r and r["case"].mode == "eager"}
     peak = _peak(device)
     for r in rows:
@@ -252,7 +315,8 @@ def views_rows(device: torch.device, steps: int, tiny: bool) -> list[str]:
         views = functools.partial(plan.views, images, generator=g, mean=(0.5,) * 3,
                                   std=(0.25,) * 3, student=strong, teacher=WeakView())  # fmt: skip
 
-        compiled = torch.compile(views)
+        reset_device(device)
+        compiled = torch.compile(views, dynamic=False)
         try:
             compiled()
             compiled()
@@ -297,7 +361,7 @@ def main() -> None:
         steps = args.steps or 2
         cases = [Case("small", 16, 8, mode=m) for m in modes]
         cases += [Case("small", 16, 8, crops=(16, 12)), Case("small", 16, 8, symmetric=True)]
-        folder = dict(backbone="small", image_size=32, batch_size=8, count=32, side=40, epochs=1)
+        folder = dict(backbone="small", image_size=32, batch_size=8, count=32, side=48, epochs=1)
     else:
         steps = args.steps or 20
         cases = [Case("small", 28, 1024, mode=m) for m in modes]
@@ -306,7 +370,7 @@ def main() -> None:
         cases += [Case("resnet18", 32, 256, crops=(32, 28, 24, 20, 16)),
                   Case("resnet18", 32, 256, symmetric=True)]  # fmt: skip
         folder = dict(
-            backbone="resnet50", image_size=224, batch_size=128, count=2048, side=256, epochs=2
+            backbone="resnet50", image_size=224, batch_size=128, count=2048, side=500, epochs=2
         )
     rows = _rows(cases, device, steps)
     lines = _table(rows)
@@ -323,7 +387,8 @@ def main() -> None:
             f"{folder['batch_size']} | crops alone | ressl train |", "|---|---:|---:|"]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         spec = folder.copy()
-        root = _image_folder(Path(tmp), spec.pop("count"), spec.pop("side"), ".jpg")
+        side = spec.pop("side")
+        root = photo_folder(Path(tmp), spec.pop("count"), (side, side * 3 // 4))
         for decode in ("workers", "device"):
             alone = pipeline_images_per_second(root, spec["image_size"], spec["batch_size"],
                                                workers, device, decode)  # fmt: skip

@@ -27,6 +27,21 @@ def write_image_folder(
     return root
 
 
+def needs_cuda(item: pytest.Item) -> bool:
+    """A test skipped without CUDA (``reason="needs CUDA"``) or run on the ``cuda`` device."""
+    skips = any(m.kwargs.get("reason") == "needs CUDA" for m in item.iter_markers("skipif"))
+    params = getattr(item, "callspec", None)
+    return skips or (params is not None and "cuda" in map(str, params.params.values()))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # one marker selects every CUDA test (`pytest -m cuda`, what benchmarks/gpu_suite.py runs
+    # first on a GPU machine); each keeps its own skip condition
+    for item in items:
+        if needs_cuda(item):
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images"))
