@@ -28,10 +28,12 @@ def write_image_folder(
 
 
 def needs_cuda(item: pytest.Item) -> bool:
-    """A test skipped without CUDA (``reason="needs CUDA"``) or run on the ``cuda`` device."""
+    """A test skipped without CUDA (``reason="needs CUDA"``) or whose ``device`` parameter is
+    ``cuda`` (not any parameter that merely names it: a device-selection rule tested as text)."""
     skips = any(m.kwargs.get("reason") == "needs CUDA" for m in item.iter_markers("skipif"))
     params = getattr(item, "callspec", None)
-    return skips or (params is not None and "cuda" in map(str, params.params.values()))
+    device = params.params.get("device") if params is not None else None
+    return skips or str(device) == "cuda"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
