@@ -24,7 +24,7 @@ import onnxruntime as ort
 
 from ressl.rules import ConfigError
 
-from .images import ImageInput, load_image, pil_mode, to_batch
+from .images import ImageInput, load_image, pil_mode, to_batch, unreadable_reason
 from .metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
 
 __all__ = ["RUN_INPUT_BYTES", "Embedder", "FileEmbeddings", "cuda_device_count", "open_session"]
@@ -150,13 +150,6 @@ def _load(
         raise ValueError(
             f"{name} is not a valid ONNX model onnxruntime can load ({first})"
         ) from None
-
-
-def _reason(error: BaseException, name: str) -> str:
-    """PIL's message without the file name it repeats ("cannot identify image file 'x.png'")."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    text = text.replace(repr(name), "").replace(name, "").strip(" :'\"")
-    return text or type(error).__name__
 
 
 @dataclass
@@ -331,7 +324,7 @@ class Embedder:
                     chunk.append(load_image(p, size, channels))
                     names.append(os.fspath(p))
                 except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-                    skipped.append((os.fspath(p), _reason(e, os.fspath(p))))
+                    skipped.append((os.fspath(p), unreadable_reason(e, os.fspath(p))))
             if chunk:
                 rows.append(self.run(np.stack(chunk)))
                 done += names

@@ -212,11 +212,14 @@ def _array_batch(array: np.ndarray, size: int, channels: int, any_size: bool) ->
     )
 
 
-def unreadable_reason(error: BaseException) -> str:
-    """Why an image could not be read, in one line, without the file object or name PIL
-    repeats (``cannot identify image file <_io.BytesIO object at 0x...>``)."""
+def unreadable_reason(error: BaseException, name: str | None = None) -> str:
+    """Why an image could not be read, in one line, without what PIL repeats: the file's
+    ``name`` (``cannot identify image file 'x.png'``) or the file object it was handed
+    (``<_io.BytesIO object at 0x...>``)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    text = re.sub(r"\s*(<[^<>]* object at 0x[0-9a-fA-F]+>|'[^']*')$", "", text).strip(" :")
+    if name:
+        text = text.replace(repr(name), "").replace(name, "")
+    text = re.sub(r"\s*(<[^<>]* object at 0x[0-9a-fA-F]+>|'[^']*')$", "", text).strip(" :'\"")
     return text or type(error).__name__
 
 

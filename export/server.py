@@ -44,6 +44,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ressl.jsontext import json_depth
 from ressl.rules import ConfigError, Rule, choice, integer, interval
 
 from .batching import MicroBatcher
@@ -275,24 +276,6 @@ async def _body(request: Request, limit: int) -> bytes:
 
 #: How deep a JSON body may nest: ``{"images": [...]}`` is 2 levels.
 JSON_DEPTH = 2
-_SCAN = 2**20  # bytes of JSON scanned at a time (bounds the scan's own memory)
-
-
-def _json_depth(body: bytes) -> int:
-    """How deep JSON text nests (brackets outside strings), found without parsing: no recursion,
-    time linear in the body, memory a few times ``_SCAN``."""
-    text = body.replace(b"\\\\", b"").replace(b'\\"', b"")  # escapes: left, every '"' is a quote
-    codes = np.frombuffer(text, np.uint8)
-    deepest = level = quotes = 0
-    for start in range(0, len(codes), _SCAN):
-        part = codes[start : start + _SCAN]
-        outside = (np.cumsum(part == ord('"')) + quotes) % 2 == 0  # not inside a string
-        opens = outside & ((part == ord("[")) | (part == ord("{")))
-        closes = outside & ((part == ord("]")) | (part == ord("}")))
-        depth = level + np.cumsum(opens.astype(np.int64) - closes)
-        deepest = max(deepest, int(depth.max()))
-        level, quotes = int(depth[-1]), quotes + int(np.count_nonzero(part == ord('"')))
-    return deepest
 
 
 class EmbeddingService:
@@ -404,7 +387,8 @@ class EmbeddingService:
 
     @staticmethod
     def _json_images(body: bytes) -> list[tuple[str, bytes]]:
-        depth = _json_depth(body)
+        # measured before parsing (json.loads recurses once per level), counted to the end
+        depth = json_depth(body.decode("utf-8", errors="replace"), limit=len(body))
         if depth > JSON_DEPTH:
             raise BadInput(400, f"the JSON body nests {depth} levels deep; JSON bodies must be "
                            '{"images": [base64 string, ...]} (2 levels)')  # fmt: skip
