@@ -33,7 +33,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ressl import load_encoder, train
-from ressl.weights import save_backbone_weights
+from ressl.runs.weights import save_backbone_weights
 
 
 class MyNet(nn.Module):

@@ -25,8 +25,8 @@ import torch
 from common import cpu_model, write_block  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from PIL import Image
 
-from ressl.crops import CropPlan
-from ressl.sources import FolderImages
+from ressl.data.sources import FolderImages
+from ressl.views.plan import CropPlan
 
 
 def write_jpegs(root: Path, n: int, seed: int = 0) -> list[Path]:

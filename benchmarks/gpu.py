@@ -53,12 +53,13 @@ from PIL import Image
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ressl import ReSSL, folders, load_dataset, train
-from ressl.crops import CropPlan
+from ressl import ReSSL, load_dataset, train
+from ressl.data import folders
+from ressl.data.sources import FolderImages
 from ressl.device import autocast_dtype
-from ressl.sources import FolderImages
-from ressl.step import EncodeCrops, training_step
+from ressl.training.step import EncodeCrops, training_step
 from ressl.views import StrongView, WeakView
+from ressl.views.plan import CropPlan
 
 #: Dense bf16 tensor-core peaks, FLOP/s, by a substring of the device name.
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}

@@ -395,7 +395,7 @@ def jpeg(rows: Rows, sizes: Sizes, out: Path) -> None:
 
     import gpu
 
-    from ressl import folders
+    from ressl.data import folders
 
     workers = min(sizes.workers, os.cpu_count() or 1)
     folders.MAX_IN_MEMORY_BYTES = 0  # streamed from disk however small the folder is

@@ -24,8 +24,8 @@ from common import cpu_model, write_block
 
 import ressl.views.blur as blur
 from ressl import ReSSL
-from ressl.crops import CropPlan
 from ressl.views import StrongView, WeakView
+from ressl.views.plan import CropPlan
 
 
 def _ms(fn: Callable[[], Any], repeat: int) -> float:

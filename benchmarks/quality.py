@@ -61,7 +61,7 @@ if str(ROOT) not in sys.path:
 from common import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from ressl import extract_features, knn_accuracy, linear_probe, load_dataset, load_encoder, train  # noqa: E402
-from ressl.model import ReSSL  # noqa: E402
+from ressl.models.network import ReSSL  # noqa: E402
 
 # The winning Fashion-MNIST / small-CNN recipe of the search in docs/results.md ("Recipe search").
 RECIPE: dict[str, Any] = dict(

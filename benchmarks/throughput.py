@@ -31,7 +31,7 @@ from common import cpu_model, write_block  # noqa: E402  (benchmarks/ is on sys.
 from PIL import Image
 
 from ressl import ReSSL, TrainEvent, ema_update_, relation_loss, train
-from ressl.data import load_dataset
+from ressl.data.loading import load_dataset
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 

@@ -32,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ressl.views  # noqa: F401  (looked up in sys.modules by name)
-from ressl.crops import CropPlan
+from ressl.views.plan import CropPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Ops that launch no kernel: allocations without a fill, and the like.

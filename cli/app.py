@@ -21,7 +21,8 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from ressl._version import __version__
-from ressl.rules import NAME_MAX, ConfigError, DataNotFoundError, Note, flag, names_fit
+from ressl.errors import ResslError, flag
+from ressl.rules import NAME_MAX, Note, names_fit
 
 from .common import Interrupted, UserError
 from .eval_cmd import eval_app
@@ -157,9 +158,7 @@ def _run(argv: Sequence[str] | None) -> NoReturn:
         code = app(args=list(argv) if argv is not None else None, standalone_mode=False)
     except UserError as e:
         _die(str(e))
-    except ConfigError as e:  # names settings as the flags the user typed
-        _die(e.render(flag))
-    except DataNotFoundError as e:  # names --data-root and --download
+    except ResslError as e:  # names settings as the flags the user typed
         _die(e.render(flag))
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         _die(str(e) or type(e).__name__)

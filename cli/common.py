@@ -84,7 +84,8 @@ def existing(path: Path, what: str = "file or folder", flag: str = "") -> Path:
 def checkpoint_file(path: Path, flag: str = "") -> Path:
     """The checkpoint a path names (a run folder's ``last.safetensors``), or a one-line error
     (naming ``flag`` when the path came from an option)."""
-    from ressl.runs import CheckpointError, resolve_checkpoint
+    from ressl.errors import CheckpointError
+    from ressl.runs.folder import resolve_checkpoint
 
     existing(path, flag=flag)
     try:

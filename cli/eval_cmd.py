@@ -23,7 +23,7 @@ import typer
 
 from ressl.jsontext import parse_json
 from ressl.rules import LEARNING_RATE, WEIGHT_DECAY
-from ressl.runs import EVAL_LOG, append_run_file
+from ressl.runs.folder import EVAL_LOG, append_run_file
 
 from .common import DeviceOpt, Weights, WeightsOpt, checkpoint_file, existing, fail
 
@@ -52,12 +52,12 @@ class FeatureSource:
     features: str  # "backbone" or the ONNX output's name
     run_dir: Path
     info: dict[str, Any] = field(default_factory=dict)  # extra fields for the eval.jsonl record
-    position: str | None = None  # where the checkpoint's run is (ressl.position)
+    position: str | None = None  # where the checkpoint's run is (ressl.runs.position)
     recorded: bool = True  # results go to RUN/eval.jsonl unless --no-record (ONNX: --record)
 
 
 def _checkpoint_source(path: Path, weights: str, device: torch.device) -> FeatureSource:
-    from ressl.checkpoint import load_encoder, read_metadata
+    from ressl.runs.checkpoint import load_encoder, read_metadata
 
     file = checkpoint_file(path)
     encoder, settings = load_encoder(file, weights=weights)
@@ -67,7 +67,7 @@ def _checkpoint_source(path: Path, weights: str, device: torch.device) -> Featur
         out: Tensor = encoder.features(x)  # type: ignore[operator]
         return out
 
-    from ressl.position import Position
+    from ressl.runs.position import Position
 
     where = Position.from_metadata(read_metadata(file), settings.get("epochs"))
     return FeatureSource(
@@ -103,7 +103,7 @@ def _onnx_input(
     metadata is checked as such (and against the graph); any other graph is read as it is."""
     from ressl.export.metadata import FORMAT, ModelInfo
 
-    from ressl.config import MAX_IMAGE_SIZE
+    from ressl.config.settings import MAX_IMAGE_SIZE
 
     if meta.get("format") == FORMAT:
         try:
@@ -178,7 +178,7 @@ def load_source(path: Path, weights: str, device: torch.device) -> FeatureSource
 
 def load_eval_data(source: FeatureSource, dataset: str | None, data_root: Path | None) -> Any:
     """The dataset to evaluate on (default: the one the checkpoint was trained on), checked against the encoder."""
-    from ressl.data import load_dataset
+    from ressl.data.loading import load_dataset
 
     name = dataset or source.default_dataset
     if name is None:
@@ -196,7 +196,7 @@ def features(
     source: FeatureSource, data: Any, device: torch.device, batch_size: int
 ) -> tuple[Tensor, ...]:
     """Train / test features and labels under the eval protocol (fp32, eval mode, L2-normalised)."""
-    from ressl.evaluate import split_features
+    from ressl.eval.features import split_features
 
     from .progress import CountProgress
 
@@ -329,7 +329,7 @@ def knn_cmd(
     source, data, dev, feats, seconds = _setup(
         path, weights, device, dataset, data_root, batch_size
     )
-    from ressl.evaluate import knn_accuracy
+    from ressl.eval.knn import knn_accuracy
 
     train_f, train_y, test_f, test_y = feats
     t0 = time.perf_counter()
@@ -407,7 +407,7 @@ def _fast_linear(
     source, data, dev, feats, seconds = _setup(
         path, weights, device, dataset, data_root, batch_size
     )
-    from ressl.evaluate import linear_probe
+    from ressl.eval.linear import linear_probe
 
     from .progress import CountProgress
 
@@ -432,7 +432,7 @@ def _paper_linear(
 ) -> None:  # fmt: skip
     """``eval linear --protocol paper``: the official protocol, its final epoch reported."""
     existing(path)  # before torch is imported (seconds)
-    from ressl.probe import paper_linear_eval
+    from ressl.eval.paper_linear import paper_linear_eval
 
     from .progress import CountProgress
 

@@ -149,7 +149,7 @@ def embed_cmd(
 
 
 def _export_weights(checkpoint: Path, out: Path, weights: str) -> None:
-    from ressl.weights import loading_code, save_backbone_weights
+    from ressl.runs.weights import loading_code, save_backbone_weights
 
     saved = save_backbone_weights(checkpoint, out, weights=weights)
     build = saved.build

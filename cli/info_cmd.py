@@ -33,7 +33,7 @@ def _weights_metadata(path: Path) -> dict[str, str] | None:
         return None
     from safetensors import SafetensorError, safe_open
 
-    from ressl.weights import FORMAT
+    from ressl.runs.weights import FORMAT
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -44,7 +44,7 @@ def _weights_metadata(path: Path) -> dict[str, str] | None:
 
 
 def _weights_info(path: Path, meta: dict[str, str], as_json: bool) -> str:
-    from ressl.backbones import BackboneBuild
+    from ressl.models.backbones import BackboneBuild
 
     try:
         build = BackboneBuild.from_json(meta["backbone_build"])
@@ -67,7 +67,7 @@ def _weights_info(path: Path, meta: dict[str, str], as_json: bool) -> str:
 def _code_for(path: Path, build: Any, meta: dict[str, str]) -> str:
     """The loading code for the file where it is now (its full path, eval mode, the run's
     mean/std); the code stored at export when the file does not say its mean/std."""
-    from ressl.weights import loading_code
+    from ressl.runs.weights import loading_code
 
     try:
         settings = json.loads(meta.get("settings", "{}"))
@@ -91,8 +91,8 @@ def info_cmd(
     """Describe a checkpoint (format, versions, progress, metrics, settings) or an exported ONNX encoder."""
     if not path.exists():  # before torch is imported (seconds)
         fail(f"{path}: no such file or folder")
-    from ressl.position import Position
-    from ressl.validation import check_file, metadata_json
+    from ressl.runs.checks import check_file, metadata_json
+    from ressl.runs.position import Position
 
     if path.suffix.lower() == ".onnx":
         typer.echo(onnx_info(path, as_json))

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 from ressl.atomic import write_atomic
 from ressl.jsontext import parse_json
-from ressl.runs import CHECKPOINT, EVAL_LOG, METRICS, read_run_file
+from ressl.runs.folder import CHECKPOINT, EVAL_LOG, METRICS, read_run_file
 
 from .common import DeviceOpt, Weights, WeightsOpt, fail
 from .eval_cmd import DataRootOpt, load_eval_data, load_source, pick_device
@@ -27,7 +27,7 @@ from .eval_cmd import DataRootOpt, load_eval_data, load_source, pick_device
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The per-epoch rows of a run folder's ``metrics.jsonl``; one-line errors for anything else."""
-    from ressl import runs
+    from ressl.runs.folder import read_metrics
 
     if not run_dir.exists():
         fail(f"{run_dir}: no such folder")
@@ -38,7 +38,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         fail(
             f"{run_dir} has no {METRICS}: not a ressl run folder (ressl train --out RUN_DIR writes one)"
         )
-    rows = runs.read_metrics(path)
+    rows = read_metrics(path)
     if not rows:
         fail(f"{path} is empty: the run has not finished an epoch yet")
     if any("epoch" not in row for row in rows):
@@ -196,8 +196,8 @@ def plot_cmd(
     checkpoint = run_dir / CHECKPOINT
     settings: dict[str, Any] = {}
     if checkpoint.is_file():
-        from ressl.checkpoint import read_metadata
-        from ressl.validation import metadata_json
+        from ressl.runs.checkpoint import read_metadata
+        from ressl.runs.checks import metadata_json
 
         settings = metadata_json(checkpoint, read_metadata(checkpoint), "settings", dict)
     name = run_dir.name
@@ -206,7 +206,7 @@ def plot_cmd(
     knn_title = "kNN monitor"
     if "knn_k" in settings:
         knn_title += f" (k {settings['knn_k']}, t {settings['knn_temperature']:g})"
-    from ressl.steplog import STEPS, read_steps
+    from ressl.training.steplog import STEPS, read_steps
 
     steps, evaluations = read_steps(run_dir / STEPS), read_evaluations(run_dir)
     curves = plot_curves(plt, rows, name, out / "curves.png", knn_title, steps, evaluations)
@@ -233,8 +233,8 @@ def _tsne_figure(
     """t-SNE of ``points`` random test images' features, drawn to ``path``."""
     import torch
 
-    from ressl.evaluate import extract_features
-    from ressl.manifold import tsne as run_tsne
+    from ressl.eval.features import extract_features
+    from ressl.eval.tsne import tsne as run_tsne
 
     from .progress import CountProgress
 

@@ -19,7 +19,7 @@ from rich.progress import (
 )
 
 if TYPE_CHECKING:
-    from ressl.trainer import TrainEvent
+    from ressl.training.loop import TrainEvent
 
 
 def duration(seconds: float) -> str:

@@ -1,4 +1,4 @@
-"""``ressl train``: one option per :class:`ressl.config.TrainConfig` field, generated from it.
+"""``ressl train``: one option per :class:`ressl.config.settings.TrainConfig` field, generated from it.
 
 Each field's flag (``batch_size`` -> ``--batch-size``), type, default, help text and
 ``--help`` section come from the config, so an option can never drift from the
@@ -17,9 +17,10 @@ from typing import Annotated, Any
 
 import typer
 
-from ressl.config import TrainConfig, settings
-from ressl.datasets import DATASETS, find
-from ressl.rules import Setting, flag
+from ressl.config.settings import TrainConfig, settings
+from ressl.data.registry import DATASETS, find
+from ressl.errors import flag
+from ressl.rules import Setting
 
 from .common import Interrupted, checkpoint_file, explicit_options, fail, launch_rank
 
@@ -102,8 +103,8 @@ def train_cmd(ctx: typer.Context, **options: Any) -> None:
     else:  # settings and the data's folder are checked before torch is imported (seconds)
         _check_folder(TrainConfig.from_keywords(**given).dataset)
 
-    from ressl.stopping import Stopped
-    from ressl.trainer import train
+    from ressl.training.loop import train
+    from ressl.training.stopping import Stopped
 
     from .progress import TrainProgress
 
@@ -154,10 +155,10 @@ def options_table() -> str:
     lines = [
         "# `ressl train` options",
         "",
-        "Generated from `ressl.config.TrainConfig` by `python -m ressl.cli.train_cmd`; a test",
+        "Generated from `ressl.config.settings.TrainConfig` by `python -m ressl.cli.train_cmd`; a test",
         "keeps it current. Each option is also a keyword of `ressl.train()` and a field of",
         "`TrainConfig` (the name without dashes, `-` as `_`). *recipe*: the dataset's recipe",
-        "fills it (`ressl.datasets`); *resume*: `--resume` may change it.",
+        "fills it (`ressl.data.registry`); *resume*: `--resume` may change it.",
         "",
         "| option | default | valid | help |",
         "|---|---|---|---|",
@@ -179,7 +180,7 @@ def datasets_table() -> str:
         "## Datasets",
         "",
         "`--dataset` takes a name or an alias, in any case, `_` for `-` (`fashion_mnist`,",
-        "`CIFAR-10`); generated from `ressl.datasets.DATASETS`.",
+        "`CIFAR-10`); generated from `ressl.data.registry.DATASETS`.",
         "",
         "| dataset | also accepted | what | channels | default size |",
         "|---|---|---|---|---|",

@@ -23,7 +23,9 @@ from .modelfile import describe_model, read_model_info
 from .outputs import load_embeddings, save_embeddings
 
 if TYPE_CHECKING:
-    from .exporter import ExportError, ExportReport, Verification, export_onnx, sample_images
+    from ressl.errors import ExportError
+
+    from .exporter import ExportReport, Verification, export_onnx, sample_images
 
 __all__ = [
     # export (needs torch)

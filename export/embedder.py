@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ressl.rules import ConfigError
+from ressl.errors import ConfigError
 
 from .images import ImageInput, load_image, pil_mode, to_batch, unreadable_reason
 from .metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo

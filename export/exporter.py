@@ -35,10 +35,10 @@ from torch import Tensor, nn
 
 from ressl._version import __version__
 from ressl.atomic import check_writable, write_atomic
-from ressl.checkpoint import load_encoder, read_metadata
-from ressl.model import Encoder, ReSSL
-from ressl.rules import ConfigError
-from ressl.runs import resolve_checkpoint
+from ressl.errors import ConfigError, ExportError
+from ressl.models.network import Encoder, ReSSL
+from ressl.runs.checkpoint import load_encoder, read_metadata
+from ressl.runs.folder import resolve_checkpoint
 from ressl.views import normalize
 
 from .embedder import open_session
@@ -58,10 +58,6 @@ __all__ = [
 FP32_MAX_ABS_DIFF = 1e-4  # onnxruntime vs PyTorch, L2-normalised embeddings, fp32 export
 FP16_MIN_COSINE = 0.999  # per-row cosine similarity of an fp16 export with fp32 PyTorch
 DEFAULT_OPSET = 17
-
-
-class ExportError(ValueError):
-    """The exported graph failed ``onnx.checker`` or disagrees with PyTorch."""
 
 
 class ServingEncoder(nn.Module):

@@ -1,7 +1,7 @@
 """Images to model input with PIL and numpy alone (serving machines have no PyTorch).
 
 Files, their bytes and PIL images go through the one decode ressl trains and
-evaluates folders with (``ressl.imagefiles.decode_to_size``): JPEGs decoded at a
+evaluates folders with (``ressl.data.imagefiles.decode_to_size``): JPEGs decoded at a
 reduced scale >= S, upright, converted to the model's colour mode (``"L"`` for 1
 channel, ``"RGB"`` for 3), the shorter side resized to S with PIL's antialiased
 bilinear filter, the centre S x S cropped. So ``ressl serve`` (bytes), ``Embedder``
@@ -20,7 +20,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
-from ressl.imagefiles import (  # torch-free
+from ressl.data.imagefiles import (  # torch-free
     IMAGE_EXTENSIONS,
     TooManyPixels,
     decode_to_size,

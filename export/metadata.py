@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ressl.config import MAX_IMAGE_SIZE
+from ressl.config.settings import MAX_IMAGE_SIZE
 from ressl.jsontext import parse_json
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "INPUT_NAME", "OUTPUT_NAME", "ModelInfo"]

@@ -44,8 +44,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ressl.errors import ConfigError
 from ressl.jsontext import json_depth
-from ressl.rules import ConfigError, Rule, choice, integer, interval
+from ressl.rules import Rule, choice, integer, interval
 
 from .batching import MicroBatcher
 from .embedder import RUN_INPUT_BYTES, Embedder

@@ -16,27 +16,66 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
+from ressl._version import __version__
+
+# The public API, each name listed once: the module that defines it -> its public names.
+# ``__all__`` follows from it; the type checkers' imports below are checked equal to it by
+# tests/test_api.py.
+_PUBLIC: dict[str, tuple[str, ...]] = {
+    "functional": (
+        "sharpen", "relation", "relation_loss", "symmetric_relation_loss",
+        "queue_push_", "ema_update_", "random_queue",
+    ),
+    "schedules": ("cosine_lr", "momentum_schedule"),
+    "views": (
+        "weak_view", "strong_view", "WeakView", "StrongView", "normalize",
+        "random_resized_crop", "multicrop_scales",
+    ),
+    "views.plan": ("CropPlan",),
+    "data.sources": ("ImageData", "ImageSource", "TensorImages", "FolderImages"),
+    "data.loading": ("load_dataset",),
+    "data.registry": ("DATASETS", "DatasetInfo", "dataset_names"),
+    "models.backbones": ("BackboneBuild", "SmallCNN", "build_backbone"),
+    "config.settings": ("TrainConfig", "BACKBONES"),
+    "models.network": ("ProjectionHead", "Encoder", "ReSSL"),
+    "errors": (
+        "ResslError", "ConfigError", "CheckpointError", "DivergedError", "RunInUseError",
+        "ExportError",
+    ),
+    "training.loop": ("train", "TrainEvent"),
+    "training.step": ("training_step", "EncodeCrops"),
+    "distributed": ("CrossRankBatchNorm", "convert_batchnorm", "all_gather_cat"),
+    "eval.features": ("extract_features", "split_features"),
+    "eval.knn": ("knn_predict", "knn_accuracy"),
+    "eval.linear": ("linear_probe",),
+    "eval.tsne": ("tsne",),
+    "runs.checkpoint": ("save_checkpoint", "load_checkpoint", "read_metadata", "load_encoder"),
+}  # fmt: skip
+
+_HOME = {name: module for module, names in _PUBLIC.items() for name in names}
+
+__all__ = ["__version__", *_HOME]
 
 if TYPE_CHECKING:
-    from .backbones import BackboneBuild
-    from .checkpoint import (
+    from ressl.config.settings import BACKBONES, TrainConfig
+    from ressl.data.loading import load_dataset
+    from ressl.data.registry import DATASETS, DatasetInfo, dataset_names
+    from ressl.data.sources import FolderImages, ImageData, ImageSource, TensorImages
+    from ressl.distributed import CrossRankBatchNorm, all_gather_cat, convert_batchnorm
+    from ressl.errors import (
         CheckpointError,
-        load_checkpoint,
-        load_encoder,
-        read_metadata,
-        save_checkpoint,
+        ConfigError,
+        DivergedError,
+        ExportError,
+        ResslError,
+        RunInUseError,
     )
-    from .config import TrainConfig
-    from .crops import CropPlan
-    from .data import load_dataset
-    from .datasets import DATASETS, DatasetInfo, dataset_names
-    from .distributed import CrossRankBatchNorm, all_gather_cat, convert_batchnorm
-    from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe, split_features
-    from .functional import (
-        cosine_lr,
+    from ressl.eval.features import extract_features, split_features
+    from ressl.eval.knn import knn_accuracy, knn_predict
+    from ressl.eval.linear import linear_probe
+    from ressl.eval.tsne import tsne
+    from ressl.functional import (
         ema_update_,
-        momentum_schedule,
         queue_push_,
         random_queue,
         relation,
@@ -44,13 +83,13 @@ if TYPE_CHECKING:
         sharpen,
         symmetric_relation_loss,
     )
-    from .manifold import tsne
-    from .model import BACKBONES, Encoder, ProjectionHead, ReSSL, SmallCNN, build_backbone
-    from .rules import ConfigError
-    from .sources import FolderImages, ImageData, ImageSource, TensorImages
-    from .step import EncodeCrops, training_step
-    from .trainer import DivergedError, TrainEvent, train
-    from .views import (
+    from ressl.models.backbones import BackboneBuild, SmallCNN, build_backbone
+    from ressl.models.network import Encoder, ProjectionHead, ReSSL
+    from ressl.runs.checkpoint import load_checkpoint, load_encoder, read_metadata, save_checkpoint
+    from ressl.schedules import cosine_lr, momentum_schedule
+    from ressl.training.loop import TrainEvent, train
+    from ressl.training.step import EncodeCrops, training_step
+    from ressl.views import (
         StrongView,
         WeakView,
         multicrop_scales,
@@ -59,107 +98,7 @@ if TYPE_CHECKING:
         strong_view,
         weak_view,
     )
-
-# public name -> the module that defines it
-_HOME: dict[str, str] = {
-    **dict.fromkeys(
-        ["sharpen", "relation", "relation_loss", "symmetric_relation_loss", "queue_push_"]
-        + ["ema_update_", "momentum_schedule", "cosine_lr", "random_queue"],
-        "functional",
-    ),
-    **dict.fromkeys(
-        ["weak_view", "strong_view", "WeakView", "StrongView", "normalize"]
-        + ["random_resized_crop", "multicrop_scales"],
-        "views",
-    ),
-    "CropPlan": "crops",
-    "BackboneBuild": "backbones",
-    **dict.fromkeys(["ImageData", "ImageSource", "TensorImages", "FolderImages"], "sources"),
-    "load_dataset": "data",
-    **dict.fromkeys(
-        ["BACKBONES", "SmallCNN", "ProjectionHead", "Encoder", "ReSSL", "build_backbone"], "model"
-    ),
-    **dict.fromkeys(["train", "TrainEvent", "DivergedError"], "trainer"),
-    "TrainConfig": "config",
-    "ConfigError": "rules",
-    **dict.fromkeys(["DATASETS", "DatasetInfo", "dataset_names"], "datasets"),
-    **dict.fromkeys(["training_step", "EncodeCrops"], "step"),
-    **dict.fromkeys(["CrossRankBatchNorm", "convert_batchnorm", "all_gather_cat"], "distributed"),
-    **dict.fromkeys(
-        ["extract_features", "split_features", "knn_predict", "knn_accuracy", "linear_probe"],
-        "evaluate",
-    ),
-    "tsne": "manifold",
-    **dict.fromkeys(
-        ["save_checkpoint", "load_checkpoint", "read_metadata", "load_encoder", "CheckpointError"],
-        "checkpoint",
-    ),
-}
-
-__all__ = [
-    "__version__",
-    # functional
-    "sharpen",
-    "relation",
-    "relation_loss",
-    "symmetric_relation_loss",
-    "queue_push_",
-    "ema_update_",
-    "momentum_schedule",
-    "cosine_lr",
-    "random_queue",
-    # views
-    "weak_view",
-    "strong_view",
-    "WeakView",
-    "StrongView",
-    "normalize",
-    "random_resized_crop",
-    "multicrop_scales",
-    "CropPlan",
-    # data
-    "ImageData",
-    "ImageSource",
-    "TensorImages",
-    "FolderImages",
-    "load_dataset",
-    "dataset_names",
-    # model
-    "BACKBONES",
-    "SmallCNN",
-    "ProjectionHead",
-    "Encoder",
-    "ReSSL",
-    "build_backbone",
-    "BackboneBuild",
-    # training
-    "train",
-    "TrainConfig",
-    "ConfigError",
-    "DivergedError",
-    "DATASETS",
-    "DatasetInfo",
-    "training_step",
-    "EncodeCrops",
-    # distributed
-    "CrossRankBatchNorm",
-    "convert_batchnorm",
-    "all_gather_cat",
-    "TrainEvent",
-    # evaluation
-    "extract_features",
-    "split_features",
-    "knn_predict",
-    "knn_accuracy",
-    "linear_probe",
-    "tsne",
-    # checkpoints
-    "save_checkpoint",
-    "load_checkpoint",
-    "read_metadata",
-    "load_encoder",
-    "CheckpointError",
-]
+    from ressl.views.plan import CropPlan
 
 
 def __getattr__(name: str) -> Any:
@@ -201,12 +140,12 @@ def _deprecated(name: str) -> Any:
 
     warnings.warn(f"ressl.{name} is deprecated; use {_DEPRECATED[name]}", DeprecationWarning, 2)
     if name == "DATASET_DEFAULTS":
-        from .datasets import DATASETS
+        from ressl.data.registry import DATASETS
 
         return {key: dict(entry.recipe) for key, entry in DATASETS.items()}
 
     def resolve_settings(**settings: Any) -> dict[str, Any]:
-        from .config import TrainConfig
+        from ressl.config.settings import BACKBONES, TrainConfig
 
         return TrainConfig.from_keywords(**settings).to_dict()
 

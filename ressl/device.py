@@ -1,12 +1,16 @@
-"""Where training and evaluation run: the device, and the autocast precision it supports."""
+"""Where training and evaluation run: the device, the autocast precision it supports, and
+its memory."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .rules import DEVICE, ConfigError
+from ressl.errors import ConfigError
+from ressl.rules import DEVICE
 
-__all__ = ["autocast_dtype", "select_device"]
+__all__ = ["autocast_dtype", "device_memory", "human_bytes", "select_device"]
 
 
 def select_device(device: str) -> torch.device:
@@ -43,3 +47,22 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             f"precision 'bf16' is not supported on this {device.type}; use --precision fp32"
         )
     return torch.bfloat16 if supported else None
+
+
+def human_bytes(n: float) -> str:
+    """``1536 -> "1.5 KB"`` (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1024 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} EB"  # pragma: no cover
+
+
+def device_memory(device: torch.device) -> int | None:
+    """The whole memory of ``device`` in bytes (physical memory for the CPU); None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return None

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .rules import ConfigError
+from ressl.errors import ConfigError
 
 __all__ = [
     "World",

@@ -1,4 +1,4 @@
-"""Valid ranges, command-line text and errors of settings: the vocabulary of ``ressl.config``.
+"""Valid ranges, command-line text and errors of settings: the vocabulary of ``ressl.config.settings``.
 
 A :class:`Rule` says which values a setting takes and how to say so; a
 :class:`Setting` is what a configuration field declares besides its type and default;
@@ -18,16 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ressl.errors import ConfigError, render
+
 __all__ = [
     "BACKBONE",
-    "ConfigError",
-    "DataNotFoundError",
     "Note",
     "Rule",
     "Setting",
     "as_type",
     "choice",
-    "flag",
     "integer",
     "interval",
     "names_fit",
@@ -35,67 +34,22 @@ __all__ = [
 ]
 
 
-def flag(name: str) -> str:
-    """The command-line flag of a setting: ``batch_size`` -> ``--batch-size``."""
-    return "--" + name.replace("_", "-")
-
-
-class _Named:
-    """A message that names settings as ``{name}`` placeholders (only the ``names`` given
-    are replaced, so any other braces are kept as they are)."""
-
-    template: str
-    names: tuple[str, ...]
-
-    def render(self, name: Callable[[str], str]) -> str:
-        """The message with every setting called ``name(setting)`` (``flag`` on the CLI)."""
-        text = self.template
-        for setting in self.names:
-            text = text.replace("{" + setting + "}", name(setting))
-        return text
-
-
-class Note(_Named):
-    """A remark about legal but probably unintended settings; ``str()`` names keywords."""
+class Note:
+    """A remark about legal but probably unintended settings, naming them as ``{name}``
+    placeholders like a :class:`ConfigError`; ``str()`` names keywords."""
 
     def __init__(self, template: str, *names: str) -> None:
         self.template, self.names = template, names
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The remark with every setting called ``name(setting)`` (``flag`` on the CLI)."""
+        return render(self.template, self.names, name)
 
     def __str__(self) -> str:
         return self.render(str)
 
     def __repr__(self) -> str:
         return f"Note({str(self)!r})"
-
-
-class DataNotFoundError(_Named, FileNotFoundError):
-    """A built-in dataset's files are not found; the message says which settings fetch them
-    (``{data_root}``, ``{download}``), as keywords or as flags."""
-
-    def __init__(self, template: str, *names: str) -> None:
-        self.template, self.names = template, names
-        super().__init__(self.render(str))
-
-    def __str__(self) -> str:
-        return self.render(str)
-
-
-class ConfigError(_Named, ValueError):
-    """An invalid setting. The message names settings as ``{name}`` placeholders, so it
-    reads with Python keywords (``str(e)``) or with command-line flags (``e.render(flag)``).
-    """
-
-    def __init__(self, template: str, *names: str) -> None:
-        self.template, self.names = template, names
-        super().__init__(self.render(str))
-
-    def __reduce__(self) -> tuple[Any, ...]:  # pickle and copy keep the template
-        return (type(self), (self.template, *self.names))
-
-    @classmethod
-    def invalid(cls, setting: str, expect: str, value: Any) -> ConfigError:
-        """``"{setting} must be <expect>, got <value>"``."""
-        return cls(f"{{{setting}}} must be {expect}, got {value!r}", setting)
 
 
 # --------------------------------------------------------------------------- rules
@@ -282,7 +236,7 @@ class Setting:
     Attributes:
         help: One sentence for ``--help`` and the docs.
         rule: The valid values (checked on every construction).
-        recipe: None means "the dataset's recipe value" (``ressl.datasets``).
+        recipe: None means "the dataset's recipe value" (``ressl.data.registry``).
         resumable: ``--resume`` may change it (everything else must match the checkpoint).
         panel: The ``--help`` section it is listed in.
         parse: Reads the value from command-line text (tuples); None: the field's type.

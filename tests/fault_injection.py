@@ -15,8 +15,8 @@ import sys
 from typing import Any
 
 import ressl.atomic
-import ressl.checkpoint
-import ressl.runs
+import ressl.runs.checkpoint
+import ressl.runs.folder
 
 #: Where a save can stop: its data written (not yet flushed), flushed (not yet renamed), and
 #: renamed (the folder's entry not yet flushed).
@@ -66,8 +66,10 @@ def arm(monkeypatch: Any, file: str, nth: int, stage: str, kill: bool) -> None:
         return write_atomic
 
     monkeypatch.setattr(ressl.atomic, "os", _Os(hit))
-    monkeypatch.setattr(ressl.checkpoint, "write_atomic", wrap(ressl.checkpoint.write_atomic))
-    monkeypatch.setattr(ressl.runs, "write_atomic", wrap(ressl.runs.write_atomic))
+    monkeypatch.setattr(
+        ressl.runs.checkpoint, "write_atomic", wrap(ressl.runs.checkpoint.write_atomic)
+    )
+    monkeypatch.setattr(ressl.runs.folder, "write_atomic", wrap(ressl.runs.folder.write_atomic))
 
 
 class _Patch:

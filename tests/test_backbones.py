@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ressl import BackboneBuild, ConfigError, build_backbone, load_encoder, train
-from ressl.backbones import start_batchnorm_
-from ressl.checkpoint import read_metadata
+from ressl.models.backbones import start_batchnorm_
+from ressl.runs.checkpoint import read_metadata
 
 
 def test_resnet18_is_torchvisions_with_the_stated_stem():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ressl import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
-from ressl.checkpoint import load_optimizer_tensors, optimizer_tensors
+from ressl.runs.checkpoint import load_optimizer_tensors, optimizer_tensors
 
 
 def test_round_trip_with_metadata(tmp_path):

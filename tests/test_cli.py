@@ -114,9 +114,9 @@ def _commands():
 
 
 def test_every_setting_has_a_flag_with_the_config_default():
-    from ressl.config import TrainConfig, settings
-    from ressl.config import _coerce as coerce
-    from ressl.rules import flag
+    from ressl.config.settings import TrainConfig, settings
+    from ressl.config.settings import _coerce as coerce
+    from ressl.errors import flag
 
     options = {p.name: p for p in _commands()["train"].params}
     assert set(options) == {name for name, _, _ in settings()} | {"resume"}

@@ -110,7 +110,7 @@ def test_path_and_setting_errors_come_before_torch_is_imported(args):
 
 
 def test_the_dataset_aliases_are_documented():
-    from ressl.datasets import DATASETS
+    from ressl.data.registry import DATASETS
 
     options = (Path(__file__).resolve().parents[1] / "docs" / "options.md").read_text()
     for entry in DATASETS.values():

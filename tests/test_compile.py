@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ressl import load_checkpoint, train
-from ressl.compiled import uses_cudagraphs
+from ressl.training.compiled import uses_cudagraphs
 
 
 def _run(tmp_path, settings, name, **changes):

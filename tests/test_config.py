@@ -1,4 +1,4 @@
-"""ressl.config: one typed source for every training setting; ressl.datasets: recipes as data."""
+"""ressl.config.settings: one typed source for every training setting; ressl.data.registry: recipes as data."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from ressl.config import BACKBONES, TrainConfig, settings
-from ressl.datasets import DATASETS, find, recipe_for
-from ressl.rules import ConfigError, flag
+from ressl.config.settings import BACKBONES, TrainConfig, settings
+from ressl.data.registry import DATASETS, find, recipe_for
+from ressl.errors import ConfigError, flag
 
 
 def test_config_is_frozen_keyword_only_and_resolved():

@@ -1,4 +1,4 @@
-"""Tests for ressl.data: every format is written here by hand, so nothing is downloaded."""
+"""Tests for ressl.data.loading: every format is written here by hand, so nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ressl import data, datasets, folders
-from ressl.data import dataset_names, load_dataset
-from ressl.decode import decode_image
-from ressl.formats import read_idx
-from ressl.sources import FolderImages, ImageSource, TensorImages, epoch_order
+from ressl.data import folders
+from ressl.data import loading as data
+from ressl.data import registry as datasets
+from ressl.data.decode import decode_image
+from ressl.data.formats import read_idx
+from ressl.data.loading import dataset_names, load_dataset
+from ressl.data.sources import FolderImages, ImageSource, TensorImages, epoch_order
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -398,7 +400,7 @@ def test_an_rgb_folder_read_as_one_channel_is_its_luma(tmp_path: Path) -> None:
     ],
 )
 def test_high_bit_depth_and_float_images_are_scaled_not_clipped(mode, values, want) -> None:
-    from ressl.imagefiles import as_mode
+    from ressl.data.imagefiles import as_mode
 
     array = np.array(values, dtype=np.int32 if mode == "I" else np.float32)
     got = np.asarray(as_mode(Image.fromarray(array, mode), "L"))
@@ -408,7 +410,7 @@ def test_high_bit_depth_and_float_images_are_scaled_not_clipped(mode, values, wa
 def test_lab_images_are_converted_by_colour_transform(tmp_path: Path) -> None:
     from PIL import ImageCms
 
-    from ressl.imagefiles import as_mode
+    from ressl.data.imagefiles import as_mode
 
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
     to_lab = ImageCms.buildTransformFromOpenProfiles(
@@ -422,7 +424,7 @@ def test_lab_images_are_converted_by_colour_transform(tmp_path: Path) -> None:
 
 
 def test_a_mode_pil_cannot_convert_is_refused_with_its_name() -> None:
-    from ressl.imagefiles import as_mode
+    from ressl.data.imagefiles import as_mode
 
     with pytest.raises(ValueError, match="PIL cannot convert a mode La image to L"):
         as_mode(Image.new("La", (4, 4)), "L")
@@ -519,7 +521,7 @@ def test_imagenet_spec_is_a_folder_at_224_px(tmp_path: Path) -> None:
 
 
 def test_decode_crops_cuts_boxes_from_the_full_resolution_file(tmp_path: Path) -> None:
-    from ressl.decode import decode_crops
+    from ressl.data.decode import decode_crops
 
     left_red = np.zeros((60, 200, 3), dtype=np.uint8)
     left_red[:, :100, 0] = 255
@@ -677,8 +679,8 @@ def test_batches_on_cuda_match_cpu() -> None:
 def test_a_new_dataset_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import MappingProxyType
 
-    from ressl.config import TrainConfig
-    from ressl.formats import Splits
+    from ressl.config.settings import TrainConfig
+    from ressl.data.formats import Splits
 
     def read(root, *, cache, system_dirs, download, size, subset):  # the files, as uint8 tensors
         x = torch.arange(5 * 3 * 12 * 12, dtype=torch.int64).remainder(256).to(torch.uint8)
@@ -701,7 +703,7 @@ def test_a_new_dataset_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch) ->
 def test_sixteen_bit_images_are_scaled_not_clipped_everywhere(tmp_path):
     from ressl.export.images import load_image
 
-    from ressl.decode import decode_image
+    from ressl.data.decode import decode_image
 
     ramp = (np.arange(32 * 32, dtype=np.float64).reshape(32, 32) * 64).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "deep.png")  # a 16-bit greyscale PNG
@@ -719,7 +721,7 @@ def test_sixteen_bit_images_are_scaled_not_clipped_everywhere(tmp_path):
 def test_exif_orientation_is_honoured(tmp_path):
     from ressl.export.images import load_image
 
-    from ressl.decode import decode_image
+    from ressl.data.decode import decode_image
 
     pixels = np.zeros((16, 32, 3), np.uint8)
     pixels[:, :16] = 255  # white left half of a landscape image
@@ -748,8 +750,8 @@ class _WorkerSignals(torch.utils.data.Dataset):
 
 def test_decode_workers_leave_stop_signals_to_the_main_process():
     """A group SIGTERM (timeout, scancel) or Ctrl-C must not kill workers under a loader the
-    main process is stopping cleanly: they ignore both (ressl.decode.ignore_stop_signals)."""
-    from ressl.decode import ignore_stop_signals
+    main process is stopping cleanly: they ignore both (ressl.data.decode.ignore_stop_signals)."""
+    from ressl.data.decode import ignore_stop_signals
 
     loader = torch.utils.data.DataLoader(
         _WorkerSignals(), num_workers=1, worker_init_fn=ignore_stop_signals
@@ -759,7 +761,7 @@ def test_decode_workers_leave_stop_signals_to_the_main_process():
 
 def test_decoding_in_workers_equals_decoding_here(tmp_path):
     """Worker results come back as arrays (no file descriptor per image), the same pixels."""
-    from ressl.decode import decode_images
+    from ressl.data.decode import decode_images
 
     files = []
     for i in range(5):

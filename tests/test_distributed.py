@@ -28,6 +28,7 @@ from ressl import (
     load_encoder,
     train,
 )
+from ressl.data.sources import FolderImages, TensorImages, source_part
 from ressl.distributed import (
     CrossRankBatchNorm,
     all_gather_cat,
@@ -37,9 +38,8 @@ from ressl.distributed import (
     rank_device,
     wrap_ddp,
 )
-from ressl.rules import ConfigError
-from ressl.sources import FolderImages, TensorImages, source_part
-from ressl.step import EncodeCrops, training_step
+from ressl.errors import ConfigError
+from ressl.training.step import EncodeCrops, training_step
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"
@@ -141,7 +141,7 @@ def _train_worker(rank: int, world: int, port: int, settings: dict, out: str) ->
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    train_module = sys.modules["ressl.trainer"]
+    train_module = sys.modules["ressl.training.loop"]
     models: list[ReSSL] = []
 
     class Recorded(ReSSL):

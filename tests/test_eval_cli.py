@@ -9,8 +9,8 @@ import pytest
 import torch
 from cli_helpers import TINY, assert_one_line_error, run_cli, tiny_args
 
-from ressl.checkpoint import read_metadata
-from ressl.trainer import train
+from ressl.runs.checkpoint import read_metadata
+from ressl.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_eval_linear_prints_and_records(capsys, tiny_run: Path):
 def test_eval_onnx_model(capsys, tmp_path: Path, tiny_run: Path, image_folder: Path):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from ressl.checkpoint import load_encoder
+    from ressl.runs.checkpoint import load_encoder
 
     encoder, settings = load_encoder(tiny_run)
 

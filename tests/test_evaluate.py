@@ -4,10 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ressl.data import load_dataset
-from ressl.evaluate import knn_accuracy, knn_predict, linear_probe, split_features
-from ressl.manifold import _squared_distances, affinities, tsne
-from ressl.sources import ImageData, TensorImages
+from ressl.data.loading import load_dataset
+from ressl.data.sources import ImageData, TensorImages
+from ressl.eval.features import split_features
+from ressl.eval.knn import knn_accuracy, knn_predict
+from ressl.eval.linear import linear_probe
+from ressl.eval.tsne import _squared_distances, affinities, tsne
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -33,8 +33,8 @@ from ressl.export import exporter as exporter_module
 from ressl.export.outputs import write_atomic
 
 from ressl import ReSSL, save_checkpoint
-from ressl.decode import decode_image
-from ressl.imagefiles import IMAGE_EXTENSIONS as FOLDER_EXTENSIONS
+from ressl.data.decode import decode_image
+from ressl.data.imagefiles import IMAGE_EXTENSIONS as FOLDER_EXTENSIONS
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 

@@ -16,16 +16,17 @@ import pytest
 import torch
 from cli_helpers import TINY, assert_one_line_error, run_cli, tiny_args
 
-import ressl.trainer
+import ressl.training.loop
 from ressl import DivergedError, train
-from ressl.checkpoint import load_checkpoint
-from ressl.runlock import RunInUseError, hold_run_folder
-from ressl.stopping import Stopped
+from ressl.errors import RunInUseError
+from ressl.runs.checkpoint import load_checkpoint
+from ressl.runs.lock import hold_run_folder
+from ressl.training.stopping import Stopped
 
 
 def _poison_step(monkeypatch, at_call, how):
     """Make the ``at_call``-th training step (1-based) return a NaN loss or leave an inf weight."""
-    real, calls = ressl.trainer.training_step, [0]
+    real, calls = ressl.training.loop.training_step, [0]
 
     def step(model, *args, **kwargs):
         loss = real(model, *args, **kwargs)
@@ -37,7 +38,7 @@ def _poison_step(monkeypatch, at_call, how):
                 next(model.student.parameters()).fill_(float("inf"))
         return loss
 
-    monkeypatch.setattr(ressl.trainer, "training_step", step)
+    monkeypatch.setattr(ressl.training.loop, "training_step", step)
 
 
 @pytest.mark.parametrize("how", ["loss", "weight"])
@@ -76,7 +77,7 @@ def test_a_diverging_run_exits_with_one_line_and_writes_no_nan(capsys, tmp_path,
 
 
 def test_metrics_are_strict_json():
-    from ressl.runs import write_metrics
+    from ressl.runs.folder import write_metrics
 
     with pytest.raises(ValueError, match="not finite"):
         write_metrics("unused.jsonl", [{"loss": float("nan")}])
@@ -131,7 +132,7 @@ def test_a_second_run_on_a_held_folder_fails_at_once(capsys, tmp_path, image_fol
 def test_the_lock_dies_with_its_process(tmp_path, tiny_settings):
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from ressl.runlock import hold_run_folder\n"
+        [sys.executable, "-c", "import sys, time; from ressl.runs.lock import hold_run_folder\n"
          f"with hold_run_folder({str(run)!r}):\n print('held', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -261,7 +262,7 @@ def test_resume_says_when_there_is_nothing_to_train(caplog, tmp_path, tiny_setti
 
 
 def test_extending_a_run_states_the_replanned_schedule(caplog, tmp_path, tiny_settings):
-    from ressl.functional import cosine_lr
+    from ressl.schedules import cosine_lr
 
     run = tmp_path / "run"
     train(out=run, **tiny_settings)  # 2 epochs of 4 steps, 1 of warm-up
@@ -285,7 +286,7 @@ def test_extending_a_run_states_the_replanned_schedule(caplog, tmp_path, tiny_se
 
 def test_memory_estimate_counts_weights_queue_and_activations():
     from ressl import ReSSL
-    from ressl.memory import training_memory
+    from ressl.training.fits import training_memory
 
     kw = dict(backbone="small", channels=3, image_size=16, width=4, hidden_dim=16, embed_dim=8)
     one = training_memory(**kw, queue_size=32, batch_per_process=8, student_sides=[16],
@@ -319,14 +320,14 @@ def test_options_that_cannot_fit_are_refused_before_allocating(
 
 
 def test_resizing_a_dataset_beyond_memory_is_refused(monkeypatch):
-    import ressl.memory
-    from ressl.rules import ConfigError
+    import ressl.data.loading
+    from ressl.errors import ConfigError
 
-    monkeypatch.setattr(ressl.memory, "device_memory", lambda device: 10**6)
+    monkeypatch.setattr(ressl.data.loading, "device_memory", lambda device: 10**6)
     with pytest.raises(ConfigError, match=r"60000 images of 1x64x64 need 234.4 MB of memory, more "
                        r"than this machine's 976.6 KB; lower image_size"):  # fmt: skip
-        ressl.memory.check_images_fit(60000, 1, 64)
-    ressl.memory.check_images_fit(10, 1, 64)  # 40 KB fits
+        ressl.data.loading.check_images_fit(60000, 1, 64)
+    ressl.data.loading.check_images_fit(10, 1, 64)  # 40 KB fits
 
 
 def test_a_resume_holds_the_folder_before_it_reads_the_checkpoint(
@@ -338,7 +339,7 @@ def test_a_resume_holds_the_folder_before_it_reads_the_checkpoint(
     def read_too_early(*args, **kwargs):
         pytest.fail("the checkpoint was read before the folder was held")
 
-    monkeypatch.setattr(ressl.trainer, "load_checkpoint", read_too_early)
+    monkeypatch.setattr(ressl.training.loop, "load_checkpoint", read_too_early)
     with hold_run_folder(run), pytest.raises(RunInUseError, match="wait for it to end"):
         train(resume=run, epochs=2)
 

@@ -88,7 +88,7 @@ def test_v1_evaluates(capsys, run_copy: Path):
     code, out, err = run_cli(capsys, "eval", "knn", run_copy, "--device", "cpu", "--json")
     assert code == 0, err
     row = json.loads(out)
-    # where the run is: 1 of 3 batches into its second epoch (ressl.position)
+    # where the run is: 1 of 3 batches into its second epoch (ressl.runs.position)
     assert (
         row["dataset"] == "fashion-mnist" and row["epoch"] == 1.33 and row["test_images"] == 10000
     )

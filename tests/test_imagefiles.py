@@ -1,4 +1,4 @@
-"""``ressl.imagefiles``: the one decode (served, embedded and training pixels bit for bit
+"""``ressl.data.imagefiles``: the one decode (served, embedded and training pixels bit for bit
 equal), a resize whose cost the output bounds, and only regular files read as images."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 from ressl.export.images import image_files, load_image, to_batch
 
-from ressl.decode import decode_image
-from ressl.imagefiles import (
+from ressl.data.decode import decode_image
+from ressl.data.imagefiles import (
     TooManyPixels,
     decode_to_size,
     images_under,

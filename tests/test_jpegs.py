@@ -22,10 +22,10 @@ from PIL import Image
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ressl import jpegs, train
-from ressl.checkpoint import load_checkpoint
-from ressl.decode import cut_crops
-from ressl.jpegs import (
+from ressl import train
+from ressl.data import jpegs
+from ressl.data.decode import cut_crops
+from ressl.data.jpegs import (
     MAX_RESIZE_FACTOR,
     collate_encoded,
     decode_on_device,
@@ -34,7 +34,8 @@ from ressl.jpegs import (
     read_for_device,
     resize_box,
 )
-from ressl.sources import FolderImages, epoch_order
+from ressl.data.sources import FolderImages, epoch_order
+from ressl.runs.checkpoint import load_checkpoint
 
 CROPS = [(24, (0.2, 1.0)), (12, (0.05, 0.3))]
 CPU = torch.device("cpu")
@@ -129,7 +130,7 @@ def test_a_damaged_jpeg_falls_back_without_losing_the_batch(tmp_path, caplog):
     g = [torch.Generator().manual_seed(i) for i in range(4)]
     read = [read_for_device(str(f), CROPS, gen) for f, gen in zip(files, g)]
     assert all(r.data is not None for r in read)
-    with caplog.at_level(logging.WARNING, logger="ressl.jpegs"):
+    with caplog.at_level(logging.WARNING, logger="ressl.data.jpegs"):
         views = decode_on_device(read, [24, 12], torch.device("cpu"))
     assert [tuple(v.shape) for v in views] == [(4, 3, 24, 24), (4, 3, 12, 12)]
     for i in (0, 2, 3):  # the good files as if decoded alone
@@ -144,7 +145,7 @@ def test_a_damaged_jpeg_falls_back_without_losing_the_batch(tmp_path, caplog):
 
 @pytest.mark.slow  # three tiny runs: about 3 s
 def test_a_streamed_jpeg_run_decodes_on_the_device_and_resumes_bitwise(tmp_path, monkeypatch):
-    monkeypatch.setattr("ressl.folders.MAX_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr("ressl.data.folders.MAX_IN_MEMORY_BYTES", 0)
     for c in range(2):
         _folder(tmp_path / "jpegs" / "train" / f"c{c}", 8)
     settings = dict(TINY, dataset=f"folder:{tmp_path / 'jpegs'}", decode="device", device="cpu")
@@ -178,7 +179,7 @@ def test_a_file_the_worker_cannot_read_gives_black_crops_and_a_full_batch(tmp_pa
     g = torch.Generator().manual_seed(0)
     read = [read_for_device(str(f), CROPS, g) for f in [*files, tmp_path / "bad.jpg"]]
     assert read[-1].data is None and read[-1].crops is None and read[-1].boxes == []
-    with caplog.at_level(logging.WARNING, logger="ressl.jpegs"):
+    with caplog.at_level(logging.WARNING, logger="ressl.data.jpegs"):
         views = decode_on_device(read, [24, 12], torch.device("cpu"))
     assert [tuple(v.shape) for v in views] == [(4, 3, 24, 24), (4, 3, 12, 12)]
     assert all(not v[3].any() for v in views) and "bad.jpg" in caplog.text
@@ -330,7 +331,7 @@ def test_auto_decodes_on_the_device_where_its_decoder_passes_the_probe(monkeypat
 def test_auto_falls_back_to_the_workers_with_one_line_when_the_probe_fails(monkeypatch, caplog):
     calls = _broken_decoder(monkeypatch)
     monkeypatch.setattr(jpegs, "AUTO_DEVICE_TYPES", ("cpu",))
-    with caplog.at_level(logging.WARNING, logger="ressl.jpegs"):
+    with caplog.at_level(logging.WARNING, logger="ressl.data.jpegs"):
         places = [decode_place("auto", CPU) for _ in range(3)]  # three epochs
     assert places == ["workers"] * 3 and len(calls) == 1  # probed once
     assert len(caplog.records) == 1 and "decodes the JPEGs in the DataLoader workers" in caplog.text
@@ -349,7 +350,7 @@ def test_a_broken_decoder_is_tried_on_one_batch_only(tmp_path, monkeypatch, capl
     each file, the probe), the next go to PIL at once; the crops are PIL's either way."""
     read = _read(_folder(tmp_path, 4))
     calls = _broken_decoder(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="ressl.jpegs"):
+    with caplog.at_level(logging.WARNING, logger="ressl.data.jpegs"):
         first = decode_on_device(read, [24, 12], CPU)
         tried = len(calls)
         second = decode_on_device(read, [24, 12], CPU)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import TINY, assert_one_line_error, run_cli
 
-from ressl.trainer import train
+from ressl.training.loop import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

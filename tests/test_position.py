@@ -1,8 +1,8 @@
-"""``ressl.position``: one definition of where a run is (epochs done + share of the next)."""
+"""``ressl.runs.position``: one definition of where a run is (epochs done + share of the next)."""
 
 from __future__ import annotations
 
-from ressl.position import Position
+from ressl.runs.position import Position
 
 
 def test_mid_epoch_is_the_epoch_in_progress_and_the_share_done():

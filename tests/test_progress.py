@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ressl.cli.progress import TrainProgress, duration
 
-from ressl.trainer import TrainEvent
+from ressl.training.loop import TrainEvent
 
 
 def test_plain_progress_lines_come_at_the_interval_with_an_eta(capsys):

@@ -10,11 +10,11 @@ import torch
 from cli_helpers import run_cli
 
 from ressl import TrainConfig, load_checkpoint, train
-from ressl.checkpoint import read_metadata
-from ressl.model import ReSSL
-from ressl.probe import paper_linear_eval
-from ressl.sources import TensorImages
-from ressl.trainer import _param_groups
+from ressl.data.sources import TensorImages
+from ressl.eval.paper_linear import paper_linear_eval
+from ressl.models.network import ReSSL
+from ressl.runs.checkpoint import read_metadata
+from ressl.training.loop import _param_groups
 
 
 def _bn_buffers(tensors: dict, net: str) -> dict:
@@ -32,7 +32,7 @@ def test_a_trained_teacher_has_batchnorm_statistics_of_its_own(tmp_path, tiny_se
 
 @pytest.mark.parametrize("rule", ["own", "student"])
 def test_the_teacher_statistics_follow_its_own_forward_unless_copied(rule):
-    from ressl.step import training_step
+    from ressl.training.step import training_step
 
     model = ReSSL("small", width=4, image_size=16, hidden_dim=16, embed_dim=8, queue_size=32)
     for m in model.student.modules():

@@ -12,8 +12,8 @@ from cli_helpers import TINY, run_cli
 
 from ressl import train
 from ressl.atomic import write_atomic
-from ressl.runlock import hold_run_folder
-from ressl.runs import (
+from ressl.errors import RunFileError
+from ressl.runs.folder import (
     CHECKPOINT,
     EVAL_LOG,
     LOCK,
@@ -21,13 +21,13 @@ from ressl.runs import (
     RUN_FILES,
     STEPS,
     TENSORBOARD,
-    RunFileError,
     append_run_file,
     check_run_folder,
     open_run_file,
     read_metrics,
     read_run_file,
 )
+from ressl.runs.lock import hold_run_folder
 
 PRECIOUS = b"the user's own file\n"
 posix_only = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")

@@ -360,7 +360,7 @@ def test_serve_flags_default_to_the_settings_defaults():
 def test_serve_settings_state_every_range_and_name_the_setting():
     from ressl.export.server import RULES
 
-    from ressl.rules import ConfigError
+    from ressl.errors import ConfigError
 
     assert set(RULES) <= set(ServeSettings.__dataclass_fields__)
     for name, value in [("max_upload_mb", float("inf")), ("max_upload_mb", 1e300),

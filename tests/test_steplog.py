@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ressl import ConfigError, train
-from ressl.steplog import STEPS, TENSORBOARD, read_steps
+from ressl.training.steplog import STEPS, TENSORBOARD, read_steps
 
 
 def _steps(run: Path) -> list[int]:

@@ -17,12 +17,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ressl.views.blur
-import ressl.views.colour
+import ressl.views.color
 from ressl import ReSSL
-from ressl.crops import CropPlan
-from ressl.sources import TensorImages
-from ressl.step import training_step
+from ressl.data.sources import TensorImages
+from ressl.training.step import training_step
 from ressl.views import StrongView, WeakView
+from ressl.views.plan import CropPlan
 
 #: aten ops that wait for the device when it is a GPU.
 WAITS = {
@@ -111,7 +111,7 @@ def _steps(
 @pytest.fixture
 def accelerator_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernels branch as on a GPU: no subset gathered on the host's word."""
-    for module in (ressl.views.colour, ressl.views.blur):
+    for module in (ressl.views.color, ressl.views.blur):
         monkeypatch.setattr(module, "syncs_are_free", lambda device: False)
 
 
@@ -208,7 +208,7 @@ def test_compiled_views_take_the_sync_free_paths_and_never_recompile():
     first, later = graphs_after_calls()
     assert first > 0 and later == first
     with pytest.MonkeyPatch.context() as patch:  # the CPU's gather paths, compiled: recompiles
-        for module in (ressl.views.colour, ressl.views.blur):
+        for module in (ressl.views.color, ressl.views.blur):
             patch.setattr(module, "syncs_are_free", lambda device: device.type == "cpu")
         first, later = graphs_after_calls()
     assert later > first

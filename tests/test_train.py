@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ressl import TrainConfig, load_checkpoint, load_encoder, train
-from ressl.checkpoint import CheckpointError
+from ressl.errors import CheckpointError
 
 TIMING = {"images_per_second", "epoch_seconds"}
 
@@ -149,7 +149,7 @@ def test_per_dataset_defaults_follow_the_paper():
 
 
 def test_streamed_folder_crops_in_workers_reproducibly(tmp_path, tiny_settings, monkeypatch):
-    monkeypatch.setattr("ressl.folders.MAX_IN_MEMORY_BYTES", 0)  # force the DataLoader path
+    monkeypatch.setattr("ressl.data.folders.MAX_IN_MEMORY_BYTES", 0)  # force the DataLoader path
     in_process = train(out=tmp_path / "a", **dict(tiny_settings, epochs=1, num_workers=0))
     workers = train(out=tmp_path / "b", **dict(tiny_settings, epochs=1, num_workers=2))
     assert_same_state(in_process, workers)  # crops seeded per (seed, epoch, image), not per worker
@@ -163,7 +163,7 @@ def test_streamed_folder_multicrop_and_symmetric(tmp_path, tiny_settings, monkey
     import sys
 
     monkeypatch.setattr(
-        "ressl.folders.MAX_IN_MEMORY_BYTES", 0
+        "ressl.data.folders.MAX_IN_MEMORY_BYTES", 0
     )  # crops cut in the DataLoader workers
     crops_module = sys.modules["ressl.views.compose"]  # StrongView calls strong_view here
     sides = []
@@ -181,7 +181,7 @@ def test_streamed_folder_multicrop_and_symmetric(tmp_path, tiny_settings, monkey
 
 
 def test_streamed_folder_resumes_bitwise(tmp_path, tiny_settings, monkeypatch):
-    monkeypatch.setattr("ressl.folders.MAX_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr("ressl.data.folders.MAX_IN_MEMORY_BYTES", 0)
     straight = train(out=tmp_path / "a", **tiny_settings)
     train(out=tmp_path / "b", **dict(tiny_settings, epochs=1))
     assert_same_state(straight, train(resume=tmp_path / "b", epochs=2))
@@ -357,7 +357,7 @@ def test_a_config_object_trains_like_the_keywords(tmp_path, tiny_settings):
 
 
 def test_a_stop_between_window_ends_keeps_every_loss(tmp_path, tiny_settings, monkeypatch):
-    from ressl.stopping import StopAgreement
+    from ressl.training.stopping import StopAgreement
 
     calls = []
 
@@ -378,7 +378,7 @@ def test_a_stop_between_window_ends_keeps_every_loss(tmp_path, tiny_settings, mo
 @pytest.mark.parametrize("kernel", ["fused", "foreach", "default"])
 def test_the_sgd_kernel_setting_picks_the_update(kernel):
     from ressl.distributed import World
-    from ressl.trainer import _sgd
+    from ressl.training.loop import _sgd
 
     p = torch.zeros(3, requires_grad=True)
     opt = _sgd([{"params": [p], "weight_decay": 0.0}], 0.1, TrainConfig(sgd_kernel=kernel), World())
@@ -391,7 +391,7 @@ def test_fused_sgd_falls_back_to_foreach_where_it_has_no_kernel(caplog):
     """PyTorch refuses fused SGD for such parameters only at the first step; ressl checks
     before it builds the optimiser."""
     from ressl.distributed import World
-    from ressl.trainer import _sgd
+    from ressl.training.loop import _sgd
 
     p = torch.zeros(3, device="meta", requires_grad=True)
     with caplog.at_level("WARNING", logger="ressl"):

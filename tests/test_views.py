@@ -639,7 +639,7 @@ def test_cuda_building_blocks_equal_cpu():
 def test_sync_free_hue_path_matches_the_gathered_one():
     # Accelerators run hue densely (no host sync); CPU gathers the due images. Same result.
     from ressl.views import sample_jitter_params
-    from ressl.views.colour import adjust_colors_
+    from ressl.views.color import adjust_colors_
 
     g = torch.Generator().manual_seed(7)
     x = torch.rand(64, 3, 16, 16, generator=g)
@@ -693,10 +693,10 @@ def test_the_sync_free_views_launch_few_kernels(monkeypatch, blur_p, most):
     # the hue ran at each of the 4 positions and each box pass summed cumulatively; 273 and
     # 372 since.
     import ressl.views.blur
-    import ressl.views.colour
+    import ressl.views.color
     import ressl.views.geometry
 
-    for module in (ressl.views.colour, ressl.views.blur):
+    for module in (ressl.views.color, ressl.views.blur):
         monkeypatch.setattr(module, "syncs_are_free", lambda device: False)
     monkeypatch.setattr(ressl.views.geometry, "_CPU_CHUNK", 1 << 62)  # no CPU chunks
     x = uint8_images(16, 3, 16, 16)

@@ -1,4 +1,4 @@
-"""``ressl.weights``: the loading code printed by ``ressl export -o X.safetensors`` and
+"""``ressl.runs.weights``: the loading code printed by ``ressl export -o X.safetensors`` and
 ``ressl info X.safetensors`` gives ressl's features when pasted, from any folder."""
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ Example:
     torch.Size([8, 3, 32, 32])
 """
 
-from .blur import BLUR_MODES, blur_kernel_size, gaussian_blur, pil_gaussian_blur
-from .colour import (
+from ressl.views.blur import BLUR_MODES, blur_kernel_size, gaussian_blur, pil_gaussian_blur
+from ressl.views.color import (
     adjust_brightness,
     adjust_colors,
     adjust_contrast,
@@ -42,8 +42,13 @@ from .colour import (
     rgb_to_grayscale,
     sample_jitter_params,
 )
-from .compose import StrongView, WeakView, normalize, strong_view, weak_view
-from .geometry import multicrop_scales, random_resized_crop, resized_crop, sample_crop_boxes
+from ressl.views.compose import StrongView, WeakView, normalize, strong_view, weak_view
+from ressl.views.geometry import (
+    multicrop_scales,
+    random_resized_crop,
+    resized_crop,
+    sample_crop_boxes,
+)
 
 __all__ = [
     "StrongView",

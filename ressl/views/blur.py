@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import Tensor
 from torch.nn import functional as F
 
-from .checks import check_images, check_per_image, coin, device_constant, syncs_are_free
+from ressl.views.checks import check_images, check_per_image, coin, device_constant, syncs_are_free
 
 __all__ = ["BLUR_MODES", "blur_kernel_size", "gaussian_blur", "pil_gaussian_blur", "random_blur"]
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..rules import JITTER, PROBABILITY
+from ressl.rules import JITTER, PROBABILITY
 
 __all__ = [
     "check_channel_stats",

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .blur import BLUR_MODES, random_blur
-from .checks import (
+from ressl.views.blur import BLUR_MODES, random_blur
+from ressl.views.checks import (
     check_channel_stats,
     check_generator,
     check_images,
@@ -30,8 +30,8 @@ from .checks import (
     device_constant,
     per_image,
 )
-from .colour import adjust_colors_, rgb_to_grayscale, sample_jitter_params
-from .geometry import flipped, resample, resized_crop, sample_crop_boxes
+from ressl.views.color import adjust_colors_, rgb_to_grayscale, sample_jitter_params
+from ressl.views.geometry import flipped, resample, resized_crop, sample_crop_boxes
 
 __all__ = ["StrongView", "WeakView", "normalize", "strong_view", "weak_view"]
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .checks import (
+from ressl.views.checks import (
     check_generator,
     check_images,
     check_per_image,

@@ -1,0 +1,142 @@
+"""Evaluation protocols: feature extraction, the weighted kNN monitor and the linear probe.
+
+The protocols of RESSL.md ("Evaluation protocols"), shared by the trainer's monitor,
+``ressl eval knn|linear`` and ``benchmarks/quality.py``:
+
+* kNN (InstDisc / MoCo monitor): L2-normalised backbone features, cosine similarity,
+  the k = 200 nearest training images vote with weight ``exp(sim / 0.1)``.
+* Linear probe: a linear layer trained on frozen backbone features (extracted once,
+  encoder in eval mode so BatchNorm uses its running statistics), SGD with momentum
+  0.9, no weight decay, cosine schedule, 100 epochs; top-1 on the test split.
+
+The t-SNE of the paper's qualitative figure is in :mod:`ressl.eval.tsne` (``ressl.tsne``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ressl.views import normalize
+
+if TYPE_CHECKING:
+    from ressl.data.sources import ImageData, ImageSource
+
+__all__ = ["extract_features", "split_features", "topk_accuracy"]
+
+
+@torch.no_grad()
+def extract_features(
+    fn: Callable[[Tensor], Tensor],
+    source: ImageSource,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Run ``fn`` (e.g. ``encoder.features``) over a whole image source, in order.
+
+    Args:
+        fn: ``(B, C, H, W)`` normalised float -> ``(B, F)`` features; call it in eval mode.
+        source: images and labels (``ressl.data.sources.ImageSource``).
+        mean, std: per-channel normalisation.
+        batch_size: images per forward pass.
+        device: where to compute.
+        autocast_dtype: e.g. ``torch.bfloat16`` to run under autocast.
+        channels_last: feed NHWC-strided inputs.
+        progress: called with the number of images done after each batch.
+
+    Returns:
+        ``(features, labels)``: float32 ``(N, F)`` L2-normalised features on
+        ``device`` and int64 ``(N,)`` labels.
+    """
+    device = torch.device(device)
+    feats, labels = [], []
+    ctx = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    for images, y in source.batches(
+        batch_size, epoch=0, seed=0, device=device, shuffle=False, drop_last=False
+    ):
+        x = normalize(
+            images, mean, std, input_scale=1 / 255 if images.dtype == torch.uint8 else 1.0
+        )
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with ctx:
+            f = fn(x)
+        feats.append(F.normalize(f.float(), dim=1))
+        labels.append(y)
+        if progress is not None:
+            progress(sum(len(t) for t in labels))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def split_features(
+    fn: Callable[[Tensor], Tensor],
+    data: ImageData,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Features of a dataset's labelled training split and its test split (the eval protocols' input).
+
+    The training side is ``data.memory`` (the labelled train images: the whole train
+    split for Fashion-MNIST / CIFAR / labelled folders, the 5,000 labelled images for
+    STL-10).
+
+    Args:
+        fn: ``(B, C, H, W)`` normalised float -> ``(B, F)``; call it in eval mode.
+        data: a loaded dataset (``ressl.load_dataset``).
+        mean, std: normalisation; default the dataset's own (pass the checkpoint's
+            when they differ).
+        batch_size, device, autocast_dtype: as in :func:`extract_features`.
+        progress: called with the images done so far (train split, then test split).
+
+    Returns:
+        ``(train_features (N, F), train_labels (N,), test_features (M, F), test_labels (M,))``,
+        features L2-normalised float32 on ``device``.
+
+    Raises:
+        ValueError: if the dataset has no labelled training split or no labelled test split.
+    """
+    if data.memory is None or not data.classes:
+        raise ValueError(
+            f"dataset {data.name!r} has no labels; kNN and linear evaluation need a labelled train split"
+        )
+    if data.test is None:
+        raise ValueError(
+            f"dataset {data.name!r} has no labelled test split (a folder needs test/ or val/ "
+            "with the same class sub-folders as train/)"
+        )
+    kw: dict[str, Any] = dict(
+        mean=data.mean if mean is None else mean, std=data.std if std is None else std,
+        batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
+    )  # fmt: skip
+    report = progress or (lambda done: None)
+    train_f, train_y = extract_features(fn, data.memory, **kw, progress=report)
+    n = len(train_y)
+    test_f, test_y = extract_features(fn, data.test, **kw, progress=lambda done: report(n + done))
+    return train_f, train_y, test_f, test_y
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, k: int) -> float:
+    """The percentage of rows of ``scores`` whose ``k`` highest include the row's label."""
+    k = min(k, scores.shape[1])
+    hit = (scores.topk(k, dim=1).indices == labels.view(-1, 1).to(scores.device)).any(dim=1)
+    return 100.0 * hit.float().mean().item()

@@ -1,0 +1,62 @@
+"""The kNN monitor a training run reports: weighted kNN on the student's backbone features.
+
+Distributed, each rank extracts the features of its contiguous part of each split and
+the parts are gathered in rank order, so every rank computes the same accuracy as one
+process would.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ressl.data.sources import ImageData, ImageSource, source_part
+from ressl.distributed import World, all_gather_rows
+from ressl.eval.features import extract_features
+from ressl.eval.knn import knn_accuracy
+from ressl.models.network import Encoder
+
+if TYPE_CHECKING:
+    from ressl.config.settings import TrainConfig
+
+__all__ = ["knn_monitor"]
+
+
+def knn_monitor(
+    encoder: Encoder,
+    data: ImageData,
+    config: TrainConfig,
+    device: torch.device,
+    amp: torch.dtype | None,
+    world: World,
+) -> dict[str, float]:
+    """``{"knn_top1": ..., "knn_top5": ...}`` of ``encoder`` on ``data`` (empty without labels).
+
+    The memory bank is ``data.memory``, the queries ``data.test``; k and t are the
+    config's ``knn_k`` and ``knn_temperature``. The encoder runs in eval mode (BatchNorm
+    running statistics: no collectives, so ranks may run different batch sizes) and is
+    put back in the mode it was in.
+    """
+    if data.memory is None or data.test is None or not data.classes:
+        return {}
+    was_training = encoder.training
+    encoder.eval()
+    kw: dict[str, Any] = dict(mean=data.mean, std=data.std, batch_size=512, device=device,
+                              autocast_dtype=amp, channels_last=config.channels_last)  # fmt: skip
+
+    def features(source: ImageSource) -> tuple[Tensor, Tensor]:
+        n = len(source)
+        if not world.distributed or n < world.size:
+            return extract_features(encoder.features, source, **kw)
+        part = source_part(source, n * world.rank // world.size, n * (world.rank + 1) // world.size)
+        f, y = extract_features(encoder.features, part, **kw)
+        return all_gather_rows(f), all_gather_rows(y)
+
+    mem_f, mem_y = features(data.memory)
+    test_f, test_y = features(data.test)
+    encoder.train(was_training)
+    k, t = config.knn_k, config.knn_temperature
+    acc = knn_accuracy(mem_f, mem_y, test_f, test_y, len(data.classes), k, t)
+    return {f"knn_{name}": round(v, 4) for name, v in acc.items()}
