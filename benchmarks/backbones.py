@@ -42,9 +42,14 @@ class MyNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        )  # fmt: skip
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).mean(dim=(2, 3))
@@ -92,9 +97,20 @@ def measure(spec: str, root: Path, args: argparse.Namespace, files: list[Path]) 
     module = MyNet() if spec == "custom:MyNet" else None
     run = root / spec.replace(":", "-")
     t0 = time.perf_counter()
-    train(dataset="fashion-mnist", subset=args.subset, epochs=args.epochs, batch_size=64,
-          backbone=module if module is not None else spec, queue_size=1024, knn_every=-1,
-          warmup_epochs=0, device="cpu", out=str(run), num_workers=0, image_size=32)  # fmt: skip
+    train(
+        dataset="fashion-mnist",
+        subset=args.subset,
+        epochs=args.epochs,
+        batch_size=64,
+        backbone=module if module is not None else spec,
+        queue_size=1024,
+        knn_every=-1,
+        warmup_epochs=0,
+        device="cpu",
+        out=str(run),
+        num_workers=0,
+        image_size=32,
+    )
     seconds = time.perf_counter() - t0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     encoder, _ = load_encoder(run, backbone=module)
@@ -114,8 +130,16 @@ def measure(spec: str, root: Path, args: argparse.Namespace, files: list[Path]) 
     except Exception as e:  # noqa: BLE001 - the table says why a model did not export
         parity, embed = f"not exported: {str(e).splitlines()[0][:60]}", "-"
     weights = _weights_parity(run, root / "backbone.safetensors", module)
-    return [f"`{spec}`", f"{params / 1e6:.2f} M", str(dim), f"{rows[-1]['images_per_second']:.0f}",
-            f"{seconds:.0f} s", parity, weights, embed]  # fmt: skip
+    return [
+        f"`{spec}`",
+        f"{params / 1e6:.2f} M",
+        str(dim),
+        f"{rows[-1]['images_per_second']:.0f}",
+        f"{seconds:.0f} s",
+        parity,
+        weights,
+        embed,
+    ]
 
 
 def main() -> None:
@@ -125,8 +149,16 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="backbones to run (default: all)")
     parser.add_argument("--write", action="store_true", help="put the table in docs/benchmarks.md")
     args = parser.parse_args()
-    header = ["backbone", "parameters", "F", "train img/s (CPU)", "train time", "ONNX vs PyTorch (max abs diff)",
-              "weights in own library (max abs diff)", "embedded"]  # fmt: skip
+    header = [
+        "backbone",
+        "parameters",
+        "F",
+        "train img/s (CPU)",
+        "train time",
+        "ONNX vs PyTorch (max abs diff)",
+        "weights in own library (max abs diff)",
+        "embedded",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

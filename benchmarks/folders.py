@@ -67,8 +67,12 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=lambda t: [int(v) for v in t.split(",")], default=[0, 2])
-    p.add_argument("--decode", type=lambda t: t.split(","), default=["workers", "device"],
-                   help="where crops are decoded: workers (PIL), device (torchvision, the CPU here)")  # fmt: skip
+    p.add_argument(
+        "--decode",
+        type=lambda t: t.split(","),
+        default=["workers", "device"],
+        help="where crops are decoded: workers (PIL), device (torchvision, the CPU here)",
+    )
     p.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     args = p.parse_args()
 

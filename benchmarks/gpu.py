@@ -79,8 +79,13 @@ class Case:
 
     @property
     def label(self) -> str:
-        plan = (f"multi-crop {','.join(map(str, self.crops))}" if self.crops
-                else "symmetric" if self.symmetric else "one crop")  # fmt: skip
+        plan = (
+            f"multi-crop {','.join(map(str, self.crops))}"
+            if self.crops
+            else "symmetric"
+            if self.symmetric
+            else "one crop"
+        )
         return f"{self.backbone} {self.size} px, batch {self.batch}, {plan}"
 
 
@@ -117,15 +122,23 @@ def reset_device(device: torch.device) -> None:
 def _step_fn(case: Case, device: torch.device, channels: int) -> tuple[Any, float]:
     """A function running one training step, and the seconds compiling took (0 eager)."""
     plan = CropPlan.build(case.size, (0.2, 1.0), case.crops, None, case.symmetric)
-    model = ReSSL(case.backbone, in_channels=channels, image_size=case.size, hidden_dim=512,
-                  embed_dim=128, queue_size=max(4096, 2 * case.batch)).to(device)  # fmt: skip
+    model = ReSSL(
+        case.backbone,
+        in_channels=channels,
+        image_size=case.size,
+        hidden_dim=512,
+        embed_dim=128,
+        queue_size=max(4096, 2 * case.batch),
+    ).to(device)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
-    opt = torch.optim.SGD(model.student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4,
-                          fused=True)  # as ressl train (--sgd-kernel fused)  # fmt: skip
+    opt = torch.optim.SGD(
+        model.student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, fused=True
+    )  # as ressl train (--sgd-kernel fused)
     amp = autocast_dtype("auto", device)
     views = torch.Generator(device=device).manual_seed(0)
-    images = torch.randint(0, 256, (case.batch, channels, case.size, case.size), dtype=torch.uint8,
-                           device=device)  # fmt: skip
+    images = torch.randint(
+        0, 256, (case.batch, channels, case.size, case.size), dtype=torch.uint8, device=device
+    )
     mean, std = (0.5,) * channels, (0.25,) * channels
     student: nn.Module = EncodeCrops(model.student)
     teacher: nn.Module = model.teacher
@@ -136,8 +149,9 @@ def _step_fn(case: Case, device: torch.device, channels: int) -> tuple[Any, floa
         teacher = torch.compile(teacher, mode=mode, dynamic=False)
 
     def make_views() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        x_t, x_s = plan.views(images, generator=views, mean=mean, std=std, student=StrongView(),
-                              teacher=WeakView())  # fmt: skip
+        x_t, x_s = plan.views(
+            images, generator=views, mean=mean, std=std, student=StrongView(), teacher=WeakView()
+        )
         x_t = [x.contiguous(memory_format=torch.channels_last) for x in x_t]
         x_s = [x.contiguous(memory_format=torch.channels_last) for x in x_s]
         return x_t, x_s
@@ -146,8 +160,17 @@ def _step_fn(case: Case, device: torch.device, channels: int) -> tuple[Any, floa
         if case.mode == "cuda graphs":
             torch.compiler.cudagraph_mark_step_begin()  # as ressl train does
         x_t, x_s = make_views()
-        return training_step(model, opt, x_t, x_s, momentum=0.99, symmetric=plan.symmetric,
-                             autocast_dtype=amp, student=student, teacher=teacher)  # fmt: skip
+        return training_step(
+            model,
+            opt,
+            x_t,
+            x_s,
+            momentum=0.99,
+            symmetric=plan.symmetric,
+            autocast_dtype=amp,
+            student=student,
+            teacher=teacher,
+        )
 
     step.views = make_views  # type: ignore[attr-defined]
     if case.mode != "eager":
@@ -191,10 +214,16 @@ def measure(case: Case, device: torch.device, steps: int, channels: int = 3) -> 
     ips = case.batch / seconds
     peak = _peak(device)
     memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"case": case, "images_per_second": ips, "flops_per_image": flops or None,
-            "peak_fraction": ips * flops / peak if peak and flops else None, "memory": memory,
-            "compile_seconds": compile_seconds, "views_share": views / seconds,
-            "cifar_200_epochs_min": CIFAR_IMAGES * CIFAR_EPOCHS / ips / 60}  # fmt: skip
+    return {
+        "case": case,
+        "images_per_second": ips,
+        "flops_per_image": flops or None,
+        "peak_fraction": ips * flops / peak if peak and flops else None,
+        "memory": memory,
+        "compile_seconds": compile_seconds,
+        "views_share": views / seconds,
+        "cifar_200_epochs_min": CIFAR_IMAGES * CIFAR_EPOCHS / ips / 60,
+    }
 
 
 def _image_folder(root: Path, count: int, side: int, suffix: str) -> Path:
@@ -251,13 +280,22 @@ def trainer_images_per_second(device: torch.device, compile: str = "off", **sett
     default (as the first row it is compared with; and no compile time in the budget)."""
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        train(out=f"{tmp}/run", device=str(device), knn_every=-1, warmup_epochs=0,
-              compile=compile, **settings)  # fmt: skip
+        train(
+            out=f"{tmp}/run",
+            device=str(device),
+            knn_every=-1,
+            warmup_epochs=0,
+            compile=compile,
+            **settings,
+        )
         rows = [
             json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()
         ]
-    print(f"ressl train {settings.get('backbone')}: {time.perf_counter() - t:.0f} s",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"ressl train {settings.get('backbone')}: {time.perf_counter() - t:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return float(rows[-1]["images_per_second"])
 
 
@@ -283,9 +321,11 @@ def _rows(cases: list[Case], device: torch.device, steps: int) -> list[dict[str,
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| step | mode | images/s | views' share | peak memory (GiB) | GFLOP/image | "
-             "of bf16 peak | compile | 200 CIFAR epochs |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| step | mode | images/s | views' share | peak memory (GiB) | GFLOP/image | "
+        "of bf16 peak | compile | 200 CIFAR epochs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         case = r["case"]
         if "error" in r:
@@ -313,8 +353,15 @@ def views_rows(device: torch.device, steps: int, tiny: bool) -> list[str]:
         g = torch.Generator(device=device).manual_seed(0)
         strong = StrongView(blur_p=blur)
 
-        views = functools.partial(plan.views, images, generator=g, mean=(0.5,) * 3,
-                                  std=(0.25,) * 3, student=strong, teacher=WeakView())  # fmt: skip
+        views = functools.partial(
+            plan.views,
+            images,
+            generator=g,
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+            student=strong,
+            teacher=WeakView(),
+        )
 
         reset_device(device)
         compiled = torch.compile(views, dynamic=False)
@@ -323,23 +370,29 @@ def views_rows(device: torch.device, steps: int, tiny: bool) -> list[str]:
             compiled()
             times = [_timed(fn, device, steps) for fn in (views, compiled)]
         except Exception as e:  # noqa: BLE001 - a failed compile is a row saying so
-            lines.append(f"| {size} px, batch {batch}, blur {blur} | failed: "
-                         f"{str(e).strip().splitlines()[0][:60]} | | |")  # fmt: skip
+            lines.append(
+                f"| {size} px, batch {batch}, blur {blur} | failed: "
+                f"{str(e).strip().splitlines()[0][:60]} | | |"
+            )
             continue
         eager_ips, compiled_ips = (batch / t for t in times)
-        lines.append(f"| {size} px, batch {batch}, blur p {blur} | {eager_ips:,.0f} images/s | "
-                     f"{compiled_ips:,.0f} images/s | {compiled_ips / eager_ips:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| {size} px, batch {batch}, blur p {blur} | {eager_ips:,.0f} images/s | "
+            f"{compiled_ips:,.0f} images/s | {compiled_ips / eager_ips:.2f}x |"
+        )
     return lines
 
 
-def pipeline_images_per_second(root: Path, side: int, batch: int, workers: int,
-                               device: torch.device, decode: str) -> float:  # fmt: skip
+def pipeline_images_per_second(
+    root: Path, side: int, batch: int, workers: int, device: torch.device, decode: str
+) -> float:
     """The streamed folder's crops alone (no training): images/s delivered on ``device``."""
     data = load_dataset(f"folder:{root}", image_size=side)
     plan = CropPlan.build(side, (0.2, 1.0))
     assert isinstance(data.train, FolderImages)
-    batches = data.train.crop_batches(batch, plan.worker_crops, epoch=0, seed=0, device=device,
-                                      num_workers=workers, decode=decode)  # fmt: skip
+    batches = data.train.crop_batches(
+        batch, plan.worker_crops, epoch=0, seed=0, device=device, num_workers=workers, decode=decode
+    )
     next(iter(batches))  # workers started
     _sync(device)
     t, n = time.perf_counter(), 0
@@ -368,8 +421,10 @@ def main() -> None:
         cases = [Case("small", 28, 1024, mode=m) for m in modes]
         cases += [Case("resnet18", 32, 512, mode=m) for m in modes]
         cases += [Case("resnet18", 32, 256, mode=m) for m in modes[:2]]
-        cases += [Case("resnet18", 32, 256, crops=(32, 28, 24, 20, 16)),
-                  Case("resnet18", 32, 256, symmetric=True)]  # fmt: skip
+        cases += [
+            Case("resnet18", 32, 256, crops=(32, 28, 24, 20, 16)),
+            Case("resnet18", 32, 256, symmetric=True),
+        ]
         folder = dict(
             backbone="resnet50", image_size=224, batch_size=128, count=2048, side=500, epochs=2
         )
@@ -380,23 +435,37 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # the first row's step, through ressl train
         c = first["case"]
         root = _image_folder(Path(tmp), c.batch * (min(steps, 10) + 1), c.size, ".png")
-        trained = trainer_images_per_second(device, dataset=f"folder:{root}", backbone=c.backbone,
-                                            batch_size=c.batch, image_size=c.size, epochs=2,
-                                            queue_size=max(4096, 2 * c.batch))  # fmt: skip
+        trained = trainer_images_per_second(
+            device,
+            dataset=f"folder:{root}",
+            backbone=c.backbone,
+            batch_size=c.batch,
+            image_size=c.size,
+            epochs=2,
+            queue_size=max(4096, 2 * c.batch),
+        )
     folders.MAX_IN_MEMORY_BYTES = 0  # the folder is streamed from disk however small it is
-    jpeg = ["| JPEG folder, " + f"{folder['backbone']} {folder['image_size']} px, batch "
-            f"{folder['batch_size']} | crops alone | ressl train |", "|---|---:|---:|"]  # fmt: skip
+    jpeg = [
+        "| JPEG folder, " + f"{folder['backbone']} {folder['image_size']} px, batch "
+        f"{folder['batch_size']} | crops alone | ressl train |",
+        "|---|---:|---:|",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         spec = folder.copy()
         side = spec.pop("side")
         root = photo_folder(Path(tmp), spec.pop("count"), (side, side * 3 // 4))
         for decode in ("workers", "device"):
-            alone = pipeline_images_per_second(root, spec["image_size"], spec["batch_size"],
-                                               workers, device, decode)  # fmt: skip
-            trained_jpeg = trainer_images_per_second(device, dataset=f"folder:{root}",
-                                                     num_workers=workers, decode=decode, **spec)  # fmt: skip
-            where = (f"decoded in {workers} DataLoader workers (PIL)" if decode == "workers"
-                     else f"bytes read in {workers} workers, decoded on the {device.type}")  # fmt: skip
+            alone = pipeline_images_per_second(
+                root, spec["image_size"], spec["batch_size"], workers, device, decode
+            )
+            trained_jpeg = trainer_images_per_second(
+                device, dataset=f"folder:{root}", num_workers=workers, decode=decode, **spec
+            )
+            where = (
+                f"decoded in {workers} DataLoader workers (PIL)"
+                if decode == "workers"
+                else f"bytes read in {workers} workers, decoded on the {device.type}"
+            )
             jpeg.append(f"| {where} | {alone:,.0f} | {trained_jpeg:,.0f} |")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     table = "\n".join(lines + views) + (

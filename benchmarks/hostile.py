@@ -133,9 +133,27 @@ def build_fixtures(root: Path, python: str) -> None:
 # ------------------------------------------------------------------ the cases
 
 RESUME = ["train", "--resume", "{dir}/run", "--epochs", "2", "--device", "cpu"]
-TRAIN = ["train", "--backbone", "small", "--width", "8", "--hidden-dim", "32", "--embed-dim",
-         "16", "--epochs", "1", "--batch-size", "4", "--queue-size", "16", "--knn-every", "-1",
-         "--device", "cpu"]  # fmt: skip
+TRAIN = [
+    "train",
+    "--backbone",
+    "small",
+    "--width",
+    "8",
+    "--hidden-dim",
+    "32",
+    "--embed-dim",
+    "16",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+    "--queue-size",
+    "16",
+    "--knn-every",
+    "-1",
+    "--device",
+    "cpu",
+]
 
 
 def _embed(*paths: str) -> list[str]:
@@ -218,35 +236,80 @@ def cases() -> list[Case]:
         Case("embed: 1x2,000,000 PNG", "1", _embed("{fx}/bomb.png")),
         Case("train: folder with a 1x300,000 PNG", "1", _train("{dir}/imgs"), setup=_thin_png_in),
         Case("eval knn: folder with a 1x300,000 PNG", "1", knn, setup=_thin_png_in),
-        Case("embed: a named pipe named directly", "3", _embed("{dir}/pipe.png", "{fx}/small.png"),
-             setup=_fifo),
+        Case(
+            "embed: a named pipe named directly",
+            "3",
+            _embed("{dir}/pipe.png", "{fx}/small.png"),
+            setup=_fifo,
+        ),
         Case("embed: folder with a named pipe", "3", _embed("{dir}/imgs"), setup=_pipe_in),
         Case("train: folder with a named pipe", "3", _train("{dir}/imgs"), setup=_pipe_in),
         Case("embed ''", "3", _embed("")),
         Case("serve: 28x28 PNG upload (reference)", "1", request=_upload("s.png", _png((28, 28)))),
         Case("serve: 1x2,000,000 PNG upload", "1", request=_upload("bomb.png", _png(BOMB))),
         Case("serve: not an image", "6", request=_upload("x.png", b"not an image")),
-        Case("train --resume: RUN/.lock links out", "2", RESUME,
-             setup=_link_out(".lock")),
-        Case("eval knn: RUN/eval.jsonl links out", "2", ["eval", "knn", "{dir}/run"],
-             setup=_link_out("eval.jsonl")),
-        Case("serve --max-wait-ms inf", "3", ["serve", "{fx}/enc.onnx", "--max-wait-ms", "inf", "--port", "8719"]),
-        Case("embed: ONNX static 28x28, metadata 4096", "4/5", ["embed", "{dir}/lying.onnx", "{fx}/small.png",
-             "-o", "{dir}/e.npz"], setup=_onnx_contradicting),
-        Case("info: settings nested 100,000 deep", "5", ["info", "{dir}/run"], setup=_nested_settings),
-        Case("serve --max-upload-mb inf", "5", ["serve", "{fx}/enc.onnx", "--max-upload-mb", "inf"]),
-        Case("serve --max-upload-mb nan", "6", ["serve", "{fx}/enc.onnx", "--max-upload-mb", "nan"]),
-        Case("train --resume: metrics.jsonl line cut", "6", RESUME,
-             setup=_cut_metrics_line),
-        Case("train --seed 1e20", "6", [*TRAIN, "--dataset", "folder:{fx}/data", "--seed",
-             "100000000000000000000", "--out", "{dir}/run"]),
-        Case("train --ema-momentum 1", "6", [*TRAIN, "--dataset", "folder:{fx}/data", "--ema-momentum", "1",
-             "--out", "{dir}/run"]),
-        Case("train --teacher-temperature 1e-30", "6", [*TRAIN, "--dataset", "folder:{fx}/data",
-             "--teacher-temperature", "1e-30", "--out", "{dir}/run"]),
+        Case("train --resume: RUN/.lock links out", "2", RESUME, setup=_link_out(".lock")),
+        Case(
+            "eval knn: RUN/eval.jsonl links out",
+            "2",
+            ["eval", "knn", "{dir}/run"],
+            setup=_link_out("eval.jsonl"),
+        ),
+        Case(
+            "serve --max-wait-ms inf",
+            "3",
+            ["serve", "{fx}/enc.onnx", "--max-wait-ms", "inf", "--port", "8719"],
+        ),
+        Case(
+            "embed: ONNX static 28x28, metadata 4096",
+            "4/5",
+            ["embed", "{dir}/lying.onnx", "{fx}/small.png", "-o", "{dir}/e.npz"],
+            setup=_onnx_contradicting,
+        ),
+        Case(
+            "info: settings nested 100,000 deep", "5", ["info", "{dir}/run"], setup=_nested_settings
+        ),
+        Case(
+            "serve --max-upload-mb inf", "5", ["serve", "{fx}/enc.onnx", "--max-upload-mb", "inf"]
+        ),
+        Case(
+            "serve --max-upload-mb nan", "6", ["serve", "{fx}/enc.onnx", "--max-upload-mb", "nan"]
+        ),
+        Case("train --resume: metrics.jsonl line cut", "6", RESUME, setup=_cut_metrics_line),
+        Case(
+            "train --seed 1e20",
+            "6",
+            [
+                *TRAIN,
+                "--dataset",
+                "folder:{fx}/data",
+                "--seed",
+                "100000000000000000000",
+                "--out",
+                "{dir}/run",
+            ],
+        ),
+        Case(
+            "train --ema-momentum 1",
+            "6",
+            [*TRAIN, "--dataset", "folder:{fx}/data", "--ema-momentum", "1", "--out", "{dir}/run"],
+        ),
+        Case(
+            "train --teacher-temperature 1e-30",
+            "6",
+            [
+                *TRAIN,
+                "--dataset",
+                "folder:{fx}/data",
+                "--teacher-temperature",
+                "1e-30",
+                "--out",
+                "{dir}/run",
+            ],
+        ),
         Case("ressl --version", "12", ["--version"]),
         Case("info: a path that does not exist", "12", ["info", "{dir}/nothing"]),
-    ]  # fmt: skip
+    ]
 
 
 # ------------------------------------------------------------------ running one case
@@ -282,9 +345,13 @@ def _run_request(
     python: str, model: Path, request: tuple[str, bytes, str], cwd: Path
 ) -> tuple[str, str, float, float]:
     port = _free_port()
-    server = subprocess.Popen([python, "-m", "ressl", "serve", str(model), "--port", str(port), "--device", "cpu"],
-                              cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              start_new_session=True)  # fmt: skip
+    server = subprocess.Popen(
+        [python, "-m", "ressl", "serve", str(model), "--port", str(port), "--device", "cpu"],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + LIMIT_S
         while time.monotonic() < deadline:
@@ -362,8 +429,13 @@ def _run_command_isolated(python: str, argv: list[str], cwd: Path) -> tuple[str,
         "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
         "print(json.dumps([code, out.decode(errors='replace'), err.decode(errors='replace'), peak, s]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", helper, json.dumps(argv), str(LIMIT_S), python],
-                          cwd=cwd, capture_output=True, text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", helper, json.dumps(argv), str(LIMIT_S), python],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     code, out, err, peak, seconds = json.loads(done.stdout)
     if code == "killed":
         return "killed", "hang", peak, seconds
@@ -398,8 +470,11 @@ def main() -> None:
             results = {label: run_case(case, py, *places[label]) for label, py in pythons}
             rows.append((case, results))
             for label, r in results.items():
-                print(f"{case.name} [{label}]: {r.status} | {r.line} | {r.peak_mb:.0f} MB | {r.seconds:.2f} s"
-                      f"{' | OUTSIDE FILES CHANGED' if r.outside_changed else ''}", file=sys.stderr)  # fmt: skip
+                print(
+                    f"{case.name} [{label}]: {r.status} | {r.line} | {r.peak_mb:.0f} MB | {r.seconds:.2f} s"
+                    f"{' | OUTSIDE FILES CHANGED' if r.outside_changed else ''}",
+                    file=sys.stderr,
+                )
     columns = ("status", "ended with", "peak MB", "s", "outside files changed")
     labels = [label for label, _ in reversed(pythons)]  # before, then after
     header = "| item | case | " + " | ".join(f"{lb}: {c}" for lb in labels for c in columns) + " |"

@@ -44,8 +44,11 @@ def sgd_rows(repeat: int) -> list[str]:
         for p in params:
             p.grad = torch.randn_like(p)
         times = {}
-        for kernel, kw in (("fused", {"fused": True}), ("foreach", {"foreach": True}),
-                           ("default", {})):  # fmt: skip
+        for kernel, kw in (
+            ("fused", {"fused": True}),
+            ("foreach", {"foreach": True}),
+            ("default", {}),
+        ):
             opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4, **kw)
             times[kernel] = _ms(opt.step, repeat)
         rows.append(
@@ -70,8 +73,10 @@ def blur_rows(repeat: int) -> list[str]:
             whole = _ms(run, repeat)
         finally:
             blur._CPU_CHUNK = saved
-        rows.append(f"| PIL blur p 0.5, {batch} images at {size} px | chunked {chunked:.1f} ms | "
-                    f"whole batch {whole:.1f} ms | {whole / chunked:.2f}x |")  # fmt: skip
+        rows.append(
+            f"| PIL blur p 0.5, {batch} images at {size} px | chunked {chunked:.1f} ms | "
+            f"whole batch {whole:.1f} ms | {whole / chunked:.2f}x |"
+        )
     return rows
 
 
@@ -80,14 +85,22 @@ def views_rows(repeat: int) -> list[str]:
     for size, batch in ((32, 256), (16, 32)):
         plan = CropPlan.build(size, (0.2, 1.0))
         images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-        views = functools.partial(plan.views, images, generator=torch.Generator().manual_seed(0),
-                                  mean=(0.5,) * 3, std=(0.25,) * 3, student=StrongView(),
-                                  teacher=WeakView())  # fmt: skip
+        views = functools.partial(
+            plan.views,
+            images,
+            generator=torch.Generator().manual_seed(0),
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+            student=StrongView(),
+            teacher=WeakView(),
+        )
         compiled = torch.compile(views)
         compiled()  # compiles
         eager_ms, compiled_ms = _ms(views, repeat), _ms(compiled, repeat)
-        rows.append(f"| one-crop views, {batch} images at {size} px | eager {eager_ms:.2f} ms | "
-                    f"compiled {compiled_ms:.2f} ms | {compiled_ms / eager_ms:.2f}x |")  # fmt: skip
+        rows.append(
+            f"| one-crop views, {batch} images at {size} px | eager {eager_ms:.2f} ms | "
+            f"compiled {compiled_ms:.2f} ms | {compiled_ms / eager_ms:.2f}x |"
+        )
     return rows
 
 

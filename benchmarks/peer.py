@@ -72,12 +72,22 @@ def bench_peer(images: np.ndarray, backbone: str, batch: int, steps: int, worker
     strong = SimCLRViewTransform(
         input_size=32, cj_strength=0.5, min_scale=0.2, gaussian_blur=0.0, normalize=norm
     )  # MoCo v2: jitter 0.4,0.4,0.4,0.1
-    weak = T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
-                      T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])  # fmt: skip
+    weak = T.Compose(
+        [
+            T.RandomResizedCrop(32, scale=(0.2, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(CIFAR_MEAN, CIFAR_STD),
+        ]
+    )
     loader = torch.utils.data.DataLoader(
-        _Images(images, MultiViewTransform([strong, weak])), batch_size=batch, shuffle=True,
-        num_workers=workers, drop_last=True, persistent_workers=workers > 0,
-    )  # fmt: skip
+        _Images(images, MultiViewTransform([strong, weak])),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
     net, head = _network(backbone)
     student = torch.nn.Sequential(net, head).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     teacher = copy.deepcopy(student)
@@ -133,8 +143,15 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="put the table in docs/benchmarks.md")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    header = ["network", "bare step (ceiling)", "ressl `train`", "peer loop, 0 workers",
-              "peer loop, 2 workers", "ressl / best peer", "ressl / bare"]  # fmt: skip
+    header = [
+        "network",
+        "bare step (ceiling)",
+        "ressl `train`",
+        "peer loop, 0 workers",
+        "peer loop, 2 workers",
+        "ressl / best peer",
+        "ressl / bare",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

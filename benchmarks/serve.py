@@ -56,8 +56,9 @@ def _multipart(name: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def _client(port: int, bodies: list[tuple[bytes, str]], latencies: list[float],
-            failures: list[int]) -> None:  # fmt: skip
+def _client(
+    port: int, bodies: list[tuple[bytes, str]], latencies: list[float], failures: list[int]
+) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     for body, kind in bodies:
         start = time.perf_counter()
@@ -90,7 +91,7 @@ def _load(port: int, files: list[Path], clients: int, requests: int) -> tuple[fl
                 latencies,
                 failures,
             ),
-        )  # fmt: skip
+        )
         for c in range(clients)
     ]
     start = time.perf_counter()
@@ -117,10 +118,24 @@ def _batches(port: int) -> tuple[int, int]:
 
 def _serve(model: Path, port: int, max_batch: int, max_wait_ms: float) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ressl", "serve", str(model), "--port", str(port), "--device",
-         "cpu", "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "ressl",
+            "serve",
+            str(model),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--max-batch",
+            str(max_batch),
+            "--max-wait-ms",
+            str(max_wait_ms),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -156,8 +171,16 @@ def main() -> None:
             torch.manual_seed(0)
             encoder = ReSSL(backbone, in_channels=3, image_size=32, queue_size=16).student.eval()
             model = Path(tmp) / f"{backbone}.onnx"
-            export_onnx(encoder, model, image_size=32, channels=3, mean=MEAN, std=STD,
-                        backbone=backbone, verify=False)  # fmt: skip
+            export_onnx(
+                encoder,
+                model,
+                image_size=32,
+                channels=3,
+                mean=MEAN,
+                std=STD,
+                backbone=backbone,
+                verify=False,
+            )
             embedder = Embedder(model, device="cpu", batch_size=args.max_batch)
             embedder.embed_files(files[: args.max_batch])  # warm-up
             start = time.perf_counter()
@@ -175,7 +198,7 @@ def main() -> None:
                     None,
                     0,
                     float(args.max_batch),
-                )  # fmt: skip
+                )
             )
             port = _free_port()
             server = _serve(model, port, args.max_batch, args.max_wait_ms)
@@ -186,8 +209,18 @@ def main() -> None:
                     ips, p50, p95, p99, failed = _load(port, files, clients, args.requests)
                     calls2, images2 = _batches(port)
                     batch = (images2 - images) / max(calls2 - calls, 1)
-                    rows.append((backbone, f"ressl serve, {clients} client(s)", ips, p50, p95,
-                                 p99, failed, batch))  # fmt: skip
+                    rows.append(
+                        (
+                            backbone,
+                            f"ressl serve, {clients} client(s)",
+                            ips,
+                            p50,
+                            p95,
+                            p99,
+                            failed,
+                            batch,
+                        )
+                    )
             finally:
                 server.terminate()
                 server.wait(30)
@@ -210,8 +243,10 @@ def _table(rows: list[tuple], args: argparse.Namespace) -> str:
     ]
     for backbone, how, ips, p50, p95, p99, failed, batch in rows:
         lat = ["-"] * 3 if p50 is None else [f"{v:.1f}" for v in (p50, p95, p99)]
-        lines.append(f"| {backbone} | {how} | {ips:,.0f} | {ips / inproc[backbone]:.2f}x | "
-                     f"{batch:.1f} | {' | '.join(lat)} | {failed} |")  # fmt: skip
+        lines.append(
+            f"| {backbone} | {how} | {ips:,.0f} | {ips / inproc[backbone]:.2f}x | "
+            f"{batch:.1f} | {' | '.join(lat)} | {failed} |"
+        )
     return "\n".join(lines)
 
 

@@ -56,8 +56,14 @@ def checkout(rev: str, into: Path) -> Path:
 def time_once(code: str, path: Path) -> tuple[float, bool]:
     env = dict(os.environ, PYTHONPATH=str(path), PYTHONDONTWRITEBYTECODE="1")
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code + PROBE], cwd=path, env=env,
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code + PROBE],
+        cwd=path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return time.perf_counter() - start, done.stderr.strip().splitlines()[-1] == "True"
 
 
@@ -92,8 +98,10 @@ def main() -> None:
     for name in COMMANDS:
         a, b = statistics.median(times[(name, old)]), statistics.median(times[(name, new)])
         yes = {True: "yes", False: "no"}
-        lines.append(f"| {name} | {a:.2f} | {yes[torch_loaded[(name, old)]]} | {b:.2f} | "
-                     f"{yes[torch_loaded[(name, new)]]} | {a / b:.1f}x |")  # fmt: skip
+        lines.append(
+            f"| {name} | {a:.2f} | {yes[torch_loaded[(name, old)]]} | {b:.2f} | "
+            f"{yes[torch_loaded[(name, new)]]} | {a / b:.1f}x |"
+        )
     lines += [
         "",
         f"Median of {args.repeat} rounds per command and tree, taken in turns, wall time of a new "

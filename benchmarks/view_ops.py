@@ -37,8 +37,17 @@ from ressl.views.plan import CropPlan
 ROOT = Path(__file__).resolve().parents[1]
 #: Ops that launch no kernel: allocations without a fill, and the like.
 NO_KERNEL = {"empty", "empty_like", "new_empty", "empty_strided", "detach", "alias", "lift_fresh"}
-COMPONENTS = ("crop", "flip", "jitter: draws and masks", "jitter: blends", "jitter: hue",
-              "grayscale", "blur", "normalize", "other")  # fmt: skip
+COMPONENTS = (
+    "crop",
+    "flip",
+    "jitter: draws and masks",
+    "jitter: blends",
+    "jitter: hue",
+    "grayscale",
+    "blur",
+    "normalize",
+    "other",
+)
 
 
 def _component(frames: list[tuple[str, str]]) -> str:
@@ -55,14 +64,24 @@ def _component(frames: list[tuple[str, str]]) -> str:
             return "jitter: draws and masks"
         if func in ("_normalize_", "_affine", "normalize"):
             return "normalize"
-        if func in ("sample_crop_boxes", "resample", "resized_crop", "flipped", "_grid_sample",
-                    "_grid_coords"):  # fmt: skip
+        if func in (
+            "sample_crop_boxes",
+            "resample",
+            "resized_crop",
+            "flipped",
+            "_grid_sample",
+            "_grid_coords",
+        ):
             return "flip" if "flip" in line else "crop"
         if func in ("strong_view", "weak_view"):
-            for word, component in (("grey", "grayscale"), ("flip", "flip"),
-                                    ("jitter", "jitter: draws and masks"),
-                                    ("apply", "jitter: draws and masks"),
-                                    ("crop", "crop"), ("normal", "normalize")):  # fmt: skip
+            for word, component in (
+                ("grey", "grayscale"),
+                ("flip", "flip"),
+                ("jitter", "jitter: draws and masks"),
+                ("apply", "jitter: draws and masks"),
+                ("crop", "crop"),
+                ("normal", "normalize"),
+            ):
                 if word in line:
                     return component
     return "other"
@@ -98,11 +117,21 @@ def load_views(rev: str) -> str:
     """Imports ``rev``'s ``ressl/views`` as ``ressl.views_<rev>``; returns the name."""
     tree = Path(tempfile.mkdtemp()) / "views"
     tree.mkdir()
-    files = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:ressl/views"], cwd=ROOT,
-                           check=True, capture_output=True, text=True).stdout.split()  # fmt: skip
+    files = subprocess.run(
+        ["git", "ls-tree", "--name-only", f"{rev}:ressl/views"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     for name in files:
-        text = subprocess.run(["git", "show", f"{rev}:ressl/views/{name}"], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout  # fmt: skip
+        text = subprocess.run(
+            ["git", "show", f"{rev}:ressl/views/{name}"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         (tree / name).write_text(text)
     package = "ressl.views_" + "".join(c if c.isalnum() else "_" for c in rev)
     spec = importlib.util.spec_from_file_location(
@@ -119,9 +148,11 @@ def load_views(rev: str) -> str:
 def gpu_paths(package: str) -> Iterator[None]:
     """The kernels branch as on a GPU: no host reads, no CPU chunks."""
     saved: list[tuple[types.ModuleType, str, object]] = []
-    for module_name, attr, value in (("colour", "syncs_are_free", lambda device: False),
-                                     ("blur", "syncs_are_free", lambda device: False),
-                                     ("geometry", "_CPU_CHUNK", 1 << 62)):  # fmt: skip
+    for module_name, attr, value in (
+        ("colour", "syncs_are_free", lambda device: False),
+        ("blur", "syncs_are_free", lambda device: False),
+        ("geometry", "_CPU_CHUNK", 1 << 62),
+    ):
         module = sys.modules[f"{package}.{module_name}"]
         saved.append((module, attr, getattr(module, attr)))
         setattr(module, attr, value)
@@ -136,14 +167,25 @@ def step_views(package: str, batch: int, size: int, blur_p: float):  # type: ign
     """A callable running one one-crop step's views with ``package``'s view configs."""
     views = sys.modules[package]
     plan = CropPlan.build(size, (0.2, 1.0))
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    images = torch.randint(
+        0,
+        256,
+        (batch, 3, size, size),
+        dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(0),
+    )
     student, teacher = views.StrongView(blur_p=blur_p), views.WeakView()
     generator = torch.Generator().manual_seed(0)
 
     def run():  # type: ignore[no-untyped-def]
-        return plan.views(images, generator=generator, mean=(0.5,) * 3, std=(0.25,) * 3,
-                          student=student, teacher=teacher)  # fmt: skip
+        return plan.views(
+            images,
+            generator=generator,
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+            student=student,
+            teacher=teacher,
+        )
 
     return run
 
@@ -182,8 +224,10 @@ def main() -> None:
         packages = {args.against: load_views(args.against), **packages}
     for blur_p in (0.0, 0.5):
         counts = {label: count(p, args.batch, args.size, blur_p) for label, p in packages.items()}
-        print(f"\nkernels of one one-crop step's views, GPU paths, {args.batch} images at "
-              f"{args.size} px, blur p {blur_p} (PIL)\n")  # fmt: skip
+        print(
+            f"\nkernels of one one-crop step's views, GPU paths, {args.batch} images at "
+            f"{args.size} px, blur p {blur_p} (PIL)\n"
+        )
         print("| component | " + " | ".join(counts) + " |")
         print("|---|" + "---:|" * len(counts))
         for component in COMPONENTS:
@@ -196,16 +240,19 @@ def main() -> None:
         print(
             "| (view ops, no kernel) | " + " | ".join(str(c.views) for c in counts.values()) + " |"
         )
-    print(f"\nCPU time of the views, ms per step, median of {args.repeat}, interleaved; "
-          f"{torch.get_num_threads()} thread(s)\n")  # fmt: skip
+    print(
+        f"\nCPU time of the views, ms per step, median of {args.repeat}, interleaved; "
+        f"{torch.get_num_threads()} thread(s)\n"
+    )
     for blur_p in (0.0, 0.5):
         for paths in ("CPU paths", "GPU paths"):
             times: dict[str, list[float]] = {label: [] for label in packages}
             for _ in range(3):  # interleaved rounds, so drift hits both alike
                 for label, p in packages.items():
                     with gpu_paths(p) if paths == "GPU paths" else contextlib.nullcontext():
-                        times[label] += cpu_ms(p, args.batch, args.size, blur_p,
-                                               args.repeat // 3 + 1)  # fmt: skip
+                        times[label] += cpu_ms(
+                            p, args.batch, args.size, blur_p, args.repeat // 3 + 1
+                        )
             medians = {label: sorted(t)[len(t) // 2] for label, t in times.items()}
             cells = ", ".join(f"{label} {ms:.2f}" for label, ms in medians.items())
             ratio = ""

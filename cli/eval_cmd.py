@@ -71,13 +71,18 @@ def _checkpoint_source(path: Path, weights: str, device: torch.device) -> Featur
 
     where = Position.from_metadata(read_metadata(file), settings.get("epochs"))
     return FeatureSource(
-        fn=backbone, mean=tuple(settings["mean"]), std=tuple(settings["std"]),
-        channels=int(settings["channels"]), image_size=int(settings["image_size"]),
-        default_dataset=settings.get("dataset"), description=f"{weights} backbone features",
-        features="backbone", run_dir=file.parent,
+        fn=backbone,
+        mean=tuple(settings["mean"]),
+        std=tuple(settings["std"]),
+        channels=int(settings["channels"]),
+        image_size=int(settings["image_size"]),
+        default_dataset=settings.get("dataset"),
+        description=f"{weights} backbone features",
+        features="backbone",
+        run_dir=file.parent,
         info={"checkpoint": file.name, "epoch": where.epochs_done, "weights": weights},
         position=str(where),
-    )  # fmt: skip
+    )
 
 
 def _onnx_session(path: Path, device: torch.device) -> Any:
@@ -159,13 +164,19 @@ def _onnx_source(path: Path, device: torch.device) -> FeatureSource:
         **({"head": meta["head"] == "true"} if "head" in meta else {}),
     }
     return FeatureSource(
-        fn=run, mean=(0.0,) * channels, std=(1.0,) * channels, channels=channels,
+        fn=run,
+        mean=(0.0,) * channels,
+        std=(1.0,) * channels,
+        channels=channels,
         image_size=int(size) if size is not None else None,
         default_dataset=meta.get("dataset") or settings.get("dataset"),
         description=f"ONNX output {out_name!r} "
         f"({what.get(meta.get('head', ''), 'not a ressl export: unknown whether head or backbone')})",
-        features=f"onnx:{out_name}", run_dir=path.parent, info=info, recorded=False,
-    )  # fmt: skip
+        features=f"onnx:{out_name}",
+        run_dir=path.parent,
+        info=info,
+        recorded=False,
+    )
 
 
 def load_source(path: Path, weights: str, device: torch.device) -> FeatureSource:
@@ -183,8 +194,12 @@ def load_eval_data(source: FeatureSource, dataset: str | None, data_root: Path |
     name = dataset or source.default_dataset
     if name is None:
         fail("the model does not say which dataset it was trained on; pass --dataset NAME")
-    data = load_dataset(name, root=data_root, image_size=source.image_size,  # folders follow
-                        channels=source.channels if source.channels in (1, 3) else None)  # fmt: skip
+    data = load_dataset(
+        name,
+        root=data_root,
+        image_size=source.image_size,  # folders follow
+        channels=source.channels if source.channels in (1, 3) else None,
+    )
     if data.channels != source.channels:
         fail(
             f"the encoder takes {source.channels}-channel images but {data.name} has {data.channels} channel(s)"
@@ -206,16 +221,26 @@ def features(
         f"extracting {source.description} of {n_train} + {n_test} {data.name} images on {device}"
     )
     with CountProgress("extract", n_train + n_test, heading=heading) as progress:
-        return split_features(source.fn, data, mean=source.mean, std=source.std,
-                              batch_size=batch_size, device=device, progress=progress)  # fmt: skip
+        return split_features(
+            source.fn,
+            data,
+            mean=source.mean,
+            std=source.std,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
 
 
 def stamped(row: dict[str, Any]) -> dict[str, Any]:
     """``row`` as ``eval.jsonl`` records it (and ``--json`` prints it): with time and version."""
     from ressl import __version__
 
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **row,
-            "ressl_version": __version__}  # fmt: skip
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **row,
+        "ressl_version": __version__,
+    }
 
 
 def record(source: FeatureSource, row: dict[str, Any], enabled: bool | None) -> Path | None:
@@ -343,10 +368,15 @@ def knn_cmd(
         "device": str(dev),
     }
     top5 = f"  top-5 {acc['top5']:.2f}%" if "top5" in acc else ""
-    _finish(source, row, record_result, as_json,
-            f"kNN (k {k}, t {temperature:g}) on {data.name}: {row['train_images']} train -> "
-            f"{row['test_images']} test images, {source.description} ({row['dim']}-d)",
-            f"top-1 {acc['top1']:.2f}%{top5}")  # fmt: skip
+    _finish(
+        source,
+        row,
+        record_result,
+        as_json,
+        f"kNN (k {k}, t {temperature:g}) on {data.name}: {row['train_images']} train -> "
+        f"{row['test_images']} test images, {source.description} ({row['dim']}-d)",
+        f"top-1 {acc['top1']:.2f}%{top5}",
+    )
 
 
 @eval_app.command("linear")
@@ -390,19 +420,28 @@ def linear_cmd(
     if probe_batch_size < 1:
         fail(f"--probe-batch-size must be >= 1, got {probe_batch_size}")
     WEIGHT_DECAY.check("weight_decay", weight_decay)
-    probe: dict[str, Any] = dict(epochs=epochs, lr=lr, batch_size=probe_batch_size,
-                                 weight_decay=weight_decay, seed=seed)  # fmt: skip
+    probe: dict[str, Any] = dict(
+        epochs=epochs, lr=lr, batch_size=probe_batch_size, weight_decay=weight_decay, seed=seed
+    )
     if protocol is Protocol.paper:
         _paper_linear(path, weights, device, dataset, data_root, probe, record_result, as_json)
         return
-    _fast_linear(path, weights, device, dataset, data_root, batch_size, probe, record_result,
-                 as_json)  # fmt: skip
+    _fast_linear(
+        path, weights, device, dataset, data_root, batch_size, probe, record_result, as_json
+    )
 
 
 def _fast_linear(
-    path: Path, weights: Weights, device: str, dataset: str | None, data_root: Path | None,
-    batch_size: int, probe: dict[str, Any], record_result: bool | None, as_json: bool,
-) -> None:  # fmt: skip
+    path: Path,
+    weights: Weights,
+    device: str,
+    dataset: str | None,
+    data_root: Path | None,
+    batch_size: int,
+    probe: dict[str, Any],
+    record_result: bool | None,
+    as_json: bool,
+) -> None:
     """``eval linear`` (the fast probe): a linear layer on features extracted once."""
     source, data, dev, feats, seconds = _setup(
         path, weights, device, dataset, data_root, batch_size
@@ -414,22 +453,45 @@ def _fast_linear(
     train_f, train_y, test_f, test_y = feats
     t0 = time.perf_counter()
     with CountProgress("probe epochs", probe["epochs"], unit="epochs/s") as progress:
-        acc = linear_probe(train_f, train_y, test_f, test_y, len(data.classes), **probe,
-                           device=dev, progress=progress)  # fmt: skip
-    row = {**_base_row("linear", source, data, feats), **probe,
-           **{key: round(v, 4) for key, v in acc.items()},
-           "seconds": round(seconds + time.perf_counter() - t0, 2), "device": str(dev)}  # fmt: skip
-    _finish(source, row, record_result, as_json,
-            f"linear probe ({probe['epochs']} epochs, lr {probe['lr']:g}) on {data.name}: "
-            f"{row['train_images']} train -> {row['test_images']} test images, "
-            f"{source.description} ({row['dim']}-d)",
-            f"top-1 {acc['top1']:.2f}%  (train {acc['train_top1']:.2f}%)")  # fmt: skip
+        acc = linear_probe(
+            train_f,
+            train_y,
+            test_f,
+            test_y,
+            len(data.classes),
+            **probe,
+            device=dev,
+            progress=progress,
+        )
+    row = {
+        **_base_row("linear", source, data, feats),
+        **probe,
+        **{key: round(v, 4) for key, v in acc.items()},
+        "seconds": round(seconds + time.perf_counter() - t0, 2),
+        "device": str(dev),
+    }
+    _finish(
+        source,
+        row,
+        record_result,
+        as_json,
+        f"linear probe ({probe['epochs']} epochs, lr {probe['lr']:g}) on {data.name}: "
+        f"{row['train_images']} train -> {row['test_images']} test images, "
+        f"{source.description} ({row['dim']}-d)",
+        f"top-1 {acc['top1']:.2f}%  (train {acc['train_top1']:.2f}%)",
+    )
 
 
 def _paper_linear(
-    path: Path, weights: Weights, device: str, dataset: str | None, data_root: Path | None,
-    probe: dict[str, Any], record_result: bool | None, as_json: bool,
-) -> None:  # fmt: skip
+    path: Path,
+    weights: Weights,
+    device: str,
+    dataset: str | None,
+    data_root: Path | None,
+    probe: dict[str, Any],
+    record_result: bool | None,
+    as_json: bool,
+) -> None:
     """``eval linear --protocol paper``: the official protocol, its final epoch reported."""
     existing(path)  # before torch is imported (seconds)
     from ressl.eval.paper_linear import paper_linear_eval
@@ -443,23 +505,52 @@ def _paper_linear(
         fail(f"{data.name} has no labelled train and test splits to evaluate on")
     t0 = time.perf_counter()
     with CountProgress("probe epochs", probe["epochs"], unit="epochs/s") as progress:
-        acc = paper_linear_eval(source.fn, data.memory, data.test, len(data.classes),
-                                mean=source.mean, std=source.std, image_size=data.image_size,
-                                device=dev, progress=progress, **probe)  # fmt: skip
-    row = {"protocol": "linear-paper", **source.info, "features": source.features,
-           "dataset": data.name, "train_images": len(data.memory), "test_images": len(data.test),
-           **probe, **acc, "seconds": round(time.perf_counter() - t0, 2), "device": str(dev)}  # fmt: skip
-    _finish(source, row, record_result, as_json,
-            f"linear evaluation, the paper's protocol ({probe['epochs']} epochs of random crops, "
-            f"lr {probe['lr']:g}, batch {probe['batch_size']}) on {data.name}: "
-            f"{row['train_images']} train -> {row['test_images']} test images, "
-            f"{source.description}",
-            f"top-1 {acc['top1']:.2f}% (final epoch); best {acc['best_top1']:.2f}% at epoch "
-            f"{acc['best_epoch']}, selected on the test set")  # fmt: skip
+        acc = paper_linear_eval(
+            source.fn,
+            data.memory,
+            data.test,
+            len(data.classes),
+            mean=source.mean,
+            std=source.std,
+            image_size=data.image_size,
+            device=dev,
+            progress=progress,
+            **probe,
+        )
+    row = {
+        "protocol": "linear-paper",
+        **source.info,
+        "features": source.features,
+        "dataset": data.name,
+        "train_images": len(data.memory),
+        "test_images": len(data.test),
+        **probe,
+        **acc,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "device": str(dev),
+    }
+    _finish(
+        source,
+        row,
+        record_result,
+        as_json,
+        f"linear evaluation, the paper's protocol ({probe['epochs']} epochs of random crops, "
+        f"lr {probe['lr']:g}, batch {probe['batch_size']}) on {data.name}: "
+        f"{row['train_images']} train -> {row['test_images']} test images, "
+        f"{source.description}",
+        f"top-1 {acc['top1']:.2f}% (final epoch); best {acc['best_top1']:.2f}% at epoch "
+        f"{acc['best_epoch']}, selected on the test set",
+    )
 
 
-def _finish(source: FeatureSource, row: dict[str, Any], record_result: bool | None, as_json: bool,
-            heading: str, result: str) -> None:  # fmt: skip
+def _finish(
+    source: FeatureSource,
+    row: dict[str, Any],
+    record_result: bool | None,
+    as_json: bool,
+    heading: str,
+    result: str,
+) -> None:
     """Stamp and record an evaluation's row, then print it: as JSON, or a heading and the result."""
     row = stamped(row)
     where = record(source, row, record_result)

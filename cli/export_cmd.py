@@ -75,8 +75,10 @@ def export_cmd(
     new_output(out, overwrite)
     if suffix == ".safetensors":
         if head or fp16:
-            fail(f"{'--head' if head else '--fp16'} is for ONNX files; -o {out} gets the "
-                 "backbone's weights as trained")  # fmt: skip
+            fail(
+                f"{'--head' if head else '--fp16'} is for ONNX files; -o {out} gets the "
+                "backbone's weights as trained"
+            )
         _export_weights(checkpoint, out, weights.value)
         return
     report = export_onnx(

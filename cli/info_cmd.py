@@ -53,15 +53,16 @@ def _weights_info(path: Path, meta: dict[str, str], as_json: bool) -> str:
         fail(f"{path}: its backbone_build metadata is not a backbone description")
     code = _code_for(path, build, meta)
     if as_json:
-        return json.dumps({k: v for k, v in meta.items() if k != "code"} | {"code": code},
-                          indent=2)  # fmt: skip
-    return "\n".join([
-        f"weights        {path} ({size_text(path.stat().st_size)}): the {meta.get('weights', '?')} "
-        f"backbone of {meta.get('source', '?')} (ressl {meta.get('ressl_version', '?')})",
-        f"backbone       {described}",
-        "load it without ressl:",
-        code.rstrip(),
-    ])  # fmt: skip
+        return json.dumps({k: v for k, v in meta.items() if k != "code"} | {"code": code}, indent=2)
+    return "\n".join(
+        [
+            f"weights        {path} ({size_text(path.stat().st_size)}): the {meta.get('weights', '?')} "
+            f"backbone of {meta.get('source', '?')} (ressl {meta.get('ressl_version', '?')})",
+            f"backbone       {described}",
+            "load it without ressl:",
+            code.rstrip(),
+        ]
+    )
 
 
 def _code_for(path: Path, build: Any, meta: dict[str, str]) -> str:

@@ -102,32 +102,51 @@ def plot_curves(
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), constrained_layout=True)
     mark = "." if len(rows) < 40 else None
     if steps:
-        axes[0].plot([r["epoch"] for r in steps], [r.get("loss", float("nan")) for r in steps],
-                     linewidth=0.8, alpha=0.6, label="progress window")  # fmt: skip
-    axes[0].plot(epochs, [r.get("loss", float("nan")) for r in rows], marker="o" if steps else mark,
-                 label="epoch mean")  # fmt: skip
+        axes[0].plot(
+            [r["epoch"] for r in steps],
+            [r.get("loss", float("nan")) for r in steps],
+            linewidth=0.8,
+            alpha=0.6,
+            label="progress window",
+        )
+    axes[0].plot(
+        epochs,
+        [r.get("loss", float("nan")) for r in rows],
+        marker="o" if steps else mark,
+        label="epoch mean",
+    )
     axes[0].set(xlabel="epoch", ylabel="relation loss", title="loss")
     if steps:
         axes[0].legend(frameon=False)
-        axes[1].plot([r["epoch"] for r in steps], [r.get("lr", float("nan")) for r in steps],
-                     color="tab:orange")  # fmt: skip
+        axes[1].plot(
+            [r["epoch"] for r in steps],
+            [r.get("lr", float("nan")) for r in steps],
+            color="tab:orange",
+        )
     else:  # one point per epoch: markers, so a short run shows
-        axes[1].plot(epochs, [r.get("lr", float("nan")) for r in rows], color="tab:orange",
-                     marker="o")  # fmt: skip
+        axes[1].plot(
+            epochs, [r.get("lr", float("nan")) for r in rows], color="tab:orange", marker="o"
+        )
     axes[1].set(xlabel="epoch", ylabel="learning rate", title="learning rate")
     if panels == 3:
         # top-5 is near 100% and would flatten the top-1 curve: it stays in metrics.jsonl
         if knn:
-            axes[2].plot([r["epoch"] for r in knn], [r["knn_top1"] for r in knn], marker="o",
-                         color="tab:green", label=knn_title)  # fmt: skip
+            axes[2].plot(
+                [r["epoch"] for r in knn],
+                [r["knn_top1"] for r in knn],
+                marker="o",
+                color="tab:green",
+                label=knn_title,
+            )
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in evaluations:
             groups.setdefault(
                 f"eval {r.get('protocol', '?')} ({r.get('weights', '?')})", []
             ).append(r)
         for label, group in sorted(groups.items()):
-            axes[2].scatter([r["epoch"] for r in group], [r["top1"] for r in group], marker="s",
-                            label=label)  # fmt: skip
+            axes[2].scatter(
+                [r["epoch"] for r in group], [r["top1"] for r in group], marker="s", label=label
+            )
         axes[2].set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
         axes[2].legend(frameon=False, fontsize="small")
     for ax in axes:
@@ -221,15 +240,23 @@ def plot_cmd(
     if data.test is None or not data.classes:
         typer.echo(f"no t-SNE: {data.name} has no labelled test split", err=True)
         return
-    path = _tsne_figure(plt, source, data, dev, out / "tsne.png", tsne_points, perplexity,
-                        iterations, seed)  # fmt: skip
+    path = _tsne_figure(
+        plt, source, data, dev, out / "tsne.png", tsne_points, perplexity, iterations, seed
+    )
     typer.echo(str(path))
 
 
 def _tsne_figure(
-    plt: Any, source: Any, data: Any, device: torch.device, path: Path, points: int,
-    perplexity: float, iterations: int, seed: int,
-) -> Path:  # fmt: skip
+    plt: Any,
+    source: Any,
+    data: Any,
+    device: torch.device,
+    path: Path,
+    points: int,
+    perplexity: float,
+    iterations: int,
+    seed: int,
+) -> Path:
     """t-SNE of ``points`` random test images' features, drawn to ``path``."""
     import torch
 
@@ -241,16 +268,21 @@ def _tsne_figure(
     n = len(data.test)
     heading = f"extracting {source.description} of {n} {data.name} test images on {device}"
     with torch.no_grad(), CountProgress("extract", n, heading=heading) as progress:
-        feats, labels = extract_features(source.fn, data.test, mean=source.mean, std=source.std,
-                                         device=device, progress=progress)  # fmt: skip
+        feats, labels = extract_features(
+            source.fn, data.test, mean=source.mean, std=source.std, device=device, progress=progress
+        )
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:points].sort().values
     heading = (
         f"t-SNE of {len(idx)} of them: {iterations} gradient steps over all {len(idx)}^2 "
         f"pairs on {feats.device} (exact; fewer --tsne-points or --iterations is faster)"
     )
     with CountProgress("t-SNE", iterations, unit="steps/s", heading=heading) as progress:
-        emb = run_tsne(feats[idx.to(feats.device)], perplexity=perplexity,
-                       iterations=iterations, progress=progress)  # fmt: skip
+        emb = run_tsne(
+            feats[idx.to(feats.device)],
+            perplexity=perplexity,
+            iterations=iterations,
+            progress=progress,
+        )
     where = f", {source.position}" if source.position else ""
     title = f"t-SNE of {len(idx)} {data.name} test images\n{source.description}{where}"
     return plot_tsne(plt, emb, labels[idx.to(labels.device)], data.classes, title, path)

@@ -142,10 +142,14 @@ class CountProgress:
     """
 
     def __init__(
-        self, label: str, total: int, interval: float = 30.0,
-        clock: Callable[[], float] = time.monotonic, unit: str = "img/s",
+        self,
+        label: str,
+        total: int,
+        interval: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        unit: str = "img/s",
         heading: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.label, self.total, self.interval, self.clock = label, total, interval, clock
         self.unit, self.heading, self.lines = unit, heading, 0
         self.plain = not sys.stderr.isatty()
@@ -153,10 +157,15 @@ class CountProgress:
         self.start = self._last = clock()
         self.done = 0
         self.progress = Progress(
-            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[ips]} " + unit), TimeRemainingColumn(),
-            console=self.console, transient=True, disable=self.plain,
-        )  # fmt: skip
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[ips]} " + unit),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+            disable=self.plain,
+        )
         self.task = self.progress.add_task(label, total=total, ips="-")
 
     def __enter__(self) -> CountProgress:

@@ -41,11 +41,21 @@ def serve_cmd(
     except ImportError as e:
         fail(f"ressl serve needs the serve extra ({e.name} is missing): {INSTALL}")
     existing(model, "file")
-    settings = ServeSettings(  # each value checked against its range (server.RULES), named as its flag
-        str(model), host=host, port=port, device=device, workers=workers, max_batch=max_batch,
-        max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb, max_images=max_images,
-        max_pixels=max_pixels, max_request_pixels=max_request_pixels,
-    )  # fmt: skip
+    settings = (
+        ServeSettings(  # each value checked against its range (server.RULES), named as its flag
+            str(model),
+            host=host,
+            port=port,
+            device=device,
+            workers=workers,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_upload_mb=max_upload_mb,
+            max_images=max_images,
+            max_pixels=max_pixels,
+            max_request_pixels=max_request_pixels,
+        )
+    )
     app = create_app(settings)  # loads the model: a bad file fails here, in one line
     url = f"http://{host}:{port}"
     typer.echo(describe(settings, app.state.service, url) + f", {workers} worker(s)", err=True)
@@ -55,7 +65,13 @@ def serve_cmd(
             uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log)).run()
         else:
             os.environ["RESSL_SERVE"] = json.dumps(settings.__dict__)
-            uvicorn.run("ressl.export.server:app_from_environment", factory=True, host=host,
-                        port=port, workers=workers, log_level=log)  # fmt: skip
+            uvicorn.run(
+                "ressl.export.server:app_from_environment",
+                factory=True,
+                host=host,
+                port=port,
+                workers=workers,
+                log_level=log,
+            )
     except Interrupted as e:
         typer.echo(f"stopped on {signal.Signals(e.signum).name}", err=True)

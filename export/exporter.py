@@ -289,8 +289,9 @@ def _trace(model: nn.Module, example: Tensor, opset: int, dynamic_spatial: bool)
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def _export(model: nn.Module, example: Tensor, opset: int, axes: dict[int, str],
-            buf: io.BytesIO) -> bytes:  # fmt: skip
+def _export(
+    model: nn.Module, example: Tensor, opset: int, axes: dict[int, str], buf: io.BytesIO
+) -> bytes:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter(
             "ignore"
@@ -407,9 +408,15 @@ def export_onnx(
         raise ConfigError.invalid("opset", "in [9, 20] (the TorchScript exporter's range)", opset)
     out = check_writable(out, "ONNX file")
     net, fields, extra = _resolve_source(
-        source, weights, head, backbone=backbone, image_size=image_size, channels=channels,
-        mean=mean, std=std,
-    )  # fmt: skip
+        source,
+        weights,
+        head,
+        backbone=backbone,
+        image_size=image_size,
+        channels=channels,
+        mean=mean,
+        std=std,
+    )
 
     reference, served, example, dim, other_size = _prepare(net, fields, fp16)
     c, s = fields["channels"], fields["image_size"]
@@ -434,8 +441,9 @@ def export_onnx(
             verification = _check(proto, reference, shapes, fp16)
         else:
             try:
-                verification = _check(proto, reference, [*shapes, (3, c, other_size, other_size)],
-                                      fp16)  # fmt: skip
+                verification = _check(
+                    proto, reference, [*shapes, (3, c, other_size, other_size)], fp16
+                )
             except ExportError:  # PyTorch took another size, the traced graph does not: fix it
                 info = dataclasses.replace(info, dynamic_spatial=False)
                 proto = _graph(served, example, opset, info)

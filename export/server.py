@@ -345,17 +345,21 @@ class EmbeddingService:
             total += pixels if pixels <= self.settings.max_pixels else 0
             if total > limit:
                 raise BadInput(
-                    413, f"the request's {len(items)} images hold {total:,}+ pixels as decoded, "
+                    413,
+                    f"the request's {len(items)} images hold {total:,}+ pixels as decoded, "
                     f"over the limit of {limit:,} per request; send them in smaller requests",
-                )  # fmt: skip
+                )
 
     async def _images(self, request: Request) -> list[tuple[str, bytes]]:
         """``(name, bytes)`` of each image a request carries."""
         s = self.settings
         body = await _body(request, s.max_upload_bytes)
         if not body:
-            raise BadInput(400, "the request has no body; send images as multipart files or "
-                           'JSON {"images": [base64, ...]}')  # fmt: skip
+            raise BadInput(
+                400,
+                "the request has no body; send images as multipart files or "
+                'JSON {"images": [base64, ...]}',
+            )
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
             request._body = body  # the form parser reads the body already read
@@ -363,18 +367,27 @@ class EmbeddingService:
                 form = await request.form(max_files=s.max_images + 1, max_fields=s.max_images + 16)
             except Exception as e:  # noqa: BLE001 - malformed multipart, too many parts
                 raise BadInput(400, f"the multipart body cannot be parsed ({e})") from None
-            items = [(v.filename or k, await v.read()) for k, v in form.multi_items()
-                     if isinstance(v, UploadFile)]  # fmt: skip
+            items = [
+                (v.filename or k, await v.read())
+                for k, v in form.multi_items()
+                if isinstance(v, UploadFile)
+            ]
         elif kind == "application/json":
             items = self._json_images(body)
         else:
-            raise BadInput(415, f"content type {kind or 'none'!r} is not accepted; send "
-                           "multipart/form-data files or application/json")  # fmt: skip
+            raise BadInput(
+                415,
+                f"content type {kind or 'none'!r} is not accepted; send "
+                "multipart/form-data files or application/json",
+            )
         if not items:
             raise BadInput(400, "the request carries no image")
         if len(items) > self.max_images:
-            raise BadInput(413, f"the request carries {len(items)} images; the limit is "
-                           f"{self.max_images} per request{self._why_fewer()}")  # fmt: skip
+            raise BadInput(
+                413,
+                f"the request carries {len(items)} images; the limit is "
+                f"{self.max_images} per request{self._why_fewer()}",
+            )
         return items
 
     def _why_fewer(self) -> str:
@@ -391,8 +404,11 @@ class EmbeddingService:
         # measured before parsing (json.loads recurses once per level), counted to the end
         depth = json_depth(body.decode("utf-8", errors="replace"), limit=len(body))
         if depth > JSON_DEPTH:
-            raise BadInput(400, f"the JSON body nests {depth} levels deep; JSON bodies must be "
-                           '{"images": [base64 string, ...]} (2 levels)')  # fmt: skip
+            raise BadInput(
+                400,
+                f"the JSON body nests {depth} levels deep; JSON bodies must be "
+                '{"images": [base64 string, ...]} (2 levels)',
+            )
         try:
             payload = json.loads(body)
         except ValueError:
@@ -444,15 +460,24 @@ class EmbeddingService:
     async def metadata(self, request: Request) -> Response:
         info = self.embedder.info
         body = {
-            "model": os.path.basename(self.settings.model), "backbone": info.backbone,
-            "weights": info.weights, "head": info.head, "precision": info.precision,
-            "input": {"channels": info.channels, "image_size": info.image_size,
-                      "any_size": info.dynamic_spatial},
-            "embedding_dim": info.embedding_dim, "provider": self.embedder.provider,
-            "source": info.source, "source_sha256": info.source_sha256,
-            "ressl_version": info.ressl_version, "max_batch": self.settings.max_batch,
+            "model": os.path.basename(self.settings.model),
+            "backbone": info.backbone,
+            "weights": info.weights,
+            "head": info.head,
+            "precision": info.precision,
+            "input": {
+                "channels": info.channels,
+                "image_size": info.image_size,
+                "any_size": info.dynamic_spatial,
+            },
+            "embedding_dim": info.embedding_dim,
+            "provider": self.embedder.provider,
+            "source": info.source,
+            "source_sha256": info.source_sha256,
+            "ressl_version": info.ressl_version,
+            "max_batch": self.settings.max_batch,
             "max_images": self.max_images,
-        }  # fmt: skip
+        }
         return JSONResponse(body)
 
     async def healthz(self, request: Request) -> Response:

@@ -23,13 +23,23 @@ from ressl._version import __version__
 # tests/test_api.py.
 _PUBLIC: dict[str, tuple[str, ...]] = {
     "functional": (
-        "sharpen", "relation", "relation_loss", "symmetric_relation_loss",
-        "queue_push_", "ema_update_", "random_queue",
+        "sharpen",
+        "relation",
+        "relation_loss",
+        "symmetric_relation_loss",
+        "queue_push_",
+        "ema_update_",
+        "random_queue",
     ),
     "schedules": ("cosine_lr", "momentum_schedule"),
     "views": (
-        "weak_view", "strong_view", "WeakView", "StrongView", "normalize",
-        "random_resized_crop", "multicrop_scales",
+        "weak_view",
+        "strong_view",
+        "WeakView",
+        "StrongView",
+        "normalize",
+        "random_resized_crop",
+        "multicrop_scales",
     ),
     "views.plan": ("CropPlan",),
     "data.sources": ("ImageData", "ImageSource", "TensorImages", "FolderImages"),
@@ -39,7 +49,11 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "config.settings": ("TrainConfig", "BACKBONES"),
     "models.network": ("ProjectionHead", "Encoder", "ReSSL"),
     "errors": (
-        "ResslError", "ConfigError", "CheckpointError", "DivergedError", "RunInUseError",
+        "ResslError",
+        "ConfigError",
+        "CheckpointError",
+        "DivergedError",
+        "RunInUseError",
         "ExportError",
     ),
     "training.loop": ("train", "TrainEvent"),
@@ -50,7 +64,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "eval.linear": ("linear_probe",),
     "eval.tsne": ("tsne",),
     "runs.checkpoint": ("save_checkpoint", "load_checkpoint", "read_metadata", "load_encoder"),
-}  # fmt: skip
+}
 
 _HOME = {name: module for module, names in _PUBLIC.items() for name in names}
 

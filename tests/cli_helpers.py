@@ -11,10 +11,22 @@ from ressl.cli.app import main
 
 #: A seconds-long CPU run: small CNN, 16 px, batch 8, queue 32 (add ``dataset`` and ``out``).
 TINY: dict[str, Any] = dict(
-    backbone="small", width=4, hidden_dim=16, embed_dim=8, image_size=16, batch_size=8,
-    queue_size=32, epochs=2, warmup_epochs=1, knn_every=1, knn_k=5, device="cpu", seed=0,
-    num_workers=0, progress_every=1,
-)  # fmt: skip
+    backbone="small",
+    width=4,
+    hidden_dim=16,
+    embed_dim=8,
+    image_size=16,
+    batch_size=8,
+    queue_size=32,
+    epochs=2,
+    warmup_epochs=1,
+    knn_every=1,
+    knn_k=5,
+    device="cpu",
+    seed=0,
+    num_workers=0,
+    progress_every=1,
+)
 
 
 def tiny_args(folder: Path, out: Path | str, **changes: Any) -> list[str]:

@@ -69,8 +69,10 @@ def test_every_subpackage_is_installed():
     listed = set(
         tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     )
-    found = {"ressl." + p.parent.relative_to(root / "ressl").as_posix().replace("/", ".")
-             for p in (root / "ressl").glob("*/**/__init__.py")}  # fmt: skip
+    found = {
+        "ressl." + p.parent.relative_to(root / "ressl").as_posix().replace("/", ".")
+        for p in (root / "ressl").glob("*/**/__init__.py")
+    }
     assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
 
 

@@ -201,8 +201,16 @@ def _rebuilt_by_torchvision(path) -> nn.Module:
 @pytest.fixture(scope="module")
 def mobilenet_run(tmp_path_factory, image_folder):
     out = tmp_path_factory.mktemp("mobilenet") / "run"
-    train(**dict(TINY, dataset=f"folder:{image_folder}", backbone="torchvision:mobilenet_v3_small",
-                 image_size=32, epochs=1, out=str(out)))  # fmt: skip
+    train(
+        **dict(
+            TINY,
+            dataset=f"folder:{image_folder}",
+            backbone="torchvision:mobilenet_v3_small",
+            image_size=32,
+            epochs=1,
+            out=str(out),
+        )
+    )
     return out
 
 
@@ -306,8 +314,14 @@ class TinyViT(nn.Module):
 def test_attention_models_export_to_onnx(tmp_path):
     from ressl.export.exporter import export_onnx
 
-    report = export_onnx(TinyViT().eval(), tmp_path / "vit.onnx", image_size=16, channels=3,
-                         mean=(0.5,) * 3, std=(0.25,) * 3)  # fmt: skip
+    report = export_onnx(
+        TinyViT().eval(),
+        tmp_path / "vit.onnx",
+        image_size=16,
+        channels=3,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+    )
     assert report.verification.passed
 
 

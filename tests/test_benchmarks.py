@@ -14,9 +14,12 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.slow
 def test_the_gpu_benchmark_runs_on_a_cpu_with_tiny_sizes():
     out = subprocess.run(
-        [sys.executable, "gpu.py", "--tiny", "--no-compile"], cwd=BENCHMARKS, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
+        [sys.executable, "gpu.py", "--tiny", "--no-compile"],
+        cwd=BENCHMARKS,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| small")]
     assert [r.split(" | ")[0] for r in rows] == [

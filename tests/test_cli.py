@@ -196,9 +196,18 @@ def test_notes_and_errors_with_braces_in_paths(capsys, tmp_path, image_folder):
 def test_multi_line_errors_reach_the_user_whole(capsys, tmp_path):
     # without the files (and no download): where it looked, and how to provide them
     code, _, err = run_cli(
-        capsys, "train", "--dataset", "cifar10", "--data-root", tmp_path / "none", "--no-download",
-        "--epochs", "1", "--out", tmp_path / "run",
-    )  # fmt: skip
+        capsys,
+        "train",
+        "--dataset",
+        "cifar10",
+        "--data-root",
+        tmp_path / "none",
+        "--no-download",
+        "--epochs",
+        "1",
+        "--out",
+        tmp_path / "run",
+    )
     lines = err.strip().splitlines()
     assert code == 2 and "Traceback" not in err
     assert lines[0].startswith("ressl: error: cifar10 not found: looked for data_batch_1")

@@ -73,8 +73,10 @@ def test_train_help_at_80_columns_breaks_no_word(monkeypatch):
     def words(columns: int, *args: str) -> set[str]:
         done = subprocess.run(
             [sys.executable, "-m", "ressl.cli", *args, "--help"],
-            capture_output=True, text=True, env={"COLUMNS": str(columns), "TERM": "dumb"},
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env={"COLUMNS": str(columns), "TERM": "dumb"},
+        )
         return set(re.sub(r"[│╭╮╰╯─]", " ", done.stdout).split())
 
     for args in (["train"], ["eval", "linear"], ["plot"]):
@@ -84,9 +86,16 @@ def test_train_help_at_80_columns_breaks_no_word(monkeypatch):
 
 def test_a_missing_builtin_dataset_names_the_flags(capsys, tmp_path):
     code, _, err = run_cli(
-        capsys, "train", "--dataset", "cifar10", "--no-download", "--data-root", tmp_path,
-        "--out", tmp_path / "run",
-    )  # fmt: skip
+        capsys,
+        "train",
+        "--dataset",
+        "cifar10",
+        "--no-download",
+        "--data-root",
+        tmp_path,
+        "--out",
+        tmp_path / "run",
+    )
     assert code != 0 and "Traceback" not in err
     assert "--data-root" in err and "--download" in err
     assert "root=DIR" not in err and "download=True" not in err
@@ -94,10 +103,17 @@ def test_a_missing_builtin_dataset_names_the_flags(capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "args",
-    [["info", "/no/such"], ["eval", "knn", "/no/such"], ["eval", "linear", "/no/such"],
-     ["export", "/no/such", "-o", "x.onnx"], ["plot", "/no/such"], ["train", "--resume", "/no/such"],
-     ["train", "--dataset", "folder:/no/such"], ["train", "--batch-size", "1"]],
-)  # fmt: skip
+    [
+        ["info", "/no/such"],
+        ["eval", "knn", "/no/such"],
+        ["eval", "linear", "/no/such"],
+        ["export", "/no/such", "-o", "x.onnx"],
+        ["plot", "/no/such"],
+        ["train", "--resume", "/no/such"],
+        ["train", "--dataset", "folder:/no/such"],
+        ["train", "--batch-size", "1"],
+    ],
+)
 def test_path_and_setting_errors_come_before_torch_is_imported(args):
     script = (
         "import sys\nfrom ressl.cli.app import main\n"

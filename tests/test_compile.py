@@ -14,8 +14,9 @@ from ressl.training.compiled import uses_cudagraphs
 
 
 def _run(tmp_path, settings, name, **changes):
-    return load_checkpoint(train(**dict(settings, out=str(tmp_path / name), epochs=1,
-                                        precision="fp32", **changes)))[0]  # fmt: skip
+    return load_checkpoint(
+        train(**dict(settings, out=str(tmp_path / name), epochs=1, precision="fp32", **changes))
+    )[0]
 
 
 @pytest.mark.slow
@@ -123,9 +124,13 @@ def _compile_failing_at(call: int, where: str) -> tuple[Any, list[str]]:
 
 @pytest.mark.parametrize(
     ("call", "where"),
-    [pytest.param(1, "teacher", marks=pytest.mark.slow), (2, "teacher"),
-     pytest.param(3, "teacher", marks=pytest.mark.slow), (2, "backward")],
-)  # fmt: skip
+    [
+        pytest.param(1, "teacher", marks=pytest.mark.slow),
+        (2, "teacher"),
+        pytest.param(3, "teacher", marks=pytest.mark.slow),
+        (2, "backward"),
+    ],
+)
 def test_a_step_failing_in_the_warmup_reruns_eager_from_the_state_it_started_in(
     tmp_path, tiny_settings, caplog, monkeypatch, call, where
 ):
@@ -150,8 +155,9 @@ def test_a_step_failing_in_the_warmup_reruns_eager_from_the_state_it_started_in(
     assert resets == [1]  # the graphs' memory is given back before the eager re-run
 
 
-@pytest.mark.parametrize(("mode", "marked"), [("default", 0), ("reduce-overhead", 4),
-                                              ("max-autotune", 4)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("mode", "marked"), [("default", 0), ("reduce-overhead", 4), ("max-autotune", 4)]
+)
 def test_every_mode_with_cuda_graphs_marks_each_step(
     tmp_path, tiny_settings, monkeypatch, mode, marked
 ):
@@ -165,9 +171,13 @@ def test_every_mode_with_cuda_graphs_marks_each_step(
 
 @pytest.mark.parametrize(
     ("mode", "graphs"),
-    [("default", False), ("reduce-overhead", True), ("max-autotune", True),
-     ("max-autotune-no-cudagraphs", False)],
-)  # fmt: skip
+    [
+        ("default", False),
+        ("reduce-overhead", True),
+        ("max-autotune", True),
+        ("max-autotune-no-cudagraphs", False),
+    ],
+)
 def test_which_modes_capture_cuda_graphs(mode, graphs):
     pytest.importorskip("torch._inductor")
     assert uses_cudagraphs(mode) is graphs

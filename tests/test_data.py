@@ -689,9 +689,16 @@ def test_a_new_dataset_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch) ->
 
     recipe = dict(datasets.DATASETS["cifar10"].recipe, queue_size=64)
     entry = datasets.DatasetInfo(
-        "toy", "five toy images", 3, 12, (0.5,) * 3, (0.25,) * 3, MappingProxyType(recipe),
-        aliases=("toy-set",), reader=read,
-    )  # fmt: skip
+        "toy",
+        "five toy images",
+        3,
+        12,
+        (0.5,) * 3,
+        (0.25,) * 3,
+        MappingProxyType(recipe),
+        aliases=("toy-set",),
+        reader=read,
+    )
     monkeypatch.setattr(datasets, "DATASETS", MappingProxyType({**datasets.DATASETS, "toy": entry}))
     d = load_dataset("TOY_SET", image_size=8)
     assert (d.name, d.image_size, d.classes, len(d.train)) == ("toy", 8, ["a", "b"], 5)
@@ -730,10 +737,12 @@ def test_exif_orientation_is_honoured(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "rotated.png", exif=exif)
     upright = np.asarray(Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_270))
     Image.fromarray(upright).save(tmp_path / "upright.png")
-    assert torch.equal(decode_image(tmp_path / "rotated.png", 16),
-                       decode_image(tmp_path / "upright.png", 16))  # fmt: skip
-    np.testing.assert_array_equal(load_image(tmp_path / "rotated.png", 16, 3),
-                                  load_image(tmp_path / "upright.png", 16, 3))  # fmt: skip
+    assert torch.equal(
+        decode_image(tmp_path / "rotated.png", 16), decode_image(tmp_path / "upright.png", 16)
+    )
+    np.testing.assert_array_equal(
+        load_image(tmp_path / "rotated.png", 16, 3), load_image(tmp_path / "upright.png", 16, 3)
+    )
 
 
 class _WorkerSignals(torch.utils.data.Dataset):

@@ -322,8 +322,13 @@ def _compiled_worker(rank: int, world: int, port: int, settings: dict, out: str)
     handler = logging.FileHandler(f"{out}/log{rank}.txt")
     logging.getLogger("ressl").addHandler(handler)
     logging.getLogger("ressl").setLevel(logging.INFO)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     train(**settings)
 
 
@@ -334,10 +339,17 @@ def test_a_compiled_distributed_run_trains_what_the_eager_one_trains(tmp_path, t
     pytest.importorskip("torch._inductor")
     runs = {}
     for mode in ("off", "on"):
-        settings = dict(tiny_settings, out=str(tmp_path / mode), epochs=1, precision="fp32",
-                        compile=mode, knn_every=0)  # fmt: skip
-        mp.spawn(_compiled_worker, args=(2, free_port(), settings, str(tmp_path)), nprocs=2,
-                 join=True)  # fmt: skip
+        settings = dict(
+            tiny_settings,
+            out=str(tmp_path / mode),
+            epochs=1,
+            precision="fp32",
+            compile=mode,
+            knn_every=0,
+        )
+        mp.spawn(
+            _compiled_worker, args=(2, free_port(), settings, str(tmp_path)), nprocs=2, join=True
+        )
         runs[mode] = load_checkpoint(tmp_path / mode / "last.safetensors")[0]
     log = (tmp_path / "log0.txt").read_text()
     if "torch.compile failed" in log:
@@ -434,8 +446,14 @@ def test_a_distributed_step_failing_in_the_warmup_reruns_eager_from_its_start(
     re-run of the step on every rank must still end where the eager run ends."""
     runs = {}
     for name, worker in (("off", _compiled_worker), ("fails", _failing_compile_worker)):
-        settings = dict(tiny_settings, out=str(tmp_path / name), epochs=1, precision="fp32",
-                        compile="off" if name == "off" else "on", knn_every=0)  # fmt: skip
+        settings = dict(
+            tiny_settings,
+            out=str(tmp_path / name),
+            epochs=1,
+            precision="fp32",
+            compile="off" if name == "off" else "on",
+            knn_every=0,
+        )
         mp.spawn(worker, args=(2, free_port(), settings, str(tmp_path)), nprocs=2, join=True)
         runs[name] = load_checkpoint(tmp_path / name / "last.safetensors")[0]
     assert "torch.compile failed at step 2" in (tmp_path / "log0.txt").read_text()

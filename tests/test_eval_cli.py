@@ -208,8 +208,9 @@ def test_a_greyscale_folder_trains_and_evaluates_on_one_channel(capsys, tmp_path
 
 
 def test_eval_json_prints_exactly_the_record_it_appends(capsys, tiny_run: Path):
-    code, out, err = run_cli(capsys, "eval", "knn", tiny_run, "--k", "5", "--device", "cpu",
-                             "--json")  # fmt: skip
+    code, out, err = run_cli(
+        capsys, "eval", "knn", tiny_run, "--k", "5", "--device", "cpu", "--json"
+    )
     assert code == 0, err
     printed = json.loads(out)
     assert printed == records(tiny_run)[-1]

@@ -132,10 +132,15 @@ def test_a_second_run_on_a_held_folder_fails_at_once(capsys, tmp_path, image_fol
 def test_the_lock_dies_with_its_process(tmp_path, tiny_settings):
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from ressl.runs.lock import hold_run_folder\n"
-         f"with hold_run_folder({str(run)!r}):\n print('held', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from ressl.runs.lock import hold_run_folder\n"
+            f"with hold_run_folder({str(run)!r}):\n print('held', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(RunInUseError, match=f"pid {holder.pid} on"):
         train(out=run, **dict(tiny_settings, epochs=1))
@@ -200,8 +205,10 @@ def _assert_exactly_once(run, straight):
     reference = load_checkpoint(straight)[0]
     assert all(torch.equal(tensors[k], reference[k]) for k in reference if not k.startswith("rng"))
     timing = {"images_per_second", "epoch_seconds"}
-    want = [{k: v for k, v in json.loads(line).items() if k not in timing}
-            for line in (straight / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    want = [
+        {k: v for k, v in json.loads(line).items() if k not in timing}
+        for line in (straight / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [{k: v for k, v in r.items() if k not in timing} for r in rows] == want
     assert not list(run.glob(".*.tmp"))
 
@@ -216,8 +223,10 @@ def test_a_kill_at_any_point_of_a_save_loses_and_repeats_no_metrics_row(
     script = Path(fault_injection.__file__)
     proc = subprocess.run(
         [sys.executable, str(script), file, str(nth), stage, str(run), json.dumps(settings)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 9, proc.stderr  # killed there, with no clean-up
     train(resume=run)
     _assert_exactly_once(run, straight)
@@ -289,10 +298,12 @@ def test_memory_estimate_counts_weights_queue_and_activations():
     from ressl.training.fits import training_memory
 
     kw = dict(backbone="small", channels=3, image_size=16, width=4, hidden_dim=16, embed_dim=8)
-    one = training_memory(**kw, queue_size=32, batch_per_process=8, student_sides=[16],
-                          autocast=False)  # fmt: skip
-    two = training_memory(**kw, queue_size=64, batch_per_process=16, student_sides=[16],
-                          autocast=False)  # fmt: skip
+    one = training_memory(
+        **kw, queue_size=32, batch_per_process=8, student_sides=[16], autocast=False
+    )
+    two = training_memory(
+        **kw, queue_size=64, batch_per_process=16, student_sides=[16], autocast=False
+    )
     model = ReSSL("small", in_channels=3, image_size=16, hidden_dim=16, embed_dim=8, width=4)
     params = sum(p.numel() for p in model.student.parameters())
     buffers = sum(b.numel() for b in model.student.buffers())
@@ -300,8 +311,9 @@ def test_memory_estimate_counts_weights_queue_and_activations():
     assert one.parts["weights and optimiser state"][0] == 4 * (4 * params + 2 * buffers)
     step = "activations of a step"
     assert two.parts[step][0] == 2 * one.parts[step][0]  # linear in the batch
-    half = training_memory(**kw, queue_size=32, batch_per_process=8, student_sides=[16],
-                           autocast=True)  # fmt: skip
+    half = training_memory(
+        **kw, queue_size=32, batch_per_process=8, student_sides=[16], autocast=True
+    )
     assert half.parts[step][0] < one.parts[step][0]
 
 
@@ -324,8 +336,11 @@ def test_resizing_a_dataset_beyond_memory_is_refused(monkeypatch):
     from ressl.errors import ConfigError
 
     monkeypatch.setattr(ressl.data.loading, "device_memory", lambda device: 10**6)
-    with pytest.raises(ConfigError, match=r"60000 images of 1x64x64 need 234.4 MB of memory, more "
-                       r"than this machine's 976.6 KB; lower image_size"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"60000 images of 1x64x64 need 234.4 MB of memory, more "
+        r"than this machine's 976.6 KB; lower image_size",
+    ):
         ressl.data.loading.check_images_fit(60000, 1, 64)
     ressl.data.loading.check_images_fit(10, 1, 64)  # 40 KB fits
 

@@ -99,7 +99,7 @@ def _base(command: str, s: Setup, tmp: Path) -> tuple[list[str], dict[str, str]]
                 "--perplexity": "2",
                 "--device": "cpu",
             },
-        ),  # fmt: skip
+        ),
         "serve": ([str(s.model)], {"--device": "cpu"}),
         "eval knn": ([str(s.run)], {**quick_eval, "--k": "5"}),
         "eval linear": ([str(s.run)], {**quick_eval, "--epochs": "2", "--probe-batch-size": "8"}),

@@ -76,13 +76,23 @@ def _checkpoint_cases(tensors, meta):
         m={**meta, "settings": json.dumps({**settings, "image_size": 10**6})},
     )
     add("channels 2", BAD, m={**meta, "settings": json.dumps({**settings, "channels": 2})})
-    kinds = {"model.student.backbone.features.0.weight", "model.queue", "model.queue_ptr",
-             "optimizer.0.momentum_buffer", "rng.views", "rng.torch"}  # fmt: skip
+    kinds = {
+        "model.student.backbone.features.0.weight",
+        "model.queue",
+        "model.queue_ptr",
+        "optimizer.0.momentum_buffer",
+        "rng.views",
+        "rng.torch",
+    }
     for key in sorted(kinds):
         model = key.startswith("model.")
         commands = all_commands if model else ("resume",)
-        add(f"tensor -{key}", BAD, t={k: v for k, v in tensors.items() if k != key},
-            commands=commands)  # fmt: skip
+        add(
+            f"tensor -{key}",
+            BAD,
+            t={k: v for k, v in tensors.items() if k != key},
+            commands=commands,
+        )
         t = tensors[key]
         for what, new in (
             ("flat", t.reshape(-1)[:1].clone() if t.numel() else t.reshape(1)),
@@ -90,8 +100,12 @@ def _checkpoint_cases(tensors, meta):
             ("bigger", torch.zeros(t.numel() + 3, 2)),
         ):
             expect = BAD if model and key != "model.queue_ptr" or what != "float64" else SAFE
-            add(f"tensor {key} {what}", expect if model else SAFE, t={**tensors, key: new},
-                commands=commands if model else ())  # fmt: skip
+            add(
+                f"tensor {key} {what}",
+                expect if model else SAFE,
+                t={**tensors, key: new},
+                commands=commands if model else (),
+            )
     add("tensor +extra", SAFE, t={**tensors, "model.extra": torch.zeros(2)})
     nan = {**tensors}
     nan["model.student.head.net.0.weight"] = torch.full_like(
@@ -117,11 +131,20 @@ def _write(folder, run, tensors, meta):
 def _cli(capsys, command, folder, image_folder, tmp):
     args = {
         "info": ["info", folder],
-        "eval": ["eval", "knn", folder, "--dataset", f"folder:{image_folder}", "--device", "cpu",
-                 "--k", "5"],
+        "eval": [
+            "eval",
+            "knn",
+            folder,
+            "--dataset",
+            f"folder:{image_folder}",
+            "--device",
+            "cpu",
+            "--k",
+            "5",
+        ],
         "export": ["export", folder, "-o", tmp / "x.onnx", "--no-verify", "--overwrite"],
         "resume": ["train", "--resume", folder, "--epochs", "2"],
-    }[command]  # fmt: skip
+    }[command]
     return run_cli(capsys, *args)
 
 
@@ -146,8 +169,10 @@ def test_mutated_checkpoints_give_one_line_never_a_traceback(
     header = 8 + int.from_bytes(raw[:8], "little")
     truncations = sorted({0, 4, 8, 9, header // 2, header - 1, header, header + 7, len(raw) - 1})
     cases = _checkpoint_cases(tensors, meta)
-    cases += [(f"truncated at {n}", None, raw[:n], BAD, ("info", "eval", "export", "resume"))
-              for n in truncations]  # fmt: skip
+    cases += [
+        (f"truncated at {n}", None, raw[:n], BAD, ("info", "eval", "export", "resume"))
+        for n in truncations
+    ]
     failures = []
     for i, (name, t, m, expect, must_fail) in enumerate(cases):
         folder = tmp_path / f"c{i}"
@@ -174,12 +199,18 @@ def _foreign_graph(meta, channels, size):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["embedding"])],
+        [
+            helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["embedding"]),
+        ],
         "foreign",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", channels, size, size])],
+        [
+            helper.make_tensor_value_info(
+                "images", TensorProto.FLOAT, ["batch", channels, size, size]
+            )
+        ],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", channels])],
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
@@ -199,8 +230,18 @@ def test_mutated_onnx_metadata_gives_one_line_never_a_traceback(
     meta = {p.key: p.value for p in proto.metadata_props}
     cases = []
     for key in meta:
-        essential = key in ("format", "format_version", "image_size", "channels", "mean", "std",
-                            "embedding_dim", "backbone", "weights", "precision")  # fmt: skip
+        essential = key in (
+            "format",
+            "format_version",
+            "image_size",
+            "channels",
+            "mean",
+            "std",
+            "embedding_dim",
+            "backbone",
+            "weights",
+            "precision",
+        )
         cases.append(
             (f"-{key}", {k: v for k, v in meta.items() if k != key}, BAD if essential else SAFE)
         )
@@ -239,9 +280,20 @@ def test_mutated_onnx_metadata_gives_one_line_never_a_traceback(
     files.append(("truncated", truncated, BAD))
     for name, file, expect in files:
         counts["cases"] += 1
-        for command in (["info", file], ["embed", file, image_folder / "test", "-o",
-                        tmp_path / "e.npz", "--overwrite", "--device", "cpu"],
-                        ["eval", "knn", file, "--dataset", f"folder:{image_folder}", "--k", "5"]):  # fmt: skip
+        for command in (
+            ["info", file],
+            [
+                "embed",
+                file,
+                image_folder / "test",
+                "-o",
+                tmp_path / "e.npz",
+                "--overwrite",
+                "--device",
+                "cpu",
+            ],
+            ["eval", "knn", file, "--dataset", f"folder:{image_folder}", "--k", "5"],
+        ):
             code, _, err = run_cli(capsys, *command)
             counts["runs"] += 1
             counts["tracebacks"] += "Traceback" in err
@@ -263,8 +315,11 @@ def test_nested_checkpoint_metadata_gives_one_line(capsys, tmp_path, source, ima
     run, tensors, meta = source
     folder = tmp_path / "nested"
     _write(folder, run, tensors, {**meta, key: NESTED})
-    uses = {"settings": ("info", "export", "resume"), "metrics": ("info", "resume"),
-            "optimizer": ("resume",)}[key]  # fmt: skip
+    uses = {
+        "settings": ("info", "export", "resume"),
+        "metrics": ("info", "resume"),
+        "optimizer": ("resume",),
+    }[key]
     for command in ("info", "export", "resume"):
         code, _, err = _cli(capsys, command, folder, image_folder, tmp_path)
         assert _clean(code, err) and "Recursion" not in err, (command, err)

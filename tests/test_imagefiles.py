@@ -61,8 +61,16 @@ def _deadline(seconds: int):
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_resize_equals_the_whole_resize_for_ordinary_shapes(mode):
     rng = np.random.default_rng(0)
-    for w, h, size in [(40, 30, 28), (300, 200, 32), (28, 28, 28), (20, 14, 28), (64, 257, 32),
-                       (5, 9, 28), (100, 40, 64), (224, 500, 224)]:  # fmt: skip
+    for w, h, size in [
+        (40, 30, 28),
+        (300, 200, 32),
+        (28, 28, 28),
+        (20, 14, 28),
+        (64, 257, 32),
+        (5, 9, 28),
+        (100, 40, 64),
+        (224, 500, 224),
+    ]:
         shape = (h, w, 3) if mode == "RGB" else (h, w)
         image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
         got, want = resize_center_crop(image, size), _whole_resize_crop(image, size)
@@ -106,8 +114,12 @@ def test_resize_bomb_png_peak_memory_is_that_of_a_small_image(tmp_path):
     )
     peak = {}
     for name in ("small.png", "bomb.png"):
-        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / name)],
-                             capture_output=True, text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         peak[name] = int(out.stdout.strip()) / 1024  # MB
     assert peak["bomb.png"] - peak["small.png"] < 50, peak
 
@@ -135,8 +147,9 @@ def _gif(image: Image.Image) -> bytes:
 
 def _photo(w: int, h: int, mode: str = "RGB") -> Image.Image:
     yy, xx = np.mgrid[0:h, 0:w]
-    rgb = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)),
-                    ((xx + yy) * 7) % 256], axis=-1).astype(np.uint8)  # fmt: skip
+    rgb = np.stack(
+        [(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 7) % 256], axis=-1
+    ).astype(np.uint8)
     return Image.fromarray(rgb, "RGB").convert(mode)
 
 
@@ -288,8 +301,18 @@ def _fuzz_files(root: Path) -> list[Path]:
     formats, damaged bytes, non-regular files and links out of the tree."""
     rng = np.random.default_rng(7)
     files: list[tuple[str, bytes]] = []
-    for w, h in [(1, 1), (1, 50_000), (50_000, 1), (2, 3), (3, 20_000), (4000, 3), (1, 28),
-                 (28, 1), (27, 29), (600, 400)]:  # fmt: skip
+    for w, h in [
+        (1, 1),
+        (1, 50_000),
+        (50_000, 1),
+        (2, 3),
+        (3, 20_000),
+        (4000, 3),
+        (1, 28),
+        (28, 1),
+        (27, 29),
+        (600, 400),
+    ]:
         for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"):
             if fmt == "WEBP" and max(w, h) > 16383:
                 continue  # WebP's own limit
@@ -297,8 +320,17 @@ def _fuzz_files(root: Path) -> list[Path]:
                 (f"{w}x{h}.{fmt.lower()}", _encoded(Image.new("RGB", (w, h), (9, 99, 199)), fmt))
             )
     pixels = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
-    for mode, fmt in [("1", "PNG"), ("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"),
-                      ("I", "TIFF"), ("F", "TIFF"), ("CMYK", "TIFF"), ("YCbCr", "JPEG")]:  # fmt: skip
+    for mode, fmt in [
+        ("1", "PNG"),
+        ("L", "PNG"),
+        ("P", "PNG"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("I", "TIFF"),
+        ("F", "TIFF"),
+        ("CMYK", "TIFF"),
+        ("YCbCr", "JPEG"),
+    ]:
         files.append((f"mode-{mode}.{fmt.lower()}", _encoded(pixels.convert(mode), fmt)))
     sixteen = Image.fromarray(rng.integers(0, 65535, (30, 40), dtype=np.uint16))
     files.append(("mode-I16.png", _encoded(sixteen, "PNG")))
@@ -372,6 +404,8 @@ def test_image_file_fuzz_decodes_to_size_or_fails_cleanly(tmp_path):
                     assert embedded.shape == (channels, 28, 28) and embedded.dtype == np.float32
                     assert np.array_equal(embedded, training.numpy() / np.float32(255))
                     decoded += 1
-    print(f"\nimage-file fuzz: {len(paths)} files x 2 channel counts: {decoded} decoded to 28x28, "
-          f"{refused} refused cleanly, 0 tracebacks, 0 hangs")  # fmt: skip
+    print(
+        f"\nimage-file fuzz: {len(paths)} files x 2 channel counts: {decoded} decoded to 28x28, "
+        f"{refused} refused cleanly, 0 tracebacks, 0 hangs"
+    )
     assert decoded > 100 and refused > 30

@@ -70,8 +70,7 @@ def _folder(root: Path, n: int = 8) -> list[Path]:
 
 def _batches(files: list[Path], decode: str, channels: int = 3, workers: int = 0) -> list:
     source = FolderImages(files, [0] * len(files), 24, channels=channels)
-    return list(source.crop_batches(4, CROPS, epoch=1, seed=3, decode=decode,
-                                    num_workers=workers))  # fmt: skip
+    return list(source.crop_batches(4, CROPS, epoch=1, seed=3, decode=decode, num_workers=workers))
 
 
 @pytest.mark.parametrize("channels", [3, 1])

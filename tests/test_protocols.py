@@ -18,8 +18,11 @@ from ressl.training.loop import _param_groups
 
 
 def _bn_buffers(tensors: dict, net: str) -> dict:
-    return {k.split(f"model.{net}.", 1)[1]: v for k, v in tensors.items()
-            if k.startswith(f"model.{net}.") and "running_mean" in k}  # fmt: skip
+    return {
+        k.split(f"model.{net}.", 1)[1]: v
+        for k, v in tensors.items()
+        if k.startswith(f"model.{net}.") and "running_mean" in k
+    }
 
 
 def test_a_trained_teacher_has_batchnorm_statistics_of_its_own(tmp_path, tiny_settings):
@@ -91,10 +94,18 @@ def test_a_checkpoint_from_before_the_settings_continues_as_it_began():
         del saved[key]
     old = TrainConfig.from_saved(saved)
     assert (old.teacher_bn, old.warmup_start, old.decay_exempt, old.blur_mode) == (
-        "student", "one-step", "1d", "relative")  # fmt: skip
+        "student",
+        "one-step",
+        "1d",
+        "relative",
+    )
     new = TrainConfig(dataset="imagenet:/x")
     assert (new.teacher_bn, new.warmup_start, new.decay_exempt, new.blur_mode) == (
-        "own", "zero", "names", "pil")  # fmt: skip
+        "own",
+        "zero",
+        "names",
+        "pil",
+    )
 
 
 def _brightness_classes(n: int, seed: int) -> TensorImages:
@@ -113,18 +124,47 @@ def test_the_papers_linear_evaluation_learns_a_known_answer():
         return x.mean(dim=(2, 3))
 
     seen = []
-    result = paper_linear_eval(pooled, train_set, test_set, 2, mean=(0.5,) * 3, std=(0.25,) * 3,
-                               image_size=16, epochs=5, lr=0.3, batch_size=16, progress=seen.append)  # fmt: skip
+    result = paper_linear_eval(
+        pooled,
+        train_set,
+        test_set,
+        2,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        image_size=16,
+        epochs=5,
+        lr=0.3,
+        batch_size=16,
+        progress=seen.append,
+    )
     assert (
         result["top1"] == 100.0 and len(result["top1_per_epoch"]) == 5 and seen == [1, 2, 3, 4, 5]
     )
     assert result["best_top1"] == max(result["top1_per_epoch"]) and 1 <= result["best_epoch"] <= 5
-    again = paper_linear_eval(pooled, train_set, test_set, 2, mean=(0.5,) * 3, std=(0.25,) * 3,
-                              image_size=16, epochs=5, lr=0.3, batch_size=16)  # fmt: skip
+    again = paper_linear_eval(
+        pooled,
+        train_set,
+        test_set,
+        2,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        image_size=16,
+        epochs=5,
+        lr=0.3,
+        batch_size=16,
+    )
     assert again["top1_per_epoch"] == result["top1_per_epoch"]  # seeded
     with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
-        paper_linear_eval(pooled, train_set, test_set, 2, mean=(0.5,) * 3, std=(0.25,) * 3,
-                          image_size=16, epochs=0)  # fmt: skip
+        paper_linear_eval(
+            pooled,
+            train_set,
+            test_set,
+            2,
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+            image_size=16,
+            epochs=0,
+        )
 
 
 def test_eval_linear_with_the_papers_protocol_records_the_final_epoch(
@@ -132,8 +172,20 @@ def test_eval_linear_with_the_papers_protocol_records_the_final_epoch(
 ):
     run = tmp_path / "run"
     train(**dict(tiny_settings, out=str(run), epochs=1))
-    code, out, err = run_cli(capsys, "eval", "linear", run, "--protocol", "paper", "--epochs", "2",
-                             "--probe-batch-size", "8", "--device", "cpu")  # fmt: skip
+    code, out, err = run_cli(
+        capsys,
+        "eval",
+        "linear",
+        run,
+        "--protocol",
+        "paper",
+        "--epochs",
+        "2",
+        "--probe-batch-size",
+        "8",
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     assert "(final epoch); best" in out and "selected on the test set" in out
     row = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])

@@ -170,11 +170,18 @@ def test_every_file_ressl_writes_as_a_link_leaves_the_outside_byte_identical(
         (run / name).unlink()
     (run / name).symlink_to(outside if name == TENSORBOARD else victim)
     commands = [
-        ["train", "--resume", run, "--epochs", "2", "--log",
-         "tensorboard" if name == TENSORBOARD else "none"],
+        [
+            "train",
+            "--resume",
+            run,
+            "--epochs",
+            "2",
+            "--log",
+            "tensorboard" if name == TENSORBOARD else "none",
+        ],
         ["eval", "knn", run, "--dataset", f"folder:{image_folder}", "--k", "5", "--device", "cpu"],
         ["plot", run, "--no-tsne"],
-    ]  # fmt: skip
+    ]
     for command in commands:
         code, _, err = run_cli(capsys, *command)
         lines = err.strip().splitlines()

@@ -39,9 +39,16 @@ def model(tmp_path_factory, image_folder):
 
 @pytest.fixture(scope="module")
 def server(model):
-    settings = ServeSettings(str(model), device="cpu", max_batch=8, max_wait_ms=50,
-                             max_upload_mb=300_000 / 2**20, max_images=5, max_pixels=1_000_000,
-                             max_request_pixels=2_000_000)  # fmt: skip
+    settings = ServeSettings(
+        str(model),
+        device="cpu",
+        max_batch=8,
+        max_wait_ms=50,
+        max_upload_mb=300_000 / 2**20,
+        max_images=5,
+        max_pixels=1_000_000,
+        max_request_pixels=2_000_000,
+    )
     app = create_app(settings)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -147,7 +154,8 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_stays_up(server,
     Image.new("L", (2000, 2000)).save(bomb, format="PNG")  # 4 MP in a few KB
     noise = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), np.uint8)).save(
-        noise, format="PNG")  # fmt: skip
+        noise, format="PNG"
+    )
     grey = io.BytesIO()
     Image.new("L", (800, 800), 80).save(grey, format="PNG")  # 640,000 pixels each, under max_pixels
     grey_800 = grey.getvalue()
@@ -193,9 +201,20 @@ def test_serve_command_starts_answers_and_stops_on_sigterm(model):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ressl", "serve", str(model), "--port", str(port), "--device", "cpu"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "ressl",
+            "serve",
+            str(model),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stderr.readline()
         assert line.startswith(f"serving {model}") and f"on CPU at http://127.0.0.1:{port}" in line
@@ -254,11 +273,20 @@ def test_images_for_a_model_that_takes_no_image_files_get_a_400(tmp_path, image_
 
     from ressl import ReSSL
 
-    net = ReSSL("small", in_channels=4, image_size=16, hidden_dim=16, embed_dim=8, width=4,
-                queue_size=16).student.eval()  # fmt: skip
+    net = ReSSL(
+        "small", in_channels=4, image_size=16, hidden_dim=16, embed_dim=8, width=4, queue_size=16
+    ).student.eval()
     path = tmp_path / "four.onnx"
-    export_onnx(net, path, image_size=16, channels=4, mean=(0.5,) * 4, std=(0.5,) * 4,
-                backbone="small", verify=False)  # fmt: skip
+    export_onnx(
+        net,
+        path,
+        image_size=16,
+        channels=4,
+        mean=(0.5,) * 4,
+        std=(0.5,) * 4,
+        backbone="small",
+        verify=False,
+    )
     service = EmbeddingService(ServeSettings(str(path), device="cpu"))
     png = _files(image_folder, 1)[0].read_bytes()
     with pytest.raises(BadInput, match="4-channel input") as e:
@@ -328,9 +356,17 @@ def test_a_batch_waiting_for_a_request_whose_decode_fails_runs_at_once():
 
 _SERVE_VALUES = ["0", "-1", "nan", "inf", "1e300", "", "x" * 5000, "9" * 5000]
 _SERVE_FLAGS = [
-    "--host", "--port", "--device", "--max-batch", "--max-wait-ms", "--workers",
-    "--max-upload-mb", "--max-images", "--max-pixels", "--max-request-pixels",
-]  # fmt: skip
+    "--host",
+    "--port",
+    "--device",
+    "--max-batch",
+    "--max-wait-ms",
+    "--workers",
+    "--max-upload-mb",
+    "--max-images",
+    "--max-pixels",
+    "--max-request-pixels",
+]
 
 
 @pytest.mark.parametrize("flag", _SERVE_FLAGS)
@@ -363,9 +399,15 @@ def test_serve_settings_state_every_range_and_name_the_setting():
     from ressl.errors import ConfigError
 
     assert set(RULES) <= set(ServeSettings.__dataclass_fields__)
-    for name, value in [("max_upload_mb", float("inf")), ("max_upload_mb", 1e300),
-                        ("max_upload_mb", float("nan")), ("max_wait_ms", float("inf")),
-                        ("max_wait_ms", 1e12), ("host", ""), ("port", 0)]:  # fmt: skip
+    for name, value in [
+        ("max_upload_mb", float("inf")),
+        ("max_upload_mb", 1e300),
+        ("max_upload_mb", float("nan")),
+        ("max_wait_ms", float("inf")),
+        ("max_wait_ms", 1e12),
+        ("host", ""),
+        ("port", 0),
+    ]:
         with pytest.raises(ConfigError, match=f"^{name} must be"):
             ServeSettings("m.onnx", **{name: value})
     assert ServeSettings("m.onnx", max_upload_mb=0.5).max_upload_bytes == 2**19
@@ -384,8 +426,9 @@ def _raw_http(url, request: bytes) -> bytes:
 
 def _metric(url, line_start):
     text = _request(url, "/metrics")[2].decode()
-    return sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(line_start))  # fmt: skip
+    return sum(
+        int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start)
+    )
 
 
 def test_a_client_gone_mid_upload_is_a_499_not_a_server_error(server):
@@ -394,8 +437,10 @@ def test_a_client_gone_mid_upload_is_a_499_not_a_server_error(server):
     before = _metric(url, 'ressl_requests_total{path="/embed",status="499"}')
     errors = _metric(url, "ressl_errors_total")
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 200000\r\n\r\n" + b"{" * 1000)  # fmt: skip
+        s.sendall(
+            b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 200000\r\n\r\n" + b"{" * 1000
+        )
         time.sleep(0.2)
     for _ in range(100):  # the server notices the closed connection
         if _metric(url, 'ressl_requests_total{path="/embed",status="499"}') > before:
@@ -453,15 +498,26 @@ def test_metrics_count_every_route_in_the_prometheus_text_format(server):
             family = name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
             assert name in declared or family in declared, line
             assert name in helped or family in helped, line
-    for needle in ('path="/healthz",status="200"', 'path="/readyz",status="200"',
-                   'path="/metadata",status="200"', 'path="/metrics",status="200"',
-                   'path="other",status="404"', 'path="/embed",status="405"'):  # fmt: skip
+    for needle in (
+        'path="/healthz",status="200"',
+        'path="/readyz",status="200"',
+        'path="/metadata",status="200"',
+        'path="/metrics",status="200"',
+        'path="other",status="404"',
+        'path="/embed",status="405"',
+    ):
         assert needle in text, needle
     assert "/nowhere" not in text  # no series per made-up path
     parser = pytest.importorskip("prometheus_client.parser")  # the reference parser agrees
     families = {f.name: f for f in parser.text_string_to_metric_families(text)}
-    assert {"ressl_requests", "ressl_images", "ressl_errors", "ressl_batches",
-            "ressl_batched_images", "ressl_embed_seconds"} <= set(families)  # fmt: skip
+    assert {
+        "ressl_requests",
+        "ressl_images",
+        "ressl_errors",
+        "ressl_batches",
+        "ressl_batched_images",
+        "ressl_embed_seconds",
+    } <= set(families)
     assert families["ressl_batched_images"].type == "counter"
     assert families["ressl_embed_seconds"].type == "histogram"
     seen = {(s.labels["path"], s.labels["status"]) for s in families["ressl_requests"].samples}
@@ -493,8 +549,11 @@ def test_a_model_claiming_a_huge_image_size_gets_bounded_requests(tmp_path, mode
 
     import asyncio
 
-    with pytest.raises(BadInput, match=r"2 images; the limit is 1 per request \(this model's "
-                       r"3x4096x4096 input is 192.0 MiB an image decoded\)") as e:  # fmt: skip
+    with pytest.raises(
+        BadInput,
+        match=r"2 images; the limit is 1 per request \(this model's "
+        r"3x4096x4096 input is 192.0 MiB an image decoded\)",
+    ) as e:
         asyncio.run(service._images(Request()))  # type: ignore[arg-type]
     assert e.value.status == 413
 
@@ -518,13 +577,18 @@ def _http_fuzz_bodies(png: bytes):
         yield f"JSON nested {depth} deep", body, "application/json"
     b64 = base64.b64encode(png).decode()
     for name, payload in [
-        ("JSON list", [b64]), ("JSON string", b64), ("JSON number", 3), ("JSON null", None),
-        ("images: a number", {"images": 5}), ("images: nested dict", {"images": [{"a": b64}]}),
+        ("JSON list", [b64]),
+        ("JSON string", b64),
+        ("JSON number", 3),
+        ("JSON null", None),
+        ("images: a number", {"images": 5}),
+        ("images: nested dict", {"images": [{"a": b64}]}),
         ("images: 6 (over max_images)", {"images": [b64] * 6}),
-        ("images: bad base64", {"images": ["!!" + b64]}), ("images: empty string", {"images": [""]}),
+        ("images: bad base64", {"images": ["!!" + b64]}),
+        ("images: empty string", {"images": [""]}),
         ("images: base64 of noise", {"images": [base64.b64encode(rng.bytes(300)).decode()]}),
         ("images: one good", {"images": [b64]}),
-    ]:  # fmt: skip
+    ]:
         yield name, json.dumps(payload).encode(), "application/json"
     yield "JSON, invalid UTF-8", b'{"images": ["\xff\xfe"]}', "application/json"
     yield "JSON, 1e400", b'{"images": 1e400}', "application/json"
@@ -548,7 +612,9 @@ def test_http_body_fuzz_gets_200_or_4xx_never_a_5xx(server, image_folder):
             assert error and "object at 0x" not in error and len(error) < 400, (name, error)
     assert _request(url, "/healthz")[0] == 200
     cases = sum(statuses.values())
-    print(f"\nHTTP body fuzz: {cases} bodies: {statuses.get(200, 0)} embedded, "
-          f"{cases - statuses.get(200, 0)} refused with a 4xx ({dict(sorted(statuses.items()))}), "
-          "0 5xx, 0 hangs")  # fmt: skip
+    print(
+        f"\nHTTP body fuzz: {cases} bodies: {statuses.get(200, 0)} embedded, "
+        f"{cases - statuses.get(200, 0)} refused with a 4xx ({dict(sorted(statuses.items()))}), "
+        "0 5xx, 0 hangs"
+    )
     assert statuses.get(200, 0) >= 2 and cases - statuses.get(200, 0) >= 30

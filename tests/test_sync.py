@@ -26,10 +26,23 @@ from ressl.views.plan import CropPlan
 
 #: aten ops that wait for the device when it is a GPU.
 WAITS = {
-    "_local_scalar_dense", "is_nonzero", "equal", "allclose", "nonzero", "argwhere",
-    "masked_select", "bincount", "unique", "_unique", "_unique2", "unique_dim",
-    "unique_consecutive", "lift_fresh", "lift_fresh_copy", "_assert_async",
-}  # fmt: skip
+    "_local_scalar_dense",
+    "is_nonzero",
+    "equal",
+    "allclose",
+    "nonzero",
+    "argwhere",
+    "masked_select",
+    "bincount",
+    "unique",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "lift_fresh",
+    "lift_fresh_copy",
+    "_assert_async",
+}
 
 
 class WouldWait(TorchDispatchMode):
@@ -78,16 +91,27 @@ CASES = {
 
 
 def _steps(
-    device: torch.device, *, crops: tuple[int, ...] | None, symmetric: bool, blur_mode: str,
-    channels: int = 3, sgd: dict | None = None, warm: int = 2,
-) -> Iterator[None]:  # fmt: skip
+    device: torch.device,
+    *,
+    crops: tuple[int, ...] | None,
+    symmetric: bool,
+    blur_mode: str,
+    channels: int = 3,
+    sgd: dict | None = None,
+    warm: int = 2,
+) -> Iterator[None]:
     """Yields once after ``warm`` steps (lazy initialisation may sync), then runs one step
     per ``next``: the trainer's step from whole images on the device."""
     torch.manual_seed(0)
     model = ReSSL(
-        "small", in_channels=channels, image_size=16, width=8, hidden_dim=32, embed_dim=16,
+        "small",
+        in_channels=channels,
+        image_size=16,
+        width=8,
+        hidden_dim=32,
+        embed_dim=16,
         queue_size=64,
-    ).to(device, memory_format=torch.channels_last)  # fmt: skip
+    ).to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.student.parameters(), lr=0.1, momentum=0.9, **(sgd or {}))
     plan = CropPlan.build(16, (0.2, 1.0), crops, None, symmetric)
     strong = StrongView(blur_p=0.5, blur_mode=blur_mode)
@@ -102,8 +126,9 @@ def _steps(
         x_s = [v.contiguous(memory_format=torch.channels_last) for v in x_s]
         for group in opt.param_groups:
             group["lr"] = 0.1 / (i + 1)  # a Python float, as the trainer sets it
-        training_step(model, opt, x_t, x_s, momentum=0.99, symmetric=symmetric,
-                      autocast_dtype=torch.bfloat16)  # fmt: skip
+        training_step(
+            model, opt, x_t, x_s, momentum=0.99, symmetric=symmetric, autocast_dtype=torch.bfloat16
+        )
         if i + 1 >= warm:
             yield
 
@@ -192,8 +217,15 @@ def test_compiled_views_take_the_sync_free_paths_and_never_recompile():
     plan = CropPlan.build(16, (0.2, 1.0))
     images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
     g = torch.Generator().manual_seed(0)
-    views = functools.partial(plan.views, images, generator=g, mean=(0.5,) * 3,
-                              std=(0.25,) * 3, student=StrongView(blur_p=0.5), teacher=WeakView())  # fmt: skip
+    views = functools.partial(
+        plan.views,
+        images,
+        generator=g,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        student=StrongView(blur_p=0.5),
+        teacher=WeakView(),
+    )
 
     def graphs_after_calls() -> tuple[int, int]:
         torch._dynamo.reset()

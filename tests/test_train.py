@@ -384,7 +384,10 @@ def test_the_sgd_kernel_setting_picks_the_update(kernel):
     opt = _sgd([{"params": [p], "weight_decay": 0.0}], 0.1, TrainConfig(sgd_kernel=kernel), World())
     group = opt.param_groups[0]
     assert (group["fused"], group["foreach"]) == {
-        "fused": (True, None), "foreach": (None, True), "default": (None, None)}[kernel]  # fmt: skip
+        "fused": (True, None),
+        "foreach": (None, True),
+        "default": (None, None),
+    }[kernel]
 
 
 def test_fused_sgd_falls_back_to_foreach_where_it_has_no_kernel(caplog):

@@ -469,8 +469,14 @@ def test_pil_blur_equals_pil_per_image_at_every_size(channels):
         sigma = torch.tensor([0.1, 0.37, 0.5, 0.99, 1.0, 1.6, 2.0])  # one sigma per image
         pixels = rng.integers(0, 256, (len(sigma), height, width, channels), dtype=np.uint8)
         mode = "L" if channels == 1 else "RGB"
-        want = [np.asarray(Image.fromarray(p.squeeze(-1) if channels == 1 else p, mode)
-                           .filter(ImageFilter.GaussianBlur(float(s)))) for p, s in zip(pixels, sigma)]  # fmt: skip
+        want = [
+            np.asarray(
+                Image.fromarray(p.squeeze(-1) if channels == 1 else p, mode).filter(
+                    ImageFilter.GaussianBlur(float(s))
+                )
+            )
+            for p, s in zip(pixels, sigma)
+        ]
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
         got = pil_gaussian_blur(x, sigma)
         for i, w in enumerate(want):
@@ -658,8 +664,15 @@ def test_view_configs_are_the_view_functions():
     kw = dict(size=16, mean=(0.5,) * 3, std=(0.25,) * 3, scale=(0.3, 0.9))
     strong = StrongView(jitter=(0.8, 0.8, 0.0, 0.0), jitter_p=1.0, grayscale_p=0.0, blur_p=0.5)
     a = strong(x, generator=torch.Generator().manual_seed(1), **kw)
-    b = strong_view(x, generator=torch.Generator().manual_seed(1), jitter=(0.8, 0.8, 0.0, 0.0),
-                    jitter_p=1.0, grayscale_p=0.0, blur_p=0.5, **kw)  # fmt: skip
+    b = strong_view(
+        x,
+        generator=torch.Generator().manual_seed(1),
+        jitter=(0.8, 0.8, 0.0, 0.0),
+        jitter_p=1.0,
+        grayscale_p=0.0,
+        blur_p=0.5,
+        **kw,
+    )
     assert torch.equal(a, b)
     c = WeakView(flip_p=0.0)(x, generator=torch.Generator().manual_seed(2), **kw)
     assert torch.equal(

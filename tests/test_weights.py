@@ -19,8 +19,15 @@ from ressl import load_encoder, train
 def resnet_run(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Path:
     """A torchvision ResNet-18 (BatchNorm, the small-image stem) trained for one tiny epoch."""
     out = tmp_path_factory.mktemp("resnet") / "run"
-    train(**dict(TINY, dataset=f"folder:{image_folder}", backbone="torchvision:resnet18",
-                 epochs=1, out=str(out)))  # fmt: skip
+    train(
+        **dict(
+            TINY,
+            dataset=f"folder:{image_folder}",
+            backbone="torchvision:resnet18",
+            epochs=1,
+            out=str(out),
+        )
+    )
     return out
 
 

@@ -114,8 +114,14 @@ def _recipe(panel: str, help: str, rule: Rule, **kw: Any) -> Any:
 
 
 DATA, MODEL, METHOD, OPTIM, VIEWS, MONITOR, RUN = (
-    "Data", "Model", "Method", "Optimiser", "Views", "Monitor", "Run",
-)  # fmt: skip
+    "Data",
+    "Model",
+    "Method",
+    "Optimiser",
+    "Views",
+    "Monitor",
+    "Run",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -449,24 +455,33 @@ class TrainConfig:
         """Legal but probably unintended combinations, one sentence each (the trainer logs them)."""
         out = []
         if self.warmup_epochs >= self.epochs:
-            out.append(Note(
-                f"{{warmup_epochs}} {self.warmup_epochs} >= {{epochs}} {self.epochs}: the whole run "
-                "is warm-up, so the learning rate never decays",
-                "warmup_epochs", "epochs",
-            ))  # fmt: skip
+            out.append(
+                Note(
+                    f"{{warmup_epochs}} {self.warmup_epochs} >= {{epochs}} {self.epochs}: the whole run "
+                    "is warm-up, so the learning rate never decays",
+                    "warmup_epochs",
+                    "epochs",
+                )
+            )
         if self.decay_exempt == "names" and "resnet" not in self.backbone:
-            out.append(Note(
-                f"{{decay_exempt}} names is the official ResNet code's rule; {self.backbone} may "
-                "name its BatchNorms otherwise (e.g. features.N.1), and those are then decayed: "
-                "{decay_exempt} 1d exempts every 1-D parameter",
-                "decay_exempt",
-            ))  # fmt: skip
+            out.append(
+                Note(
+                    f"{{decay_exempt}} names is the official ResNet code's rule; {self.backbone} may "
+                    "name its BatchNorms otherwise (e.g. features.N.1), and those are then decayed: "
+                    "{decay_exempt} 1d exempts every 1-D parameter",
+                    "decay_exempt",
+                )
+            )
         if self.decode == "device" and self.device == "cpu":
-            out.append(Note(
-                "{decode} device on {device} cpu decodes every JPEG in the training process, "
-                "one core: {decode} workers spreads it over the DataLoader workers (faster "
-                "with 2 or more)", "decode", "device",
-            ))  # fmt: skip
+            out.append(
+                Note(
+                    "{decode} device on {device} cpu decodes every JPEG in the training process, "
+                    "one core: {decode} workers spreads it over the DataLoader workers (faster "
+                    "with 2 or more)",
+                    "decode",
+                    "device",
+                )
+            )
         return out
 
     def fit_data(
@@ -502,28 +517,36 @@ class TrainConfig:
                 batch = max(train_images // steps // world_size * world_size, 2)
                 kept = train_images // batch * batch
                 changes["batch_size"] = batch
-                notes.append(Note(
-                    f"{{batch_size}} {batch} (default {self.batch_size}): an epoch of "
-                    f"{train_images} images uses {kept} of them, not "
-                    f"{train_images - unused}", "batch_size",
-                ))  # fmt: skip
+                notes.append(
+                    Note(
+                        f"{{batch_size}} {batch} (default {self.batch_size}): an epoch of "
+                        f"{train_images} images uses {kept} of them, not "
+                        f"{train_images - unused}",
+                        "batch_size",
+                    )
+                )
         per_step = batch * (2 if self.symmetric else 1)  # teacher embeddings enqueued per step
         if "queue_size" not in given and self.queue_size > train_images:
             queue = max(train_images // per_step, 1) * per_step
             changes["queue_size"] = queue
-            notes.append(Note(
-                f"{{queue_size}} {queue} (default {self.queue_size}): one epoch fills it; a "
-                f"longer queue than the {train_images} training images holds stale copies of "
-                "them", "queue_size",
-            ))  # fmt: skip
+            notes.append(
+                Note(
+                    f"{{queue_size}} {queue} (default {self.queue_size}): one epoch fills it; a "
+                    f"longer queue than the {train_images} training images holds stale copies of "
+                    "them",
+                    "queue_size",
+                )
+            )
         most = int(FIT_WARMUP * self.epochs)
         if "warmup_epochs" not in given and self.warmup_epochs > most:
             changes["warmup_epochs"] = most
-            notes.append(Note(
-                f"{{warmup_epochs}} {most} (default {self.warmup_epochs}): at most "
-                f"{FIT_WARMUP:.0%} of {self.epochs} epochs, so the learning rate decays",
-                "warmup_epochs",
-            ))  # fmt: skip
+            notes.append(
+                Note(
+                    f"{{warmup_epochs}} {most} (default {self.warmup_epochs}): at most "
+                    f"{FIT_WARMUP:.0%} of {self.epochs} epochs, so the learning rate decays",
+                    "warmup_epochs",
+                )
+            )
         return (self.replace(**changes) if changes else self), notes
 
     def check_data(self, train_images: int, world_size: int = 1) -> list[Note]:
@@ -549,11 +572,13 @@ class TrainConfig:
                 "batch_size",
             )
         if self.queue_size > train_images:
-            return [Note(
-                f"{{queue_size}} {self.queue_size} is larger than the training set ({train_images} "
-                "images): the queue holds several embeddings of each image, older ones stale",
-                "queue_size",
-            )]  # fmt: skip
+            return [
+                Note(
+                    f"{{queue_size}} {self.queue_size} is larger than the training set ({train_images} "
+                    "images): the queue holds several embeddings of each image, older ones stale",
+                    "queue_size",
+                )
+            ]
         return []
 
     def resumed(self, given: Mapping[str, Any]) -> TrainConfig:
@@ -580,8 +605,11 @@ class TrainConfig:
         given = {k: v for k, v in (given or {}).items() if v is not None and k != "out"}
         _refuse_unknown(given)
         changes = {k: v for k, v in given.items() if names[k].resumable}
-        legacy = {k: meta.legacy for k, meta in names.items()
-                  if k not in saved and meta.legacy is not NO_LEGACY}  # fmt: skip
+        legacy = {
+            k: meta.legacy
+            for k, meta in names.items()
+            if k not in saved and meta.legacy is not NO_LEGACY
+        }
         config = cls(**{**legacy, **{k: v for k, v in saved.items() if k in names}, **changes})
         for key, value in given.items():
             if key not in changes and not _same(key, _coerce(key, value), getattr(config, key)):

@@ -95,9 +95,11 @@ def decode_crops(
 
 
 def crop_boxes(
-    height: int, width: int, crops: Sequence[tuple[int, tuple[float, float]]],
+    height: int,
+    width: int,
+    crops: Sequence[tuple[int, tuple[float, float]]],
     generator: torch.Generator,
-) -> list[tuple[int, int, int, int]]:  # fmt: skip
+) -> list[tuple[int, int, int, int]]:
     """One RandomResizedCrop box ``(top, left, h, w)`` per crop of a ``height x width``
     image, drawn in order from ``generator`` (both decode paths draw these)."""
     from ressl.views import sample_crop_boxes  # views imports nothing from here
@@ -182,12 +184,16 @@ def _map_files(
         yield from ((i, fn(f)) for i, f in enumerate(files))
         return
     loader = DataLoader(
-        _MapFiles(fn, files), batch_size=64, num_workers=workers, collate_fn=_as_list,
+        _MapFiles(fn, files),
+        batch_size=64,
+        num_workers=workers,
+        collate_fn=_as_list,
         worker_init_fn=ignore_stop_signals,
-    )  # fmt: skip
+    )
     for chunk in loader:
-        yield from ((i, torch.from_numpy(out) if isinstance(out, np.ndarray) else out)
-                    for i, out in chunk)  # fmt: skip
+        yield from (
+            (i, torch.from_numpy(out) if isinstance(out, np.ndarray) else out) for i, out in chunk
+        )
 
 
 def decode_images(

@@ -121,8 +121,10 @@ def _scan_split(split: Path) -> tuple[list[Path], list[int], list[str]]:
     if loose:
         logger.warning(
             "%s has class sub-folders; ignoring %d image(s) directly inside it, e.g. %s",
-            split, len(loose), loose[0].name,
-        )  # fmt: skip
+            split,
+            len(loose),
+            loose[0].name,
+        )
     classes = sorted(per_class)
     files = [f for c in classes for f in per_class[c]]
     labels = [i for i, c in enumerate(classes) for _ in per_class[c]]
@@ -179,8 +181,9 @@ def scan_train(train_dir: Path, subset: int | None) -> tuple[list[Path], list[in
         )
     if subset is not None:
         if subset > len(files):
-            logger.warning("subset=%d exceeds the %d files in %s; keeping all",
-                           subset, len(files), train_dir)  # fmt: skip
+            logger.warning(
+                "subset=%d exceeds the %d files in %s; keeping all", subset, len(files), train_dir
+            )
         files, labels = files[:subset], labels[:subset]
     return files, labels, classes
 
@@ -201,8 +204,9 @@ def scan_test(
     if not classes or not t_classes:
         logger.warning(
             "%s: ignoring the %s split: evaluation needs class sub-folders in both splits",
-            path, test_dir.name,
-        )  # fmt: skip
+            path,
+            test_dir.name,
+        )
         return None
     unknown = sorted(set(t_classes) - set(classes))
     if unknown:
@@ -224,18 +228,23 @@ def _folder_source(
         readable = kept.tolist()
     else:
         readable = readable_images(names, workers)
-        source = FolderImages([names[i] for i in readable], [labels[i] for i in readable], size,
-                              channels)  # fmt: skip
+        source = FolderImages(
+            [names[i] for i in readable], [labels[i] for i in readable], size, channels
+        )
         logger.info(
             "%s: %d images do not fit in memory at %d px; streaming them from disk",
-            split, len(source), size,
-        )  # fmt: skip
+            split,
+            len(source),
+            size,
+        )
     bad = [names[i] for i in sorted(set(range(len(names))) - set(readable))]
     if bad:
         logger.warning(
             "skipped %d unreadable image file(s) under %s, e.g. %s",
-            len(bad), split, ", ".join(bad[:3]),
-        )  # fmt: skip
+            len(bad),
+            split,
+            ", ".join(bad[:3]),
+        )
     if len(source) == 0:
         raise ValueError(
             f"no readable image in {split} (accepted extensions: {', '.join(IMAGE_EXTENSIONS)}, "
@@ -276,8 +285,12 @@ def load_folder(
             logger.info("%s: the images are greyscale; training on 1 channel", train_dir)
     if size is None and entry.name == "folder":
         size = folder_side(headers)
-        logger.info("%s: images of %d px (the files' median shorter side, at most %d)",
-                    train_dir, size, DEFAULT_MAX_SIDE)  # fmt: skip
+        logger.info(
+            "%s: images of %d px (the files' median shorter side, at most %d)",
+            train_dir,
+            size,
+            DEFAULT_MAX_SIDE,
+        )
     size = size or entry.image_size
     train, skipped = _folder_source(files, labels, size, train_dir, channels)
     memory = train if classes else None
@@ -290,6 +303,15 @@ def load_folder(
             skipped += t_skipped
     mean, std = (entry.mean, entry.std) if channels == 3 else _grey_stats(train)
     return ImageData(
-        f"{entry.name}:{path}", train, memory, test, mean, std, channels, size, classes, skipped,
+        f"{entry.name}:{path}",
+        train,
+        memory,
+        test,
+        mean,
+        std,
+        channels,
+        size,
+        classes,
+        skipped,
         identity,
-    )  # fmt: skip
+    )

@@ -117,17 +117,25 @@ def load_dataset(
     else:
         assert entry.reader is not None
         splits = entry.reader(
-            Path(root).expanduser() if root is not None else None, cache=cache_dir(),
-            system_dirs=SYSTEM_DATA_DIRS, download=download, size=size, subset=subset,
-        )  # fmt: skip
+            Path(root).expanduser() if root is not None else None,
+            cache=cache_dir(),
+            system_dirs=SYSTEM_DATA_DIRS,
+            download=download,
+            size=size,
+            subset=subset,
+        )
         data = _from_splits(entry, splits, size if entry.stored_size else entry.image_size)
         if data.image_size != size:
             data = _resized(data, size)
     logger.info(
         "loaded %s: %d train, %s memory, %s test images of %d px in %.1f s",
-        data.name, len(data.train), _len(data.memory), _len(data.test), data.image_size,
+        data.name,
+        len(data.train),
+        _len(data.memory),
+        _len(data.test),
+        data.image_size,
         time.perf_counter() - t0,
-    )  # fmt: skip
+    )
     return data
 
 
@@ -151,9 +159,17 @@ def _resized(data: ImageData, size: int) -> ImageData:
     train = resize(data.train)
     assert train is not None
     return ImageData(
-        data.name, train, resize(data.memory), resize(data.test), data.mean, data.std,
-        data.channels, size, data.classes, data.skipped,
-    )  # fmt: skip
+        data.name,
+        train,
+        resize(data.memory),
+        resize(data.test),
+        data.mean,
+        data.std,
+        data.channels,
+        size,
+        data.classes,
+        data.skipped,
+    )
 
 
 def _from_splits(entry: DatasetInfo, splits: Splits, size: int) -> ImageData:
@@ -162,9 +178,16 @@ def _from_splits(entry: DatasetInfo, splits: Splits, size: int) -> ImageData:
     memory = TensorImages(*splits.memory) if splits.memory is not None else train
     classes = list(splits.classes) if splits.classes else list(entry.classes)
     return ImageData(
-        entry.name, train, memory, TensorImages(*splits.test), entry.mean, entry.std,
-        entry.channels, size, classes,
-    )  # fmt: skip
+        entry.name,
+        train,
+        memory,
+        TensorImages(*splits.test),
+        entry.mean,
+        entry.std,
+        entry.channels,
+        size,
+        classes,
+    )
 
 
 def check_images_fit(count: int, channels: int, side: int) -> None:

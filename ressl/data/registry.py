@@ -96,12 +96,29 @@ STL10_MEAN, STL10_STD = (0.4408, 0.4279, 0.3867), (0.2682, 0.2610, 0.2686)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 STL10_CLASSES = (
-    "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "bird",
+    "car",
+    "cat",
+    "deer",
+    "dog",
+    "horse",
+    "monkey",
+    "ship",
+    "truck",
+)
 
 
 @dataclass(frozen=True)
@@ -172,31 +189,71 @@ def _read_stl10(root: Path | None, *, system_dirs: Any, **kw: Any) -> Splits:
 
 _ENTRIES = (
     DatasetInfo(
-        "fashion-mnist", "Fashion-MNIST, 28 px grey (the default; offline on Debian)", 1, 28,
-        FASHION_MNIST_MEAN, FASHION_MNIST_STD, FASHION_MNIST_RECIPE, FASHION_MNIST_CLASSES,
-        aliases=("fashionmnist", "fmnist"), reader=_read_fashion_mnist,
+        "fashion-mnist",
+        "Fashion-MNIST, 28 px grey (the default; offline on Debian)",
+        1,
+        28,
+        FASHION_MNIST_MEAN,
+        FASHION_MNIST_STD,
+        FASHION_MNIST_RECIPE,
+        FASHION_MNIST_CLASSES,
+        aliases=("fashionmnist", "fmnist"),
+        reader=_read_fashion_mnist,
     ),
     DatasetInfo(
-        "cifar10", "CIFAR-10, 32 px", 3, 32, CIFAR10_MEAN, CIFAR10_STD, CIFAR_RECIPE,
-        aliases=("cifar-10",), reader=_cifar("cifar10"),
+        "cifar10",
+        "CIFAR-10, 32 px",
+        3,
+        32,
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+        CIFAR_RECIPE,
+        aliases=("cifar-10",),
+        reader=_cifar("cifar10"),
     ),
     DatasetInfo(
-        "cifar100", "CIFAR-100 (fine labels), 32 px", 3, 32, CIFAR100_MEAN, CIFAR100_STD,
-        CIFAR_RECIPE, aliases=("cifar-100",), reader=_cifar("cifar100"),
+        "cifar100",
+        "CIFAR-100 (fine labels), 32 px",
+        3,
+        32,
+        CIFAR100_MEAN,
+        CIFAR100_STD,
+        CIFAR_RECIPE,
+        aliases=("cifar-100",),
+        reader=_cifar("cifar100"),
     ),
     DatasetInfo(
-        "stl10", "STL-10, stored at 64 px (from 96)", 3, 64, STL10_MEAN, STL10_STD, STL10_RECIPE,
-        STL10_CLASSES, aliases=("stl-10",), reader=_read_stl10, stored_size=True,
+        "stl10",
+        "STL-10, stored at 64 px (from 96)",
+        3,
+        64,
+        STL10_MEAN,
+        STL10_STD,
+        STL10_RECIPE,
+        STL10_CLASSES,
+        aliases=("stl-10",),
+        reader=_read_stl10,
+        stored_size=True,
     ),
     DatasetInfo(
-        "folder", "any tree of images; sub-folders are classes", 3, 64, IMAGENET_MEAN,
-        IMAGENET_STD, STL10_RECIPE,
+        "folder",
+        "any tree of images; sub-folders are classes",
+        3,
+        64,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        STL10_RECIPE,
     ),
     DatasetInfo(
-        "imagenet", "an ImageNet-like folder (train/ + val/) with the ImageNet recipe", 3, 224,
-        IMAGENET_MEAN, IMAGENET_STD, IMAGENET_RECIPE,
+        "imagenet",
+        "an ImageNet-like folder (train/ + val/) with the ImageNet recipe",
+        3,
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        IMAGENET_RECIPE,
     ),
-)  # fmt: skip
+)
 
 #: Every dataset, by canonical name, in the order help texts list them.
 DATASETS: Mapping[str, DatasetInfo] = MappingProxyType({d.name: d for d in _ENTRIES})

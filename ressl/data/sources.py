@@ -144,8 +144,9 @@ def source_part(source: ImageSource, start: int, stop: int) -> ImageSource:
     if isinstance(source, TensorImages):
         return TensorImages(source.images[start:stop], source.labels[start:stop])
     if isinstance(source, FolderImages):
-        return FolderImages(source.files[start:stop], source.labels[start:stop], source.image_size,
-                            source.channels)  # fmt: skip
+        return FolderImages(
+            source.files[start:stop], source.labels[start:stop], source.image_size, source.channels
+        )
     raise TypeError(f"source_part takes TensorImages or FolderImages, got {type(source).__name__}")
 
 
@@ -259,8 +260,10 @@ class FolderImages(ImageSource, Dataset):
         return len(self.files)
 
     def __repr__(self) -> str:
-        return (f"FolderImages({len(self)} files, image_size={self.image_size}, "
-                f"channels={self.channels})")  # fmt: skip
+        return (
+            f"FolderImages({len(self)} files, image_size={self.image_size}, "
+            f"channels={self.channels})"
+        )
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         image = decode_image(self.files[i], self.image_size, self.channels)
@@ -289,9 +292,12 @@ class FolderImages(ImageSource, Dataset):
         )
         sampler = [self._slice(order, b, batch_size, shard).tolist() for b in todo]
         loader = DataLoader(
-            self, batch_sampler=sampler, num_workers=num_workers,
-            pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
-        )  # fmt: skip
+            self,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=ignore_stop_signals,
+        )
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
@@ -335,10 +341,13 @@ class FolderImages(ImageSource, Dataset):
         plan = [(int(s), (float(a), float(b))) for s, (a, b) in crops]
         dataset = _CroppedFiles(self, plan, seed, epoch, on_device=decode == "device")
         loader = DataLoader(
-            dataset, batch_sampler=sampler, num_workers=num_workers,
-            pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+            dataset,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=ignore_stop_signals,
             collate_fn=collate_encoded if decode == "device" else None,
-        )  # fmt: skip
+        )
         if decode == "device":
             sides = [s for s, _ in plan]
             for batch in loader:
@@ -361,8 +370,12 @@ class _CroppedFiles(Dataset):
         on_device: bool = False,
     ) -> None:
         self.files, self.labels, self.crops, self.seed, self.epoch = (
-            source.files, source.labels, crops, seed, epoch,
-        )  # fmt: skip
+            source.files,
+            source.labels,
+            crops,
+            seed,
+            epoch,
+        )
         self.channels, self.on_device = source.channels, on_device
 
     def __len__(self) -> int:

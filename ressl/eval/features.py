@@ -125,9 +125,12 @@ def split_features(
             "with the same class sub-folders as train/)"
         )
     kw: dict[str, Any] = dict(
-        mean=data.mean if mean is None else mean, std=data.std if std is None else std,
-        batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
-    )  # fmt: skip
+        mean=data.mean if mean is None else mean,
+        std=data.std if std is None else std,
+        batch_size=batch_size,
+        device=device,
+        autocast_dtype=autocast_dtype,
+    )
     report = progress or (lambda done: None)
     train_f, train_y = extract_features(fn, data.memory, **kw, progress=report)
     n = len(train_y)

@@ -84,8 +84,17 @@ def linear_probe(
     xtr = (train_features - mu) / sd
     xte = (test_features.float().to(device) - mu) / sd
     ytr = train_labels.to(device)
-    layer = _fit_linear(xtr, ytr, num_classes, epochs, lr * batch_size / 256, batch_size,
-                        weight_decay, gen, progress=progress)  # fmt: skip
+    layer = _fit_linear(
+        xtr,
+        ytr,
+        num_classes,
+        epochs,
+        lr * batch_size / 256,
+        batch_size,
+        weight_decay,
+        gen,
+        progress=progress,
+    )
     with torch.no_grad():
         test_top1 = topk_accuracy(layer(xte), test_labels, 1) if len(xte) else math.nan
         train_top1 = topk_accuracy(layer(xtr), ytr, 1)
@@ -93,9 +102,12 @@ def linear_probe(
 
 
 def _check_probe(
-    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
     num_classes: int,
-) -> None:  # fmt: skip
+) -> None:
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if train_features.ndim != 2 or test_features.ndim != 2:
@@ -121,9 +133,16 @@ def _check_probe(
 
 
 def _fit_linear(
-    x: Tensor, y: Tensor, num_classes: int, epochs: int, base_lr: float, batch_size: int,
-    weight_decay: float, gen: torch.Generator, progress: Callable[[int], None] | None = None,
-) -> torch.nn.Linear:  # fmt: skip
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    epochs: int,
+    base_lr: float,
+    batch_size: int,
+    weight_decay: float,
+    gen: torch.Generator,
+    progress: Callable[[int], None] | None = None,
+) -> torch.nn.Linear:
     """SGD (momentum 0.9) with a cosine schedule on ``(N, F)`` standardised features."""
     layer = torch.nn.Linear(x.shape[1], num_classes).to(x.device)
     with torch.no_grad():

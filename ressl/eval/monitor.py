@@ -43,8 +43,14 @@ def knn_monitor(
         return {}
     was_training = encoder.training
     encoder.eval()
-    kw: dict[str, Any] = dict(mean=data.mean, std=data.std, batch_size=512, device=device,
-                              autocast_dtype=amp, channels_last=config.channels_last)  # fmt: skip
+    kw: dict[str, Any] = dict(
+        mean=data.mean,
+        std=data.std,
+        batch_size=512,
+        device=device,
+        autocast_dtype=amp,
+        channels_last=config.channels_last,
+    )
 
     def features(source: ImageSource) -> tuple[Tensor, Tensor]:
         n = len(source)

@@ -32,13 +32,18 @@ __all__ = ["paper_linear_eval"]
 
 
 def _test_features(
-    fn: Callable[[Tensor], Tensor], test: ImageSource, mean: Sequence[float],
-    std: Sequence[float], batch_size: int, device: torch.device,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    fn: Callable[[Tensor], Tensor],
+    test: ImageSource,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
     """Raw (not normalised) features of the test images as stored, in order."""
     feats, labels = [], []
-    for images, y in test.batches(batch_size, epoch=0, seed=0, device=device, shuffle=False,
-                                  drop_last=False):  # fmt: skip
+    for images, y in test.batches(
+        batch_size, epoch=0, seed=0, device=device, shuffle=False, drop_last=False
+    ):
         x = normalize(
             images, mean, std, input_scale=1 / 255 if images.dtype == torch.uint8 else 1.0
         )
@@ -51,8 +56,9 @@ def _accuracy(layer: torch.nn.Linear, x: Tensor, y: Tensor) -> float:
     return 100.0 * float((layer(x).argmax(1) == y).float().mean()) if len(y) else math.nan
 
 
-def _sgd_step(opt: torch.optim.Optimizer, layer: torch.nn.Linear, x: Tensor, y: Tensor,
-              lr: float) -> None:  # fmt: skip
+def _sgd_step(
+    opt: torch.optim.Optimizer, layer: torch.nn.Linear, x: Tensor, y: Tensor, lr: float
+) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
     loss = F.cross_entropy(layer(x), y)
@@ -104,8 +110,11 @@ def paper_linear_eval(
     Raises:
         ValueError: on a bad hyper-parameter or too few images.
     """
-    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
-                             ("num_classes", num_classes, 2)):  # fmt: skip
+    for name, value, low in (
+        ("epochs", epochs, 1),
+        ("batch_size", batch_size, 1),
+        ("num_classes", num_classes, 2),
+    ):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     LEARNING_RATE.check("lr", lr)
@@ -124,11 +133,13 @@ def paper_linear_eval(
     steps = epochs * math.ceil(len(train) / batch_size)
     step, per_epoch = 0, []
     for epoch in range(epochs):
-        for images, y in train.batches(batch_size, epoch=epoch, seed=seed, device=device,
-                                       shuffle=True, drop_last=False):  # fmt: skip
+        for images, y in train.batches(
+            batch_size, epoch=epoch, seed=seed, device=device, shuffle=True, drop_last=False
+        ):
             with torch.no_grad():
-                x = weak_view(images, size=image_size, mean=mean, std=std, generator=crops,
-                              scale=crop_scale)  # fmt: skip
+                x = weak_view(
+                    images, size=image_size, mean=mean, std=std, generator=crops, scale=crop_scale
+                )
                 features = fn(x).float()
             _sgd_step(opt, layer, features, y, cosine_lr(step, steps, lr))
             step += 1
@@ -137,5 +148,9 @@ def paper_linear_eval(
         if progress is not None:
             progress(epoch + 1)
     best = max(range(epochs), key=lambda e: per_epoch[e])
-    return {"top1": per_epoch[-1], "best_top1": per_epoch[best], "best_epoch": best + 1,
-            "top1_per_epoch": per_epoch}  # fmt: skip
+    return {
+        "top1": per_epoch[-1],
+        "best_top1": per_epoch[best],
+        "best_epoch": best + 1,
+        "top1_per_epoch": per_epoch,
+    }

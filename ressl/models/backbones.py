@@ -141,16 +141,28 @@ class BackboneBuild:
         """
         kw = "".join(f", {k}={v!r}" for k, v in sorted(self.kwargs.items()))
         if self.library == "torchvision":
-            lines = ["import torch, torchvision", "from safetensors.torch import load_file", "",
-                     f"net = torchvision.models.get_model({self.name!r}, weights=None{kw})"]  # fmt: skip
+            lines = [
+                "import torch, torchvision",
+                "from safetensors.torch import load_file",
+                "",
+                f"net = torchvision.models.get_model({self.name!r}, weights=None{kw})",
+            ]
         elif self.library == "timm":
-            lines = ["import torch, timm", "from safetensors.torch import load_file", "",
-                     f"net = timm.create_model({self.name!r}, pretrained=False{kw})"]  # fmt: skip
+            lines = [
+                "import torch, timm",
+                "from safetensors.torch import load_file",
+                "",
+                f"net = timm.create_model({self.name!r}, pretrained=False{kw})",
+            ]
         elif self.library == "ressl":
-            lines = ["import torch", "from safetensors.torch import load_file",
-                     "from ressl.models.backbones import SmallCNN", "",
-                     f"net = SmallCNN(in_channels={self.kwargs.get('in_channels', 3)}, "
-                     f"width={self.kwargs.get('width', 32)})"]  # fmt: skip
+            lines = [
+                "import torch",
+                "from safetensors.torch import load_file",
+                "from ressl.models.backbones import SmallCNN",
+                "",
+                f"net = SmallCNN(in_channels={self.kwargs.get('in_channels', 3)}, "
+                f"width={self.kwargs.get('width', 32)})",
+            ]
         else:
             raise ValueError(f"{self.spec} is a module of its own; build it as its author does")
         lines += [f"net{_attribute(p)} = torch.nn.{m}  # {why}" for p, m, why in self.changes]
@@ -175,18 +187,27 @@ def _set(net: nn.Module, path: str, module: nn.Module) -> None:
 
 def _conv_like(conv: nn.Conv2d, in_channels: int, **changes: Any) -> nn.Conv2d:
     kw: dict[str, Any] = dict(
-        kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
-    )  # fmt: skip
+    )
     kw.update(changes)
     return nn.Conv2d(in_channels, conv.out_channels, **kw)
 
 
 def _conv_code(conv: nn.Conv2d) -> str:
     """The ``torch.nn`` code that builds a convolution like ``conv``."""
-    parts = [str(conv.in_channels), str(conv.out_channels), f"kernel_size={conv.kernel_size}",
-             f"stride={conv.stride}", f"padding={conv.padding!r}"]  # fmt: skip
+    parts = [
+        str(conv.in_channels),
+        str(conv.out_channels),
+        f"kernel_size={conv.kernel_size}",
+        f"stride={conv.stride}",
+        f"padding={conv.padding!r}",
+    ]
     if conv.dilation != (1, 1):
         parts.append(f"dilation={conv.dilation}")
     if conv.groups != 1:
@@ -199,8 +220,12 @@ def _conv_code(conv: nn.Conv2d) -> str:
 
 def _resnet_like(net: nn.Module) -> bool:
     conv, pool = getattr(net, "conv1", None), getattr(net, "maxpool", None)
-    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (7, 7)
-            and conv.stride == (2, 2) and isinstance(pool, nn.MaxPool2d))  # fmt: skip
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (7, 7)
+        and conv.stride == (2, 2)
+        and isinstance(pool, nn.MaxPool2d)
+    )
 
 
 Change = tuple[str, str, str]
@@ -210,8 +235,10 @@ def _small_stem(net: nn.Module, in_channels: int) -> list[Change]:
     conv: nn.Conv2d = net.conv1  # type: ignore[assignment]
     net.conv1 = _conv_like(conv, in_channels, kernel_size=3, stride=1, padding=1)
     net.maxpool = nn.Identity()
-    return [("conv1", _conv_code(net.conv1), "small-image stem"),
-            ("maxpool", "Identity()", "small-image stem")]  # fmt: skip
+    return [
+        ("conv1", _conv_code(net.conv1), "small-image stem"),
+        ("maxpool", "Identity()", "small-image stem"),
+    ]
 
 
 def _first_conv(net: nn.Module, in_channels: int, spec: str) -> list[Change]:
@@ -276,8 +303,13 @@ def _torchvision(
         kwargs["aux_logits"] = False  # else training mode returns a tuple with the aux heads
         kwargs["init_weights"] = True  # torchvision's truncated-normal init, said explicitly
     net = torchvision.models.get_model(name, weights=None, **kwargs)
-    changes = (_small_stem(net, in_channels) if image_size <= SMALL_STEM_MAX and _resnet_like(net)
-               else _first_conv(net, in_channels, spec) if in_channels != 3 else [])  # fmt: skip
+    changes = (
+        _small_stem(net, in_channels)
+        if image_size <= SMALL_STEM_MAX and _resnet_like(net)
+        else _first_conv(net, in_channels, spec)
+        if in_channels != 3
+        else []
+    )
     return net, kwargs, changes + _drop_classifier(net, spec)
 
 
@@ -292,10 +324,18 @@ def _timm(
         raise ValueError(
             f"{spec} is not a timm model (timm {timm.__version__}); timm.list_models() lists them"
         )
-    net, sized = _with_size(timm.create_model, name, "img_size", image_size,
-                            pretrained=False, num_classes=0, in_chans=in_channels)  # fmt: skip
-    changes = (_small_stem(net, in_channels)
-               if image_size <= SMALL_STEM_MAX and _resnet_like(net) else [])  # fmt: skip
+    net, sized = _with_size(
+        timm.create_model,
+        name,
+        "img_size",
+        image_size,
+        pretrained=False,
+        num_classes=0,
+        in_chans=in_channels,
+    )
+    changes = (
+        _small_stem(net, in_channels) if image_size <= SMALL_STEM_MAX and _resnet_like(net) else []
+    )
     return net, {"num_classes": 0, "in_chans": in_channels, **sized}, changes
 
 
@@ -454,8 +494,9 @@ def build_backbone(
     dim = _feature_dim(net, spec, in_channels, image_size)
     if library in ("torchvision", "timm"):
         start_batchnorm_(net, in_channels, image_size)
-    build = BackboneBuild(spec, library, model, _library_version(library), kwargs,
-                          tuple(changes), dim)  # fmt: skip
+    build = BackboneBuild(
+        spec, library, model, _library_version(library), kwargs, tuple(changes), dim
+    )
     if not isinstance(name, nn.Module):
         net.out_dim = dim  # type: ignore[assignment]
     net.ressl_build = build  # type: ignore[assignment]

@@ -15,9 +15,14 @@ from ressl.functional import queue_push_, random_queue
 from ressl.models.backbones import BackboneBuild, SmallCNN, build_backbone
 
 __all__ = [
-    "BACKBONES", "SmallCNN", "ProjectionHead", "Encoder", "ReSSL", "build_backbone",
+    "BACKBONES",
+    "SmallCNN",
+    "ProjectionHead",
+    "Encoder",
+    "ReSSL",
+    "build_backbone",
     "model_from_settings",
-]  # fmt: skip
+]
 
 
 class ProjectionHead(nn.Module):
@@ -126,10 +131,13 @@ def model_from_settings(
             construction cannot run there is built on the CPU.
     """
     kw: dict[str, Any] = dict(
-        in_channels=settings["channels"], image_size=settings["image_size"],
-        hidden_dim=settings["hidden_dim"], embed_dim=settings["embed_dim"],
-        queue_size=settings["queue_size"], width=settings["width"],
-    )  # fmt: skip
+        in_channels=settings["channels"],
+        image_size=settings["image_size"],
+        hidden_dim=settings["hidden_dim"],
+        embed_dim=settings["embed_dim"],
+        queue_size=settings["queue_size"],
+        width=settings["width"],
+    )
     net: str | nn.Module = settings["backbone"] if backbone is None else backbone
     if not meta:
         return ReSSL(net, **kw)

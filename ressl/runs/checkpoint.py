@@ -169,8 +169,10 @@ def load_optimizer_tensors(
             entry = optimizer.state.get(param, {})
             for key, value in entry.items():
                 if isinstance(value, Tensor) and value.shape != param.shape:
-                    raise ValueError(f"its {key} of shape {tuple(value.shape)} is for a parameter "
-                                     f"of shape {tuple(param.shape)}")  # fmt: skip
+                    raise ValueError(
+                        f"its {key} of shape {tuple(value.shape)} is for a parameter "
+                        f"of shape {tuple(param.shape)}"
+                    )
                 if isinstance(value, Tensor) and value.stride() != param.stride():
                     # the parameter's layout (channels-last), as the first step made it: fused
                     # SGD reads parameter, gradient and buffer as one flat layout
@@ -287,14 +289,20 @@ def restore_state(
 
 
 def _set_generators(
-    state: TrainState, tensors: Mapping[str, Tensor], meta: Mapping[str, str], *, world: World,
+    state: TrainState,
+    tensors: Mapping[str, Tensor],
+    meta: Mapping[str, str],
+    *,
+    world: World,
     reseed: int,
-) -> None:  # fmt: skip
+) -> None:
     key = "rng.views" if world.rank == 0 else f"rng.views.rank{world.rank}"
     saved_world, device = int(meta.get("world_size", "1")), torch.device(state.views.device).type
     same_kind = meta.get("rng_device", "cpu") == device and saved_world == world.size
-    why = (f"the checkpoint was written by {saved_world} process(es) on "
-           f"{meta.get('rng_device')}, resuming with {world.size} on {device}")  # fmt: skip
+    why = (
+        f"the checkpoint was written by {saved_world} process(es) on "
+        f"{meta.get('rng_device')}, resuming with {world.size} on {device}"
+    )
     if same_kind and key in tensors:
         try:
             state.views.set_state(tensors[key])
@@ -304,8 +312,11 @@ def _set_generators(
     elif same_kind:
         why = f"it has no tensor {key}"
     if world.main:
-        log.warning("%s: augmentations are reseeded, so the run continues correctly but not "
-                    "bitwise-identically", why)  # fmt: skip
+        log.warning(
+            "%s: augmentations are reseeded, so the run continues correctly but not "
+            "bitwise-identically",
+            why,
+        )
     state.views.manual_seed(reseed + int(meta["step"]))
     _set_global_generators(tensors)
 

@@ -43,8 +43,13 @@ DATA_FIELDS = ("image_size", "channels", "mean", "std", "num_classes")
 MODEL_FIELDS = ("backbone", "hidden_dim", "embed_dim", "queue_size", "width")
 MAX_CHANNELS = 64
 
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.int64: "I64", torch.uint8: "U8"}  # fmt: skip
+_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.uint8: "U8",
+}
 
 
 @dataclass
@@ -108,10 +113,16 @@ def _data_fields(path: Path, settings: Mapping[str, Any]) -> None:
 
     size: Any = settings.get("image_size")
     channels: Any = settings.get("channels")
-    need("image_size", is_int(size) and 8 <= size <= MAX_IMAGE_SIZE,
-         f"an integer in [8, {MAX_IMAGE_SIZE}]")  # fmt: skip
-    need("channels", is_int(channels) and 1 <= channels <= MAX_CHANNELS,
-         f"an integer in [1, {MAX_CHANNELS}]")  # fmt: skip
+    need(
+        "image_size",
+        is_int(size) and 8 <= size <= MAX_IMAGE_SIZE,
+        f"an integer in [8, {MAX_IMAGE_SIZE}]",
+    )
+    need(
+        "channels",
+        is_int(channels) and 1 <= channels <= MAX_CHANNELS,
+        f"an integer in [1, {MAX_CHANNELS}]",
+    )
     for key, low in (("mean", -math.inf), ("std", 0.0)):
         v = settings.get(key)
         ok = isinstance(v, list) and len(v) == channels and all(is_number(x) and x > low for x in v)
@@ -123,8 +134,9 @@ def _data_fields(path: Path, settings: Mapping[str, Any]) -> None:
 def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
-                    for k in f.keys()}  # fmt: skip
+            return {
+                k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()
+            }
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
@@ -140,16 +152,22 @@ def expected_model(
     from ressl.models.network import model_from_settings
 
     model = model_from_settings(settings, backbone=backbone, meta=True)
-    return {f"model.{k}": (_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape))
-            for k, t in model.state_dict().items()}  # fmt: skip
+    return {
+        f"model.{k}": (_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape))
+        for k, t in model.state_dict().items()
+    }
 
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + ")"
 
 
-def _check_model(path: Path, header: Mapping[str, tuple[str, tuple[int, ...]]],
-                 settings: Mapping[str, Any], backbone: nn.Module | None) -> None:  # fmt: skip
+def _check_model(
+    path: Path,
+    header: Mapping[str, tuple[str, tuple[int, ...]]],
+    settings: Mapping[str, Any],
+    backbone: nn.Module | None,
+) -> None:
     try:
         expected = expected_model(settings, backbone)
     except (RuntimeError, ValueError, OverflowError) as e:  # sizes no tensor can have
@@ -166,11 +184,12 @@ def _check_model(path: Path, header: Mapping[str, tuple[str, tuple[int, ...]]],
         if held[name] != (dtype, shape):
             got_dtype, got_shape = held[name]
             raise _fail(
-                path, f"its tensor {name} is {got_dtype} {_shape(got_shape)}, but its settings "
+                path,
+                f"its tensor {name} is {got_dtype} {_shape(got_shape)}, but its settings "
                 f"(backbone {settings['backbone']}, width {settings['width']}, queue_size "
                 f"{settings['queue_size']}, embed_dim {settings['embed_dim']}, ...) make it "
                 f"{dtype} {_shape(shape)}",
-            )  # fmt: skip
+            )
 
 
 def check_file(path: str | Path, backbone: nn.Module | None = None) -> CheckedFile:
@@ -213,8 +232,11 @@ def check_finite(path: Path, tensors: Mapping[str, Tensor], prefix: str = "model
     """Refuse weights holding a NaN or an infinity (a diverged or corrupted run)."""
     for name, t in tensors.items():
         if name.startswith(prefix) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise _fail(path, f"its tensor {name} holds NaN or infinite values; the run diverged "
-                        "or the file is corrupt")  # fmt: skip
+            raise _fail(
+                path,
+                f"its tensor {name} holds NaN or infinite values; the run diverged "
+                "or the file is corrupt",
+            )
 
 
 def check_resumable(checked: CheckedFile, tensors: Mapping[str, Tensor]) -> None:
@@ -247,10 +269,14 @@ def check_resumable(checked: CheckedFile, tensors: Mapping[str, Tensor]) -> None
         if t.dtype != torch.uint8 or t.ndim != 1:
             raise _fail(path, f"its tensor {name} is not a generator state (1-d uint8)")
     if tensors["rng.torch"].shape != cpu_state.shape:
-        raise _fail(path, f"its tensor rng.torch has {tensors['rng.torch'].numel()} bytes, "
-                    f"not the {cpu_state.numel()} of a CPU generator state")  # fmt: skip
+        raise _fail(
+            path,
+            f"its tensor rng.torch has {tensors['rng.torch'].numel()} bytes, "
+            f"not the {cpu_state.numel()} of a CPU generator state",
+        )
     check_finite(path, tensors)
     pointer = int(tensors["model.queue_ptr"])
     if not 0 <= pointer < settings["queue_size"]:
-        raise _fail(path, f"its queue pointer {pointer} is outside its queue of "
-                    f"{settings['queue_size']}")  # fmt: skip
+        raise _fail(
+            path, f"its queue pointer {pointer} is outside its queue of {settings['queue_size']}"
+        )

@@ -72,17 +72,23 @@ def loading_code(
     """
     mean_text = ", ".join(f"{float(m)!r}" for m in mean)
     std_text = ", ".join(f"{float(s)!r}" for s in std)
-    return build.code(str(Path(path).resolve())) + "\n".join([
-        "net.eval()  # BatchNorm's running statistics, as ressl evaluates (train mode differs)",
-        f"mean = torch.tensor([{mean_text}]).view(1, -1, 1, 1)",
-        f"std = torch.tensor([{std_text}]).view(1, -1, 1, 1)",
-        "",
-        "",
-        "def features(images):",
-        '    """(B, C, H, W) floats in [0, 1] -> (B, F) backbone features, as ressl computes them."""',
-        "    with torch.no_grad():",
-        "        return net((images - mean) / std)",
-    ]) + "\n"  # fmt: skip
+    return (
+        build.code(str(Path(path).resolve()))
+        + "\n".join(
+            [
+                "net.eval()  # BatchNorm's running statistics, as ressl evaluates (train mode differs)",
+                f"mean = torch.tensor([{mean_text}]).view(1, -1, 1, 1)",
+                f"std = torch.tensor([{std_text}]).view(1, -1, 1, 1)",
+                "",
+                "",
+                "def features(images):",
+                '    """(B, C, H, W) floats in [0, 1] -> (B, F) backbone features, as ressl computes them."""',
+                "    with torch.no_grad():",
+                "        return net((images - mean) / std)",
+            ]
+        )
+        + "\n"
+    )
 
 
 def save_backbone_weights(
@@ -128,9 +134,10 @@ def save_backbone_weights(
                 k: settings.get(k)
                 for k in ("dataset", "image_size", "channels", "mean", "std", "epochs")
             }
-        ),  # fmt: skip
+        ),
     }
     write_atomic(out, save(state, metadata=meta), "backbone weights")
     params = sum(p.numel() for p in net.parameters())
-    return BackboneWeights(out, build, len(state), params, tuple(settings["mean"]),
-                           tuple(settings["std"]))  # fmt: skip
+    return BackboneWeights(
+        out, build, len(state), params, tuple(settings["mean"]), tuple(settings["std"])
+    )

@@ -47,8 +47,12 @@ class Compiled:
 def compile_step(student: nn.Module, teacher: nn.Module, mode: str) -> Compiled:
     """The student's forward and backward and the teacher's forward under ``torch.compile``."""
     kw: dict[str, Any] = dict(mode=None if mode == "default" else mode, dynamic=False)
-    return Compiled(torch.compile(student, **kw), torch.compile(teacher, **kw), student,
-                    graphs=uses_cudagraphs(mode))  # fmt: skip
+    return Compiled(
+        torch.compile(student, **kw),
+        torch.compile(teacher, **kw),
+        student,
+        graphs=uses_cudagraphs(mode),
+    )
 
 
 @dataclass
@@ -79,8 +83,14 @@ class StepSnapshot:
         device = torch.device(state.views.device)
         if device.type != "cuda":
             return cls(model, optimizer, state.views.get_state(), torch.get_rng_state())
-        return cls(model, optimizer, state.views.get_state(), torch.get_rng_state(),
-                   torch.cuda.get_rng_state(device), device)  # fmt: skip
+        return cls(
+            model,
+            optimizer,
+            state.views.get_state(),
+            torch.get_rng_state(),
+            torch.cuda.get_rng_state(device),
+            device,
+        )
 
     def restore_(self, state: TrainState) -> None:
         """Put ``state`` back to where it was when the snapshot was taken (in place)."""

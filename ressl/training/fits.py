@@ -95,20 +95,29 @@ def training_memory(
     """
     from ressl.models.network import model_from_settings
 
-    settings = dict(backbone=backbone, channels=channels, image_size=image_size, width=width,
-                    hidden_dim=hidden_dim, embed_dim=embed_dim, queue_size=1)  # fmt: skip
+    settings = dict(
+        backbone=backbone,
+        channels=channels,
+        image_size=image_size,
+        width=width,
+        hidden_dim=hidden_dim,
+        embed_dim=embed_dim,
+        queue_size=1,
+    )
     model = model_from_settings(settings, meta=True)
     params = sum(p.numel() for p in model.student.parameters())
     buffers = sum(b.numel() for b in model.student.buffers())
     # student + teacher weights and buffers, the student's gradients and SGD momentum
     weights = 4 * (4 * params + 2 * buffers)
     try:
-        per_image = {s: _activations_per_image(model.student, channels, s)
-                     for s in set(student_sides)}  # fmt: skip
+        per_image = {
+            s: _activations_per_image(model.student, channels, s) for s in set(student_sides)
+        }
     except RuntimeError:  # a module holding tensors of its own: counted on a real copy
         model = model_from_settings(settings)
-        per_image = {s: _activations_per_image(model.student, channels, s)
-                     for s in set(student_sides)}  # fmt: skip
+        per_image = {
+            s: _activations_per_image(model.student, channels, s) for s in set(student_sides)
+        }
     activations = batch_per_process * sum(per_image[s] for s in student_sides)
     activations *= 2 if autocast else 4
     inputs = batch_per_process * 4 * channels * sum(s * s for s in student_sides) * 2

@@ -101,8 +101,9 @@ def _param_groups(model: nn.Module, weight_decay: float, rule: str) -> list[dict
     ]
 
 
-def _sgd(groups: list[dict[str, Any]], lr: float, config: TrainConfig,
-         world: World) -> torch.optim.SGD:  # fmt: skip
+def _sgd(
+    groups: list[dict[str, Any]], lr: float, config: TrainConfig, world: World
+) -> torch.optim.SGD:
     """SGD with the update kernel of ``sgd_kernel``; where fused is not supported (a device or
     dtype without the kernel: PyTorch would refuse it only at the first step), foreach,
     with one warning."""
@@ -116,13 +117,17 @@ def _sgd(groups: list[dict[str, Any]], lr: float, config: TrainConfig,
         supported = _get_fused_kernels_supported_devices()
     except ImportError:
         supported = ["cuda", "cpu"]
-    unfit = next((p for p in params if p.device.type not in supported
-                  or not p.is_floating_point()), None)  # fmt: skip
+    unfit = next(
+        (p for p in params if p.device.type not in supported or not p.is_floating_point()), None
+    )
     if config.sgd_kernel == "fused" and unfit is None:
         return torch.optim.SGD(groups, **kw, fused=True)
     if config.sgd_kernel == "fused" and unfit is not None and world.main:
-        log.warning("fused SGD has no kernel for %s %s parameters; using foreach", unfit.dtype,
-                    unfit.device.type)  # fmt: skip
+        log.warning(
+            "fused SGD has no kernel for %s %s parameters; using foreach",
+            unfit.dtype,
+            unfit.device.type,
+        )
     return torch.optim.SGD(groups, **kw, foreach=True)
 
 
@@ -161,13 +166,25 @@ class _Run:
 
     def lr(self, step: int) -> float:
         """The learning rate of ``step`` (warm-up, then cosine)."""
-        return cosine_lr(step, self.total_steps, self.base_lr, self.warmup_steps,
-                         warmup_from_zero=self.config.warmup_start == "zero")  # fmt: skip
+        return cosine_lr(
+            step,
+            self.total_steps,
+            self.base_lr,
+            self.warmup_steps,
+            warmup_from_zero=self.config.warmup_start == "zero",
+        )
 
     def event(self, kind: str, **fields: Any) -> TrainEvent:
         s = self.state
-        return TrainEvent(kind, s.epoch, s.step(self.steps_per_epoch), self.steps_per_epoch,
-                          self.config.epochs, s.batch_in_epoch, **fields)  # fmt: skip
+        return TrainEvent(
+            kind,
+            s.epoch,
+            s.step(self.steps_per_epoch),
+            self.steps_per_epoch,
+            self.config.epochs,
+            s.batch_in_epoch,
+            **fields,
+        )
 
     def save(self) -> Path:
         """The checkpoint of the current state (a collective when distributed), refused when a
@@ -177,39 +194,58 @@ class _Run:
             raise self.diverged(
                 f"{bad} is not finite after step {self.state.step(self.steps_per_epoch)}"
             )
-        return save_state(self.run_dir / CHECKPOINT, self.state, settings=self.settings,
-                          steps_per_epoch=self.steps_per_epoch, world=self.world)  # fmt: skip
+        return save_state(
+            self.run_dir / CHECKPOINT,
+            self.state,
+            settings=self.settings,
+            steps_per_epoch=self.steps_per_epoch,
+            world=self.world,
+        )
 
     def diverged(self, what: str) -> DivergedError:
         """The error that stops a diverged run: what went wrong, what was kept, what to try."""
         c, path = self.config, self.run_dir / CHECKPOINT
-        kept = (f"{path} keeps the last finite state" if path.exists()
-                else "no checkpoint was written")  # fmt: skip
+        kept = (
+            f"{path} keeps the last finite state" if path.exists() else "no checkpoint was written"
+        )
         fp32 = ", {precision} fp32" if self.amp is not None else ""
         return DivergedError(
             f"training diverged: {what}; nothing of it was saved ({kept}). Try a lower {{lr}} "
             f"(now {c.lr:g}){fp32}, or a higher {{student_temperature}} "
             f"(now {c.student_temperature:g}), then train again",
-            "lr", "student_temperature", *(["precision"] if fp32 else []),
-        )  # fmt: skip
+            "lr",
+            "student_temperature",
+            *(["precision"] if fp32 else []),
+        )
 
     def batches(self) -> Iterator[tuple[Tensor | list[Tensor], Tensor]]:
         """The rest of the epoch in progress; streamed folders are cropped in the workers."""
         c, s = self.config, self.state
-        kw: dict[str, Any] = dict(epoch=s.epoch, seed=c.seed, device=self.device,
-            start=s.batch_in_epoch, num_workers=c.num_workers,
-            shard=(self.world.rank, self.world.size))  # fmt: skip
+        kw: dict[str, Any] = dict(
+            epoch=s.epoch,
+            seed=c.seed,
+            device=self.device,
+            start=s.batch_in_epoch,
+            num_workers=c.num_workers,
+            shard=(self.world.rank, self.world.size),
+        )
         if isinstance(self.source, FolderImages):
             decode = decode_place(c.decode, self.device)  # auto: probes the device's decoder
-            return self.source.crop_batches(c.batch_size, self.plan.worker_crops, **kw,
-                                            decode=decode)  # fmt: skip
+            return self.source.crop_batches(
+                c.batch_size, self.plan.worker_crops, **kw, decode=decode
+            )
         return self.source.batches(c.batch_size, **kw)  # type: ignore[return-value]
 
     def step(self, batch: Tensor | list[Tensor], lr: float, momentum: float) -> Tensor:
         """One optimisation step on a batch (whole images, or crops cut in the workers)."""
         c = self.config
-        view_kw: dict[str, Any] = dict(generator=self.state.views, mean=self.data.mean,
-            std=self.data.std, student=self.student_view, teacher=self.teacher_view)  # fmt: skip
+        view_kw: dict[str, Any] = dict(
+            generator=self.state.views,
+            mean=self.data.mean,
+            std=self.data.std,
+            student=self.student_view,
+            teacher=self.teacher_view,
+        )
         if isinstance(batch, Tensor):
             x_t, x_s = self.plan.views(batch, **view_kw)
         else:
@@ -222,12 +258,20 @@ class _Run:
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
         return training_step(
-            self.state.model, self.state.optimizer, x_t, x_s, momentum=momentum,
-            student_temperature=c.student_temperature, teacher_temperature=c.teacher_temperature,
-            symmetric=self.plan.symmetric, autocast_dtype=self.amp, student=self.student,
-            gather=all_gather_cat if self.world.distributed else None, teacher_bn=c.teacher_bn,
+            self.state.model,
+            self.state.optimizer,
+            x_t,
+            x_s,
+            momentum=momentum,
+            student_temperature=c.student_temperature,
+            teacher_temperature=c.teacher_temperature,
+            symmetric=self.plan.symmetric,
+            autocast_dtype=self.amp,
+            student=self.student,
+            gather=all_gather_cat if self.world.distributed else None,
+            teacher_bn=c.teacher_bn,
             teacher=self.teacher_fn,
-        )  # fmt: skip
+        )
 
     def warmup_step(self, batch: Tensor | list[Tensor], lr: float, momentum: float) -> Tensor:
         """A step of a compiled run's warm-up (compile, CUDA-graph capture, first replay:
@@ -247,26 +291,38 @@ class _Run:
         except Exception as e:  # noqa: BLE001 - dynamo, inductor and CUDA graphs raise many kinds
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             if self.world.main:
-                log.warning("torch.compile failed at step %d (%s: %s); training eager from its "
-                            "start", step, type(e).__name__, first)  # fmt: skip
+                log.warning(
+                    "torch.compile failed at step %d (%s: %s); training eager from its start",
+                    step,
+                    type(e).__name__,
+                    first,
+                )
             before.restore_(self.state)
             reset_ddp_(compiled.eager_student)  # a backward may have failed part-way
             torch.compiler.reset()  # frees the compiled graphs and their CUDA-graph memory pool
             self.compiled, self.student, self.teacher_fn, self.graphs = (
-                None, compiled.eager_student, None, False)  # fmt: skip
+                None,
+                compiled.eager_student,
+                None,
+                False,
+            )
             return self.step(batch, lr, momentum)
         compiled.seconds += time.perf_counter() - t
         compiled.warmup_left -= 1
         if compiled.warmup_left == 0:
             self.compiled = None
             if self.world.main:
-                log.info("compiled the step in %.1f s (its first %d steps, kept out of "
-                         "images/s)", compiled.seconds, WARMUP_STEPS)  # fmt: skip
+                log.info(
+                    "compiled the step in %.1f s (its first %d steps, kept out of images/s)",
+                    compiled.seconds,
+                    WARMUP_STEPS,
+                )
         return loss
 
 
-def _compiled(config: TrainConfig, device: torch.device, student: nn.Module,
-              teacher: nn.Module) -> Compiled | None:  # fmt: skip
+def _compiled(
+    config: TrainConfig, device: torch.device, student: nn.Module, teacher: nn.Module
+) -> Compiled | None:
     """The step's networks under ``torch.compile`` when ``compile`` says so (auto: CUDA)."""
     if config.compile == "off" or (config.compile == "auto" and device.type != "cuda"):
         return None
@@ -318,9 +374,12 @@ def _non_finite(model: nn.Module) -> str | None:
 
 
 def _build(
-    config: TrainConfig, world: World, run_dir: Path, module: nn.Module | None = None,
+    config: TrainConfig,
+    world: World,
+    run_dir: Path,
+    module: nn.Module | None = None,
     given: set[str] | None = None,
-) -> _Run:  # fmt: skip
+) -> _Run:
     """Phase 1: data, model, optimiser, crop plan and a fresh state, from the config.
 
     A new run's defaults that cannot fit its data are fitted to it (``given``: the settings
@@ -332,17 +391,23 @@ def _build(
         require_tensorboard()  # on every rank, before anything is loaded
     device = select_device(world.device(config.device))
     amp = autocast_dtype(config.precision, device)
-    data = load_dataset(config.dataset, root=config.data_root, download=config.download,
-                        image_size=config.image_size, subset=config.subset,
-                        channels=config.channels)  # fmt: skip
+    data = load_dataset(
+        config.dataset,
+        root=config.data_root,
+        download=config.download,
+        image_size=config.image_size,
+        subset=config.subset,
+        channels=config.channels,
+    )
     if config.channels is not None and config.channels != data.channels:
         raise ConfigError(
             f"{{channels}} {config.channels}: {data.name} has {data.channels}-channel images "
             "(a built-in dataset keeps its own; the setting converts image folders)",
             "channels",
         )
-    plan = CropPlan.build(data.image_size, config.crop_scale, config.crops, config.crop_scales,
-                          config.symmetric)  # fmt: skip
+    plan = CropPlan.build(
+        data.image_size, config.crop_scale, config.crops, config.crop_scales, config.symmetric
+    )
     fitted: list[Note] = []
     if given is not None:
         config, fitted = config.fit_data(len(data.train), given, world.size)
@@ -356,17 +421,28 @@ def _build(
     source = data.train.to(device) if isinstance(data.train, TensorImages) else data.train
     if data.memory is data.train:
         data.memory = source  # the kNN monitor's memory bank is the training split
-    settings = {**config.to_dict(), "image_size": data.image_size, "channels": data.channels,
-                "mean": list(data.mean), "std": list(data.std), "num_classes": len(data.classes)}  # fmt: skip
+    settings = {
+        **config.to_dict(),
+        "image_size": data.image_size,
+        "channels": data.channels,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "num_classes": len(data.classes),
+    }
     if data.files is not None:  # which files a folder held: a resume compares them
         settings["data_files"], settings["data_digest"] = data.files
     torch.manual_seed(config.seed)  # the same initial weights and queue on every rank
     net = config.backbone if module is None else copy.deepcopy(module)  # never the caller's
     model = ReSSL(
-        net, in_channels=data.channels, image_size=data.image_size,
-        hidden_dim=config.hidden_dim, embed_dim=config.embed_dim, queue_size=config.queue_size,
-        width=config.width, generator=torch.Generator().manual_seed(config.seed + 1),
-    ).to(device)  # fmt: skip
+        net,
+        in_channels=data.channels,
+        image_size=data.image_size,
+        hidden_dim=config.hidden_dim,
+        embed_dim=config.embed_dim,
+        queue_size=config.queue_size,
+        width=config.width,
+        generator=torch.Generator().manual_seed(config.seed + 1),
+    ).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
     student: nn.Module = EncodeCrops(model.student)
@@ -379,34 +455,61 @@ def _build(
     optimizer = _sgd(groups, base_lr, config, world)
     # each rank draws its own augmentations; rank 0's stream is the single-process one
     views = torch.Generator(device=device).manual_seed(_view_seed(config, world))
-    strong = StrongView(jitter=config.jitter, jitter_p=config.jitter_p,
-                        grayscale_p=config.grayscale_p, blur_p=config.blur,
-                        blur_mode=config.blur_mode)  # fmt: skip
+    strong = StrongView(
+        jitter=config.jitter,
+        jitter_p=config.jitter_p,
+        grayscale_p=config.grayscale_p,
+        blur_p=config.blur,
+        blur_mode=config.blur_mode,
+    )
     teacher = strong if config.teacher_view == "strong" else WeakView()
     return _Run(
-        config, world, device, amp, data, source, plan, strong, teacher, student,
-        TrainState(model, optimizer, views), run_dir, settings,
+        config,
+        world,
+        device,
+        amp,
+        data,
+        source,
+        plan,
+        strong,
+        teacher,
+        student,
+        TrainState(model, optimizer, views),
+        run_dir,
+        settings,
         steps_per_epoch=len(data.train) // config.batch_size,
-        base_lr=base_lr, compiled=_compiled(config, device, student, model.teacher),
-    )  # fmt: skip
+        base_lr=base_lr,
+        compiled=_compiled(config, device, student, model.teacher),
+    )
 
 
 def _check_memory(
-    config: TrainConfig, data: ImageData, plan: CropPlan, device: torch.device,
-    amp: torch.dtype | None, world: World, module: nn.Module | None,
-) -> None:  # fmt: skip
+    config: TrainConfig,
+    data: ImageData,
+    plan: CropPlan,
+    device: torch.device,
+    amp: torch.dtype | None,
+    world: World,
+    module: nn.Module | None,
+) -> None:
     """Refuse a backbone that cannot take the data, and settings that cannot fit in the
     device's memory, before the model is built (on the meta device)."""
     sides = [side for side, _ in plan.student]  # symmetric: both views
     held = data.train.images.numel() if isinstance(data.train, TensorImages) else 0
     try:
         estimate = training_memory(
-            backbone=config.backbone if module is None else module, channels=data.channels,
-            image_size=data.image_size, width=config.width, hidden_dim=config.hidden_dim,
-            embed_dim=config.embed_dim, queue_size=config.queue_size,
-            batch_per_process=config.batch_size // world.size, student_sides=sides,
-            autocast=amp is not None, data_bytes=held,
-        )  # fmt: skip
+            backbone=config.backbone if module is None else module,
+            channels=data.channels,
+            image_size=data.image_size,
+            width=config.width,
+            hidden_dim=config.hidden_dim,
+            embed_dim=config.embed_dim,
+            queue_size=config.queue_size,
+            batch_per_process=config.batch_size // world.size,
+            student_sides=sides,
+            autocast=amp is not None,
+            data_bytes=held,
+        )
     except ConfigError:
         raise
     except ValueError as e:  # the backbone's own words: "timm:x needs timm ...", "... cannot take"
@@ -441,8 +544,12 @@ def _restore(run: _Run, tensors: dict[str, Tensor], meta: dict[str, str]) -> Non
     except CheckpointError as e:
         raise CheckpointError(f"{run.run_dir / CHECKPOINT}: {e}") from None
     if run.world.main:
-        log.info("resuming %s at epoch %d, batch %d", run.run_dir, run.state.epoch,
-                 run.state.batch_in_epoch)  # fmt: skip
+        log.info(
+            "resuming %s at epoch %d, batch %d",
+            run.run_dir,
+            run.state.epoch,
+            run.state.batch_in_epoch,
+        )
 
 
 def _open_folder(run: _Run, saved_row: dict[str, Any] | None = None) -> None:
@@ -467,11 +574,15 @@ def _open_folder(run: _Run, saved_row: dict[str, Any] | None = None) -> None:
     missing = sorted(set(range(1, run.state.epoch + 1)) - set(rows))
     if run.world.main:
         if missing:
-            log.warning("%s has no rows for epochs %s", run.run_dir / METRICS,
-                        ", ".join(map(str, missing)))  # fmt: skip
+            log.warning(
+                "%s has no rows for epochs %s", run.run_dir / METRICS, ", ".join(map(str, missing))
+            )
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        run.logs = RunLog(run.run_dir, run.state.step(run.steps_per_epoch),
-                          tensorboard=run.config.log == "tensorboard")  # fmt: skip
+        run.logs = RunLog(
+            run.run_dir,
+            run.state.step(run.steps_per_epoch),
+            tensorboard=run.config.log == "tensorboard",
+        )
         write_metrics(run.run_dir / METRICS, run.state.rows)
 
 
@@ -481,12 +592,24 @@ def _epochs(run: _Run, notify: Callable[[TrainEvent], None]) -> Path:
     notify(run.event("start"))
     if world.main:
         d = run.data
-        log.info("training %s on %s: %d images of %d px, %d channel%s; batch %d (%d steps/epoch), "
-                 "%d epochs; on %s in %s%s", c.backbone, c.dataset, len(d.train), d.image_size,
-                 d.channels, "s" if d.channels > 1 else "", c.batch_size, run.steps_per_epoch,
-                 c.epochs, run.device, "bf16 autocast" if run.amp else "fp32",
-                 f", {world.size} processes of {c.batch_size // world.size} images per step"
-                 if world.distributed else "")  # fmt: skip
+        log.info(
+            "training %s on %s: %d images of %d px, %d channel%s; batch %d (%d steps/epoch), "
+            "%d epochs; on %s in %s%s",
+            c.backbone,
+            c.dataset,
+            len(d.train),
+            d.image_size,
+            d.channels,
+            "s" if d.channels > 1 else "",
+            c.batch_size,
+            run.steps_per_epoch,
+            c.epochs,
+            run.device,
+            "bf16 autocast" if run.amp else "fp32",
+            f", {world.size} processes of {c.batch_size // world.size} images per step"
+            if world.distributed
+            else "",
+        )
         log.info("backbone: %s", run.state.model.backbone_build.describe())
     try:
         return _train_epochs(run, notify)
@@ -510,8 +633,12 @@ def _train_epochs(run: _Run, notify: Callable[[TrainEvent], None]) -> Path:
             path = run.save()
             if world.main:
                 where = Position(state.epoch, state.batch_in_epoch, run.steps_per_epoch, c.epochs)
-                log.warning("interrupted at %s: saved %s; continue with --resume %s", where, path,
-                            run.run_dir)  # fmt: skip
+                log.warning(
+                    "interrupted at %s: saved %s; continue with --resume %s",
+                    where,
+                    path,
+                    run.run_dir,
+                )
             notify(run.event("end", metrics={"interrupted": True}))
             raise Stopped(stop.signum or signal.SIGINT, str(path))
     return _end(run, saved, notify)
@@ -560,26 +687,39 @@ def _flush(
     loss, mean, ips = window.flush(run)
     if run.logs is not None:
         s = run.state
-        run.logs.window({
-            "step": s.step(run.steps_per_epoch), "epoch": round(s.epoch + s.batch_in_epoch /
-            run.steps_per_epoch, 6), "loss": mean, "lr": lr, "ema_momentum": momentum,
-            "images_per_second": round(ips, 2),
-        })  # fmt: skip
+        run.logs.window(
+            {
+                "step": s.step(run.steps_per_epoch),
+                "epoch": round(s.epoch + s.batch_in_epoch / run.steps_per_epoch, 6),
+                "loss": mean,
+                "lr": lr,
+                "ema_momentum": momentum,
+                "images_per_second": round(ips, 2),
+            }
+        )
     notify(run.event("step", loss=loss, images_per_second=ips))
 
 
 def _end_epoch(
-    run: _Run, seen: int, seconds: float, lr: float, momentum: float,
+    run: _Run,
+    seen: int,
+    seconds: float,
+    lr: float,
+    momentum: float,
     notify: Callable[[TrainEvent], None],
-) -> None:  # fmt: skip
+) -> None:
     """An epoch's metrics row (with the kNN monitor when due), checkpoint and metrics file."""
     c, state = run.config, run.state
     epoch = state.epoch + 1
     row: dict[str, Any] = {
-        "epoch": epoch, "step": epoch * run.steps_per_epoch,
-        "loss": state.loss_sum / max(state.loss_count, 1), "lr": lr, "ema_momentum": momentum,
-        "images_per_second": round(seen / max(seconds, 1e-9), 2), "epoch_seconds": round(seconds, 3),
-    }  # fmt: skip
+        "epoch": epoch,
+        "step": epoch * run.steps_per_epoch,
+        "loss": state.loss_sum / max(state.loss_count, 1),
+        "lr": lr,
+        "ema_momentum": momentum,
+        "images_per_second": round(seen / max(seconds, 1e-9), 2),
+        "epoch_seconds": round(seconds, 3),
+    }
     every = c.knn_every
     if every >= 0 and ((every and epoch % every == 0) or epoch == c.epochs):
         model = run.state.model
@@ -590,8 +730,19 @@ def _end_epoch(
         write_metrics(run.run_dir / METRICS, state.rows)
         if run.logs is not None:
             run.logs.epoch(row)
-    notify(TrainEvent("epoch", epoch, epoch * run.steps_per_epoch, run.steps_per_epoch, c.epochs,
-                      0, row["loss"], row["images_per_second"], row))  # fmt: skip
+    notify(
+        TrainEvent(
+            "epoch",
+            epoch,
+            epoch * run.steps_per_epoch,
+            run.steps_per_epoch,
+            c.epochs,
+            0,
+            row["loss"],
+            row["images_per_second"],
+            row,
+        )
+    )
 
 
 def _end(run: _Run, saved: bool, notify: Callable[[TrainEvent], None]) -> Path:
@@ -610,20 +761,36 @@ def _replan(run: _Run, planned: int) -> None:
     if s.epoch == c.epochs:  # (and no batch of another epoch: refused before)
         run.resave = c.epochs != planned  # the checkpoint then says its run ends here
         if run.world.main:
-            log.warning("%s has finished its %d epochs; nothing to train (a higher %s extends it)",
-                    run.run_dir, c.epochs, Note("{epochs}", "epochs"))  # fmt: skip
+            log.warning(
+                "%s has finished its %d epochs; nothing to train (a higher %s extends it)",
+                run.run_dir,
+                c.epochs,
+                Note("{epochs}", "epochs"),
+            )
     elif c.epochs != planned and run.world.main:
         step, warmup = s.step(spe), c.warmup_epochs * spe
-        old = cosine_lr(step, planned * spe, run.base_lr, min(warmup, planned * spe),
-                        warmup_from_zero=c.warmup_start == "zero")  # fmt: skip
+        old = cosine_lr(
+            step,
+            planned * spe,
+            run.base_lr,
+            min(warmup, planned * spe),
+            warmup_from_zero=c.warmup_start == "zero",
+        )
         new = run.lr(step)
         log.warning(
             "%s: %s from %d to %d epochs: the cosine schedule%s is re-planned over %d epochs, "
-            "so at step %d the lr is %.4g (it was %.4g in the %d-epoch plan)", run.run_dir,
-            "extending" if c.epochs > planned else "shortening", planned, c.epochs,
-            " (and the EMA momentum's)" if c.momentum_schedule == "cosine" else "", c.epochs,
-            step, new, old, planned,
-        )  # fmt: skip
+            "so at step %d the lr is %.4g (it was %.4g in the %d-epoch plan)",
+            run.run_dir,
+            "extending" if c.epochs > planned else "shortening",
+            planned,
+            c.epochs,
+            " (and the EMA momentum's)" if c.momentum_schedule == "cosine" else "",
+            c.epochs,
+            step,
+            new,
+            old,
+            planned,
+        )
 
 
 def _check_not_fewer(epochs: int, done: int, batches: int, run_dir: Path) -> None:
@@ -708,8 +875,11 @@ def train(
         run_dir, device = file.parent, settings.get("device") or _saved_device(file)
     else:
         custom = {} if module is None else {"backbone": custom_spec(module)}
-        cfg = (config.replace(**custom) if config is not None
-               else TrainConfig.from_keywords(**settings, **custom))  # fmt: skip
+        cfg = (
+            config.replace(**custom)
+            if config is not None
+            else TrainConfig.from_keywords(**settings, **custom)
+        )
         given = _given(cfg, config, settings)
         cfg = cfg.replace(out=str(cfg.run_dir))
         run_dir, device = cfg.run_dir, cfg.device
@@ -733,9 +903,12 @@ def train(
 
 
 def _continue(
-    file: Path, given: dict[str, Any], world: World, notify: Callable[[TrainEvent], None],
+    file: Path,
+    given: dict[str, Any],
+    world: World,
+    notify: Callable[[TrainEvent], None],
     module: nn.Module | None,
-) -> Path:  # fmt: skip
+) -> Path:
     """A resumed run, in the folder this process holds: checked, restored, re-planned, trained."""
     cfg, state, meta, planned = _resume_config(file, given, module)
     run = _build(cfg, world, file.parent, module)
@@ -766,14 +939,20 @@ def _check_same_files(run: _Run, saved: dict[str, Any]) -> None:
     if now is None or not is_int(then[0]) or not isinstance(then[1], str) or now == then:
         return
     if run.world.main:
-        change = (f"{now[0]} image files where it trained on {then[0]}" if now[0] != then[0]
-                  else f"{now[0]} image files, as before, but not the same ones")  # fmt: skip
+        change = (
+            f"{now[0]} image files where it trained on {then[0]}"
+            if now[0] != then[0]
+            else f"{now[0]} image files, as before, but not the same ones"
+        )
         log.warning(
             "%s changed since %s was trained on it: it now holds %s. The run continues on the "
             "files there now, so its epoch order and kNN numbers are not those of the data it "
             "started on; to continue on that data, restore the folder, or train this data "
-            "from the start in a new run folder", run.data.name, run.run_dir, change,
-        )  # fmt: skip
+            "from the start in a new run folder",
+            run.data.name,
+            run.run_dir,
+            change,
+        )
 
 
 def _saved_device(file: Path) -> str:

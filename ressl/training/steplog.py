@@ -71,8 +71,11 @@ class RunLog:
     def __init__(self, run_dir: Path, step: int, *, tensorboard: bool = False) -> None:
         check_run_folder(run_dir)  # no file or folder written here is a link out of it
         # the steps after the checkpoint's (a fresh run: all) belong to a past that is redone
-        self.writer = (require_tensorboard()(str(run_dir / TENSORBOARD), purge_step=step + 1)
-                       if tensorboard else None)  # fmt: skip
+        self.writer = (
+            require_tensorboard()(str(run_dir / TENSORBOARD), purge_step=step + 1)
+            if tensorboard
+            else None
+        )
         self.path = run_dir / STEPS
         kept = read_steps(self.path, upto=step)  # rewritten whole: no cut line stays behind
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode(), STEPS)

@@ -101,8 +101,12 @@ def pil_gaussian_blur(images: Tensor, sigma: Tensor, max_sigma: float | None = N
     taps = _box_taps(radius, most)
     per_chunk = b if not syncs_are_free(x.device) else max(1, _CPU_CHUNK // x[0].numel())
     if per_chunk < b:  # on CPU, chunks whose int64 temporaries stay in cache: 2-3x faster
-        x = torch.cat([_box_passes(x[i : i + per_chunk], taps[i : i + per_chunk])
-                       for i in range(0, b, per_chunk)])  # fmt: skip
+        x = torch.cat(
+            [
+                _box_passes(x[i : i + per_chunk], taps[i : i + per_chunk])
+                for i in range(0, b, per_chunk)
+            ]
+        )
     else:
         x = _box_passes(x, taps)
     if images.dtype == torch.uint8:

@@ -313,8 +313,9 @@ def sample_jitter_params(
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     device = torch.device(generator.device)
-    lo = device_constant((*(max(0.0, 1.0 - j) for j in jitter[:3]), -jitter[3]), device,
-                         torch.float32)  # fmt: skip
+    lo = device_constant(
+        (*(max(0.0, 1.0 - j) for j in jitter[:3]), -jitter[3]), device, torch.float32
+    )
     hi = device_constant((*(1.0 + j for j in jitter[:3]), jitter[3]), device, torch.float32)
     factors = torch.rand(batch, 4, generator=generator, device=device) * (hi - lo) + lo
     order = torch.argsort(torch.rand(batch, 4, generator=generator, device=device), dim=1)

@@ -251,8 +251,16 @@ class _View:
     ) -> Tensor:
         """The view of ``images`` with this config (arguments as the view function's)."""
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return self._view(images, size=size, mean=mean, std=std, generator=generator,
-                          scale=scale, crop=crop, **options)  # fmt: skip
+        return self._view(
+            images,
+            size=size,
+            mean=mean,
+            std=std,
+            generator=generator,
+            scale=scale,
+            crop=crop,
+            **options,
+        )
 
     def _view(self, images: Tensor, **kw: Any) -> Tensor:
         raise NotImplementedError

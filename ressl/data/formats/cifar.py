@@ -19,11 +19,16 @@ __all__ = ["read_cifar"]
 
 _CIFAR = {
     # name: (directory, train files, test file, meta file, label key, class key)
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-                "batches.meta", "labels", "label_names"),
-    "cifar100": ("cifar-100-python", ["train"], "test", "meta", "fine_labels",
-                 "fine_label_names"),
-}  # fmt: skip
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        "test_batch",
+        "batches.meta",
+        "labels",
+        "label_names",
+    ),
+    "cifar100": ("cifar-100-python", ["train"], "test", "meta", "fine_labels", "fine_label_names"),
+}
 
 
 def _np_reconstruct() -> Any:
@@ -120,11 +125,15 @@ def read_cifar(
             archive.unlink()  # extracted; 160 MB not worth keeping
 
     d = locate(
-        name, candidates, [*train_files, test_file, meta_file], download, fetch,
+        name,
+        candidates,
+        [*train_files, test_file, meta_file],
+        download,
+        fetch,
         f"Set {{data_root}} to a folder holding {dirname}/ (the CIFAR 'python version'), "
         "or allow {download} with internet access.",
         cache,
-    )  # fmt: skip
+    )
     meta = _unpickle(d / meta_file)
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(class_key, [])]
     train = take_subset(_cifar_split(d, train_files, label_key), subset, name)

@@ -57,8 +57,9 @@ def take_subset(split: Split, subset: int | None, name: str) -> Split:
     if subset is None or subset == len(images):
         return split
     if subset > len(images):
-        logger.warning("subset=%d exceeds the %d %s training images; keeping all",
-                       subset, len(images), name)  # fmt: skip
+        logger.warning(
+            "subset=%d exceeds the %d %s training images; keeping all", subset, len(images), name
+        )
         return split
     return images[:subset].clone(), labels[:subset].clone()  # copied so the rest can be freed
 

@@ -109,10 +109,15 @@ def read_fashion_mnist(
         FashionMNIST(str(cache / "fashion-mnist"), train=True, download=True)
 
     d = locate(
-        "Fashion-MNIST", candidates, required, download, fetch,
+        "Fashion-MNIST",
+        candidates,
+        required,
+        download,
+        fetch,
         "Install it with `apt-get install dataset-fashion-mnist`, set {data_root} to a folder "
         "holding the four idx files (gzipped or not), or allow {download} with internet access.",
-        cache, gz_ok=True,
-    )  # fmt: skip
+        cache,
+        gz_ok=True,
+    )
     train = take_subset(_fmnist_split(d, "train"), subset, "fashion-mnist")
     return Splits(train, _fmnist_split(d, "test"), None)

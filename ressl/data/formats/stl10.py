@@ -83,11 +83,15 @@ def read_stl10(
         (cache / "stl10_binary.tar.gz").unlink(missing_ok=True)
 
     d = locate(
-        "STL-10", candidates, _STL_FILES, download, fetch,
+        "STL-10",
+        candidates,
+        _STL_FILES,
+        download,
+        fetch,
         "Set {data_root} to a folder holding stl10_binary/, or allow {download} with internet "
         "access (a 2.6 GB download).",
         cache,
-    )  # fmt: skip
+    )
     names_file = d / "class_names.txt"
     classes = names_file.read_text().split() if names_file.is_file() else None
 
