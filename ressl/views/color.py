@@ -240,28 +240,16 @@ def adjust_colors_(
     blends = [op for op in range(3) if on[op]]
     hue_at = order == 3  # (B, 4)
     k = hue_at.to(torch.uint8).argmax(dim=1, keepdim=True)  # (B, 1) the hue's position
-    hue_counts = [0] * 5  # gathered: images whose hue is due before slot 0, 1, 2, 3, never
+    hue_counts, by_step = [0] * 5, None  # gathered: images whose hue is due before slot s
     if on[3] and gather_hue:
-        hue_step = torch.where(todo, k.squeeze(1), 4)  # (B,)
-        by_step = torch.argsort(hue_step, stable=True)
-        hue_counts = torch.bincount(hue_step, minlength=5).tolist()  # the one host sync
+        hue_counts, by_step = _hue_groups(todo, k)
     if not blends:
         if on[3] and not gather_hue:
             _hue_where_(x, factors[:, 3], todo)
         elif on[3]:
-            idx = by_step[: b - hue_counts[4]]
-            x.index_copy_(0, idx, _hue(x.index_select(0, idx), factors[idx, 3]))
+            _hue_at_(x, factors, by_step, 0, b - hue_counts[4])
         return x
-    p = device_constant((0, 1, 2, 3), device, torch.int64)  # (4,) positions in the order
-    after = (p > k).to(torch.int64)  # (B, 4) 1 after the hue
-    if on[3] and not gather_hue:  # slot p + 3 - k before the hue, p + 2 - k after it
-        slot, slots = p + (3 - k) - after, 6
-    elif on[3]:  # slot p; the hue's own position holds no blend
-        slot, slots = p.expand(b, 4), 4
-    else:  # the blends in their order in slots 0-2 (the hue does nothing)
-        slot, slots = p - after, 3
-    slot = torch.where(hue_at, 6, slot)  # the hue's own entry: slot 6, dropped
-    ops = order.new_full((b, 7), 3).scatter_(1, slot, order)  # (B, 7) op per slot; 3: none
+    ops, slots = _blend_slots(order, k, hue_at, hue=on[3], gather_hue=gather_hue)
     on_t = device_constant(tuple(on), device, torch.bool)
     due = todo[:, None] & on_t[ops] & (ops < 3)  # (B, 7)
     f = torch.where(due, factors.gather(1, ops.clamp(max=2)), 1.0)  # (B, 7), 1 where none
@@ -271,13 +259,43 @@ def adjust_colors_(
         if on[3] and not gather_hue and s == 3:  # after every image's blends before its hue
             _hue_where_(x, factors[:, 3], todo)
         elif gather_hue and hue_counts[s]:  # gathered: the images whose hue is at position s
-            start = sum(hue_counts[:s])
-            idx = by_step[start : start + hue_counts[s]]
-            x.index_copy_(0, idx, _hue(x.index_select(0, idx), factors[idx, 3]))
+            _hue_at_(x, factors, by_step, sum(hue_counts[:s]), hue_counts[s])
         to_mean = None if contrast is None else contrast[:, s]  # (B,) 0 or 1
         to_grey = None if saturation is None else saturation[:, s]
         _blend_(x, f[:, s], contrast=to_mean, saturation=to_grey)
     return x
+
+
+def _hue_groups(todo: Tensor, k: Tensor) -> tuple[list[int], Tensor]:
+    """The images by the position of their hue (4: not jittered), and how many at each:
+    the gathered layout's one host sync."""
+    hue_step = torch.where(todo, k.squeeze(1), 4)  # (B,)
+    by_step = torch.argsort(hue_step, stable=True)
+    return torch.bincount(hue_step, minlength=5).tolist(), by_step
+
+
+def _hue_at_(x: Tensor, factors: Tensor, by_step: Tensor | None, start: int, count: int) -> None:
+    """In place: the hue of the ``count`` images from ``start`` in ``by_step``'s order."""
+    assert by_step is not None
+    idx = by_step[start : start + count]
+    x.index_copy_(0, idx, _hue(x.index_select(0, idx), factors[idx, 3]))
+
+
+def _blend_slots(
+    order: Tensor, k: Tensor, hue_at: Tensor, *, hue: bool, gather_hue: bool
+) -> tuple[Tensor, int]:
+    """The op of each image in each blend slot, (B, 7) (3: none), and the number of slots."""
+    b = order.shape[0]
+    p = device_constant((0, 1, 2, 3), order.device, torch.int64)  # (4,) positions in the order
+    after = (p > k).to(torch.int64)  # (B, 4) 1 after the hue
+    if hue and not gather_hue:  # slot p + 3 - k before the hue, p + 2 - k after it
+        slot, slots = p + (3 - k) - after, 6
+    elif hue:  # slot p; the hue's own position holds no blend
+        slot, slots = p.expand(b, 4), 4
+    else:  # the blends in their order in slots 0-2 (the hue does nothing)
+        slot, slots = p - after, 3
+    slot = torch.where(hue_at, 6, slot)  # the hue's own entry: slot 6, dropped
+    return order.new_full((b, 7), 3).scatter_(1, slot, order), slots
 
 
 def _hue_where_(x: Tensor, factor: Tensor, todo: Tensor) -> Tensor:
