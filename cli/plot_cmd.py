@@ -96,63 +96,79 @@ def plot_curves(
     per epoch otherwise) and top-1 accuracy (the kNN monitor, and the evaluations of
     ``eval.jsonl``) against epochs, side by side."""
     steps, evaluations = steps or [], evaluations or []
-    epochs = [r["epoch"] for r in rows]
     knn = [r for r in rows if "knn_top1" in r]
     panels = 3 if knn or evaluations else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), constrained_layout=True)
-    mark = "." if len(rows) < 40 else None
+    _loss_panel(axes[0], rows, steps)
+    _lr_panel(axes[1], rows, steps)
+    if panels == 3:
+        _accuracy_panel(axes[2], knn, evaluations, knn_title)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return _save(plt, fig, path)
+
+
+def _loss_panel(ax: Any, rows: list[dict[str, Any]], steps: list[dict[str, Any]]) -> None:
+    """The loss per progress window (when there are steps) and per epoch."""
     if steps:
-        axes[0].plot(
+        ax.plot(
             [r["epoch"] for r in steps],
             [r.get("loss", float("nan")) for r in steps],
             linewidth=0.8,
             alpha=0.6,
             label="progress window",
         )
-    axes[0].plot(
-        epochs,
+    ax.plot(
+        [r["epoch"] for r in rows],
         [r.get("loss", float("nan")) for r in rows],
-        marker="o" if steps else mark,
+        marker="o" if steps else ("." if len(rows) < 40 else None),
         label="epoch mean",
     )
-    axes[0].set(xlabel="epoch", ylabel="relation loss", title="loss")
+    ax.set(xlabel="epoch", ylabel="relation loss", title="loss")
     if steps:
-        axes[0].legend(frameon=False)
-        axes[1].plot(
+        ax.legend(frameon=False)
+
+
+def _lr_panel(ax: Any, rows: list[dict[str, Any]], steps: list[dict[str, Any]]) -> None:
+    """The learning rate per progress window, or per epoch with markers (a short run shows)."""
+    if steps:
+        ax.plot(
             [r["epoch"] for r in steps],
             [r.get("lr", float("nan")) for r in steps],
             color="tab:orange",
         )
-    else:  # one point per epoch: markers, so a short run shows
-        axes[1].plot(
-            epochs, [r.get("lr", float("nan")) for r in rows], color="tab:orange", marker="o"
+    else:
+        ax.plot(
+            [r["epoch"] for r in rows],
+            [r.get("lr", float("nan")) for r in rows],
+            color="tab:orange",
+            marker="o",
         )
-    axes[1].set(xlabel="epoch", ylabel="learning rate", title="learning rate")
-    if panels == 3:
-        # top-5 is near 100% and would flatten the top-1 curve: it stays in metrics.jsonl
-        if knn:
-            axes[2].plot(
-                [r["epoch"] for r in knn],
-                [r["knn_top1"] for r in knn],
-                marker="o",
-                color="tab:green",
-                label=knn_title,
-            )
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for r in evaluations:
-            groups.setdefault(
-                f"eval {r.get('protocol', '?')} ({r.get('weights', '?')})", []
-            ).append(r)
-        for label, group in sorted(groups.items()):
-            axes[2].scatter(
-                [r["epoch"] for r in group], [r["top1"] for r in group], marker="s", label=label
-            )
-        axes[2].set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
-        axes[2].legend(frameon=False, fontsize="small")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    return _save(plt, fig, path)
+    ax.set(xlabel="epoch", ylabel="learning rate", title="learning rate")
+
+
+def _accuracy_panel(
+    ax: Any, knn: list[dict[str, Any]], evaluations: list[dict[str, Any]], knn_title: str
+) -> None:
+    """Top-1 of the kNN monitor (a line) and of each evaluation protocol and weights (points).
+    Top-5 is near 100% and would flatten the top-1 curve: it stays in metrics.jsonl."""
+    if knn:
+        ax.plot(
+            [r["epoch"] for r in knn],
+            [r["knn_top1"] for r in knn],
+            marker="o",
+            color="tab:green",
+            label=knn_title,
+        )
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in evaluations:
+        label = f"eval {r.get('protocol', '?')} ({r.get('weights', '?')})"
+        groups.setdefault(label, []).append(r)
+    for label, group in sorted(groups.items()):
+        ax.scatter([r["epoch"] for r in group], [r["top1"] for r in group], marker="s", label=label)
+    ax.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
+    ax.legend(frameon=False, fontsize="small")
 
 
 def plot_tsne(
