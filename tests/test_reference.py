@@ -538,5 +538,38 @@ def test_the_comparison_detects_a_changed_step(change: dict) -> None:
     def changed(model, optimizer, x_student, x_teacher, t):
         return _one_crop(model, optimizer, x_student, x_teacher, 0.04)
 
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="^loss, step 0"):
         _run(ReSSL, changed, teacher_sides=(SIDE,), student_sides=(SIDE,), **change)
+
+
+@pytest.mark.parametrize(
+    "part, change",
+    [
+        (
+            "student encoder_q.net.features.0.weight",
+            lambda m: m.student.backbone.features[0].weight,
+        ),
+        ("teacher encoder_k.head.linear2.bias", lambda m: m.teacher.head.net[2].bias),
+        (
+            "teacher encoder_k.net.features.1.running_var",
+            lambda m: m.teacher.backbone.features[1].running_var,
+        ),
+        ("queue queue", lambda m: m.queue),
+    ],
+    ids=["student", "teacher", "teacher-bn", "queue"],
+)
+def test_the_state_comparison_sees_each_part(part: str, change: Callable) -> None:
+    """A change of 1e-4 in one tensor of ressl's state fails the comparison, naming it."""
+    model, official = _pair(ReSSL, seed=0, ptr=0)
+    _assert_same(model, official, 0)
+    with torch.no_grad():
+        change(model).view(-1)[3] += 1e-4
+    with pytest.raises(AssertionError, match=f"^{part}, step 0"):
+        _assert_same(model, official, 0)
+
+
+def test_the_state_comparison_sees_the_pointer() -> None:
+    model, official = _pair(ReSSL, seed=0, ptr=0)
+    model.queue_ptr.fill_(B)
+    with pytest.raises(AssertionError, match="^queue pointer, step 0"):
+        _assert_same(model, official, 0)
