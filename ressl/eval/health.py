@@ -13,7 +13,8 @@ runs under it.
 Conventions as in ``ressl.functional``: embeddings are ``(B, D)`` rows, the queue
 ``(K, D)`` with one past teacher embedding per row, and ``relation(z, queue, t)``
 is a row's distribution over the K queue entries. Cosine-based measures normalise
-rows themselves, so raw or L2-normalised embeddings give the same answer.
+rows themselves, so raw or L2-normalised embeddings give the same answer (a zero row
+has no direction and stays the zero vector).
 
 References: "Seeing quality without labels" in RESSL.md; docs/evaluation.md,
 "Health without labels", gives the formulas and healthy ranges.
