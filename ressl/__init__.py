@@ -63,6 +63,18 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "eval.knn": ("knn_predict", "knn_accuracy"),
     "eval.linear": ("linear_probe",),
     "eval.tsne": ("tsne",),
+    "eval.health": (
+        "rankme",
+        "alignment",
+        "uniformity",
+        "embedding_std",
+        "healthy_std",
+        "relation_entropy",
+        "relation_agreement",
+        "queue_similarity",
+        "Health",
+        "health",
+    ),
     "runs.checkpoint": ("save_checkpoint", "load_checkpoint", "read_metadata", "load_encoder"),
 }
 
@@ -85,6 +97,18 @@ if TYPE_CHECKING:
         RunInUseError,
     )
     from ressl.eval.features import extract_features, split_features
+    from ressl.eval.health import (
+        Health,
+        alignment,
+        embedding_std,
+        health,
+        healthy_std,
+        queue_similarity,
+        rankme,
+        relation_agreement,
+        relation_entropy,
+        uniformity,
+    )
     from ressl.eval.knn import knn_accuracy, knn_predict
     from ressl.eval.linear import linear_probe
     from ressl.eval.tsne import tsne
