@@ -144,7 +144,8 @@ class DataSpec:
         mean = _need(source, settings, "mean", values(-float("inf"), ""))
         std = _need(source, settings, "std", values(0.0, " > 0"))
         classes = _need(source, {"num_classes": 0, **settings}, "num_classes", integer(0))
-        count, digest = settings.get("data_files"), settings.get("data_digest")
+        count: Any = settings.get("data_files")
+        digest = settings.get("data_digest")
         files = (int(count), digest) if is_int(count) and isinstance(digest, str) else None
         return cls.of(mean, std, classes, files)
 

@@ -91,15 +91,10 @@ def _check_not_fewer(epochs: int, done: int, batches: int, run_dir: Path) -> Non
 
 
 def restore(run: Run, saved: Saved) -> bool:
-    """The checkpoint's state in the built run, checked against what the run built, then
-    re-planned for new ``epochs``; whether the checkpoint must be written again at the end
+    """The checkpoint's state in the built run (built from its settings: the same specs),
+    then re-planned for new ``epochs``; whether the checkpoint must be written again at the end
     (its run now ends at the epochs done)."""
     path, meta = run.run_dir / CHECKPOINT, saved.checked.meta
-    if run.model != saved.checked.model:
-        raise CheckpointError(
-            f"{path} holds the model {saved.checked.model}, but its settings on the data "
-            f"there now build {run.model}; it cannot be resumed on it"
-        )
     batch = int(meta["batch_in_epoch"])
     if batch >= run.steps_per_epoch:
         raise CheckpointError(
