@@ -57,10 +57,11 @@ class FeatureSource:
 
 
 def _checkpoint_source(path: Path, weights: str, device: torch.device) -> FeatureSource:
-    from ressl.runs.checkpoint import load_encoder, read_metadata
+    from ressl.runs.checkpoint import open_encoder
 
     file = checkpoint_file(path)
-    encoder, settings = load_encoder(file, weights=weights)
+    encoder, checked = open_encoder(file, weights=weights)
+    model, data = checked.model, checked.data
     encoder.to(device).eval()
 
     def backbone(x: Tensor) -> Tensor:
@@ -69,14 +70,14 @@ def _checkpoint_source(path: Path, weights: str, device: torch.device) -> Featur
 
     from ressl.runs.position import Position
 
-    where = Position.from_metadata(read_metadata(file), settings.get("epochs"))
+    where = Position.from_metadata(checked.meta, checked.settings.get("epochs"))
     return FeatureSource(
         fn=backbone,
-        mean=tuple(settings["mean"]),
-        std=tuple(settings["std"]),
-        channels=int(settings["channels"]),
-        image_size=int(settings["image_size"]),
-        default_dataset=settings.get("dataset"),
+        mean=data.mean,
+        std=data.std,
+        channels=model.channels,
+        image_size=model.image_size,
+        default_dataset=checked.settings.get("dataset"),
         description=f"{weights} backbone features",
         features="backbone",
         run_dir=file.parent,

@@ -68,13 +68,14 @@ def _weights_info(path: Path, meta: dict[str, str], as_json: bool) -> str:
 def _code_for(path: Path, build: Any, meta: dict[str, str]) -> str:
     """The loading code for the file where it is now (its full path, eval mode, the run's
     mean/std); the code stored at export when the file does not say its mean/std."""
+    from ressl.config.specs import DataSpec
     from ressl.runs.weights import loading_code
 
     try:
         settings = json.loads(meta.get("settings", "{}"))
-        mean, std = settings["mean"], settings["std"]
-        return loading_code(build, path, [float(m) for m in mean], [float(s) for s in std])
-    except (ValueError, TypeError, KeyError, RecursionError):
+        data = DataSpec.from_settings(settings, settings.get("channels"), str(path))
+        return loading_code(build, path, data.mean, data.std)
+    except (ValueError, TypeError, AttributeError, RecursionError):
         return meta.get("code", "")
 
 

@@ -37,7 +37,7 @@ from ressl._version import __version__
 from ressl.atomic import check_writable, write_atomic
 from ressl.errors import ConfigError, ExportError
 from ressl.models.network import Encoder, ReSSL
-from ressl.runs.checkpoint import load_encoder, read_metadata
+from ressl.runs.checkpoint import open_encoder
 from ressl.runs.folder import resolve_checkpoint
 from ressl.views import normalize
 
@@ -182,22 +182,22 @@ def _from_checkpoint(
 ) -> tuple[nn.Module, dict[str, Any], dict[str, str]]:
     file = resolve_checkpoint(path)
     sha = _sha256(file)
-    encoder, settings = load_encoder(file, weights)
-    meta = read_metadata(file)
+    encoder, checked = open_encoder(file, weights)
     if _sha256(file) != sha:  # a running training rewrote last.safetensors meanwhile
         raise ValueError(
             f"{file} changed while it was being read (a run still training?); export again"
         )
+    model, data, meta = checked.model, checked.data, checked.meta
     fields: dict[str, Any] = dict(
-        backbone=str(settings["backbone"]),
-        image_size=int(settings["image_size"]),
-        channels=int(settings["channels"]),
-        mean=tuple(settings["mean"]),
-        std=tuple(settings["std"]),
+        backbone=model.backbone,
+        image_size=model.image_size,
+        channels=model.channels,
+        mean=data.mean,
+        std=data.std,
         weights=weights,
         source=file.name,
         source_sha256=sha,
-        settings=settings,
+        settings=checked.settings,
     )
     extra: dict[str, str] = {k: meta[k] for k in ("epoch", "step") if k in meta}
     extra["source_ressl_version"] = meta.get("ressl_version", "")

@@ -22,6 +22,9 @@ from ressl.errors import ConfigError, render
 
 __all__ = [
     "BACKBONE",
+    "CHANNELS",
+    "IMAGE_SIZE",
+    "MAX_IMAGE_SIZE",
     "Note",
     "Rule",
     "Setting",
@@ -142,7 +145,16 @@ BACKBONE = Rule(
 )
 #: Where streamed folders' files are decoded: DataLoader workers (PIL), or the training device.
 DECODE_PLACES = ("workers", "device")
+#: Image channels: ressl decodes every image as greyscale (1) or RGB (3) (PIL's "L" and "RGB",
+#: the built-in datasets' own), so every dataset it reads and every checkpoint it writes has
+#: one of these; the model itself would take any count, but no data of another would reach it.
 CHANNELS = Rule("1 (greyscale) or 3 (RGB)", lambda v: is_int(v) and v in (1, 3))
+#: The largest image side ressl trains on (and accepts from a checkpoint or an export).
+MAX_IMAGE_SIZE = 4096
+#: Image sides: at least 8, the smallest the backbones take (``build_backbone`` refuses less:
+#: the small CNN's three stride-2 stages and the ResNets' stem leave no pixel below it), so
+#: every run, checkpoint and export ressl writes has one in this range.
+IMAGE_SIZE = integer(8, high=MAX_IMAGE_SIZE)
 BOOL = Rule("True or False", lambda v: isinstance(v, bool))
 TEXT = Rule("a string", lambda v: isinstance(v, str))
 #: The longest file or folder name the usual file systems take (ext4, APFS, NTFS), in bytes.

@@ -141,7 +141,7 @@ def _train_worker(rank: int, world: int, port: int, settings: dict, out: str) ->
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    train_module = sys.modules["ressl.training.loop"]
+    train_module = sys.modules["ressl.training.build"]
     models: list[ReSSL] = []
 
     class Recorded(ReSSL):

@@ -3,6 +3,7 @@ a save loses and repeats nothing, and SIGTERM saves like Ctrl-C."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,7 +17,8 @@ import pytest
 import torch
 from cli_helpers import TINY, assert_one_line_error, run_cli, tiny_args
 
-import ressl.training.loop
+import ressl.training.resume
+import ressl.training.stepper
 from ressl import DivergedError, train
 from ressl.errors import RunInUseError
 from ressl.runs.checkpoint import load_checkpoint
@@ -26,7 +28,7 @@ from ressl.training.stopping import Stopped
 
 def _poison_step(monkeypatch, at_call, how):
     """Make the ``at_call``-th training step (1-based) return a NaN loss or leave an inf weight."""
-    real, calls = ressl.training.loop.training_step, [0]
+    real, calls = ressl.training.stepper.training_step, [0]
 
     def step(model, *args, **kwargs):
         loss = real(model, *args, **kwargs)
@@ -38,7 +40,7 @@ def _poison_step(monkeypatch, at_call, how):
                 next(model.student.parameters()).fill_(float("inf"))
         return loss
 
-    monkeypatch.setattr(ressl.training.loop, "training_step", step)
+    monkeypatch.setattr(ressl.training.stepper, "training_step", step)
 
 
 @pytest.mark.parametrize("how", ["loss", "weight"])
@@ -295,15 +297,13 @@ def test_extending_a_run_states_the_replanned_schedule(caplog, tmp_path, tiny_se
 
 def test_memory_estimate_counts_weights_queue_and_activations():
     from ressl import ReSSL
+    from ressl.config.specs import ModelSpec
     from ressl.training.fits import training_memory
 
-    kw = dict(backbone="small", channels=3, image_size=16, width=4, hidden_dim=16, embed_dim=8)
-    one = training_memory(
-        **kw, queue_size=32, batch_per_process=8, student_sides=[16], autocast=False
-    )
-    two = training_memory(
-        **kw, queue_size=64, batch_per_process=16, student_sides=[16], autocast=False
-    )
+    spec = ModelSpec("small", 4, 16, 8, 32, channels=3, image_size=16)
+    wide = dataclasses.replace(spec, queue_size=64)
+    one = training_memory(spec, batch_per_process=8, student_sides=[16], autocast=False)
+    two = training_memory(wide, batch_per_process=16, student_sides=[16], autocast=False)
     model = ReSSL("small", in_channels=3, image_size=16, hidden_dim=16, embed_dim=8, width=4)
     params = sum(p.numel() for p in model.student.parameters())
     buffers = sum(b.numel() for b in model.student.buffers())
@@ -311,9 +311,7 @@ def test_memory_estimate_counts_weights_queue_and_activations():
     assert one.parts["weights and optimiser state"][0] == 4 * (4 * params + 2 * buffers)
     step = "activations of a step"
     assert two.parts[step][0] == 2 * one.parts[step][0]  # linear in the batch
-    half = training_memory(
-        **kw, queue_size=32, batch_per_process=8, student_sides=[16], autocast=True
-    )
+    half = training_memory(spec, batch_per_process=8, student_sides=[16], autocast=True)
     assert half.parts[step][0] < one.parts[step][0]
 
 
@@ -354,7 +352,7 @@ def test_a_resume_holds_the_folder_before_it_reads_the_checkpoint(
     def read_too_early(*args, **kwargs):
         pytest.fail("the checkpoint was read before the folder was held")
 
-    monkeypatch.setattr(ressl.training.loop, "load_checkpoint", read_too_early)
+    monkeypatch.setattr(ressl.training.resume, "load_checkpoint", read_too_early)
     with hold_run_folder(run), pytest.raises(RunInUseError, match="wait for it to end"):
         train(resume=run, epochs=2)
 

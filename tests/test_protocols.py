@@ -14,7 +14,7 @@ from ressl.data.sources import TensorImages
 from ressl.eval.paper_linear import paper_linear_eval
 from ressl.models.network import ReSSL
 from ressl.runs.checkpoint import read_metadata
-from ressl.training.loop import _param_groups
+from ressl.training.build import param_groups
 
 
 def _bn_buffers(tensors: dict, net: str) -> dict:
@@ -71,7 +71,7 @@ def test_weight_decay_rules():
     index = {id(p): n for n, p in names.items()}
 
     def exempt(rule: str) -> set[str]:
-        decay, none = _param_groups(model.student, 5e-4, rule)
+        decay, none = param_groups(model.student, 5e-4, rule)
         assert none["weight_decay"] == 0.0 and len(decay["params"]) + len(none["params"]) == len(
             names
         )

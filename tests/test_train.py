@@ -378,10 +378,10 @@ def test_a_stop_between_window_ends_keeps_every_loss(tmp_path, tiny_settings, mo
 @pytest.mark.parametrize("kernel", ["fused", "foreach", "default"])
 def test_the_sgd_kernel_setting_picks_the_update(kernel):
     from ressl.distributed import World
-    from ressl.training.loop import _sgd
+    from ressl.training.build import sgd
 
     p = torch.zeros(3, requires_grad=True)
-    opt = _sgd([{"params": [p], "weight_decay": 0.0}], 0.1, TrainConfig(sgd_kernel=kernel), World())
+    opt = sgd([{"params": [p], "weight_decay": 0.0}], 0.1, TrainConfig(sgd_kernel=kernel), World())
     group = opt.param_groups[0]
     assert (group["fused"], group["foreach"]) == {
         "fused": (True, None),
@@ -394,11 +394,11 @@ def test_fused_sgd_falls_back_to_foreach_where_it_has_no_kernel(caplog):
     """PyTorch refuses fused SGD for such parameters only at the first step; ressl checks
     before it builds the optimiser."""
     from ressl.distributed import World
-    from ressl.training.loop import _sgd
+    from ressl.training.build import sgd
 
     p = torch.zeros(3, device="meta", requires_grad=True)
     with caplog.at_level("WARNING", logger="ressl"):
-        opt = _sgd([{"params": [p], "weight_decay": 0.0}], 0.1, TrainConfig(), World())
+        opt = sgd([{"params": [p], "weight_decay": 0.0}], 0.1, TrainConfig(), World())
     assert opt.param_groups[0]["foreach"] and not opt.param_groups[0]["fused"]
     assert "fused SGD has no kernel for torch.float32 meta parameters" in caplog.text
 

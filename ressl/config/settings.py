@@ -40,8 +40,10 @@ from ressl.rules import (
     CROPS,
     DECODE_PLACES,
     DEVICE,
+    IMAGE_SIZE,
     JITTER,
     LEARNING_RATE,
+    MAX_IMAGE_SIZE,
     NO_LEGACY,
     PATH,
     PROBABILITY,
@@ -60,13 +62,20 @@ from ressl.rules import (
     sides_text,
 )
 
-__all__ = ["BACKBONES", "FIT_UNUSED", "FIT_WARMUP", "MAX_IMAGE_SIZE", "TrainConfig", "settings"]
+__all__ = [
+    "BACKBONES",
+    "FIT_UNUSED",
+    "FIT_WARMUP",
+    "MAX_IMAGE_SIZE",
+    "TrainConfig",
+    "queue_seed",
+    "settings",
+    "views_seed",
+]
 
 #: The backbones ressl defines (``ressl.build_backbone`` also builds ``torchvision:NAME``,
 #: ``timm:NAME`` and any ``nn.Module`` given through the API).
 BACKBONES = BUILTIN_BACKBONES
-#: The largest image side ressl trains on (and accepts from a checkpoint's settings).
-MAX_IMAGE_SIZE = 4096
 #: A default batch leaving more than this share of the training images out of every epoch
 #: (the dropped last batch) is fitted to the data (``TrainConfig.fit_data``): 480 images at
 #: 256 would use 53% of them. Fashion-MNIST's 60,000 at 256 leave out 0.2%.
@@ -83,8 +92,21 @@ FIT_WARMUP = 0.1
 #: ReSSL uses 0.04 (teacher) and 0.1 (student), 40x and 100x above it.
 MIN_TEMPERATURE = 1e-3
 #: A seed is a signed 64-bit integer: torch's generators take [-2**63, 2**64), and ressl
-#: derives the others by adding small offsets (``seed + 1``, ``seed + 2 + 1000003 * rank``).
+#: derives the others by adding small offsets (``queue_seed``, ``views_seed``).
 SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+def queue_seed(seed: int) -> int:
+    """The seed of the relation queue's initial embeddings (the weights draw from ``seed``)."""
+    return seed + 1
+
+
+def views_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s augmentation generator: each rank draws its own views,
+    and rank 0's stream is the single-process run's (1000003, a prime, keeps ranks' streams
+    apart from the other offsets)."""
+    return seed + 2 + 1_000_003 * rank
+
 
 #: The teacher's EMA momentum m: 1 would leave the teacher at its initial weights forever.
 EMA_MOMENTUM = number(0.0, strict=False, below=1.0).explained(
@@ -156,7 +178,7 @@ class TrainConfig:
         None,
         "Side of the stored images (default: 28, 32, 64 for STL-10, 224 for imagenet:PATH; "
         "folders: the files' median shorter side, at most 64).",
-        integer(8, high=MAX_IMAGE_SIZE),
+        IMAGE_SIZE,
         optional=True,
     )
     channels: int | None = _field(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ressl.config.settings import BACKBONES
+from ressl.config.specs import ModelSpec
 from ressl.functional import queue_push_, random_queue
 from ressl.models.backbones import BackboneBuild, SmallCNN, build_backbone
 
@@ -21,7 +21,7 @@ __all__ = [
     "Encoder",
     "ReSSL",
     "build_backbone",
-    "model_from_settings",
+    "model_from_spec",
 ]
 
 
@@ -120,10 +120,10 @@ class ReSSL(nn.Module):
         self.queue_ptr.copy_(queue_push_(self.queue, self.queue_ptr, keys))
 
 
-def model_from_settings(
-    settings: Mapping[str, Any], *, backbone: nn.Module | None = None, meta: bool = False
+def model_from_spec(
+    spec: ModelSpec, *, backbone: nn.Module | None = None, meta: bool = False
 ) -> ReSSL:
-    """The ``ReSSL`` module a run's settings describe (a checkpoint's ``settings``).
+    """The ``ReSSL`` module ``spec`` describes.
 
     Args:
         backbone: the module a ``custom:`` backbone was trained with.
@@ -131,14 +131,14 @@ def model_from_settings(
             construction cannot run there is built on the CPU.
     """
     kw: dict[str, Any] = dict(
-        in_channels=settings["channels"],
-        image_size=settings["image_size"],
-        hidden_dim=settings["hidden_dim"],
-        embed_dim=settings["embed_dim"],
-        queue_size=settings["queue_size"],
-        width=settings["width"],
+        in_channels=spec.channels,
+        image_size=spec.image_size,
+        hidden_dim=spec.hidden_dim,
+        embed_dim=spec.embed_dim,
+        queue_size=spec.queue_size,
+        width=spec.width,
     )
-    net: str | nn.Module = settings["backbone"] if backbone is None else backbone
+    net: str | nn.Module = spec.backbone if backbone is None else backbone
     if not meta:
         return ReSSL(net, **kw)
     if isinstance(net, nn.Module):
@@ -150,7 +150,7 @@ def model_from_settings(
         # an initialiser that copies data (torchvision's RegNets), or a module holding tensors
         # of its own or using an op without a meta kernel: built for real (a genuine problem
         # raises again there)
-        real = settings["backbone"] if backbone is None else backbone
+        real = spec.backbone if backbone is None else backbone
         if isinstance(real, nn.Module):
             real = copy.deepcopy(real)  # the caller's module stays where it is
         return ReSSL(real, **kw).to("meta")

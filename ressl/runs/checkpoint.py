@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
@@ -27,12 +27,14 @@ from ressl._version import __version__
 from ressl.atomic import write_atomic
 from ressl.errors import CheckpointError
 from ressl.jsontext import parse_json
+from ressl.models.network import ReSSL, model_from_spec
 from ressl.rules import is_number
+from ressl.runs.checks import CheckedFile, check_file, check_finite
 from ressl.runs.folder import resolve_checkpoint
+from ressl.runs.metadata import FORMAT, FORMAT_VERSION, read_metadata
 
 if TYPE_CHECKING:
     from ressl.distributed import World
-    from ressl.models.network import ReSSL
 
 log = logging.getLogger("ressl")
 
@@ -46,14 +48,12 @@ __all__ = [
     "optimizer_tensors",
     "load_optimizer_tensors",
     "load_encoder",
+    "open_encoder",
     "resolve_checkpoint",
     "TrainState",
     "save_state",
     "restore_state",
 ]
-
-FORMAT = "ressl-checkpoint"
-FORMAT_VERSION = "1"
 
 
 def save_checkpoint(
@@ -78,34 +78,6 @@ def save_checkpoint(
     meta.update(format=FORMAT, format_version=FORMAT_VERSION, ressl_version=__version__)
     payload = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
     return write_atomic(path, payload, "checkpoint")
-
-
-def _check_meta(path: Path, meta: Mapping[str, str] | None) -> dict[str, str]:
-    meta = dict(meta or {})
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is a safetensors file but not a ressl checkpoint (no format={FORMAT!r})"
-        )
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format version {meta.get('format_version')!r}; "
-            f"this ressl reads version {FORMAT_VERSION}"
-        )
-    return meta
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of a ressl checkpoint (a file, or a run folder's ``last.safetensors``).
-
-    Raises:
-        CheckpointError: if the file is missing, not safetensors, or not a ressl checkpoint.
-    """
-    path = resolve_checkpoint(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return _check_meta(path, f.metadata())
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -335,6 +307,23 @@ def _set_global_generators(tensors: Mapping[str, Tensor]) -> None:
             ) from None
 
 
+def open_encoder(
+    path: str | Path, weights: str = "student", *, backbone: nn.Module | None = None
+) -> tuple[nn.Module, CheckedFile]:
+    """``load_encoder``, with the checked file (its metadata and specs) in place of the settings."""
+    if weights not in ("student", "teacher"):
+        raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
+    checked = check_file(path, backbone)  # sizes agree with the file's tensors before any is built
+    tensors, _ = load_checkpoint(checked.path)
+    check_finite(checked.path, tensors, prefix=f"model.{weights}.")
+    model = model_from_spec(checked.model, backbone=backbone)
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    encoder: nn.Module = getattr(model, weights)
+    encoder.eval()
+    return encoder, checked
+
+
 def load_encoder(
     path: str | Path, weights: str = "student", *, backbone: nn.Module | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -356,18 +345,5 @@ def load_encoder(
         ValueError: if ``weights`` is not "student" or "teacher", or a ``custom:``
             backbone is not given.
     """
-    from ressl.models.network import model_from_settings
-    from ressl.runs.checks import check_file, check_finite
-
-    if weights not in ("student", "teacher"):
-        raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
-    checked = check_file(path, backbone)  # sizes agree with the file's tensors before any is built
-    tensors, _ = load_checkpoint(checked.path)
-    check_finite(checked.path, tensors, prefix=f"model.{weights}.")
-    settings = checked.settings
-    model = model_from_settings(settings, backbone=backbone)
-    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    encoder = getattr(model, weights)
-    encoder.eval()
-    return encoder, settings
+    encoder, checked = open_encoder(path, weights, backbone=backbone)
+    return encoder, checked.settings

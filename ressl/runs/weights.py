@@ -30,7 +30,7 @@ from torch import nn
 from ressl._version import __version__
 from ressl.atomic import write_atomic
 from ressl.models.backbones import BackboneBuild
-from ressl.runs.checkpoint import load_encoder
+from ressl.runs.checkpoint import open_encoder
 from ressl.runs.folder import resolve_checkpoint
 
 __all__ = ["BackboneWeights", "loading_code", "save_backbone_weights"]
@@ -114,14 +114,23 @@ def save_backbone_weights(
     if out.suffix != ".safetensors":
         raise ValueError(f"out must name a .safetensors file, got {out}")
     file = resolve_checkpoint(checkpoint)
-    encoder, settings = load_encoder(file, weights, backbone=backbone)
+    encoder, checked = open_encoder(file, weights, backbone=backbone)
+    model, data = checked.model, checked.data
     net: nn.Module = encoder.backbone  # type: ignore[assignment]
     build: BackboneBuild = net.ressl_build  # type: ignore[assignment]
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     try:
-        code = loading_code(build, out, settings["mean"], settings["std"])
+        code = loading_code(build, out, data.mean, data.std)
     except ValueError as e:
         code = f"# {e}"
+    described = {
+        "dataset": checked.settings.get("dataset"),
+        "image_size": model.image_size,
+        "channels": model.channels,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "epochs": checked.settings.get("epochs"),
+    }
     meta = {
         "format": FORMAT,
         "ressl_version": __version__,
@@ -129,15 +138,8 @@ def save_backbone_weights(
         "code": code,
         "weights": weights,
         "source": file.name,
-        "settings": json.dumps(
-            {
-                k: settings.get(k)
-                for k in ("dataset", "image_size", "channels", "mean", "std", "epochs")
-            }
-        ),
+        "settings": json.dumps(described),
     }
     write_atomic(out, save(state, metadata=meta), "backbone weights")
     params = sum(p.numel() for p in net.parameters())
-    return BackboneWeights(
-        out, build, len(state), params, tuple(settings["mean"]), tuple(settings["std"])
-    )
+    return BackboneWeights(out, build, len(state), params, data.mean, data.std)

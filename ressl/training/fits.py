@@ -10,14 +10,17 @@ device's is its total memory.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ressl.config.specs import ModelSpec
 from ressl.device import device_memory, human_bytes
 from ressl.errors import ConfigError
+from ressl.models.network import model_from_spec
 
 __all__ = [
     "MemoryEstimate",
@@ -73,14 +76,9 @@ def _activations_per_image(net: nn.Module, channels: int, side: int) -> int:
 
 
 def training_memory(
+    spec: ModelSpec,
     *,
-    backbone: str | nn.Module,
-    channels: int,
-    image_size: int,
-    width: int,
-    hidden_dim: int,
-    embed_dim: int,
-    queue_size: int,
+    backbone: nn.Module | None = None,
     batch_per_process: int,
     student_sides: Sequence[int],
     autocast: bool,
@@ -89,32 +87,25 @@ def training_memory(
     """The memory of one training process: weights, queue, a step's activations, its data.
 
     Args:
+        spec: The model.
+        backbone: The module of a ``custom:`` backbone.
         student_sides: The side of each student crop of a step (both views when symmetric).
         autocast: bf16/fp16 activations (2 bytes) instead of fp32 (4).
         data_bytes: The training images held in this device's memory.
     """
-    from ressl.models.network import model_from_settings
-
-    settings = dict(
-        backbone=backbone,
-        channels=channels,
-        image_size=image_size,
-        width=width,
-        hidden_dim=hidden_dim,
-        embed_dim=embed_dim,
-        queue_size=1,
-    )
-    model = model_from_settings(settings, meta=True)
+    shape = dataclasses.replace(spec, queue_size=1)  # the queue is counted from its size
+    model = model_from_spec(shape, backbone=backbone, meta=True)
     params = sum(p.numel() for p in model.student.parameters())
     buffers = sum(b.numel() for b in model.student.buffers())
     # student + teacher weights and buffers, the student's gradients and SGD momentum
     weights = 4 * (4 * params + 2 * buffers)
+    channels, queue_size, embed_dim = spec.channels, spec.queue_size, spec.embed_dim
     try:
         per_image = {
             s: _activations_per_image(model.student, channels, s) for s in set(student_sides)
         }
     except RuntimeError:  # a module holding tensors of its own: counted on a real copy
-        model = model_from_settings(settings)
+        model = model_from_spec(shape, backbone=backbone)
         per_image = {
             s: _activations_per_image(model.student, channels, s) for s in set(student_sides)
         }
@@ -125,7 +116,7 @@ def training_memory(
         {
             "weights and optimiser state": (
                 weights,
-                ("width", "hidden_dim") if backbone == "small" else ("backbone", "hidden_dim"),
+                ("width", "hidden_dim") if spec.backbone == "small" else ("backbone", "hidden_dim"),
             ),
             "queue": (4 * queue_size * embed_dim, ("queue_size", "embed_dim")),
             "activations of a step": (activations + inputs, ("batch_size", "image_size")),
