@@ -51,6 +51,7 @@ from ressl.rules import (
     Rule,
     Setting,
     as_type,
+    backbone_help,
     choice,
     integer,
     is_int,
@@ -189,8 +190,7 @@ class TrainConfig:
     )
     backbone: str = _recipe(
         MODEL,
-        "Encoder: small (a fast CNN for CPU runs), resnet18, resnet50, any torchvision "
-        "classification model as torchvision:NAME, or a timm model as timm:NAME.",
+        backbone_help(),
         BACKBONE,
         metavar="NAME",
     )
