@@ -23,6 +23,10 @@ from ressl.errors import ConfigError, render
 __all__ = [
     "BACKBONE",
     "BACKBONE_FAMILIES",
+    "JITTER_P",
+    "JITTER_STRENGTHS",
+    "KNN_K",
+    "KNN_TEMPERATURE",
     "BackboneNames",
     "Note",
     "Rule",
@@ -221,6 +225,14 @@ PATH = Rule(
     lambda v: isinstance(v, str) and v != "" and names_fit(v),
 )
 SCALE = Rule("two numbers 0 < lo <= hi <= 1", _scale_range)
+#: The strong view's colour jitter (MoCo v2's, which ReSSL's code keeps): ColorJitter
+#: strengths (brightness, contrast, saturation, hue), applied with probability JITTER_P.
+JITTER_STRENGTHS = (0.4, 0.4, 0.4, 0.1)
+JITTER_P = 0.8
+#: The weighted kNN of InstDisc and MoCo's monitor (and ReSSL's code): the KNN_K nearest
+#: training images vote with weight exp(similarity / KNN_TEMPERATURE).
+KNN_K = 200
+KNN_TEMPERATURE = 0.1
 JITTER = Rule(
     "four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)",
     lambda v: (

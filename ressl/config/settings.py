@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ressl.data.registry import dataset_names, find, recipe_for, spec_problem
+from ressl.data.registry import DATASETS, dataset_names, find, recipe_for, spec_problem
 from ressl.errors import ConfigError
 from ressl.rules import (
     BACKBONE,
@@ -41,6 +41,10 @@ from ressl.rules import (
     DECODE_PLACES,
     DEVICE,
     JITTER,
+    JITTER_P,
+    JITTER_STRENGTHS,
+    KNN_K,
+    KNN_TEMPERATURE,
     LEARNING_RATE,
     NO_LEGACY,
     PATH,
@@ -61,7 +65,16 @@ from ressl.rules import (
     sides_text,
 )
 
-__all__ = ["BACKBONES", "FIT_UNUSED", "FIT_WARMUP", "MAX_IMAGE_SIZE", "TrainConfig", "settings"]
+__all__ = [
+    "BACKBONES",
+    "FIT_UNUSED",
+    "FIT_WARMUP",
+    "MAX_IMAGE_SIZE",
+    "TrainConfig",
+    "dataset_choices",
+    "dataset_help",
+    "settings",
+]
 
 #: The backbones ressl defines (``ressl.build_backbone`` also builds ``torchvision:NAME``,
 #: ``timm:NAME`` and any ``nn.Module`` given through the API).
@@ -98,6 +111,18 @@ TEMPERATURE = number(MIN_TEMPERATURE, strict=False).explained(
 
 def _spec_ok(value: Any) -> bool:
     return not spec_problem(value)
+
+
+def dataset_choices() -> str:
+    """The registry's datasets: ``fashion-mnist, cifar10, ..., folder:PATH or imagenet:PATH``."""
+    names = dataset_names()
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def dataset_help() -> str:
+    """``--dataset``'s help: the registry's datasets, and what each ``NAME:PATH`` one is."""
+    folders = [f" {d.spec}: {d.summary}." for d in DATASETS.values() if d.takes_path]
+    return dataset_choices() + "." + "".join(folders)
 
 
 #: Valid datasets are the registry's; its ``spec_problem`` words the error.
@@ -140,8 +165,7 @@ class TrainConfig:
     dataset: str = _field(
         DATA,
         "fashion-mnist",
-        "fashion-mnist, cifar10, cifar100, stl10, folder:PATH or imagenet:PATH "
-        "(a folder with the ImageNet recipe).",
+        dataset_help(),
         DATASET,
     )
     data_root: str | None = _field(
@@ -293,11 +317,11 @@ class TrainConfig:
         VIEWS,
         "Strong view colour jitter strengths.",
         JITTER,
-        parse=numbers_text(4, "0.4,0.4,0.4,0.1"),
+        parse=numbers_text(4, ",".join(f"{j:g}" for j in JITTER_STRENGTHS)),
         metavar="B,C,S,H",
     )
     jitter_p: float = _field(
-        VIEWS, 0.8, "Probability of colour jitter on the strong view.", PROBABILITY
+        VIEWS, JITTER_P, "Probability of colour jitter on the strong view.", PROBABILITY
     )
     grayscale_p: float = _field(
         VIEWS, 0.2, "Probability of grayscale on the strong view.", PROBABILITY
@@ -318,9 +342,9 @@ class TrainConfig:
         integer(-1, " (0: only at the end, -1: never)"),
         resumable=True,
     )
-    knn_k: int = _field(MONITOR, 200, "Neighbours that vote in the kNN monitor.", integer(1))
+    knn_k: int = _field(MONITOR, KNN_K, "Neighbours that vote in the kNN monitor.", integer(1))
     knn_temperature: float = _field(
-        MONITOR, 0.1, "kNN vote weight exp(similarity / t).", number(0.0)
+        MONITOR, KNN_TEMPERATURE, "kNN vote weight exp(similarity / t).", number(0.0)
     )
     progress_every: int = _field(
         MONITOR,
