@@ -176,13 +176,13 @@ def test_eval_reads_a_folder_with_the_encoders_channels_and_refuses_other_counts
     capsys, tmp_path: Path, tiny_run: Path
 ):
     from ressl.cli import eval_cmd
-    from ressl.cli.app import UserError
+    from ressl.errors import ConfigError
 
     source = eval_cmd.load_source(tiny_run, "student", torch.device("cpu"))
     source.channels = 1  # an encoder of greyscale images: the RGB folder is read as its luma
     assert eval_cmd.load_eval_data(source, None, None).channels == 1
     source.channels = 4  # caught before any forward pass
-    with pytest.raises(UserError, match="takes 4-channel images"):
+    with pytest.raises(ConfigError, match="takes 4-channel images"):
         eval_cmd.load_eval_data(source, None, None)
 
 
