@@ -180,9 +180,9 @@ def split_backbone(spec: Any) -> tuple[str, str] | None:
     for ``"resnet18"`` or ``"torchvision:resnet18"``; None when ``spec`` is no family's."""
     if not isinstance(spec, str):
         return None
-    for names in BACKBONE_FAMILIES.values():
-        if spec in names.aliases:
-            return names.family, spec
+    for entry in BACKBONE_FAMILIES.values():
+        if spec in entry.aliases:
+            return entry.family, spec
     family, sep, name = spec.partition(":")
     names = BACKBONE_FAMILIES.get(family)
     if sep and names is not None and names.prefixed and _MODEL_NAME.match(name):
