@@ -45,7 +45,14 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "data.sources": ("ImageData", "ImageSource", "TensorImages", "FolderImages"),
     "data.loading": ("load_dataset",),
     "data.registry": ("DATASETS", "DatasetInfo", "dataset_names"),
-    "models.backbones": ("BackboneBuild", "SmallCNN", "build_backbone"),
+    "models.backbones": (
+        "BackboneBuild",
+        "SmallCNN",
+        "build_backbone",
+        "BackboneFamily",
+        "FAMILIES",
+        "register_family",
+    ),
     "config.settings": ("TrainConfig", "BACKBONES"),
     "models.network": ("ProjectionHead", "Encoder", "ReSSL"),
     "errors": (
@@ -75,6 +82,8 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "Health",
         "health",
     ),
+    "eval.protocols": ("evaluate", "PROTOCOLS", "Protocol", "register_protocol"),
+    "eval.sources": ("FeatureSource",),
     "runs.checkpoint": ("save_checkpoint", "load_checkpoint", "read_metadata", "load_encoder"),
 }
 
@@ -111,6 +120,8 @@ if TYPE_CHECKING:
     )
     from ressl.eval.knn import knn_accuracy, knn_predict
     from ressl.eval.linear import linear_probe
+    from ressl.eval.protocols import PROTOCOLS, Protocol, evaluate, register_protocol
+    from ressl.eval.sources import FeatureSource
     from ressl.eval.tsne import tsne
     from ressl.functional import (
         ema_update_,
@@ -121,7 +132,14 @@ if TYPE_CHECKING:
         sharpen,
         symmetric_relation_loss,
     )
-    from ressl.models.backbones import BackboneBuild, SmallCNN, build_backbone
+    from ressl.models.backbones import (
+        FAMILIES,
+        BackboneBuild,
+        BackboneFamily,
+        SmallCNN,
+        build_backbone,
+        register_family,
+    )
     from ressl.models.network import Encoder, ProjectionHead, ReSSL
     from ressl.runs.checkpoint import load_checkpoint, load_encoder, read_metadata, save_checkpoint
     from ressl.schedules import cosine_lr, momentum_schedule

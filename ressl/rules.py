@@ -25,15 +25,24 @@ __all__ = [
     "CHANNELS",
     "IMAGE_SIZE",
     "MAX_IMAGE_SIZE",
+    "BACKBONE_FAMILIES",
+    "JITTER_P",
+    "JITTER_STRENGTHS",
+    "KNN_K",
+    "KNN_TEMPERATURE",
+    "BackboneNames",
     "Note",
     "Rule",
     "Setting",
     "as_type",
+    "backbone_choices",
+    "backbone_help",
     "choice",
     "integer",
     "interval",
     "names_fit",
     "number",
+    "split_backbone",
 ]
 
 
@@ -60,11 +69,18 @@ class Note:
 
 @dataclass(frozen=True)
 class Rule:
-    """A valid range: ``ok(value)``, described by ``expect`` ("an integer >= 1")."""
+    """A valid range: ``ok(value)``, described by ``expect`` ("an integer >= 1").
 
-    expect: str
+    ``text`` is that description, or a function giving it when it follows a table that may
+    grow (the backbone families)."""
+
+    text: str | Callable[[], str]
     ok: Callable[[Any], bool]
     choices: tuple[str, ...] = ()  # the valid values, when they can be listed
+
+    @property
+    def expect(self) -> str:
+        return self.text() if callable(self.text) else self.text
 
     def explained(self, why: str) -> Rule:
         """The same rule, its ``expect`` followed by why the range ends where it does."""
@@ -119,30 +135,79 @@ def _scale_range(v: Any) -> bool:
     return isinstance(v, tuple) and len(v) == 2 and all(map(is_number, v)) and 0 < v[0] <= v[1] <= 1
 
 
-#: The backbones ressl defines; any other is ``LIBRARY:NAME`` (see ``split_backbone``).
-BUILTIN_BACKBONES = ("small", "resnet18", "resnet50")
-#: Where a ``LIBRARY:NAME`` backbone comes from; ``custom`` names a module given through the API.
-BACKBONE_LIBRARIES = ("torchvision", "timm", "custom")
+@dataclass(frozen=True)
+class BackboneNames:
+    """How one backbone family's names are written: what the configuration checks (no torch).
+
+    The family itself (how to build, its version, its rebuild code) is its entry in
+    ``ressl.models.backbones.FAMILIES``, which registers these names here.
+
+    Attributes:
+        family: its name, and the prefix of ``FAMILY:NAME`` (``torchvision``).
+        help: how ``--help`` lists it ("a timm model as timm:NAME").
+        prefixed: it takes ``FAMILY:NAME``.
+        aliases: bare names it owns (``small``; ``resnet18`` is ``torchvision:resnet18``).
+        listed: named in messages and ``--help`` (``custom``, a module given through the
+            API, is only recorded).
+    """
+
+    family: str
+    help: str
+    prefixed: bool = True
+    aliases: tuple[str, ...] = ()
+    listed: bool = True
+
+
+#: The backbone families, by name: the ones ressl builds, then any registered with
+#: ``ressl.models.backbones.register_family`` (which keeps this table and its own in step).
+BACKBONE_FAMILIES: dict[str, BackboneNames] = {
+    names.family: names
+    for names in (
+        BackboneNames("ressl", "small (a fast CNN for CPU runs)", False, ("small",)),
+        BackboneNames(
+            "torchvision",
+            "resnet18, resnet50, any torchvision classification model as torchvision:NAME",
+            aliases=("resnet18", "resnet50"),
+        ),
+        BackboneNames("timm", "a timm model as timm:NAME"),
+        BackboneNames("custom", "an nn.Module given through the API", listed=False),
+    )
+}
+#: The bare backbone names (``ressl.BACKBONES``): ``small``, ``resnet18``, ``resnet50``.
+BUILTIN_BACKBONES = tuple(a for names in BACKBONE_FAMILIES.values() for a in names.aliases)
 _MODEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 
 
 def split_backbone(spec: Any) -> tuple[str, str] | None:
-    """``("ressl", name)`` for a built-in backbone, ``(library, name)`` for ``"library:name"``,
-    None when ``spec`` is neither."""
+    """``(family, name)`` of a backbone: ``("ressl", "small")``, ``("torchvision", "resnet18")``
+    for ``"resnet18"`` or ``"torchvision:resnet18"``; None when ``spec`` is no family's."""
     if not isinstance(spec, str):
         return None
-    if spec in BUILTIN_BACKBONES:
-        return "ressl", spec
-    library, sep, name = spec.partition(":")
-    if sep and library in BACKBONE_LIBRARIES and _MODEL_NAME.match(name):
-        return library, name
+    for entry in BACKBONE_FAMILIES.values():
+        if spec in entry.aliases:
+            return entry.family, spec
+    family, sep, name = spec.partition(":")
+    names = BACKBONE_FAMILIES.get(family)
+    if sep and names is not None and names.prefixed and _MODEL_NAME.match(name):
+        return family, name
     return None
 
 
-BACKBONE = Rule(
-    "one of " + ", ".join(BUILTIN_BACKBONES) + ", torchvision:NAME or timm:NAME",
-    lambda v: split_backbone(v) is not None,
-)
+def backbone_choices() -> str:
+    """The backbones a message offers: ``small, resnet18, resnet50, torchvision:NAME or timm:NAME``."""
+    listed = [names for names in BACKBONE_FAMILIES.values() if names.listed]
+    items = [a for names in listed for a in names.aliases]
+    items += [f"{names.family}:NAME" for names in listed if names.prefixed]
+    return ", ".join(items[:-1]) + " or " + items[-1] if len(items) > 1 else "".join(items)
+
+
+def backbone_help() -> str:
+    """``--backbone``'s help: each listed family's own line."""
+    listed = [names.help for names in BACKBONE_FAMILIES.values() if names.listed]
+    return "Encoder: " + "; ".join(listed) + "."
+
+
+BACKBONE = Rule(lambda: "one of " + backbone_choices(), lambda v: split_backbone(v) is not None)
 #: Where streamed folders' files are decoded: DataLoader workers (PIL), or the training device.
 DECODE_PLACES = ("workers", "device")
 #: Image channels: ressl decodes every image as greyscale (1) or RGB (3) (PIL's "L" and "RGB",
@@ -172,6 +237,14 @@ PATH = Rule(
     lambda v: isinstance(v, str) and v != "" and names_fit(v),
 )
 SCALE = Rule("two numbers 0 < lo <= hi <= 1", _scale_range)
+#: The strong view's colour jitter (MoCo v2's, which ReSSL's code keeps): ColorJitter
+#: strengths (brightness, contrast, saturation, hue), applied with probability JITTER_P.
+JITTER_STRENGTHS = (0.4, 0.4, 0.4, 0.1)
+JITTER_P = 0.8
+#: The weighted kNN of InstDisc and MoCo's monitor (and ReSSL's code): the KNN_K nearest
+#: training images vote with weight exp(similarity / KNN_TEMPERATURE).
+KNN_K = 200
+KNN_TEMPERATURE = 0.1
 JITTER = Rule(
     "four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)",
     lambda v: (

@@ -355,3 +355,67 @@ def test_googlenet_gives_features_in_train_mode_and_a_library_name_is_not_ressls
         ValueError, match="torchvision:small is not a torchvision classification model"
     ):
         build_backbone("torchvision:small", 3, 32)
+
+
+def test_a_new_family_is_one_entry():
+    """A family registered in one place is parsed, checked, listed, built and rebuilt."""
+    from ressl.models.backbones import (
+        FAMILIES,
+        BackboneFamily,
+        register_family,
+        unregister_family,
+    )
+    from ressl.rules import BACKBONE, BackboneNames, backbone_help, split_backbone
+
+    def build(name, in_channels, image_size, width, spec):
+        pool = nn.Sequential(nn.Conv2d(in_channels, width, 1), nn.AdaptiveAvgPool2d(1))
+        return nn.Sequential(pool, nn.Flatten()), {"width": width}, []
+
+    def code(built):
+        return ["import torch", "from safetensors.torch import load_file", "", "net = toy()"]
+
+    toy = BackboneFamily(BackboneNames("toy", "a toy net as toy:NAME"), build, lambda: "9.9", code)
+    assert split_backbone("toy:tiny") is None
+    with pytest.raises(ConfigError, match="backbone must be one of .* or timm:NAME, got"):
+        from ressl import TrainConfig
+
+        TrainConfig(backbone="toy:tiny")
+    register_family(toy)
+    try:
+        assert FAMILIES["toy"] is toy and split_backbone("toy:tiny") == ("toy", "tiny")
+        assert BACKBONE.expect.endswith("timm:NAME or toy:NAME")
+        assert backbone_help().endswith("; a toy net as toy:NAME.")
+        from ressl import TrainConfig
+
+        assert TrainConfig(backbone="toy:tiny").backbone == "toy:tiny"
+        with pytest.raises(ValueError, match="exist already"):
+            register_family(toy)
+        net = build_backbone("toy:tiny", 1, 16, width=5)
+        built = net.ressl_build
+        assert (built.library, built.name, built.version, built.feature_dim) == (
+            "toy",
+            "tiny",
+            "9.9",
+            5,
+        )
+        assert net(torch.zeros(2, 1, 16, 16)).shape == (2, 5)
+        assert "net = toy()" in built.code() and "load_file('backbone.safetensors')" in built.code()
+        with pytest.raises(ValueError, match="one of .*toy:NAME; got 'toy'"):
+            build_backbone("toy", 1, 16)
+    finally:
+        unregister_family("toy")
+    assert "toy" not in FAMILIES and split_backbone("toy:tiny") is None
+    assert not BACKBONE.expect.endswith("toy:NAME")
+
+
+def test_the_family_tables_agree_and_say_what_they_take():
+    from ressl.models.backbones import FAMILIES
+    from ressl.rules import BACKBONE, BACKBONE_FAMILIES, BUILTIN_BACKBONES
+
+    assert FAMILIES.keys() == BACKBONE_FAMILIES.keys() == {"ressl", "torchvision", "timm", "custom"}
+    assert all(FAMILIES[n].names is BACKBONE_FAMILIES[n] for n in FAMILIES)
+    assert BUILTIN_BACKBONES == ("small", "resnet18", "resnet50")
+    assert BACKBONE.expect == "one of small, resnet18, resnet50, torchvision:NAME or timm:NAME"
+    with pytest.raises(ValueError, match="custom:Net was a module given through the API"):
+        build_backbone("custom:Net")
+    assert build_backbone("small", 1, 8).ressl_build.code().count("SmallCNN(in_channels=1") == 1

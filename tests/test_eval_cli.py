@@ -176,13 +176,14 @@ def test_eval_reads_a_folder_with_the_encoders_channels_and_refuses_other_counts
     capsys, tmp_path: Path, tiny_run: Path
 ):
     from ressl.cli import eval_cmd
-    from ressl.cli.app import UserError
+
+    from ressl.errors import ConfigError
 
     source = eval_cmd.load_source(tiny_run, "student", torch.device("cpu"))
     source.channels = 1  # an encoder of greyscale images: the RGB folder is read as its luma
     assert eval_cmd.load_eval_data(source, None, None).channels == 1
     source.channels = 4  # caught before any forward pass
-    with pytest.raises(UserError, match="takes 4-channel images"):
+    with pytest.raises(ConfigError, match="takes 4-channel images"):
         eval_cmd.load_eval_data(source, None, None)
 
 
@@ -225,3 +226,75 @@ def test_info_defaults_to_the_current_folder(capsys, tiny_run: Path, monkeypatch
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(capsys, "info")
     assert code != 0 and "last.safetensors" in err and "Traceback" not in err
+
+
+def centroid(source, data, *, device="cpu", batch_size=512, progress=None, shrink: float = 1.0):
+    """A toy protocol: the nearest class centre of the train features (scaled by ``shrink``)."""
+    from ressl.eval.sources import extract
+
+    train_f, train_y, test_f, test_y = extract(
+        source, data, torch.device(device), batch_size, progress
+    )
+    centres = torch.stack([train_f[train_y == c].mean(0) for c in range(len(data.classes))])
+    hits = (test_f @ (shrink * centres).T).argmax(1) == test_y
+    return {
+        "protocol": "centroid",
+        "dataset": data.name,
+        "shrink": shrink,
+        "top1": 100.0 * hits.float().mean().item(),
+    }
+
+
+def test_a_new_protocol_is_one_function_and_one_entry(tiny_run: Path):
+    """Registered once, a protocol runs from the API and as its own ``ressl eval`` command."""
+    from ressl.cli.eval_cmd import eval_commands
+    from typer.testing import CliRunner
+
+    import ressl
+    from ressl.errors import ConfigError
+    from ressl.eval.protocols import unregister_protocol
+
+    toy = ressl.Protocol(
+        "centroid",
+        centroid,
+        "Nearest class centre.",
+        {"shrink": "Scale of the centres."},
+        lambda row, source: (f"centroid on {row['dataset']}", f"top-1 {row['top1']:.2f}%"),
+    )
+    runner = CliRunner()
+    assert runner.invoke(eval_commands(), ["centroid", str(tiny_run)]).exit_code != 0
+    with pytest.raises(ConfigError, match="protocol must be one of knn, linear, linear-paper"):
+        ressl.evaluate(tiny_run, "centroid")
+    ressl.register_protocol(toy)
+    try:
+        row = ressl.evaluate(tiny_run, "centroid", device="cpu", shrink=0.5)
+        assert row["protocol"] == "centroid" and row["shrink"] == 0.5 and row["top1"] > 50
+        with pytest.raises(ConfigError, match="centroid takes the options shrink; got k"):
+            ressl.evaluate(tiny_run, "centroid", k=3)
+        app = eval_commands()
+        assert "--shrink" in runner.invoke(app, ["centroid", "--help"]).output
+        args = ["centroid", str(tiny_run), "--shrink", "0.5", "--device", "cpu"]
+        result = runner.invoke(app, [*args, "--json", "--no-record"])
+        assert result.exit_code == 0, result.output
+        printed = json.loads(result.stdout.strip().splitlines()[-1])
+        assert printed["top1"] == row["top1"] and printed["shrink"] == 0.5
+        result = runner.invoke(app, args)
+        assert f"top-1 {row['top1']:.2f}%  (recorded in" in result.output
+        assert records(tiny_run)[-1]["protocol"] == "centroid"
+    finally:
+        unregister_protocol("centroid")
+    assert "centroid" not in ressl.PROTOCOLS
+
+
+def test_the_api_runs_what_the_cli_runs(capsys, tiny_run: Path):
+    import ressl
+
+    row = ressl.evaluate(tiny_run, "knn", device="cpu", k=5)
+    code, out, err = run_cli(
+        capsys, "eval", "knn", tiny_run, "--k", "5", "--json", "--no-record", "--device", "cpu"
+    )
+    assert code == 0, err
+    printed = json.loads(out)
+    assert {k: printed[k] for k in ("top1", "k", "dim", "train_images")} == {
+        k: row[k] for k in ("top1", "k", "dim", "train_images")
+    }

@@ -23,21 +23,21 @@ def unit(angles_deg):
 
 
 def test_knn_scores_match_a_hand_computed_vote():
-    # memory at 0, 37, 90, 180 degrees; the query at 53 degrees.
-    memory = unit([0.0, 36.87, 90.0, 180.0])
+    # bank at 0, 37, 90, 180 degrees; the query at 53 degrees.
+    bank = unit([0.0, 36.87, 90.0, 180.0])
     labels = torch.tensor([0, 0, 1, 1])
     query = unit([53.13])
     sims = [0.6, 0.96, 0.8, -0.6]  # cos(53.13 - angle), worked out by hand
     # k=2: the 0.96 (class 0) and 0.8 (class 1) neighbours vote with exp(sim / 0.1).
-    scores = knn_predict(memory, labels, query, num_classes=2, k=2, temperature=0.1)
+    scores = knn_predict(bank, labels, query, num_classes=2, k=2, temperature=0.1)
     assert torch.allclose(scores, torch.tensor([[math.exp(9.6), math.exp(8.0)]]), rtol=1e-3)
     # k=3 adds the 0.6 neighbour (class 0).
-    scores = knn_predict(memory, labels, query, num_classes=2, k=3, temperature=0.1)
+    scores = knn_predict(bank, labels, query, num_classes=2, k=3, temperature=0.1)
     assert torch.allclose(
         scores, torch.tensor([[math.exp(9.6) + math.exp(6.0), math.exp(8.0)]]), rtol=1e-3
     )
-    # k larger than the memory is clipped: every entry votes.
-    scores = knn_predict(memory, labels, query, num_classes=2, k=200, temperature=0.1)
+    # k larger than the bank is clipped: every entry votes.
+    scores = knn_predict(bank, labels, query, num_classes=2, k=200, temperature=0.1)
     want1 = math.exp(8.0) + math.exp(-6.0)
     assert torch.allclose(scores, torch.tensor([[math.exp(9.6) + math.exp(6.0), want1]]), rtol=1e-3)
     assert sims[1] == max(sims)
@@ -45,22 +45,22 @@ def test_knn_scores_match_a_hand_computed_vote():
 
 def test_knn_temperature_decides_a_close_vote():
     # Two weak class-1 neighbours against one strong class-0 neighbour.
-    memory = unit([10.0, 60.0, 61.0])
+    bank = unit([10.0, 60.0, 61.0])
     labels = torch.tensor([0, 1, 1])
     query = unit([0.0])  # sims 0.985, 0.5, 0.485
-    sharp = knn_predict(memory, labels, query, 2, k=3, temperature=0.1).argmax(1)
-    flat = knn_predict(memory, labels, query, 2, k=3, temperature=10.0).argmax(1)
+    sharp = knn_predict(bank, labels, query, 2, k=3, temperature=0.1).argmax(1)
+    flat = knn_predict(bank, labels, query, 2, k=3, temperature=10.0).argmax(1)
     assert sharp.item() == 0 and flat.item() == 1
 
 
 def test_knn_accuracy_top1_and_top5():
-    memory = unit([0.0, 90.0, 180.0, 270.0])
+    bank = unit([0.0, 90.0, 180.0, 270.0])
     labels = torch.tensor([0, 1, 2, 3])
     queries = unit([5.0, 85.0, 200.0, 100.0])
     truth = torch.tensor([0, 1, 2, 3])  # the last one is closest to class 1: wrong
-    acc = knn_accuracy(memory, labels, queries, truth, num_classes=4, k=1)
+    acc = knn_accuracy(bank, labels, queries, truth, num_classes=4, k=1)
     assert acc == {"top1": 75.0}  # no top-5 with 5 classes or fewer
-    acc = knn_accuracy(memory, labels, queries, truth, num_classes=6, k=1)
+    acc = knn_accuracy(bank, labels, queries, truth, num_classes=6, k=1)
     assert acc["top1"] == 75.0 and acc["top5"] == 100.0  # classes 4, 5 have no votes but still rank
 
 

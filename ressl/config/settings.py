@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ressl.data.registry import dataset_names, find, recipe_for, spec_problem
+from ressl.data.registry import DATASETS, dataset_names, find, recipe_for, spec_problem
 from ressl.errors import ConfigError
 from ressl.rules import (
     BACKBONE,
@@ -42,6 +42,10 @@ from ressl.rules import (
     DEVICE,
     IMAGE_SIZE,
     JITTER,
+    JITTER_P,
+    JITTER_STRENGTHS,
+    KNN_K,
+    KNN_TEMPERATURE,
     LEARNING_RATE,
     MAX_IMAGE_SIZE,
     NO_LEGACY,
@@ -53,6 +57,7 @@ from ressl.rules import (
     Rule,
     Setting,
     as_type,
+    backbone_help,
     choice,
     integer,
     is_int,
@@ -68,6 +73,8 @@ __all__ = [
     "FIT_WARMUP",
     "MAX_IMAGE_SIZE",
     "TrainConfig",
+    "dataset_choices",
+    "dataset_help",
     "queue_seed",
     "settings",
     "views_seed",
@@ -121,6 +128,18 @@ def _spec_ok(value: Any) -> bool:
     return not spec_problem(value)
 
 
+def dataset_choices() -> str:
+    """The registry's datasets: ``fashion-mnist, cifar10, ..., folder:PATH or imagenet:PATH``."""
+    names = dataset_names()
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def dataset_help() -> str:
+    """``--dataset``'s help: the registry's datasets, and what each ``NAME:PATH`` one is."""
+    folders = [f" {d.spec}: {d.summary}." for d in DATASETS.values() if d.takes_path]
+    return dataset_choices() + "." + "".join(folders)
+
+
 #: Valid datasets are the registry's; its ``spec_problem`` words the error.
 DATASET = Rule("one of " + ", ".join(dataset_names()), _spec_ok)
 
@@ -161,8 +180,7 @@ class TrainConfig:
     dataset: str = _field(
         DATA,
         "fashion-mnist",
-        "fashion-mnist, cifar10, cifar100, stl10, folder:PATH or imagenet:PATH "
-        "(a folder with the ImageNet recipe).",
+        dataset_help(),
         DATASET,
     )
     data_root: str | None = _field(
@@ -211,8 +229,7 @@ class TrainConfig:
     )
     backbone: str = _recipe(
         MODEL,
-        "Encoder: small (a fast CNN for CPU runs), resnet18, resnet50, any torchvision "
-        "classification model as torchvision:NAME, or a timm model as timm:NAME.",
+        backbone_help(),
         BACKBONE,
         metavar="NAME",
     )
@@ -315,11 +332,11 @@ class TrainConfig:
         VIEWS,
         "Strong view colour jitter strengths.",
         JITTER,
-        parse=numbers_text(4, "0.4,0.4,0.4,0.1"),
+        parse=numbers_text(4, ",".join(f"{j:g}" for j in JITTER_STRENGTHS)),
         metavar="B,C,S,H",
     )
     jitter_p: float = _field(
-        VIEWS, 0.8, "Probability of colour jitter on the strong view.", PROBABILITY
+        VIEWS, JITTER_P, "Probability of colour jitter on the strong view.", PROBABILITY
     )
     grayscale_p: float = _field(
         VIEWS, 0.2, "Probability of grayscale on the strong view.", PROBABILITY
@@ -340,9 +357,9 @@ class TrainConfig:
         integer(-1, " (0: only at the end, -1: never)"),
         resumable=True,
     )
-    knn_k: int = _field(MONITOR, 200, "Neighbours that vote in the kNN monitor.", integer(1))
+    knn_k: int = _field(MONITOR, KNN_K, "Neighbours that vote in the kNN monitor.", integer(1))
     knn_temperature: float = _field(
-        MONITOR, 0.1, "kNN vote weight exp(similarity / t).", number(0.0)
+        MONITOR, KNN_TEMPERATURE, "kNN vote weight exp(similarity / t).", number(0.0)
     )
     progress_every: int = _field(
         MONITOR,

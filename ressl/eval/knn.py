@@ -7,33 +7,34 @@ import torch
 from torch import Tensor
 
 from ressl.eval.features import topk_accuracy
+from ressl.rules import KNN_K, KNN_TEMPERATURE
 
 __all__ = ["knn_accuracy", "knn_predict"]
 
 
 @torch.no_grad()
 def knn_predict(
-    memory_features: Tensor,
-    memory_labels: Tensor,
+    bank_features: Tensor,
+    bank_labels: Tensor,
     query_features: Tensor,
     num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
     chunk_size: int = 1024,
 ) -> Tensor:
     """Weighted kNN class scores (InstDisc / MoCo monitor).
 
-    Each query's ``k`` most cosine-similar memory entries vote for their class
+    Each query's ``k`` most cosine-similar bank entries vote for their class
     with weight ``exp(sim / temperature)``.
 
     Args:
-        memory_features: ``(N, F)`` L2-normalised features of the labelled bank.
-        memory_labels: ``(N,)`` int64 labels in ``[0, num_classes)``.
+        bank_features: ``(N, F)`` L2-normalised features of the labelled bank.
+        bank_labels: ``(N,)`` int64 labels in ``[0, num_classes)``.
         query_features: ``(M, F)`` L2-normalised query features.
         num_classes: C.
         k: neighbours (clipped to N).
         temperature: vote temperature.
-        chunk_size: queries per similarity block (bounds memory to chunk x N).
+        chunk_size: queries per similarity block (bounds the similarity block to chunk x N).
 
     Returns:
         ``(M, C)`` float32 class scores; ``argmax`` is the prediction.
@@ -41,15 +42,15 @@ def knn_predict(
     Raises:
         ValueError: on mismatched shapes or bad k / temperature.
     """
-    if memory_features.ndim != 2 or query_features.ndim != 2:
-        raise ValueError("memory_features and query_features must be (N, F) and (M, F) tensors")
-    if memory_features.shape[1] != query_features.shape[1]:
+    if bank_features.ndim != 2 or query_features.ndim != 2:
+        raise ValueError("bank_features and query_features must be (N, F) and (M, F) tensors")
+    if bank_features.shape[1] != query_features.shape[1]:
         raise ValueError(
-            f"memory features have dim {memory_features.shape[1]} but queries have dim {query_features.shape[1]}"
+            f"bank features have dim {bank_features.shape[1]} but queries have dim {query_features.shape[1]}"
         )
-    if memory_labels.shape != (memory_features.shape[0],):
+    if bank_labels.shape != (bank_features.shape[0],):
         raise ValueError(
-            f"memory_labels must have shape ({memory_features.shape[0]},), got {tuple(memory_labels.shape)}"
+            f"bank_labels must have shape ({bank_features.shape[0]},), got {tuple(bank_labels.shape)}"
         )
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -57,12 +58,12 @@ def knn_predict(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    k = min(k, memory_features.shape[0])
-    labels = memory_labels.to(memory_features.device)
+    k = min(k, bank_features.shape[0])
+    labels = bank_labels.to(bank_features.device)
     out = []
     for start in range(0, query_features.shape[0], chunk_size):
-        q = query_features[start : start + chunk_size].to(memory_features.device)
-        sim = q @ memory_features.T  # (m, N) cosine similarities
+        q = query_features[start : start + chunk_size].to(bank_features.device)
+        sim = q @ bank_features.T  # (m, N) cosine similarities
         top_sim, top_idx = sim.topk(k, dim=1)  # (m, k)
         weights = (top_sim / temperature).exp()
         scores = torch.zeros(q.shape[0], num_classes, device=q.device)
@@ -72,18 +73,18 @@ def knn_predict(
 
 
 def knn_accuracy(
-    memory_features: Tensor,
-    memory_labels: Tensor,
+    bank_features: Tensor,
+    bank_labels: Tensor,
     query_features: Tensor,
     query_labels: Tensor,
     num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
 ) -> dict[str, float]:
     """Weighted kNN accuracy in percent: ``{"top1": ...}``, plus ``"top5"`` when there are more than 5 classes.
 
     Args:
-        memory_features, memory_labels, query_features, num_classes, k, temperature:
+        bank_features, bank_labels, query_features, num_classes, k, temperature:
             as in :func:`knn_predict`.
         query_labels: ``(M,)`` true labels of the queries.
 
@@ -91,17 +92,15 @@ def knn_accuracy(
         ValueError: on mismatched shapes or bad k / temperature.
 
     Example:
-        >>> mem = torch.eye(2); q = torch.tensor([[0.9, 0.1]])
-        >>> knn_accuracy(mem, torch.tensor([0, 1]), q, torch.tensor([0]), 2, k=1)
+        >>> bank = torch.eye(2); q = torch.tensor([[0.9, 0.1]])
+        >>> knn_accuracy(bank, torch.tensor([0, 1]), q, torch.tensor([0]), 2, k=1)
         {'top1': 100.0}
     """
     if query_labels.shape != (query_features.shape[0],):
         raise ValueError(
             f"query_labels must have shape ({query_features.shape[0]},), got {tuple(query_labels.shape)}"
         )
-    scores = knn_predict(
-        memory_features, memory_labels, query_features, num_classes, k, temperature
-    )
+    scores = knn_predict(bank_features, bank_labels, query_features, num_classes, k, temperature)
     result = {"top1": topk_accuracy(scores, query_labels, 1)}
     if num_classes > 5:
         result["top5"] = topk_accuracy(scores, query_labels, 5)

@@ -34,7 +34,7 @@ def knn_monitor(
 ) -> dict[str, float]:
     """``{"knn_top1": ..., "knn_top5": ...}`` of ``encoder`` on ``data`` (empty without labels).
 
-    The memory bank is ``data.memory``, the queries ``data.test``; k and t are the
+    The kNN bank is ``data.memory``, the queries ``data.test``; k and t are the
     config's ``knn_k`` and ``knn_temperature``. The encoder runs in eval mode (BatchNorm
     running statistics: no collectives, so ranks may run different batch sizes) and is
     put back in the mode it was in.
@@ -60,9 +60,9 @@ def knn_monitor(
         f, y = extract_features(encoder.features, part, **kw)
         return all_gather_rows(f), all_gather_rows(y)
 
-    mem_f, mem_y = features(data.memory)
+    bank_f, bank_y = features(data.memory)
     test_f, test_y = features(data.test)
     encoder.train(was_training)
     k, t = config.knn_k, config.knn_temperature
-    acc = knn_accuracy(mem_f, mem_y, test_f, test_y, len(data.classes), k, t)
+    acc = knn_accuracy(bank_f, bank_y, test_f, test_y, len(data.classes), k, t)
     return {f"knn_{name}": round(v, 4) for name, v in acc.items()}

@@ -3,7 +3,8 @@
 A backbone maps ``(B, C, H, W)`` images to ``(B, F)`` features. ``build_backbone``
 builds one from its name and the data's channels and side, and states what it
 changed in a :class:`BackboneBuild` (kept in every checkpoint as ``backbone_build``,
-so the file says how to rebuild its network). The rules, once:
+so the file says how to rebuild its network). Each family is one entry of
+:data:`FAMILIES` (a new one is :func:`register_family`). The rules, once:
 
 * ``small``, ``resnet18``, ``resnet50``: ressl's small CNN, and torchvision's ResNets
   (``resnet18`` is ``torchvision:resnet18``).
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,16 +39,20 @@ import torch
 from torch import Tensor, nn
 
 from ressl.jsontext import parse_json
-from ressl.rules import BUILTIN_BACKBONES, split_backbone
+from ressl.rules import BACKBONE_FAMILIES, BackboneNames, backbone_choices, split_backbone
 
 __all__ = [
     "BN_START_VALUES",
+    "FAMILIES",
     "SMALL_STEM_MAX",
     "BackboneBuild",
+    "BackboneFamily",
     "SmallCNN",
     "build_backbone",
     "custom_spec",
+    "register_family",
     "start_batchnorm_",
+    "unregister_family",
 ]
 
 #: The largest image side that gets the small-image stem.
@@ -137,34 +142,13 @@ class BackboneBuild:
         (written by ``ressl export -o NAME.safetensors``).
 
         Raises:
-            ValueError: for a custom module (only its author can build it).
+            ValueError: for a custom module (only its author can build it), or a family
+                no longer registered.
         """
-        kw = "".join(f", {k}={v!r}" for k, v in sorted(self.kwargs.items()))
-        if self.library == "torchvision":
-            lines = [
-                "import torch, torchvision",
-                "from safetensors.torch import load_file",
-                "",
-                f"net = torchvision.models.get_model({self.name!r}, weights=None{kw})",
-            ]
-        elif self.library == "timm":
-            lines = [
-                "import torch, timm",
-                "from safetensors.torch import load_file",
-                "",
-                f"net = timm.create_model({self.name!r}, pretrained=False{kw})",
-            ]
-        elif self.library == "ressl":
-            lines = [
-                "import torch",
-                "from safetensors.torch import load_file",
-                "from ressl.models.backbones import SmallCNN",
-                "",
-                f"net = SmallCNN(in_channels={self.kwargs.get('in_channels', 3)}, "
-                f"width={self.kwargs.get('width', 32)})",
-            ]
-        else:
+        family = FAMILIES.get(self.library)
+        if family is None or family.code is None:
             raise ValueError(f"{self.spec} is a module of its own; build it as its author does")
+        lines = family.code(self)
         lines += [f"net{_attribute(p)} = torch.nn.{m}  # {why}" for p, m, why in self.changes]
         lines.append(f"net.load_state_dict(load_file({weights_file!r}))")
         return "\n".join(lines) + "\n"
@@ -339,16 +323,6 @@ def _timm(
     return net, {"num_classes": 0, "in_chans": in_channels, **sized}, changes
 
 
-def _library_version(library: str) -> str:
-    if library == "ressl":
-        from ressl._version import __version__
-
-        return __version__
-    if library in ("torchvision", "timm"):
-        return str(__import__(library).__version__)
-    return ""
-
-
 def _forward_one(net: nn.Module, in_channels: int, image_size: int) -> Any:
     """The output for one image, computed on the meta device (shapes only: free at any size)
     where the module allows it, else for real."""
@@ -444,6 +418,155 @@ def start_batchnorm_(net: nn.Module, in_channels: int, image_size: int) -> None:
         net.train(training)
 
 
+# --------------------------------------------------------------------------- families
+
+#: ``build(name, in_channels, image_size, width, spec) -> (net, kwargs, changes)``: the network,
+#: the keywords its constructor got, and each module replaced after construction.
+Build = Callable[[str, int, int, int, str], tuple[nn.Module, dict[str, Any], list[Change]]]
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """One backbone family: how its names are written, built, versioned and rebuilt.
+
+    Attributes:
+        names: how its names are written (checked by the configuration, listed by
+            ``--help`` and the messages).
+        build: the network for one of its names (see :data:`Build`).
+        version: its library's version, recorded in the build.
+        code: the Python lines that build ``net`` with the family's own library (the
+            rebuild code written next to exported weights); None: only its author can.
+        start_batchnorm: its BatchNorm statistics start as its own on noise images
+            (:func:`start_batchnorm_`).
+    """
+
+    names: BackboneNames
+    build: Build
+    version: Callable[[], str]
+    code: Callable[[BackboneBuild], list[str]] | None = None
+    start_batchnorm: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.names.family
+
+
+def _keywords(build: BackboneBuild) -> str:
+    return "".join(f", {k}={v!r}" for k, v in sorted(build.kwargs.items()))
+
+
+def _ressl_version() -> str:
+    from ressl._version import __version__
+
+    return __version__
+
+
+def _module_version(library: str) -> Callable[[], str]:
+    return lambda: str(__import__(library).__version__)
+
+
+def _small(
+    name: str, in_channels: int, image_size: int, width: int, spec: str
+) -> tuple[nn.Module, dict[str, Any], list[Change]]:
+    return SmallCNN(in_channels, width), {"in_channels": in_channels, "width": width}, []
+
+
+def _small_code(build: BackboneBuild) -> list[str]:
+    channels, width = build.kwargs.get("in_channels", 3), build.kwargs.get("width", 32)
+    return [
+        "import torch",
+        "from safetensors.torch import load_file",
+        "from ressl.models.backbones import SmallCNN",
+        "",
+        f"net = SmallCNN(in_channels={channels}, width={width})",
+    ]
+
+
+def _torchvision_code(build: BackboneBuild) -> list[str]:
+    return [
+        "import torch, torchvision",
+        "from safetensors.torch import load_file",
+        "",
+        f"net = torchvision.models.get_model({build.name!r}, weights=None{_keywords(build)})",
+    ]
+
+
+def _timm_code(build: BackboneBuild) -> list[str]:
+    return [
+        "import torch, timm",
+        "from safetensors.torch import load_file",
+        "",
+        f"net = timm.create_model({build.name!r}, pretrained=False{_keywords(build)})",
+    ]
+
+
+def _custom(
+    name: str, in_channels: int, image_size: int, width: int, spec: str
+) -> tuple[nn.Module, dict[str, Any], list[Change]]:
+    raise ValueError(
+        f"{spec} was a module given through the API; pass that module again "
+        "(e.g. load_encoder(path, backbone=module)) to rebuild it"
+    )
+
+
+def _without_width(
+    build: Callable[[str, int, int, str], tuple[nn.Module, dict[str, Any], list[Change]]],
+) -> Build:
+    return lambda name, in_channels, image_size, width, spec: build(
+        name, in_channels, image_size, spec
+    )
+
+
+#: The backbone families by name, one entry each: what ``build_backbone``, the checkpoint's
+#: ``backbone_build``, the rebuild code and the ``--backbone`` checks, help and messages
+#: follow (timm's ``register_model``: a new family is one entry, :func:`register_family`).
+FAMILIES: dict[str, BackboneFamily] = {
+    family.name: family
+    for family in (
+        BackboneFamily(BACKBONE_FAMILIES["ressl"], _small, _ressl_version, _small_code),
+        BackboneFamily(
+            BACKBONE_FAMILIES["torchvision"],
+            _without_width(_torchvision),
+            _module_version("torchvision"),
+            _torchvision_code,
+            start_batchnorm=True,
+        ),
+        BackboneFamily(
+            BACKBONE_FAMILIES["timm"],
+            _without_width(_timm),
+            _module_version("timm"),
+            _timm_code,
+            start_batchnorm=True,
+        ),
+        BackboneFamily(BACKBONE_FAMILIES["custom"], _custom, lambda: ""),
+    )
+}
+if FAMILIES.keys() != BACKBONE_FAMILIES.keys():  # the configuration checks names by that table
+    raise ImportError("ressl.rules.BACKBONE_FAMILIES and FAMILIES name different families")
+
+
+def register_family(family: BackboneFamily) -> None:
+    """Add a backbone family: its names are accepted by ``build_backbone`` and the
+    configuration (``backbone="FAMILY:NAME"``) and listed in their messages.
+
+    Raises:
+        ValueError: if a family of that name, or one of its bare names, exists already.
+    """
+    taken = {a for names in BACKBONE_FAMILIES.values() for a in names.aliases}
+    if family.name in BACKBONE_FAMILIES or taken & set(family.names.aliases):
+        raise ValueError(f"a backbone family {family.name!r} or its names exist already")
+    BACKBONE_FAMILIES[family.name] = family.names
+    FAMILIES[family.name] = family
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family added by :func:`register_family` (ressl's own stay)."""
+    if name in ("ressl", "torchvision", "timm", "custom"):
+        raise ValueError(f"{name!r} is one of ressl's own backbone families")
+    BACKBONE_FAMILIES.pop(name, None)
+    FAMILIES.pop(name, None)
+
+
 def build_backbone(
     name: str | nn.Module, in_channels: int = 3, image_size: int = 32, width: int = 32
 ) -> nn.Module:
@@ -453,8 +576,9 @@ def build_backbone(
     its feature size F (see the module docstring for the rules).
 
     Args:
-        name: ``"small"``, ``"resnet18"``, ``"resnet50"``, ``"torchvision:NAME"``,
-            ``"timm:NAME"``, or an ``nn.Module`` (used as it is).
+        name: a name of a family in :data:`FAMILIES` (``"small"``, ``"resnet18"``,
+            ``"resnet50"``, ``"torchvision:NAME"``, ``"timm:NAME"``), or an ``nn.Module``
+            (used as it is).
         in_channels: image channels.
         image_size: input side; picks the ResNet stem and sizes the ViTs.
         width: first-stage width of the small CNN (ignored by the others).
@@ -473,30 +597,16 @@ def build_backbone(
     else:
         parts = split_backbone(name)
         if parts is None:
-            raise ValueError(
-                f"backbone must be one of {', '.join(BUILTIN_BACKBONES)}, torchvision:NAME or "
-                f"timm:NAME; got {name!r}"
-            )
+            raise ValueError(f"backbone must be one of {backbone_choices()}; got {name!r}")
         library, model = parts
         spec = name
-        if library == "custom":
-            raise ValueError(
-                f"{name} was a module given through the API; pass that module again "
-                "(e.g. load_encoder(path, backbone=module)) to rebuild it"
-            )
-        if library == "ressl" and model == "small":
-            net, kwargs = SmallCNN(in_channels, width), {"in_channels": in_channels, "width": width}
-        elif library == "timm":
-            net, kwargs, changes = _timm(model, in_channels, image_size, spec)
-        else:  # resnet18, resnet50 and torchvision:NAME
-            library = "torchvision"
-            net, kwargs, changes = _torchvision(model, in_channels, image_size, spec)
+        net, kwargs, changes = FAMILIES[library].build(model, in_channels, image_size, width, spec)
     dim = _feature_dim(net, spec, in_channels, image_size)
-    if library in ("torchvision", "timm"):
+    family = FAMILIES[library]
+    if family.start_batchnorm:
         start_batchnorm_(net, in_channels, image_size)
-    build = BackboneBuild(
-        spec, library, model, _library_version(library), kwargs, tuple(changes), dim
-    )
+    version = family.version()
+    build = BackboneBuild(spec, library, model, version, kwargs, tuple(changes), dim)
     if not isinstance(name, nn.Module):
         net.out_dim = dim  # type: ignore[assignment]
     net.ressl_build = build  # type: ignore[assignment]

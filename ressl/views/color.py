@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ressl.rules import JITTER_STRENGTHS
 from ressl.views.checks import (
     check_generator,
     check_images,
@@ -309,7 +310,7 @@ def sample_jitter_params(
     batch: int,
     *,
     generator: torch.Generator,
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+    jitter: tuple[float, float, float, float] = JITTER_STRENGTHS,
 ) -> tuple[Tensor, Tensor]:
     """Draws ColorJitter parameters per image, as torchvision's ``ColorJitter``.
 
@@ -344,7 +345,7 @@ def color_jitter(
     images: Tensor,
     *,
     generator: torch.Generator,
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+    jitter: tuple[float, float, float, float] = JITTER_STRENGTHS,
     p: float = 1.0,
 ) -> Tensor:
     """``RandomApply([ColorJitter(*jitter)], p)`` with independent parameters per image.

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ressl.rules import JITTER_P, JITTER_STRENGTHS
 from ressl.views.blur import BLUR_MODES, random_blur
 from ressl.views.checks import (
     check_channel_stats,
@@ -153,8 +154,8 @@ def strong_view(
     std: Sequence[float],
     generator: torch.Generator,
     scale: tuple[float, float] = (0.2, 1.0),
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-    jitter_p: float = 0.8,
+    jitter: tuple[float, float, float, float] = JITTER_STRENGTHS,
+    jitter_p: float = JITTER_P,
     grayscale_p: float = 0.2,
     blur_p: float = 0.0,
     blur_sigma: tuple[float, float] = (0.1, 2.0),
@@ -301,8 +302,8 @@ class StrongView(_View):
         ValueError: on a strength, probability or range out of bounds.
     """
 
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
-    jitter_p: float = 0.8
+    jitter: tuple[float, float, float, float] = JITTER_STRENGTHS
+    jitter_p: float = JITTER_P
     grayscale_p: float = 0.2
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
