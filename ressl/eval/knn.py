@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ressl.errors import ConfigError
 from ressl.eval.features import topk_accuracy
 
 __all__ = ["knn_accuracy", "knn_predict"]
@@ -52,11 +53,11 @@ def knn_predict(
             f"memory_labels must have shape ({memory_features.shape[0]},), got {tuple(memory_labels.shape)}"
         )
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ConfigError(f"k must be >= 1, got {k}")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     k = min(k, memory_features.shape[0])
     labels = memory_labels.to(memory_features.device)
     out = []

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ressl.errors import ConfigError, ExportError, first_line
 from ressl.jsontext import parse_json
 from ressl.rules import BUILTIN_BACKBONES, split_backbone
 
@@ -76,7 +77,7 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 32) -> None:
         super().__init__()
         if width < 1:
-            raise ValueError(f"width must be >= 1, got {width}")
+            raise ConfigError(f"width must be >= 1, got {width}")
         widths = [width, 2 * width, 4 * width, 8 * width]
         layers: list[nn.Module] = []
         c = in_channels
@@ -164,7 +165,7 @@ class BackboneBuild:
                 f"width={self.kwargs.get('width', 32)})",
             ]
         else:
-            raise ValueError(f"{self.spec} is a module of its own; build it as its author does")
+            raise ExportError(f"{self.spec} is a module of its own; build it as its author does")
         lines += [f"net{_attribute(p)} = torch.nn.{m}  # {why}" for p, m, why in self.changes]
         lines.append(f"net.load_state_dict(load_file({weights_file!r}))")
         return "\n".join(lines) + "\n"
@@ -249,13 +250,13 @@ def _first_conv(net: nn.Module, in_channels: int, spec: str) -> list[Change]:
             new = _conv_like(module, in_channels)
             _set(net, path, new)
             return [(path, _conv_code(new), f"{in_channels}-channel input")]
-    raise ValueError(f"{spec} has no Conv2d to take {in_channels}-channel images")
+    raise ConfigError(f"{spec} has no Conv2d to take {in_channels}-channel images")
 
 
 def _drop_classifier(net: nn.Module, spec: str) -> list[Change]:
     linears = [p for p, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(
+        raise ConfigError(
             f"{spec} has no final Linear layer (its classifier) to remove; train it through "
             "the API as an nn.Module that returns (batch, features)"
         )
@@ -294,7 +295,7 @@ def _torchvision(
 
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
-        raise ValueError(
+        raise ConfigError(
             f"{spec} is not a torchvision classification model; it has "
             f"{', '.join(names[:6])}, ... ({len(names)} in all: torchvision.models.list_models())"
         )
@@ -319,9 +320,9 @@ def _timm(
     try:
         import timm
     except ImportError:
-        raise ValueError(f"{spec} needs timm: pip install 'ressl[timm]'") from None
+        raise ConfigError(f"{spec} needs timm: pip install 'ressl[timm]'") from None
     if not timm.is_model(name):
-        raise ValueError(
+        raise ConfigError(
             f"{spec} is not a timm model (timm {timm.__version__}); timm.list_models() lists them"
         )
     net, sized = _with_size(
@@ -372,15 +373,14 @@ def _feature_dim(net: nn.Module, spec: str, in_channels: int, image_size: int) -
         with torch.no_grad():
             out = _forward_one(net, in_channels, image_size)
     except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"{spec} cannot take {in_channels}x{image_size}x{image_size} images: {first}"
+        raise ConfigError(
+            f"{spec} cannot take {in_channels}x{image_size}x{image_size} images: {first_line(e)}"
         ) from None
     finally:
         net.train(training)
     if not isinstance(out, Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
+        raise ConfigError(
             f"{spec} gives {shape} for one {in_channels}x{image_size}x{image_size} "
             "image; a backbone must return (batch, features): end it in global pooling"
         )
@@ -463,9 +463,9 @@ def build_backbone(
         ValueError: on an unknown name, bad sizes, or a model that cannot take the images.
     """
     if in_channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
     if image_size < 8:
-        raise ValueError(f"image_size must be >= 8, got {image_size}")
+        raise ConfigError(f"image_size must be >= 8, got {image_size}")
     kwargs: dict[str, Any] = {}
     changes: list[Change] = []
     if isinstance(name, nn.Module):
@@ -473,14 +473,14 @@ def build_backbone(
     else:
         parts = split_backbone(name)
         if parts is None:
-            raise ValueError(
+            raise ConfigError(
                 f"backbone must be one of {', '.join(BUILTIN_BACKBONES)}, torchvision:NAME or "
                 f"timm:NAME; got {name!r}"
             )
         library, model = parts
         spec = name
         if library == "custom":
-            raise ValueError(
+            raise ConfigError(
                 f"{name} was a module given through the API; pass that module again "
                 "(e.g. load_encoder(path, backbone=module)) to rebuild it"
             )

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ressl.config.settings import MAX_IMAGE_SIZE
 from ressl.config.settings import settings as config_fields
-from ressl.errors import CheckpointError
+from ressl.errors import CheckpointError, ConfigError
 from ressl.jsontext import parse_json
 from ressl.rules import is_int, is_number
 
@@ -219,7 +219,7 @@ def check_file(path: str | Path, backbone: nn.Module | None = None) -> CheckedFi
     header = _header(path)
     custom = str(settings["backbone"]).startswith("custom:")
     if backbone is not None and not custom:
-        raise ValueError(
+        raise ConfigError(
             f"backbone= rebuilds a custom module; {path} was trained with {settings['backbone']}, "
             "which ressl builds itself: leave backbone unset"
         )
