@@ -147,7 +147,9 @@ def _load(
     try:
         return ort.InferenceSession(src, options, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own RuntimeError subclasses
-        raise ExportError(f"{name} is not a loadable ONNX model ({first_line(e)})") from None
+        raise ExportError(
+            f"{name} is not a valid ONNX model onnxruntime can load ({first_line(e)})"
+        ) from None
 
 
 @dataclass

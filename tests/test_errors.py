@@ -208,7 +208,7 @@ def test_one_onnxruntime_session_opener_refuses_a_bad_file_and_device(tmp_path):
 
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
-    with pytest.raises(ExportError, match="is not a loadable ONNX model"):
+    with pytest.raises(ExportError, match="is not a valid ONNX model onnxruntime can load"):
         open_session(bad, "cpu")
     with pytest.raises(ConfigError, match="device must be 'auto', 'cpu' or 'cuda'"):
         open_session(bad, "tpu")

@@ -152,7 +152,7 @@ def test_eval_user_errors_are_one_line(capsys, tmp_path: Path, tiny_run: Path):
         (["eval", "knn", tmp_path / "absent.safetensors"], "no such file or folder"),
         (["eval", "linear", tmp_path / "absent"], "no such file or folder"),
         (["eval", "knn", tmp_path / "notes.txt"], "not a readable safetensors file"),
-        (["eval", "knn", tmp_path / "bad.onnx"], "not a loadable ONNX model"),
+        (["eval", "knn", tmp_path / "bad.onnx"], "is not a valid ONNX model"),
         (["eval", "knn", tiny_run, "--dataset", "mnist"], "dataset must be one of fashion-mnist"),
         (
             ["eval", "knn", tiny_run, "--dataset", f"folder:{tmp_path / 'nowhere'}"],
@@ -176,7 +176,7 @@ def test_eval_reads_a_folder_with_the_encoders_channels_and_refuses_other_counts
     capsys, tmp_path: Path, tiny_run: Path
 ):
     from ressl.cli import eval_cmd
-    from ressl.cli.app import UserError
+    from ressl.cli.common import UserError
 
     source = eval_cmd.load_source(tiny_run, "student", torch.device("cpu"))
     source.channels = 1  # an encoder of greyscale images: the RGB folder is read as its luma

@@ -77,7 +77,7 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 32) -> None:
         super().__init__()
         if width < 1:
-            raise ConfigError(f"width must be >= 1, got {width}")
+            raise ConfigError(f"{{width}} must be >= 1, got {width}", "width")
         widths = [width, 2 * width, 4 * width, 8 * width]
         layers: list[nn.Module] = []
         c = in_channels
@@ -250,15 +250,18 @@ def _first_conv(net: nn.Module, in_channels: int, spec: str) -> list[Change]:
             new = _conv_like(module, in_channels)
             _set(net, path, new)
             return [(path, _conv_code(new), f"{in_channels}-channel input")]
-    raise ConfigError(f"{spec} has no Conv2d to take {in_channels}-channel images")
+    raise ConfigError(
+        f"{{backbone}} {spec} has no Conv2d to take {in_channels}-channel images", "backbone"
+    )
 
 
 def _drop_classifier(net: nn.Module, spec: str) -> list[Change]:
     linears = [p for p, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ConfigError(
-            f"{spec} has no final Linear layer (its classifier) to remove; train it through "
-            "the API as an nn.Module that returns (batch, features)"
+            f"{{backbone}} {spec} has no final Linear layer (its classifier) to remove; train it through "
+            "the API as an nn.Module that returns (batch, features)",
+            "backbone",
         )
     path = linears[-1]
     parent_path, _, child = path.rpartition(".")
@@ -296,8 +299,9 @@ def _torchvision(
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
         raise ConfigError(
-            f"{spec} is not a torchvision classification model; it has "
-            f"{', '.join(names[:6])}, ... ({len(names)} in all: torchvision.models.list_models())"
+            f"{{backbone}} {spec} is not a torchvision classification model; it has "
+            f"{', '.join(names[:6])}, ... ({len(names)} in all: torchvision.models.list_models())",
+            "backbone",
         )
     kwargs: dict[str, Any] = {"image_size": image_size} if name.startswith("vit_") else {}
     if name in ("googlenet", "inception_v3"):
@@ -320,10 +324,13 @@ def _timm(
     try:
         import timm
     except ImportError:
-        raise ConfigError(f"{spec} needs timm: pip install 'ressl[timm]'") from None
+        raise ConfigError(
+            f"{{backbone}} {spec} needs timm: pip install 'ressl[timm]'", "backbone"
+        ) from None
     if not timm.is_model(name):
         raise ConfigError(
-            f"{spec} is not a timm model (timm {timm.__version__}); timm.list_models() lists them"
+            f"{{backbone}} {spec} is not a timm model (timm {timm.__version__}); timm.list_models() lists them",
+            "backbone",
         )
     net, sized = _with_size(
         timm.create_model,
@@ -374,15 +381,17 @@ def _feature_dim(net: nn.Module, spec: str, in_channels: int, image_size: int) -
             out = _forward_one(net, in_channels, image_size)
     except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as e:
         raise ConfigError(
-            f"{spec} cannot take {in_channels}x{image_size}x{image_size} images: {first_line(e)}"
+            f"{{backbone}} {spec} cannot take {in_channels}x{image_size}x{image_size} images: {first_line(e)}",
+            "backbone",
         ) from None
     finally:
         net.train(training)
     if not isinstance(out, Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ConfigError(
-            f"{spec} gives {shape} for one {in_channels}x{image_size}x{image_size} "
-            "image; a backbone must return (batch, features): end it in global pooling"
+            f"{{backbone}} {spec} gives {shape} for one {in_channels}x{image_size}x{image_size} "
+            "image; a backbone must return (batch, features): end it in global pooling",
+            "backbone",
         )
     return int(out.shape[1])
 
@@ -465,7 +474,7 @@ def build_backbone(
     if in_channels < 1:
         raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
     if image_size < 8:
-        raise ConfigError(f"image_size must be >= 8, got {image_size}")
+        raise ConfigError(f"{{image_size}} must be >= 8, got {image_size}", "image_size")
     kwargs: dict[str, Any] = {}
     changes: list[Change] = []
     if isinstance(name, nn.Module):
@@ -474,15 +483,17 @@ def build_backbone(
         parts = split_backbone(name)
         if parts is None:
             raise ConfigError(
-                f"backbone must be one of {', '.join(BUILTIN_BACKBONES)}, torchvision:NAME or "
-                f"timm:NAME; got {name!r}"
+                f"{{backbone}} must be one of {', '.join(BUILTIN_BACKBONES)}, torchvision:NAME or "
+                f"timm:NAME; got {name!r}",
+                "backbone",
             )
         library, model = parts
         spec = name
         if library == "custom":
             raise ConfigError(
-                f"{name} was a module given through the API; pass that module again "
-                "(e.g. load_encoder(path, backbone=module)) to rebuild it"
+                f"{{backbone}} {name} was a module given through the API; pass that module again "
+                "(e.g. load_encoder(path, backbone=module)) to rebuild it",
+                "backbone",
             )
         if library == "ressl" and model == "small":
             net, kwargs = SmallCNN(in_channels, width), {"in_channels": in_channels, "width": width}
