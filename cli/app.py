@@ -2,8 +2,10 @@
 ``eval knn|linear`` and ``plot``.
 
 The CLI owns the terminal: progress bars and summary lines go to stderr,
-results to stdout. Every user error becomes one line on stderr and a non-zero
-exit status, never a traceback. Commands live in their own modules and import
+results to stdout. Every user error (a ``ResslError``, an ``OSError``, a usage error)
+becomes one line on stderr and a non-zero exit status, never a traceback; anything else
+is a bug in ressl and prints its traceback and a line asking for a report (exit 1).
+``RESSL_DEBUG=1`` prints the traceback of every error. Commands live in their own modules and import
 torch only when they run, so ``ressl --help`` starts in a fraction of a second.
 """
 
@@ -13,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -24,7 +27,7 @@ from ressl._version import __version__
 from ressl.errors import ResslError, flag
 from ressl.rules import NAME_MAX, Note, names_fit
 
-from .common import Interrupted, UserError
+from .common import Interrupted
 from .eval_cmd import eval_app
 from .export_cmd import embed_cmd, export_cmd
 from .info_cmd import info_cmd
@@ -127,7 +130,8 @@ def _is_usage_error(e: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point: run the app, turn user errors into one line and an exit status.
+    """Console-script entry point: run the app, turn user errors into one line and an exit
+    status, and a bug into its traceback and a request to report it.
 
     The ``ressl`` logger writes what a command loads and decides (INFO: the dataset, device,
     precision, backbone changes, fitted defaults) and its warnings to stderr, settings named
@@ -156,25 +160,38 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _run(argv: Sequence[str] | None) -> NoReturn:
     try:
         code = app(args=list(argv) if argv is not None else None, standalone_mode=False)
-    except UserError as e:
-        _die(str(e))
-    except ResslError as e:  # names settings as the flags the user typed
-        _die(e.render(flag))
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        _die(str(e) or type(e).__name__)
+    except ResslError as e:  # bad input; its settings named as the flags the user typed
+        _die(e.render(flag), error=e)
     except Interrupted as e:  # exit 128 + the signal: 130 after Ctrl-C, 143 after SIGTERM
-        _die(e.message, code=128 + e.signum)
+        _die(e.message, code=128 + e.signum, error=e)
     except OSError as e:  # a full disk, an unreadable file: name the file
-        _die(f"{e.filename}: {e.strerror or e}" if getattr(e, "filename", None) else str(e))
+        filename = getattr(e, "filename", None)
+        _die(f"{filename}: {e.strerror or e}" if filename else str(e), error=e)
     except Exception as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # the help went to stdout: nothing to add
             sys.exit(2)
         if _is_usage_error(e):
-            _die(e.format_message() if hasattr(e, "format_message") else str(e))  # type: ignore[attr-defined]
+            _die(e.format_message() if hasattr(e, "format_message") else str(e), error=e)  # type: ignore[attr-defined]
         if type(e).__name__ == "Abort":
-            _die("aborted", code=130)
-        raise
+            _die("aborted", code=130, error=e)
+        _report_bug()  # anything else is ressl's own bug: it keeps its traceback
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _debug() -> bool:
+    """``RESSL_DEBUG=1`` (any value but empty or 0): every error shows its traceback."""
+    return os.environ.get("RESSL_DEBUG", "") not in ("", "0")
+
+
+def _report_bug() -> NoReturn:
+    """The traceback of the error being handled, then one line asking for a report; exit 1."""
+    traceback.print_exc()
+    print(
+        f"ressl: internal error (ressl {__version__}): this is a bug in ressl, "
+        "please report it with the traceback above",
+        file=sys.stderr,
+    )
+    sys.exit(1)
 
 
 def _terminate_as_interrupt() -> Any:
@@ -209,8 +226,11 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def _die(message: str, code: int = 2) -> NoReturn:
-    """``ressl: error: FIRST LINE``; the message's further lines follow whole, indented."""
+def _die(message: str, code: int = 2, error: BaseException | None = None) -> NoReturn:
+    """``ressl: error: FIRST LINE``; the message's further lines follow whole, indented.
+    With ``RESSL_DEBUG`` set, ``error``'s traceback comes first."""
+    if error is not None and _debug():
+        traceback.print_exception(type(error), error, error.__traceback__)
     first, *rest = message.strip().splitlines() or ["error"]
     lines = [f"ressl: error: {first}", *(f"  {line}" for line in rest if line.strip())]
     print("\n".join(lines), file=sys.stderr)

@@ -13,6 +13,8 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from ressl.errors import ResslError
+
 __all__ = [
     "DeviceOpt",
     "Interrupted",
@@ -29,8 +31,9 @@ __all__ = [
 ]
 
 
-class UserError(Exception):
-    """An error caused by the user's input; ``ressl`` prints it as one line, exit status 2."""
+class UserError(ResslError):
+    """An error caused by the user's input to a command (its message names the flags as
+    typed); ``ressl`` prints it as one line, exit status 2."""
 
 
 class Interrupted(BaseException):  # noqa: N818 - not an error: a stop the user asked for

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ressl.errors import ConfigError
+
 __all__ = ["MicroBatcher"]
 
 
@@ -34,9 +36,9 @@ class MicroBatcher:
         self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait: float
     ) -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait < 0:
-            raise ValueError(f"max_wait must be >= 0 seconds, got {max_wait}")
+            raise ConfigError(f"max_wait must be >= 0 seconds, got {max_wait}")
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]]] | None = None
         self._task: asyncio.Task[None] | None = None

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ressl.errors import ConfigError
+from ressl.errors import ConfigError, ExportError, first_line
 
 from .images import ImageInput, load_image, pil_mode, to_batch, unreadable_reason
 from .metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
@@ -103,10 +103,11 @@ def open_session(
         threads: CPU threads for one run (``None``: onnxruntime's default, the physical cores).
 
     Raises:
-        ValueError: a bad ``device``, CUDA asked for but unusable, or a file onnxruntime cannot load.
+        ConfigError: a bad ``device``, or CUDA asked for but unusable.
+        ExportError: a file onnxruntime cannot load.
     """
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        raise ConfigError.invalid("device", "'auto', 'cpu' or 'cuda'", device)
     name = "model bytes" if isinstance(model, bytes) else os.fspath(model)
     src: str | bytes = model if isinstance(model, bytes) else os.fspath(model)
     options = _options(threads)
@@ -114,7 +115,7 @@ def open_session(
         device != "cpu" and _CUDA in ort.get_available_providers() and cuda_device_count() > 0
     )
     if device == "cuda" and not want_cuda:
-        raise ValueError(
+        raise ConfigError(
             "device='cuda' but no usable GPU: "
             + (
                 "onnxruntime has no CUDA provider (install onnxruntime-gpu)"
@@ -131,7 +132,7 @@ def open_session(
         if session.get_providers()[0] == _CUDA:
             return session
         if device == "cuda":
-            raise ValueError(
+            raise ConfigError(
                 "device='cuda' but onnxruntime's CUDA provider failed to load (CUDA or cuDNN libraries "
                 "missing or of the wrong version)"
             )
@@ -146,9 +147,8 @@ def _load(
     try:
         return ort.InferenceSession(src, options, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own RuntimeError subclasses
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"{name} is not a valid ONNX model onnxruntime can load ({first})"
+        raise ExportError(
+            f"{name} is not a valid ONNX model onnxruntime can load ({first_line(e)})"
         ) from None
 
 
@@ -215,13 +215,13 @@ class Embedder:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         names = ([i.name for i in inputs], [o.name for o in outputs])
         if names != ([INPUT_NAME], [OUTPUT_NAME]):
-            raise ValueError(
+            raise ExportError(
                 f"{self.path}: graph has inputs {names[0]} and outputs {names[1]}, expected "
                 f"[{INPUT_NAME!r}] and [{OUTPUT_NAME!r}]"
             )
         self.info.check_signature(inputs[0].shape, outputs[0].shape, str(self.path))
         if inputs[0].type != "tensor(float)" or outputs[0].type != "tensor(float)":
-            raise ValueError(
+            raise ExportError(
                 f"{self.path}: graph input/output must be float32, got {inputs[0].type}/{outputs[0].type}"
             )
 
@@ -266,7 +266,7 @@ class Embedder:
             if failed is None:
                 raise  # anything else is a bug, not the input's size
             n, c, h, w = batch.shape
-            raise ValueError(
+            raise ExportError(
                 f"{self.path}: onnxruntime ran out of memory running {n} {c}x{h}x{w} image(s) "
                 f"(the file's metadata asks for {self.info.image_size}x{self.info.image_size} "
                 f"input): {failed.group(0).strip()}"

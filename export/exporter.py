@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ressl._version import __version__
 from ressl.atomic import check_writable, write_atomic
-from ressl.errors import ConfigError, ExportError
+from ressl.errors import CheckpointError, ConfigError, ExportError, first_line
 from ressl.models.network import Encoder, ReSSL
 from ressl.runs.checkpoint import open_encoder
 from ressl.runs.folder import resolve_checkpoint
@@ -170,7 +170,7 @@ def _pick_net(encoder: nn.Module, head: bool) -> nn.Module:
     if isinstance(encoder, Encoder):
         return nn.Sequential(encoder.backbone, encoder.head) if head else encoder.backbone
     if head:
-        raise ValueError(
+        raise ConfigError(
             f"head=True needs an Encoder (backbone + head) or a ReSSL module, got {type(encoder).__name__}; "
             "export the module as it is with head=False"
         )
@@ -184,7 +184,7 @@ def _from_checkpoint(
     sha = _sha256(file)
     encoder, checked = open_encoder(file, weights)
     if _sha256(file) != sha:  # a running training rewrote last.safetensors meanwhile
-        raise ValueError(
+        raise CheckpointError(
             f"{file} changed while it was being read (a run still training?); export again"
         )
     model, data, meta = checked.model, checked.data, checked.meta
@@ -233,7 +233,7 @@ def _from_module(
         encoder: nn.Module = getattr(module, weights or "student")
         name = backbone or type(module.student.backbone).__name__
     elif weights is not None:
-        raise ValueError(
+        raise ConfigError(
             f"weights={weights!r} picks the student or teacher of a checkpoint or ReSSL module; "
             f"a {type(module).__name__} has one set of weights, leave weights unset"
         )
@@ -241,13 +241,13 @@ def _from_module(
         encoder = module
         name = backbone or type(module.backbone if isinstance(module, Encoder) else module).__name__
     if len(mean) != channels or len(std) != channels:
-        raise ValueError(
+        raise ConfigError(
             f"mean and std need {channels} values (one per channel), got {len(mean)} and {len(std)}"
         )
     if any(s <= 0 for s in std):
-        raise ValueError(f"std values must be > 0, got {list(std)}")
+        raise ConfigError(f"std values must be > 0, got {list(std)}")
     if image_size < 1 or channels < 1:
-        raise ValueError(f"image_size and channels must be >= 1, got {image_size} and {channels}")
+        raise ConfigError(f"image_size and channels must be >= 1, got {image_size} and {channels}")
     fields: dict[str, Any] = dict(
         backbone=name,
         image_size=int(image_size),
@@ -283,8 +283,7 @@ def _trace(model: nn.Module, example: Tensor, opset: int, dynamic_spatial: bool)
     try:
         return _export(model, example, opset, axes, buf)
     except Exception as e:  # noqa: BLE001 - the exporter raises many kinds; the reason is its text
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise ExportError(f"torch.onnx cannot export this network: {first}") from None
+        raise ExportError(f"torch.onnx cannot export this network: {first_line(e)}") from None
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
@@ -327,9 +326,8 @@ def _verify(
         try:
             got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()}, quiet)[0]
         except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
-            first = str(e).strip().splitlines()[0][:300]
             raise ExportError(
-                f"onnxruntime cannot run the exported graph on input {(n, c, h, w)}: {first}"
+                f"onnxruntime cannot run the exported graph on input {(n, c, h, w)}: {first_line(e)}"
             ) from None
         if got.shape != want.shape:
             raise ExportError(
@@ -403,7 +401,7 @@ def export_onnx(
         True
     """
     if weights is not None and weights not in ("student", "teacher"):
-        raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
+        raise ConfigError(f"weights must be 'student' or 'teacher', got {weights!r}")
     if not 9 <= opset <= 20:
         raise ConfigError.invalid("opset", "in [9, 20] (the TorchScript exporter's range)", opset)
     out = check_writable(out, "ONNX file")
@@ -494,7 +492,7 @@ def _resolve_source(
         )
     given = [name for name, value in module_fields.items() if value is not None]
     if given:
-        raise ValueError(
+        raise ConfigError(
             f"{', '.join(given)}: the checkpoint's settings supply these; pass them only with a module"
         )
     return _from_checkpoint(Path(source), weights or "student", head)
@@ -514,9 +512,7 @@ def _check(
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise ExportError(
-            f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}"
-        ) from None
+        raise ExportError(f"onnx.checker rejected the exported graph: {first_line(e)}") from None
     verification = _verify(proto.SerializeToString(), reference, shapes, fp16)
     if not verification.passed:
         raise ExportError(f"export verification failed, nothing written: {verification.describe()}")

@@ -23,19 +23,12 @@ __all__ = ["onnx_source"]
 def _onnx_session(path: Path, device: torch.device) -> Any:
     """An onnxruntime session of ``path`` (CUDA first when asked for and offered)."""
     try:
-        import onnxruntime as ort
+        from ressl.export.embedder import open_session
     except ImportError:
         raise ExportError(
             "evaluating an ONNX model needs onnxruntime: pip install onnxruntime"
         ) from None
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    try:
-        return ort.InferenceSession(str(path), providers=providers)
-    except Exception as e:  # onnxruntime raises its own exception types
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ExportError(f"{path} is not a loadable ONNX model ({first})") from None
+    return open_session(path, "auto" if device.type == "cuda" else "cpu")
 
 
 def _onnx_input(

@@ -28,6 +28,7 @@ from ressl.data.imagefiles import (  # torch-free
     images_under,
     resize_center_crop,
 )
+from ressl.errors import InputError, first_line
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -55,7 +56,7 @@ def pil_mode(channels: int) -> str:
         ValueError: for other channel counts (files cannot be decoded to them).
     """
     if channels not in _MODES:
-        raise ValueError(
+        raise InputError(
             f"the model takes {channels}-channel input; image files and PIL images can be fed only to "
             "1-channel (grey) or 3-channel (RGB) models, pass float (N, C, H, W) arrays instead"
         )
@@ -97,7 +98,7 @@ def _uint8_image(array: np.ndarray, size: int, channels: int) -> np.ndarray:
     if array.ndim == 2:
         array = array[:, :, None]
     if array.shape[2] != channels:
-        raise ValueError(
+        raise InputError(
             f"the model takes {channels}-channel images but a uint8 array has shape {array.shape} "
             f"({array.shape[2]} channels, read as H, W, C); pass (H, W, {channels}) arrays"
         )
@@ -109,19 +110,19 @@ def _uint8_image(array: np.ndarray, size: int, channels: int) -> np.ndarray:
 def _float_batch(array: np.ndarray, size: int, channels: int, any_size: bool) -> np.ndarray:
     """float ``(N, C, H, W)`` in [0, 1], checked, as contiguous float32."""
     if array.shape[1] != channels:
-        raise ValueError(
+        raise InputError(
             f"the model takes {channels}-channel images but a float array has shape {array.shape} "
             f"({array.shape[1]} channels, read as N, C, H, W); pass (N, {channels}, H, W) arrays"
         )
     if not any_size and array.shape[2:] != (size, size):
-        raise ValueError(
+        raise InputError(
             f"the model takes {size}x{size} images but a float array is {array.shape[2]}x{array.shape[3]}; "
             "float arrays are fed unchanged: resize them, or pass uint8 (H, W, C) arrays or files"
         )
     if array.size:
         lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
         if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(
+            raise InputError(
                 f"float arrays must hold pixel values in [0, 1], got values in [{lo:g}, {hi:g}]; "
                 "pass uint8 arrays for 0..255 pixels"
             )
@@ -161,14 +162,14 @@ def to_batch(
         return np.zeros((0, channels, size, size), np.float32)
     shapes = {p.shape[1:] for p in parts}
     if len(shapes) > 1:
-        raise ValueError(f"images in one call must share one size, got {sorted(shapes)}")
+        raise InputError(f"images in one call must share one size, got {sorted(shapes)}")
     return np.concatenate(parts)
 
 
 def _one(item: Any, size: int, channels: int, any_size: bool) -> np.ndarray:
     if isinstance(item, np.ndarray):
         if item.ndim == 4:
-            raise ValueError(
+            raise InputError(
                 f"a list of images holds a 4-D array of shape {item.shape}; pass batches on their own"
             )
         return _array_batch(item, size, channels, any_size)
@@ -196,14 +197,14 @@ def _array_batch(array: np.ndarray, size: int, channels: int, any_size: bool) ->
                 if len(array)
                 else (np.zeros((0, channels, size, size), np.float32))
             )
-        raise ValueError(
+        raise InputError(
             f"uint8 arrays must be (H, W), (H, W, C) or (N, H, W, C), got shape {array.shape}"
         )
     if np.issubdtype(array.dtype, np.floating):
         if array.ndim == 3:
             array = array[None]
         if array.ndim != 4:
-            raise ValueError(
+            raise InputError(
                 f"float arrays must be (C, H, W) or (N, C, H, W), got shape {array.shape}"
             )
         return _float_batch(array, size, channels, any_size)
@@ -216,7 +217,7 @@ def unreadable_reason(error: BaseException, name: str | None = None) -> str:
     """Why an image could not be read, in one line, without what PIL repeats: the file's
     ``name`` (``cannot identify image file 'x.png'``) or the file object it was handed
     (``<_io.BytesIO object at 0x...>``)."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = first_line(error)
     if name:
         text = text.replace(repr(name), "").replace(name, "")
     text = re.sub(r"\s*(<[^<>]* object at 0x[0-9a-fA-F]+>|'[^']*')$", "", text).strip(" :'\"")
@@ -237,16 +238,16 @@ def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
         ValueError: a folder holds no image file, no path or an empty one was given.
     """
     if not paths:
-        raise ValueError("no input given: name image files or folders to embed")
+        raise InputError("no input given: name image files or folders to embed")
     found: list[Path] = []
     for given in paths:
         if not os.fspath(given).strip():
-            raise ValueError("an empty path was given; name an image file or folder")
+            raise InputError("an empty path was given; name an image file or folder")
         p = Path(given)
         if p.is_dir():
             files = images_under(p)
             if not files:
-                raise ValueError(
+                raise InputError(
                     f"{p}: no image file in this folder or below (accepted extensions: "
                     f"{', '.join(IMAGE_EXTENSIONS)}, any case)"
                 )

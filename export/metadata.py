@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ressl.config.settings import MAX_IMAGE_SIZE
+from ressl.errors import ExportError
 from ressl.jsontext import parse_json
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "INPUT_NAME", "OUTPUT_NAME", "ModelInfo"]
@@ -112,7 +113,7 @@ class ModelInfo:
 
         def get(key: str) -> str:
             if key not in meta:
-                raise ValueError(f"{where}: metadata key {key!r} is missing")
+                raise ExportError(f"{where}: metadata key {key!r} is missing")
             return meta[key]
 
         try:
@@ -136,32 +137,32 @@ class ModelInfo:
                 metadata=meta,
             )
         except TypeError as e:
-            raise ValueError(f"{where}: malformed ressl metadata ({e})") from None
+            raise ExportError(f"{where}: malformed ressl metadata ({e})") from None
         except ValueError as e:
             if str(e).startswith(where):
                 raise
-            raise ValueError(f"{where}: malformed ressl metadata ({e})") from None
+            raise ExportError(f"{where}: malformed ressl metadata ({e})") from None
         info._check_values(where)
         return info
 
     def _check_values(self, where: str) -> None:
         """Each parsed value in its range (a ValueError naming the file otherwise)."""
         if self.channels < 1 or len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError(
+            raise ExportError(
                 f"{where}: metadata says {self.channels} channels but mean/std have "
                 f"{len(self.mean)}/{len(self.std)} values"
             )
         if not 1 <= self.image_size <= MAX_IMAGE_SIZE or self.embedding_dim < 1:
-            raise ValueError(
+            raise ExportError(
                 f"{where}: metadata has image_size {self.image_size}, embedding_dim "
                 f"{self.embedding_dim}; they must be in [1, {MAX_IMAGE_SIZE}] and >= 1"
             )
         if not all(math.isfinite(v) for v in self.mean) or not all(
             math.isfinite(v) and v > 0 for v in self.std
         ):
-            raise ValueError(f"{where}: metadata mean/std must be finite numbers (std > 0)")
+            raise ExportError(f"{where}: metadata mean/std must be finite numbers (std > 0)")
         if not isinstance(self.settings, dict):
-            raise ValueError(f"{where}: metadata settings is not a JSON object")
+            raise ExportError(f"{where}: metadata settings is not a JSON object")
 
     def check_signature(self, inputs: list[Any], outputs: list[Any], where: str = "model") -> None:
         """Refuse a graph whose input or output shape (dims: int, or a name / None when
@@ -178,12 +179,12 @@ class ModelInfo:
         """
         fixed = [isinstance(d, int) and d > 0 for d in inputs]
         if len(inputs) != 4 or (fixed[1] and inputs[1] != self.channels):
-            raise ValueError(
+            raise ExportError(
                 f"{where}: graph input has shape {inputs} but the metadata says "
                 f"{self.channels} channels"
             )
         if fixed[0]:
-            raise ValueError(
+            raise ExportError(
                 f"{where}: graph input has shape {inputs}: it takes batches of exactly "
                 f"{inputs[0]} images, but a ressl encoder takes any batch size"
             )
@@ -192,7 +193,7 @@ class ModelInfo:
             says = (
                 "any image size" if self.dynamic_spatial else f"{self.image_size}x{self.image_size}"
             )
-            raise ValueError(
+            raise ExportError(
                 f"{where}: graph input has shape {inputs} but the metadata says {says} "
                 f"(image_size {self.image_size}); the metadata is not this graph's"
             )
@@ -201,7 +202,7 @@ class ModelInfo:
             or outputs[1] != self.embedding_dim
             or (isinstance(outputs[0], int) and outputs[0] > 0)
         ):
-            raise ValueError(
+            raise ExportError(
                 f"{where}: graph output has shape {outputs} but the metadata says "
                 f"(batch, {self.embedding_dim}) embeddings; the metadata is not this graph's"
             )
@@ -218,12 +219,12 @@ class ModelInfo:
 def _check_format(meta: Mapping[str, str], where: str) -> None:
     """A ressl encoder's format tags, or a ValueError saying what the file is instead."""
     if meta.get("format") != FORMAT:
-        raise ValueError(
+        raise ExportError(
             f"{where} is an ONNX file but not a ressl encoder (no format={FORMAT!r} in its metadata); "
             "export one with `ressl export CHECKPOINT -o MODEL.onnx`"
         )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise ExportError(
             f"{where} has ressl encoder format version {meta.get('format_version')!r}; "
             f"this ressl reads version {FORMAT_VERSION}"
         )

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ressl.errors import ExportError, first_line
+
 from .metadata import ModelInfo
 
 if TYPE_CHECKING:
@@ -20,16 +22,15 @@ def _load(path: Path) -> onnx.ModelProto:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if not path.is_file():
-        raise ValueError(f"{path} is a folder, not an ONNX file")
+        raise ExportError(f"{path} is a folder, not an ONNX file")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, onnx's own errors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"{path} is not a valid ONNX file (truncated or another format: {first})"
+        raise ExportError(
+            f"{path} is not a valid ONNX file (truncated or another format: {first_line(e)})"
         ) from None
     if not proto.HasField("graph") or not proto.graph.input or not proto.graph.output:
-        raise ValueError(f"{path} is not a valid ONNX file (no graph with inputs and outputs)")
+        raise ExportError(f"{path} is not a valid ONNX file (no graph with inputs and outputs)")
     return proto
 
 

@@ -26,6 +26,7 @@ import base64
 import binascii
 import ipaddress
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -44,7 +45,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ressl.errors import ConfigError
+from ressl.errors import ConfigError, InputError
 from ressl.jsontext import json_depth
 from ressl.rules import Rule, choice, integer, interval
 
@@ -318,12 +319,8 @@ class EmbeddingService:
             raise BadInput(413, f"{name} is {e}") from None
         except Image.DecompressionBombError as e:
             raise BadInput(413, f"{name}: {unreadable_reason(e)}") from None
-        except ValueError as e:  # a model that takes no image files (pil_mode)
-            if "channel" in str(e):
-                raise BadInput(400, str(e)) from None
-            raise BadInput(
-                400, f"{name} is not an image PIL can read ({unreadable_reason(e)})"
-            ) from None
+        except InputError as e:  # a model that takes no image files (pil_mode)
+            raise BadInput(400, str(e)) from None
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ...
             raise BadInput(
                 400, f"{name} is not an image PIL can read ({unreadable_reason(e)})"
@@ -452,7 +449,8 @@ class EmbeddingService:
             response = _error(e.status, str(e))
         except ClientDisconnect:  # gone mid-upload: nobody reads the answer, nor is it an error
             response = Response(status_code=CLIENT_CLOSED)
-        except Exception as e:  # noqa: BLE001 - the model failed: the server stays up
+        except Exception as e:  # noqa: BLE001 - the model failed or a bug: the server stays up
+            logging.getLogger(__name__).exception("embedding failed (HTTP 500)")
             response = _error(500, f"embedding failed: {type(e).__name__}: {e}")
         self.counters.embedded(time.perf_counter() - start, count)
         return response

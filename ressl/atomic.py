@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from ressl.errors import ConfigError
+
 __all__ = ["check_writable", "write_atomic"]
 
 
@@ -24,14 +26,14 @@ def check_writable(path: str | os.PathLike[str], what: str = "output") -> Path:
     """
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{what} {path} is a folder; name a file")
+        raise ConfigError(f"{what} {path} is a folder; name a file")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise ValueError(f"cannot write {what} {path}: {parent} is not a folder")
+        raise ConfigError(f"cannot write {what} {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {what} {path}: folder {parent} is not writable")
+        raise ConfigError(f"cannot write {what} {path}: folder {parent} is not writable")
     return path
 
 

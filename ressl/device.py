@@ -21,7 +21,7 @@ def select_device(device: str) -> torch.device:
         raise ConfigError.invalid("device", DEVICE.expect, device)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise ConfigError(
             f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu"
         )
     return dev
@@ -43,7 +43,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         )
     if precision == "bf16" and not supported:
-        raise ValueError(
+        raise ConfigError(
             f"precision 'bf16' is not supported on this {device.type}; use --precision fp32"
         )
     return torch.bfloat16 if supported else None

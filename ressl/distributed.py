@@ -82,14 +82,14 @@ class World:
             int(os.environ.get("RANK", "0"))  # checked here; init_process_group reads it
             local = int(os.environ.get("LOCAL_RANK", "0"))
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 "WORLD_SIZE, RANK and LOCAL_RANK must be integers (as torchrun sets them); "
                 f"got WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}, RANK={os.environ.get('RANK')!r}"
             ) from None
         if size <= 1:
             return cls()
         if not dist.is_available():
-            raise ValueError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+            raise ConfigError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
         mine = rank_device(device, size, local, _gpus())  # refused before the rendezvous
         gpu = mine.startswith("cuda") and torch.cuda.is_available()
         if gpu:

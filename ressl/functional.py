@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ressl.errors import ConfigError
+
 __all__ = [
     "sharpen",
     "relation",
@@ -36,7 +38,7 @@ def _check_temperature(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
 
 
 def _check_embeddings(name: str, z: Tensor, queue: Tensor) -> None:
@@ -241,7 +243,7 @@ def queue_push_(queue: Tensor, ptr: _Ptr, keys: Tensor) -> _Ptr:
     if keys.shape[1] != d:
         raise ValueError(f"queue has dim {d} but keys have dim {keys.shape[1]}")
     if b > k:
-        raise ValueError(f"cannot push {b} keys into a queue of size {k}; use queue_size >= batch")
+        raise ConfigError(f"cannot push {b} keys into a queue of size {k}; use queue_size >= batch")
     keys = keys.detach().to(queue.dtype)
     if isinstance(ptr, Tensor):
         index = (ptr.to(queue.device) + torch.arange(b, device=queue.device)) % k
@@ -279,7 +281,7 @@ def ema_update_(
         ValueError: if ``momentum`` is outside ``[0, 1]`` or the modules differ.
     """
     if not (0.0 <= float(momentum) <= 1.0):
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        raise ConfigError(f"momentum must be in [0, 1], got {momentum}")
     t_params: list[Tensor] = list(teacher.parameters())
     s_params: list[Tensor] = list(student.parameters())
     if len(t_params) != len(s_params):
@@ -318,6 +320,6 @@ def random_queue(
         ``(K, D)`` float32 L2-normalised rows.
     """
     if size < 1 or dim < 1:
-        raise ValueError(f"queue size and dim must be >= 1, got size={size}, dim={dim}")
+        raise ConfigError(f"queue size and dim must be >= 1, got size={size}, dim={dim}")
     q = torch.randn(size, dim, generator=generator, device=device)
     return F.normalize(q, dim=1)

@@ -10,6 +10,8 @@ import json
 import re
 from typing import Any
 
+from ressl.errors import DataError
+
 __all__ = ["MAX_JSON_CHARS", "MAX_JSON_DEPTH", "parse_json"]
 
 #: Deepest nesting accepted. ressl writes at most 4 levels (the optimiser's state in a
@@ -50,12 +52,12 @@ def parse_json(
         ValueError: not JSON, too deep or too long, naming ``what`` and the bound.
     """
     if len(text) > max_chars:
-        raise ValueError(
+        raise DataError(
             f"{what} is {len(text):,} characters of JSON; at most {max_chars:,} are read"
         )
     if json_depth(text, max_depth) > max_depth:
-        raise ValueError(f"{what} nests JSON deeper than {max_depth} levels; refused")
+        raise DataError(f"{what} nests JSON deeper than {max_depth} levels; refused")
     try:
         return json.loads(text)
     except (ValueError, RecursionError):  # (RecursionError: a bound above the stack's)
-        raise ValueError(f"{what} is not valid JSON") from None
+        raise DataError(f"{what} is not valid JSON") from None

@@ -97,6 +97,7 @@ def is_int(v: Any) -> bool:
 
 
 def is_number(v: Any) -> bool:
+    """A finite real number, not a bool (``True`` is no setting's number)."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 

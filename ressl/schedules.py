@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from ressl.errors import ConfigError
+
 __all__ = ["cosine_lr", "momentum_schedule"]
 
 
@@ -29,11 +31,11 @@ def momentum_schedule(
         ValueError: on an unknown schedule or out-of-range arguments.
     """
     if schedule not in ("constant", "cosine"):
-        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+        raise ConfigError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if not 0.0 <= base <= 1.0:
-        raise ValueError(f"base momentum must be in [0, 1], got {base}")
+        raise ConfigError(f"base momentum must be in [0, 1], got {base}")
     if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        raise ConfigError(f"total_steps must be >= 1, got {total_steps}")
     if schedule == "constant":
         return float(base)
     progress = min(max(step, 0), total_steps) / total_steps
@@ -70,13 +72,13 @@ def cosine_lr(
         ValueError: on out-of-range arguments.
     """
     if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        raise ConfigError(f"total_steps must be >= 1, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(
+        raise ConfigError(
             f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}"
         )
     if base_lr < 0:
-        raise ValueError(f"base_lr must be >= 0, got {base_lr}")
+        raise ConfigError(f"base_lr must be >= 0, got {base_lr}")
     if step < warmup_steps:
         return base_lr * (step + (0 if warmup_from_zero else 1)) / warmup_steps
     span = max(total_steps - warmup_steps, 1)

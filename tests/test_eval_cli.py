@@ -152,7 +152,7 @@ def test_eval_user_errors_are_one_line(capsys, tmp_path: Path, tiny_run: Path):
         (["eval", "knn", tmp_path / "absent.safetensors"], "no such file or folder"),
         (["eval", "linear", tmp_path / "absent"], "no such file or folder"),
         (["eval", "knn", tmp_path / "notes.txt"], "not a readable safetensors file"),
-        (["eval", "knn", tmp_path / "bad.onnx"], "not a loadable ONNX model"),
+        (["eval", "knn", tmp_path / "bad.onnx"], "is not a valid ONNX model"),
         (["eval", "knn", tiny_run, "--dataset", "mnist"], "dataset must be one of fashion-mnist"),
         (
             ["eval", "knn", tiny_run, "--dataset", f"folder:{tmp_path / 'nowhere'}"],

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ressl.data.imagefiles import as_mode, decode_to_size, opened_image
+from ressl.errors import ConfigError
 
 __all__ = [
     "crop_boxes",
@@ -37,7 +38,7 @@ __all__ = [
 def pil_mode(channels: int) -> str:
     """The PIL mode of ``channels``: "L" for 1, "RGB" for 3."""
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
+        raise ConfigError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
     return "L" if channels == 1 else "RGB"
 
 

@@ -34,6 +34,7 @@ from ressl.data.imagefiles import (
 )
 from ressl.data.registry import DatasetInfo
 from ressl.data.sources import FolderImages, ImageData, ImageSource, TensorImages
+from ressl.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -158,7 +159,7 @@ def split_dirs(path: Path) -> tuple[Path, Path, Path | None]:
     if not path.exists():
         raise FileNotFoundError(f"image folder {path} does not exist")
     if not path.is_dir():
-        raise ValueError(f"folder:PATH must name a directory, got the file {path}")
+        raise ConfigError(f"folder:PATH must name a directory, got the file {path}")
     path = path.resolve()
     test_dir = next((path / s for s in ("test", "val") if (path / s).is_dir()), None)
     train_dir = path / "train" if (path / "train").is_dir() and test_dir else path
@@ -175,7 +176,7 @@ def scan_train(train_dir: Path, subset: int | None) -> tuple[list[Path], list[in
     """
     files, labels, classes = _scan_split(train_dir)
     if not files:
-        raise ValueError(
+        raise DataError(
             f"no image file in {train_dir} (accepted extensions: "
             f"{', '.join(IMAGE_EXTENSIONS)}, any case)"
         )
@@ -210,7 +211,7 @@ def scan_test(
         return None
     unknown = sorted(set(t_classes) - set(classes))
     if unknown:
-        raise ValueError(f"{test_dir} has classes not in {train_dir}: {', '.join(unknown[:5])}")
+        raise DataError(f"{test_dir} has classes not in {train_dir}: {', '.join(unknown[:5])}")
     index = {c: i for i, c in enumerate(classes)}
     return t_files, [index[f.relative_to(test_dir).parts[0]] for f in t_files]
 
@@ -246,7 +247,7 @@ def _folder_source(
             ", ".join(bad[:3]),
         )
     if len(source) == 0:
-        raise ValueError(
+        raise DataError(
             f"no readable image in {split} (accepted extensions: {', '.join(IMAGE_EXTENSIONS)}, "
             "any case)"
         )

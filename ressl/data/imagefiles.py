@@ -25,6 +25,8 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from ressl.errors import DataError
+
 __all__ = [
     "GREY_MODES",
     "IMAGE_EXTENSIONS",
@@ -119,7 +121,7 @@ def _regular_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(f"{os.fspath(path)}: a folder, not an image file")
         if not stat.S_ISREG(mode):
-            raise ValueError(f"{os.fspath(path)}: not a regular file (a pipe, socket or device)")
+            raise DataError(f"{os.fspath(path)}: not a regular file (a pipe, socket or device)")
         file = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -236,7 +238,7 @@ def as_mode(image: Image.Image, mode: str) -> Image.Image:
     try:
         return image.convert(mode)  # (a copy even in the same mode: the file may close after)
     except ValueError as e:
-        raise ValueError(f"PIL cannot convert a mode {image.mode} image to {mode} ({e})") from None
+        raise DataError(f"PIL cannot convert a mode {image.mode} image to {mode} ({e})") from None
 
 
 #: The resized image :func:`resize_center_crop` may build whole, in multiples of the

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from ressl.data.decode import crop_boxes, cut_crops, decode_crops, pil_mode
 from ressl.data.imagefiles import as_mode, is_upright, opened_image
+from ressl.errors import first_line
 
 __all__ = [
     "MAX_RESIZE_FACTOR",
@@ -260,8 +261,7 @@ def _probe_failure(device: torch.device) -> str:
             (image,) = decode_jpeg([_probe_jpeg()], mode=ImageReadMode.RGB, device=device)
         mean = image.float().mean(dim=(1, 2)).cpu()  # (3,); a sync, once per device
     except Exception as error:  # noqa: BLE001 - a missing or broken decoder raises anything
-        first_line = (str(error).strip().splitlines() or [""])[0]  # CUDA errors run long
-        return f"{type(error).__name__}: {first_line}"
+        return f"{type(error).__name__}: {first_line(error)}"  # CUDA errors run long
     expected = torch.tensor(_PROBE_RGB, dtype=torch.float32)
     if image.shape != (3, 16, 16) or (mean - expected).abs().max() > _PROBE_TOLERANCE:
         return f"decoded {tuple(image.shape)} of mean {mean.tolist()}, not {_PROBE_RGB}"

@@ -104,11 +104,11 @@ def load_dataset(
             or a folder's path does not exist.
     """
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+        raise ConfigError(f"image_size must be a positive int or None, got {image_size!r}")
     if subset is not None and (not isinstance(subset, int) or subset < 1):
-        raise ValueError(f"subset must be a positive int or None, got {subset!r}")
+        raise ConfigError(f"subset must be a positive int or None, got {subset!r}")
     if channels is not None and channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (greyscale), 3 (RGB) or None, got {channels!r}")
+        raise ConfigError(f"channels must be 1 (greyscale), 3 (RGB) or None, got {channels!r}")
     entry, path = find(spec)
     t0 = time.perf_counter()
     size = image_size or entry.image_size

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ressl.data.decode import decode_crops, decode_image, ignore_stop_signals
 from ressl.data.jpegs import EncodedFile, collate_encoded, decode_on_device, read_for_device
+from ressl.errors import ConfigError
 from ressl.rules import DECODE_PLACES
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class ImageSource(ABC):
     def num_batches(self, batch_size: int, drop_last: bool = True) -> int:
         """Batches per epoch: ``N // batch_size``, or rounded up when not ``drop_last``."""
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         n = len(self)
         return n // batch_size if drop_last else math.ceil(n / batch_size)
 
@@ -251,9 +252,9 @@ class FolderImages(ImageSource, Dataset):
                 f"labels must have shape ({len(self.files)},), got {tuple(self.labels.shape)}"
             )
         if image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
+            raise ConfigError(f"image_size must be >= 1, got {image_size}")
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
+            raise ConfigError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
         self.image_size, self.channels = image_size, channels
 
     def __len__(self) -> int:
@@ -332,7 +333,7 @@ class FolderImages(ImageSource, Dataset):
             ``([crop_1 (B, C, s_1, s_1) uint8, ...], labels (B,))`` on ``device``.
         """
         if decode not in DECODE_PLACES:
-            raise ValueError(f"decode must be one of {', '.join(DECODE_PLACES)}, got {decode!r}")
+            raise ConfigError(f"decode must be one of {', '.join(DECODE_PLACES)}, got {decode!r}")
         device = torch.device(device)
         order, todo = self._plan(
             batch_size, epoch=epoch, seed=seed, shuffle=True, drop_last=True, start=start
@@ -432,7 +433,7 @@ class ImageData:
 
     def __post_init__(self) -> None:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError(
+            raise ConfigError(
                 f"mean and std need {self.channels} values (one per channel), "
                 f"got {len(self.mean)} and {len(self.std)}"
             )

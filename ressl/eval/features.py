@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ressl.errors import ConfigError
 from ressl.views import normalize
 
 if TYPE_CHECKING:
@@ -116,11 +117,11 @@ def split_features(
         ValueError: if the dataset has no labelled training split or no labelled test split.
     """
     if data.memory is None or not data.classes:
-        raise ValueError(
+        raise ConfigError(
             f"dataset {data.name!r} has no labels; kNN and linear evaluation need a labelled train split"
         )
     if data.test is None:
-        raise ValueError(
+        raise ConfigError(
             f"dataset {data.name!r} has no labelled test split (a folder needs test/ or val/ "
             "with the same class sub-folders as train/)"
         )

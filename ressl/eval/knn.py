@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ressl.errors import ConfigError
 from ressl.eval.features import topk_accuracy
 from ressl.rules import KNN_K, KNN_TEMPERATURE
 
@@ -53,11 +54,11 @@ def knn_predict(
             f"bank_labels must have shape ({bank_features.shape[0]},), got {tuple(bank_labels.shape)}"
         )
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ConfigError(f"k must be >= 1, got {k}")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     k = min(k, bank_features.shape[0])
     labels = bank_labels.to(bank_features.device)
     out = []

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ressl.errors import ConfigError, DataError
 from ressl.eval.features import topk_accuracy
 from ressl.rules import LEARNING_RATE, WEIGHT_DECAY
 from ressl.schedules import cosine_lr
@@ -71,10 +72,10 @@ def linear_probe(
     """
     _check_probe(train_features, train_labels, test_features, test_labels, num_classes)
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
     LEARNING_RATE.check("lr", lr)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     WEIGHT_DECAY.check("weight_decay", weight_decay)
     device = torch.device(device) if device is not None else train_features.device
     gen = torch.Generator().manual_seed(seed)
@@ -109,11 +110,11 @@ def _check_probe(
     num_classes: int,
 ) -> None:
     if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
     if train_features.ndim != 2 or test_features.ndim != 2:
         raise ValueError("train_features and test_features must be (N, F) and (M, F) tensors")
     if train_features.shape[0] < 2:
-        raise ValueError(
+        raise DataError(
             f"the linear probe needs at least 2 training examples, got {train_features.shape[0]}"
         )
     if train_features.shape[1] != test_features.shape[1]:

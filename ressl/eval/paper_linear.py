@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ressl.data.sources import ImageSource
+from ressl.errors import ConfigError, DataError
 from ressl.rules import LEARNING_RATE, WEIGHT_DECAY
 from ressl.schedules import cosine_lr
 from ressl.views import normalize, weak_view
@@ -116,11 +117,11 @@ def paper_linear_eval(
         ("num_classes", num_classes, 2),
     ):
         if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
     LEARNING_RATE.check("lr", lr)
     WEIGHT_DECAY.check("weight_decay", weight_decay)
     if len(train) < 1 or len(test) < 1:
-        raise ValueError(f"need training and test images, got {len(train)} and {len(test)}")
+        raise DataError(f"need training and test images, got {len(train)} and {len(test)}")
     device = torch.device(device)
     init = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ressl.errors import ConfigError
+from ressl.errors import ConfigError, DataError
 
 __all__ = ["affinities", "tsne"]
 
@@ -60,7 +60,7 @@ def affinities(
         )
     n = distances_sq.shape[0]
     if not 1.0 <= perplexity < n:
-        raise ValueError(f"perplexity must be in [1, N) = [1, {n}), got {perplexity}")
+        raise ConfigError(f"perplexity must be in [1, N) = [1, {n}), got {perplexity}")
     eye = torch.eye(n, dtype=torch.bool, device=distances_sq.device)
     d = distances_sq.double().masked_fill(eye, math.inf)
     # Shifting a row by its smallest distance changes neither p_{j|i} nor its entropy,
@@ -141,9 +141,9 @@ def tsne(
         raise ValueError(f"x must be a (N, F) tensor, got shape {tuple(x.shape)}")
     n = x.shape[0]
     if n < 4:
-        raise ValueError(f"t-SNE needs at least 4 points, got {n}")
+        raise ConfigError(f"t-SNE needs at least 4 points, got {n}")
     if dims < 1:
-        raise ValueError(f"dims must be >= 1, got {dims}")
+        raise ConfigError(f"dims must be >= 1, got {dims}")
     if iterations < 1:
         raise ConfigError.invalid("iterations", ">= 1", iterations)
     if exaggeration_iterations < 0:
@@ -151,7 +151,7 @@ def tsne(
     if not perplexity > 0:
         raise ConfigError.invalid("perplexity", "> 0", perplexity)
     if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or infinite values")
+        raise DataError("x contains NaN or infinite values")
     x = x.float()
     perplexity = min(perplexity, max((n - 1) / 3.0, 1.0))
     cond = affinities(_squared_distances(x), perplexity)

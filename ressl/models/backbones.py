@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ressl.errors import ConfigError, ExportError, first_line
 from ressl.jsontext import parse_json
 from ressl.rules import BACKBONE_FAMILIES, BackboneNames, backbone_choices, split_backbone
 
@@ -81,7 +82,7 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 32) -> None:
         super().__init__()
         if width < 1:
-            raise ValueError(f"width must be >= 1, got {width}")
+            raise ConfigError(f"{{width}} must be >= 1, got {width}", "width")
         widths = [width, 2 * width, 4 * width, 8 * width]
         layers: list[nn.Module] = []
         c = in_channels
@@ -147,7 +148,7 @@ class BackboneBuild:
         """
         family = FAMILIES.get(self.library)
         if family is None or family.code is None:
-            raise ValueError(f"{self.spec} is a module of its own; build it as its author does")
+            raise ExportError(f"{self.spec} is a module of its own; build it as its author does")
         lines = family.code(self)
         lines += [f"net{_attribute(p)} = torch.nn.{m}  # {why}" for p, m, why in self.changes]
         lines.append(f"net.load_state_dict(load_file({weights_file!r}))")
@@ -233,15 +234,18 @@ def _first_conv(net: nn.Module, in_channels: int, spec: str) -> list[Change]:
             new = _conv_like(module, in_channels)
             _set(net, path, new)
             return [(path, _conv_code(new), f"{in_channels}-channel input")]
-    raise ValueError(f"{spec} has no Conv2d to take {in_channels}-channel images")
+    raise ConfigError(
+        f"{{backbone}} {spec} has no Conv2d to take {in_channels}-channel images", "backbone"
+    )
 
 
 def _drop_classifier(net: nn.Module, spec: str) -> list[Change]:
     linears = [p for p, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(
-            f"{spec} has no final Linear layer (its classifier) to remove; train it through "
-            "the API as an nn.Module that returns (batch, features)"
+        raise ConfigError(
+            f"{{backbone}} {spec} has no final Linear layer (its classifier) to remove; train it through "
+            "the API as an nn.Module that returns (batch, features)",
+            "backbone",
         )
     path = linears[-1]
     parent_path, _, child = path.rpartition(".")
@@ -278,9 +282,10 @@ def _torchvision(
 
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
-        raise ValueError(
-            f"{spec} is not a torchvision classification model; it has "
-            f"{', '.join(names[:6])}, ... ({len(names)} in all: torchvision.models.list_models())"
+        raise ConfigError(
+            f"{{backbone}} {spec} is not a torchvision classification model; it has "
+            f"{', '.join(names[:6])}, ... ({len(names)} in all: torchvision.models.list_models())",
+            "backbone",
         )
     kwargs: dict[str, Any] = {"image_size": image_size} if name.startswith("vit_") else {}
     if name in ("googlenet", "inception_v3"):
@@ -303,10 +308,13 @@ def _timm(
     try:
         import timm
     except ImportError:
-        raise ValueError(f"{spec} needs timm: pip install 'ressl[timm]'") from None
+        raise ConfigError(
+            f"{{backbone}} {spec} needs timm: pip install 'ressl[timm]'", "backbone"
+        ) from None
     if not timm.is_model(name):
-        raise ValueError(
-            f"{spec} is not a timm model (timm {timm.__version__}); timm.list_models() lists them"
+        raise ConfigError(
+            f"{{backbone}} {spec} is not a timm model (timm {timm.__version__}); timm.list_models() lists them",
+            "backbone",
         )
     net, sized = _with_size(
         timm.create_model,
@@ -346,17 +354,18 @@ def _feature_dim(net: nn.Module, spec: str, in_channels: int, image_size: int) -
         with torch.no_grad():
             out = _forward_one(net, in_channels, image_size)
     except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"{spec} cannot take {in_channels}x{image_size}x{image_size} images: {first}"
+        raise ConfigError(
+            f"{{backbone}} {spec} cannot take {in_channels}x{image_size}x{image_size} images: {first_line(e)}",
+            "backbone",
         ) from None
     finally:
         net.train(training)
     if not isinstance(out, Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
-            f"{spec} gives {shape} for one {in_channels}x{image_size}x{image_size} "
-            "image; a backbone must return (batch, features): end it in global pooling"
+        raise ConfigError(
+            f"{{backbone}} {spec} gives {shape} for one {in_channels}x{image_size}x{image_size} "
+            "image; a backbone must return (batch, features): end it in global pooling",
+            "backbone",
         )
     return int(out.shape[1])
 
@@ -503,9 +512,10 @@ def _timm_code(build: BackboneBuild) -> list[str]:
 def _custom(
     name: str, in_channels: int, image_size: int, width: int, spec: str
 ) -> tuple[nn.Module, dict[str, Any], list[Change]]:
-    raise ValueError(
-        f"{spec} was a module given through the API; pass that module again "
-        "(e.g. load_encoder(path, backbone=module)) to rebuild it"
+    raise ConfigError(
+        f"{{backbone}} {spec} was a module given through the API; pass that module again "
+        "(e.g. load_encoder(path, backbone=module)) to rebuild it",
+        "backbone",
     )
 
 
@@ -587,9 +597,9 @@ def build_backbone(
         ValueError: on an unknown name, bad sizes, or a model that cannot take the images.
     """
     if in_channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
     if image_size < 8:
-        raise ValueError(f"image_size must be >= 8, got {image_size}")
+        raise ConfigError(f"{{image_size}} must be >= 8, got {image_size}", "image_size")
     kwargs: dict[str, Any] = {}
     changes: list[Change] = []
     if isinstance(name, nn.Module):
@@ -597,7 +607,9 @@ def build_backbone(
     else:
         parts = split_backbone(name)
         if parts is None:
-            raise ValueError(f"backbone must be one of {backbone_choices()}; got {name!r}")
+            raise ConfigError(
+                f"{{backbone}} must be one of {backbone_choices()}; got {name!r}", "backbone"
+            )
         library, model = parts
         spec = name
         net, kwargs, changes = FAMILIES[library].build(model, in_channels, image_size, width, spec)

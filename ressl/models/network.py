@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ressl.config.settings import BACKBONES
 from ressl.config.specs import ModelSpec
+from ressl.errors import ConfigError
 from ressl.functional import queue_push_, random_queue
 from ressl.models.backbones import BackboneBuild, SmallCNN, build_backbone
 
@@ -38,7 +39,7 @@ class ProjectionHead(nn.Module):
         super().__init__()
         for arg, v in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
             if v < 1:
-                raise ValueError(f"{arg} must be >= 1, got {v}")
+                raise ConfigError(f"{arg} must be >= 1, got {v}")
         self.net = nn.Sequential(
             nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
         )
@@ -100,7 +101,7 @@ class ReSSL(nn.Module):
     ) -> None:
         super().__init__()
         if queue_size < 1:
-            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+            raise ConfigError(f"queue_size must be >= 1, got {queue_size}")
         net = build_backbone(backbone, in_channels, image_size, width)
         self.backbone_build: BackboneBuild = net.ressl_build  # type: ignore[assignment]
         feat_dim = self.backbone_build.feature_dim

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ressl._version import __version__
 from ressl.atomic import write_atomic
-from ressl.errors import CheckpointError
+from ressl.errors import CheckpointError, ConfigError
 from ressl.jsontext import parse_json
 from ressl.models.network import ReSSL, model_from_spec
 from ressl.rules import is_number
@@ -129,19 +129,19 @@ def load_optimizer_tensors(
         state.setdefault(int(idx), {}).update(entry)
     count = sum(len(group["params"]) for group in optimizer.param_groups)
     if state and set(state) != set(range(count)):  # after the first step, every one has state
-        raise ValueError(f"it has optimizer state for {len(state)} of the {count} parameters")
+        raise CheckpointError(f"it has optimizer state for {len(state)} of the {count} parameters")
     for group in rest["param_groups"]:
         for key, value in group.items():
             plain = value is None or isinstance(value, bool) or is_number(value)
             if key != "params" and not plain:
-                raise ValueError(f"param group setting {key!r} is {value!r}, not a number")
+                raise CheckpointError(f"param group setting {key!r} is {value!r}, not a number")
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
     for group in optimizer.param_groups:
         for param in group["params"]:
             entry = optimizer.state.get(param, {})
             for key, value in entry.items():
                 if isinstance(value, Tensor) and value.shape != param.shape:
-                    raise ValueError(
+                    raise CheckpointError(
                         f"its {key} of shape {tuple(value.shape)} is for a parameter "
                         f"of shape {tuple(param.shape)}"
                     )
@@ -312,7 +312,7 @@ def open_encoder(
 ) -> tuple[nn.Module, CheckedFile]:
     """``load_encoder``, with the checked file (its metadata and specs) in place of the settings."""
     if weights not in ("student", "teacher"):
-        raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
+        raise ConfigError(f"weights must be 'student' or 'teacher', got {weights!r}")
     checked = check_file(path, backbone)  # sizes agree with the file's tensors before any is built
     tensors, _ = load_checkpoint(checked.path)
     check_finite(checked.path, tensors, prefix=f"model.{weights}.")

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from ressl.config.specs import DataSpec, ModelSpec
-from ressl.errors import CheckpointError
+from ressl.errors import CheckpointError, ConfigError
 from ressl.models.network import model_from_spec
 from ressl.rules import is_int
 from ressl.runs.folder import resolve_checkpoint
@@ -169,7 +169,7 @@ def _checked(
     data = DataSpec.from_settings(settings, model.channels, str(path))
     custom = model.backbone.startswith("custom:")
     if backbone is not None and not custom:
-        raise ValueError(
+        raise ConfigError(
             f"backbone= rebuilds a custom module; {path} was trained with {model.backbone}, "
             "which ressl builds itself: leave backbone unset"
         )

@@ -198,10 +198,10 @@ def read_metrics(
         try:
             row = parse_json(line, f"{path} line {number}")
             if not isinstance(row, dict):
-                raise ValueError(f"{path} line {number} is not a JSON object")
+                raise CheckpointError(f"{path} line {number} is not a JSON object")
             epoch = row.get("epoch")
             if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
-                raise ValueError(f"{path} line {number} has no epoch number (an integer >= 1)")
+                raise CheckpointError(f"{path} line {number} has no epoch number (an integer >= 1)")
         except ValueError as e:
             if on_bad_line is None:
                 raise

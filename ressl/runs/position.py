@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ressl.errors import CheckpointError
+
 __all__ = ["Position"]
 
 
@@ -41,12 +43,12 @@ class Position:
     def from_metadata(cls, meta: Mapping[str, str], epochs: object = None) -> Position:
         """The position a checkpoint's (checked) metadata records. Checkpoints before
         ``steps_per_epoch`` was recorded give it by ``step = epoch * steps + batch``."""
-        epoch, batch = int(meta.get("epoch", 0)), int(meta.get("batch_in_epoch", 0))
+        epoch, batch = _integer(meta, "epoch"), _integer(meta, "batch_in_epoch")
         steps: int | None = None
         if "steps_per_epoch" in meta:
-            steps = int(meta["steps_per_epoch"])
+            steps = _integer(meta, "steps_per_epoch")
         elif epoch > 0 and "step" in meta:
-            steps = (int(meta["step"]) - batch) // epoch
+            steps = (_integer(meta, "step") - batch) // epoch
         total = epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
         return cls(epoch, batch, steps if steps and steps > 0 else None, total)
 
@@ -66,3 +68,12 @@ class Position:
             return f"epoch {self.epoch + 1}{of}, {self.batch} batches done"
         share = int(100 * self.batch / self.steps_per_epoch)  # never 100% before its end
         return f"epoch {self.epoch + 1}{of}, {share}% done ({self.epochs_done:.2f} epochs)"
+
+
+def _integer(meta: Mapping[str, str], key: str) -> int:
+    """The integer metadata field ``key`` (0 when absent), or a CheckpointError naming it."""
+    text = meta.get(key, "0")
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"its metadata {key!r} is {text[:40]!r}, not an integer") from None

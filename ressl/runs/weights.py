@@ -29,6 +29,7 @@ from torch import nn
 
 from ressl._version import __version__
 from ressl.atomic import write_atomic
+from ressl.errors import ConfigError
 from ressl.models.backbones import BackboneBuild
 from ressl.runs.checkpoint import open_encoder
 from ressl.runs.folder import resolve_checkpoint
@@ -112,7 +113,7 @@ def save_backbone_weights(
     """
     out = Path(out)
     if out.suffix != ".safetensors":
-        raise ValueError(f"out must name a .safetensors file, got {out}")
+        raise ConfigError(f"out must name a .safetensors file, got {out}")
     file = resolve_checkpoint(checkpoint)
     encoder, checked = open_encoder(file, weights, backbone=backbone)
     model, data = checked.model, checked.data

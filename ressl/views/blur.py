@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import Tensor
 from torch.nn import functional as F
 
+from ressl.errors import ConfigError
 from ressl.views.checks import check_images, check_per_image, coin, device_constant, syncs_are_free
 
 __all__ = ["BLUR_MODES", "blur_kernel_size", "gaussian_blur", "pil_gaussian_blur", "random_blur"]
@@ -146,14 +147,14 @@ def gaussian_blur(images: Tensor, sigma: Tensor, *, kernel_size: int) -> Tensor:
     b, _, height, width = images.shape
     sigma = check_per_image("sigma", sigma, b)
     if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be an odd int >= 1, got {kernel_size!r}")
+        raise ConfigError(f"kernel_size must be an odd int >= 1, got {kernel_size!r}")
     if kernel_size // 2 >= min(height, width):
-        raise ValueError(
+        raise ConfigError(
             f"kernel_size {kernel_size} needs images larger than {kernel_size // 2} pixels "
             f"(reflect padding), got {height}x{width}"
         )
     if not bool((sigma > 0).all()):  # a device sync, but a zero sigma would give NaNs
-        raise ValueError(f"sigma must be > 0 for every image, got min {sigma.min().item()}")
+        raise ConfigError(f"sigma must be > 0 for every image, got min {sigma.min().item()}")
     return _gaussian_blur(images, sigma, kernel_size)
 
 

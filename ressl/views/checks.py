@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ressl.rules import JITTER, PROBABILITY
+from ressl.errors import ConfigError
+from ressl.rules import JITTER, PROBABILITY, is_number
 
 __all__ = [
     "check_channel_stats",
@@ -27,7 +28,6 @@ __all__ = [
     "check_size",
     "coin",
     "device_constant",
-    "is_number",
     "per_image",
     "syncs_are_free",
 ]
@@ -65,19 +65,15 @@ def check_generator(generator: object, device: torch.device) -> torch.Generator:
     return generator
 
 
-def is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def check_size(size: object) -> int:
     if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"size must be an int >= 1, got {size!r}")
+        raise ConfigError(f"size must be an int >= 1, got {size!r}")
     return int(size)
 
 
 def check_prob(name: str, p: object) -> float:
     if not PROBABILITY.ok(p):  # the rule TrainConfig checks too
-        raise ValueError(f"{name} must be {PROBABILITY.expect}, got {p!r}")
+        raise ConfigError(f"{name} must be {PROBABILITY.expect}, got {p!r}")
     return float(p)  # type: ignore[arg-type]
 
 
@@ -85,13 +81,13 @@ def check_range(name: str, value: object, *, high: float = math.inf) -> tuple[fl
     ok = isinstance(value, Sequence) and len(value) == 2 and all(map(is_number, value))
     if not ok or not 0 < value[0] <= value[1] <= high:  # type: ignore[index]
         rule = "0 < a <= b" + ("" if high == math.inf else f" <= {high:g}")
-        raise ValueError(f"{name} must be a pair (a, b) with {rule}, got {value!r}")
+        raise ConfigError(f"{name} must be a pair (a, b) with {rule}, got {value!r}")
     return float(value[0]), float(value[1])  # type: ignore[index]
 
 
 def check_jitter(jitter: object) -> tuple[float, float, float, float]:
     if not JITTER.ok(jitter):  # the rule TrainConfig checks too
-        raise ValueError(f"jitter must be {JITTER.expect}, got {jitter!r}")
+        raise ConfigError(f"jitter must be {JITTER.expect}, got {jitter!r}")
     b, c, s, h = (float(v) for v in jitter)  # type: ignore[attr-defined]
     return b, c, s, h
 
@@ -100,12 +96,12 @@ def check_channel_stats(name: str, values: object, channels: int) -> list[float]
     if not isinstance(values, Sequence) or not all(map(is_number, values)):
         raise TypeError(f"{name} must be a sequence of {channels} numbers, got {values!r}")
     if len(values) != channels:
-        raise ValueError(
+        raise ConfigError(
             f"{name} has {len(values)} values but images have {channels} channel(s); "
             f"pass one value per channel"
         )
     if name == "std" and min(values) <= 0:
-        raise ValueError(f"std must be > 0 for every channel, got {values!r}")
+        raise ConfigError(f"std must be > 0 for every channel, got {values!r}")
     return [float(v) for v in values]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ressl.errors import ConfigError
 from ressl.rules import JITTER_P, JITTER_STRENGTHS
 from ressl.views.blur import BLUR_MODES, random_blur
 from ressl.views.checks import (
@@ -210,7 +211,7 @@ def strong_view(
     flip_p = check_prob("flip_p", flip_p)
     blur_sigma = check_range("blur_sigma", blur_sigma)
     if blur_mode not in BLUR_MODES:
-        raise ValueError(f"blur_mode must be one of {', '.join(BLUR_MODES)}, got {blur_mode!r}")
+        raise ConfigError(f"blur_mode must be one of {', '.join(BLUR_MODES)}, got {blur_mode!r}")
     check_channel_stats("mean", mean, images.shape[1])
     check_channel_stats("std", std, images.shape[1])
     b, _, height, width = images.shape
@@ -316,7 +317,7 @@ class StrongView(_View):
             check_prob(name, getattr(self, name))
         check_range("blur_sigma", self.blur_sigma)
         if self.blur_mode not in BLUR_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"blur_mode must be one of {', '.join(BLUR_MODES)}, got {self.blur_mode!r}"
             )
 

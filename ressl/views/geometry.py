@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ressl.errors import ConfigError
 from ressl.views.checks import (
     check_generator,
     check_images,
@@ -74,7 +75,7 @@ def sample_crop_boxes(
     ratio = check_range("ratio", ratio)
     for name, value, least in (("batch", batch, 0), ("height", height, 1), ("width", width, 1)):
         if not isinstance(value, numbers.Integral) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+            raise ConfigError(f"{name} must be an int >= {least}, got {value!r}")
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     device = torch.device(generator.device)
@@ -222,7 +223,7 @@ def random_resized_crop(
 def flipped(images: Tensor, size: int, flip: Tensor) -> Tensor:
     """Pre-cropped ``(B, C, size, size)`` images as float32 in [0, 1], flipped where ``flip``."""
     if images.shape[2:] != (size, size):
-        raise ValueError(
+        raise ConfigError(
             f"with crop=False the images must already be {size}x{size} (cropped elsewhere, e.g. in "
             f"DataLoader workers), got {tuple(images.shape[2:])}; pass crop=True to crop here"
         )
@@ -255,11 +256,11 @@ def multicrop_scales(
     full_size = check_size(full_size)
     scale = check_range("scale", scale, high=1.0)
     if not sizes:
-        raise ValueError("sizes must hold at least one crop size")
+        raise ConfigError("sizes must hold at least one crop size")
     out: list[tuple[float, float]] = []
     for size in sizes:
         if not isinstance(size, numbers.Integral) or not 1 <= size <= full_size:
-            raise ValueError(f"each crop size must be an int in [1, {full_size}], got {size!r}")
+            raise ConfigError(f"each crop size must be an int in [1, {full_size}], got {size!r}")
         r = int(size) / full_size
         out.append((scale[0] * r, scale[1] * r))
     return out

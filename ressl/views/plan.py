@@ -95,7 +95,7 @@ class CropPlan:
         student = tuple(zip(sides, scales))
         if symmetric:
             if len(sides) != 1:
-                raise ValueError(
+                raise ConfigError(
                     "symmetric (2x backprop) takes one crop size; drop --crops or --symmetric"
                 )
             return cls(teacher=(full, full), student=(full, full), symmetric=True)

@@ -14,6 +14,7 @@ import torch
 from einops import rearrange
 
 from ressl.data.formats.common import Split, Splits, locate, take_subset
+from ressl.errors import DataError
 
 __all__ = ["read_cifar"]
 
@@ -68,9 +69,9 @@ def _unpickle(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             obj = _CifarUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise ValueError(f"{path} is not a readable CIFAR batch: {e}") from e
+        raise DataError(f"{path} is not a readable CIFAR batch: {e}") from e
     if not isinstance(obj, dict):
-        raise ValueError(  # noqa: TRY004 - bad file content, not a bad argument
+        raise DataError(  # noqa: TRY004 - bad file content, not a bad argument
             f"{path} is not a CIFAR batch: holds {type(obj).__name__}, not dict"
         )
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -81,11 +82,11 @@ def _cifar_split(d: Path, files: Sequence[str], label_key: str) -> Split:
     for name in files:
         batch = _unpickle(d / name)
         if "data" not in batch or label_key not in batch:
-            raise ValueError(f"{d / name} lacks 'data' or {label_key!r}: not a CIFAR batch")
+            raise DataError(f"{d / name} lacks 'data' or {label_key!r}: not a CIFAR batch")
         data = np.asarray(batch["data"], dtype=np.uint8)
         lab = np.asarray(batch[label_key], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(lab) != len(data):
-            raise ValueError(
+            raise DataError(
                 f"{d / name}: data of shape {data.shape} with {len(lab)} labels; "
                 "expected (N, 3072) with N labels"
             )
@@ -140,5 +141,5 @@ def read_cifar(
     test = _cifar_split(d, [test_file], label_key)
     top = int(max(train[1].max(), test[1].max()))
     if len(classes) <= top:
-        raise ValueError(f"{d / meta_file}: {len(classes)} class names but label {top} occurs")
+        raise DataError(f"{d / meta_file}: {len(classes)} class names but label {top} occurs")
     return Splits(train, test, classes)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ressl.errors import DataNotFoundError
+from ressl.errors import DataError, DataNotFoundError
 
 logger = logging.getLogger("ressl.data.formats")
 
@@ -130,4 +130,4 @@ def read_maybe_gz(path: Path) -> bytes:
         with gzip.open(path, "rb") as f:
             return f.read()
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path} is not a valid gzip file ({e}); delete it and reload") from e
+        raise DataError(f"{path} is not a valid gzip file ({e}); delete it and reload") from e

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ressl.data.formats.common import Split, Splits, gz_fallback, locate, read_maybe_gz, take_subset
+from ressl.errors import DataError
 
 __all__ = ["read_fashion_mnist", "read_idx"]
 
@@ -37,21 +38,21 @@ def read_idx(path: str | Path, ndim: int | None = None) -> np.ndarray:
     path = gz_fallback(Path(path))
     raw = read_maybe_gz(path)
     if len(raw) < 4:
-        raise ValueError(f"{path}: too short for an idx file ({len(raw)} bytes)")
+        raise DataError(f"{path}: too short for an idx file ({len(raw)} bytes)")
     (magic,) = struct.unpack(">I", raw[:4])
     dims_n = raw[3]
     if raw[:3] != b"\x00\x00\x08" or (ndim is not None and dims_n != ndim):
         want = f"0x{0x800 + ndim:08x}" if ndim is not None else "0x000008NN (unsigned bytes)"
-        raise ValueError(
+        raise DataError(
             f"{path}: bad idx magic number 0x{magic:08x}, expected {want}; "
             "the file is corrupt or not an idx file"
         )
     header = 4 + 4 * dims_n
     if len(raw) < header:
-        raise ValueError(f"{path}: idx header truncated")
+        raise DataError(f"{path}: idx header truncated")
     dims = struct.unpack(f">{dims_n}I", raw[4:header])
     if len(raw) - header != math.prod(dims):
-        raise ValueError(
+        raise DataError(
             f"{path}: idx header says shape {dims} ({math.prod(dims)} bytes) but the file "
             f"holds {len(raw) - header} bytes of data; the file is truncated or corrupt"
         )
@@ -63,11 +64,11 @@ def _fmnist_split(d: Path, split: str) -> Split:
     images = read_idx(d / img_name, ndim=3)  # (N, 28, 28)
     labels = read_idx(d / lbl_name, ndim=1)  # (N,)
     if len(images) != len(labels):
-        raise ValueError(
+        raise DataError(
             f"{d}: {img_name} holds {len(images)} images but {lbl_name} {len(labels)} labels"
         )
     if labels.size and labels.max() >= _FMNIST_NUM_CLASSES:
-        raise ValueError(f"{d / lbl_name}: label {labels.max()} out of range 0..9")
+        raise DataError(f"{d / lbl_name}: label {labels.max()} out of range 0..9")
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 

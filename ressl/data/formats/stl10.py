@@ -10,6 +10,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ressl.data.formats.common import RESIZE_CHUNK, Splits, locate, logger, resize_chunk
+from ressl.errors import DataError
 
 __all__ = ["read_stl10"]
 
@@ -21,7 +22,7 @@ def _stl_count(path: Path) -> int:
     per = 3 * _STL_SIDE * _STL_SIDE
     size = path.stat().st_size
     if size == 0 or size % per:
-        raise ValueError(
+        raise DataError(
             f"{path}: {size} bytes is not a whole number of 3x96x96 images; the file is "
             "truncated or corrupt"
         )
@@ -48,7 +49,7 @@ def _read_stl_images(path: Path, size: int, count: int | None = None) -> Tensor:
 def _read_stl_labels(path: Path, n: int) -> Tensor:
     labels = np.fromfile(path, dtype=np.uint8).astype(np.int64) - 1  # stored 1..10
     if len(labels) != n or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
-        raise ValueError(f"{path}: expected {n} labels in 1..10, got {len(labels)} labels")
+        raise DataError(f"{path}: expected {n} labels in 1..10, got {len(labels)} labels")
     return torch.from_numpy(labels)
 
 
