@@ -44,7 +44,7 @@ def _weights_metadata(path: Path) -> dict[str, str] | None:
 
 
 def _weights_info(path: Path, meta: dict[str, str], as_json: bool) -> str:
-    from ressl.models.backbones import BackboneBuild
+    from ressl.models.families import BackboneBuild
 
     try:
         build = BackboneBuild.from_json(meta["backbone_build"])

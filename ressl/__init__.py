@@ -45,9 +45,9 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "data.sources": ("ImageData", "ImageSource", "TensorImages", "FolderImages"),
     "data.loading": ("load_dataset",),
     "data.registry": ("DATASETS", "DatasetInfo", "dataset_names"),
-    "models.backbones": (
+    "models.backbones": ("SmallCNN",),
+    "models.families": (
         "BackboneBuild",
-        "SmallCNN",
         "build_backbone",
         "BackboneFamily",
         "FAMILIES",
@@ -132,11 +132,11 @@ if TYPE_CHECKING:
         sharpen,
         symmetric_relation_loss,
     )
-    from ressl.models.backbones import (
+    from ressl.models.backbones import SmallCNN
+    from ressl.models.families import (
         FAMILIES,
         BackboneBuild,
         BackboneFamily,
-        SmallCNN,
         build_backbone,
         register_family,
     )

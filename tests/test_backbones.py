@@ -359,7 +359,7 @@ def test_googlenet_gives_features_in_train_mode_and_a_library_name_is_not_ressls
 
 def test_a_new_family_is_one_entry():
     """A family registered in one place is parsed, checked, listed, built and rebuilt."""
-    from ressl.models.backbones import (
+    from ressl.models.families import (
         FAMILIES,
         BackboneFamily,
         register_family,
@@ -409,7 +409,7 @@ def test_a_new_family_is_one_entry():
 
 
 def test_the_family_tables_agree_and_say_what_they_take():
-    from ressl.models.backbones import FAMILIES
+    from ressl.models.families import FAMILIES
     from ressl.rules import BACKBONE, BACKBONE_FAMILIES, BUILTIN_BACKBONES
 
     assert FAMILIES.keys() == BACKBONE_FAMILIES.keys() == {"ressl", "torchvision", "timm", "custom"}

@@ -13,7 +13,8 @@ from ressl.config.settings import BACKBONES
 from ressl.config.specs import ModelSpec
 from ressl.errors import ConfigError
 from ressl.functional import queue_push_, random_queue
-from ressl.models.backbones import BackboneBuild, SmallCNN, build_backbone
+from ressl.models.backbones import SmallCNN
+from ressl.models.families import BackboneBuild, build_backbone
 
 __all__ = [
     "BACKBONES",

@@ -30,7 +30,7 @@ from torch import nn
 from ressl._version import __version__
 from ressl.atomic import write_atomic
 from ressl.errors import ConfigError
-from ressl.models.backbones import BackboneBuild
+from ressl.models.families import BackboneBuild
 from ressl.runs.checkpoint import open_encoder
 from ressl.runs.folder import resolve_checkpoint
 
