@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ressl.config.settings import dataset_choices
+from ressl.config.fields import dataset_choices
 from ressl.eval.protocols import PROTOCOLS, Protocol
 from ressl.eval.sources import FeatureSource, load_eval_data, record, stamped
 from ressl.runs.folder import EVAL_LOG

@@ -330,7 +330,7 @@ class Setting:
         optional: None is a valid value (not a recipe placeholder).
         short: A one-letter alias, e.g. ``-o``.
         legacy: The value runs had before the setting existed: a checkpoint without it
-            resumes with this (``TrainConfig.from_saved``), so it continues as it began.
+            resumes with this (``ressl.config.resuming.from_saved``), so it continues as it began.
     """
 
     help: str

@@ -115,7 +115,7 @@ def _commands():
 
 def test_every_setting_has_a_flag_with_the_config_default():
     from ressl.config.settings import TrainConfig, settings
-    from ressl.config.settings import _coerce as coerce
+    from ressl.config.settings import coerce_setting as coerce
     from ressl.errors import flag
 
     options = {p.name: p for p in _commands()["train"].params}

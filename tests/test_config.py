@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from ressl.config.notes import check_data, combination_notes, fit_data
+from ressl.config.resuming import from_saved
 from ressl.config.settings import BACKBONES, TrainConfig, settings
 from ressl.data.registry import DATASETS, find, recipe_for
 from ressl.errors import ConfigError, flag
@@ -115,36 +117,41 @@ def test_cross_field_rules():
 
 
 def test_notes_and_checks_against_the_data():
-    assert TrainConfig(epochs=10).notes() == []
-    (note,) = TrainConfig(epochs=1, dataset="cifar10").notes()
+    assert combination_notes(TrainConfig(epochs=10)) == []
+    (note,) = combination_notes(TrainConfig(epochs=1, dataset="cifar10"))
     assert "warmup_epochs 5 >= epochs 1" in str(note)
     config = TrainConfig(batch_size=8, queue_size=64)
-    assert config.check_data(100) == []
-    assert "larger than the training set (36 images)" in str(config.check_data(36)[0])
+    assert check_data(config, 100) == []
+    assert "larger than the training set (36 images)" in str(check_data(config, 36)[0])
     with pytest.raises(ConfigError, match="batch_size 8 is larger than the training set"):
-        config.check_data(5)
+        check_data(config, 5)
     with pytest.raises(ConfigError, match="divisible by the 3 processes"):
-        config.check_data(100, world_size=3)
-    (note,) = TrainConfig(epochs=10, decode="device", device="cpu").notes()
+        check_data(config, 100, world_size=3)
+    (note,) = combination_notes(TrainConfig(epochs=10, decode="device", device="cpu"))
     assert note.render(flag).startswith("--decode device on --device cpu decodes every JPEG")
-    assert TrainConfig(epochs=10, decode="device", device="cuda").notes() == []
+    assert combination_notes(TrainConfig(epochs=10, decode="device", device="cuda")) == []
 
 
-def test_resumed_changes_only_what_may_change():
+def test_a_resumed_config_changes_only_what_may_change():
     saved = TrainConfig(dataset="cifar10", epochs=10, queue_size=4096)
-    assert saved.resumed({"epochs": 20, "device": "cpu", "queue_size": 4096}).epochs == 20
-    assert saved.resumed({"crop_scale": "0.2,1"}) == saved  # the same value, typed as text
+    assert (
+        from_saved(saved.to_dict(), {"epochs": 20, "device": "cpu", "queue_size": 4096}).epochs
+        == 20
+    )
+    assert (
+        from_saved(saved.to_dict(), {"crop_scale": "0.2,1"}) == saved
+    )  # the same value, typed as text
     with pytest.raises(ConfigError, match="but queue_size 1024 differs from the checkpoint's 4096"):
-        saved.resumed({"queue_size": 1024})
+        from_saved(saved.to_dict(), {"queue_size": 1024})
     with pytest.raises(ConfigError, match="epochs must be an integer >= 1"):
-        saved.resumed({"epochs": 0})
+        from_saved(saved.to_dict(), {"epochs": 0})
 
 
 def test_saved_settings_round_trip_through_json():
     config = TrainConfig(dataset="folder:/x", crops=(48, 32), crop_scales=((0.2, 1.0), (0.1, 0.6)))
     saved = json.loads(json.dumps({**config.to_dict(), "channels": 3, "mean": [0.5] * 3}))
     # the data's channels are saved, so a resume reads the folder as it was trained
-    assert TrainConfig.from_saved(saved) == config.replace(channels=3)
+    assert from_saved(saved) == config.replace(channels=3)
 
 
 def test_recipes_are_data():
@@ -171,15 +178,13 @@ def test_values_from_numpy_and_paths_are_stored_plainly():
 
 def test_resume_compares_what_the_settings_mean():
     saved = TrainConfig(dataset="fmnist", data_root="data", epochs=2).to_dict()
-    config = TrainConfig.from_saved(saved, {"dataset": "Fashion_MNIST", "data_root": "./data/"})
+    config = from_saved(saved, {"dataset": "Fashion_MNIST", "data_root": "./data/"})
     assert config.dataset == "fmnist" and config.epochs == 2
     with pytest.raises(ConfigError, match="but dataset 'cifar10' differs"):
-        TrainConfig.from_saved(saved, {"dataset": "cifar10"})
+        from_saved(saved, {"dataset": "cifar10"})
     # a resumable setting given again replaces a saved value this version no longer accepts
-    assert TrainConfig.from_saved({**saved, "device": "tpu"}, {"device": "cpu"}).device == "cpu"
-    assert (
-        TrainConfig.from_saved(saved, {"download": False, "data_root": "/mnt/x"}).download is False
-    )
+    assert from_saved({**saved, "device": "tpu"}, {"device": "cpu"}).device == "cpu"
+    assert from_saved(saved, {"download": False, "data_root": "/mnt/x"}).download is False
 
 
 def test_messages_keep_braces_and_survive_pickling():
@@ -196,14 +201,14 @@ def test_messages_keep_braces_and_survive_pickling():
 
 
 def test_notes_name_settings_as_the_reader_knows_them():
-    (note,) = TrainConfig(epochs=1).notes()
+    (note,) = combination_notes(TrainConfig(epochs=1))
     assert str(note).startswith("warmup_epochs 1 >= epochs 1")
     assert note.render(flag).startswith("--warmup-epochs 1 >= --epochs 1")
 
 
 def test_defaults_that_cannot_fit_small_data_are_fitted_to_it():
     config = TrainConfig(dataset="folder:/x", epochs=2)  # batch 256, queue 16384, warm-up 5
-    fitted, notes = config.fit_data(480, given={"dataset", "epochs"})
+    fitted, notes = fit_data(config, 480, given={"dataset", "epochs"})
     assert (fitted.batch_size, fitted.queue_size, fitted.warmup_epochs) == (240, 480, 0)
     said = [n.render(lambda name: "--" + name.replace("_", "-")) for n in notes]
     assert said[0].startswith("--batch-size 240 (default 256)")
@@ -213,23 +218,25 @@ def test_defaults_that_cannot_fit_small_data_are_fitted_to_it():
 
 def test_settings_the_user_gave_are_kept_even_when_they_do_not_fit():
     config = TrainConfig(dataset="folder:/x", epochs=2, queue_size=4096, warmup_epochs=3)
-    fitted, notes = config.fit_data(480, given={"dataset", "epochs", "queue_size", "warmup_epochs"})
+    fitted, notes = fit_data(
+        config, 480, given={"dataset", "epochs", "queue_size", "warmup_epochs"}
+    )
     assert (fitted.queue_size, fitted.warmup_epochs) == (4096, 3)
     assert fitted.batch_size == 240 and len(notes) == 1
-    assert config.check_data(480, 1)  # the queue is still warned about
+    assert check_data(config, 480, 1)  # the queue is still warned about
 
 
 def test_the_recipes_at_their_own_sizes_keep_their_defaults():
     for dataset, images in (("fashion-mnist", 60000), ("cifar10", 50000), ("stl10", 105000)):
         config = TrainConfig(dataset=dataset)
-        fitted, notes = config.fit_data(images, given={"dataset"})
+        fitted, notes = fit_data(config, images, given={"dataset"})
         assert fitted == config and notes == [], dataset
 
 
 def test_a_fitted_batch_is_shared_evenly_by_the_processes_and_fills_a_symmetric_queue():
     config = TrainConfig(dataset="folder:/x", epochs=100, symmetric=True)
-    fitted, _ = config.fit_data(1000, given={"dataset"}, world_size=4)
+    fitted, _ = fit_data(config, 1000, given={"dataset"}, world_size=4)
     assert fitted.batch_size % 4 == 0 and fitted.batch_size <= 250
     assert fitted.queue_size % (2 * fitted.batch_size) == 0 and fitted.queue_size <= 1000
-    tiny, _ = TrainConfig(dataset="folder:/x").fit_data(100, given={"dataset"})
+    tiny, _ = fit_data(TrainConfig(dataset="folder:/x"), 100, given={"dataset"})
     assert tiny.batch_size == 100 and tiny.queue_size == 100  # batch 256 > 100 images: one step

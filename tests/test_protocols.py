@@ -10,6 +10,7 @@ import torch
 from cli_helpers import run_cli
 
 from ressl import TrainConfig, load_checkpoint, train
+from ressl.config.resuming import from_saved
 from ressl.data.sources import TensorImages
 from ressl.eval.paper_linear import paper_linear_eval
 from ressl.models.network import ReSSL
@@ -92,7 +93,7 @@ def test_a_checkpoint_from_before_the_settings_continues_as_it_began():
     saved = TrainConfig(dataset="imagenet:/x").to_dict()
     for key in ("teacher_bn", "warmup_start", "decay_exempt", "blur_mode"):
         del saved[key]
-    old = TrainConfig.from_saved(saved)
+    old = from_saved(saved)
     assert (old.teacher_bn, old.warmup_start, old.decay_exempt, old.blur_mode) == (
         "student",
         "one-step",

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from ressl import train
-from ressl.config.settings import TrainConfig, settings, views_seed
+from ressl.config.resuming import from_saved
+from ressl.config.seeds import views_seed
+from ressl.config.settings import TrainConfig, settings
 from ressl.config.specs import DataSpec, ModelSpec, run_settings
 from ressl.errors import CheckpointError, ConfigError
 from ressl.rules import CHANNELS, IMAGE_SIZE, MAX_IMAGE_SIZE
@@ -86,7 +88,7 @@ def test_the_data_spec_is_stored_and_checked_against_the_channels(tiny_run, tmp_
 def test_the_stored_settings_are_the_config_and_the_specs(tiny_run):
     _, meta = load_checkpoint(tiny_run)
     checked = check_file(tiny_run)
-    config = TrainConfig.from_saved(checked.settings)
+    config = from_saved(checked.settings)
     assert meta["settings"] == json.dumps(run_settings(config, checked.model, checked.data))
     fields = ["image_size", "channels", "mean", "std", "num_classes", "data_files", "data_digest"]
     assert [k for k in checked.settings if k not in config.to_dict()] + [

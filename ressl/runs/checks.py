@@ -56,7 +56,7 @@ class CheckedFile:
         path: The file.
         meta: Its string metadata.
         settings: The training settings (a resume checks the config's fields as
-            ``TrainConfig.from_saved`` builds its config).
+            ``ressl.config.resuming.from_saved`` builds its config).
         header: Tensor name -> (safetensors dtype, shape), from the file's header.
         model: The model the settings describe, checked.
         data: What the data told the run, checked.

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ressl.config.settings import TrainConfig, queue_seed, views_seed
+from ressl.config.notes import check_data, combination_notes, fit_data
+from ressl.config.seeds import queue_seed, views_seed
+from ressl.config.settings import TrainConfig
 from ressl.config.specs import DataSpec, ModelSpec, run_settings
 from ressl.data.jpegs import decode_place
 from ressl.data.loading import load_dataset
@@ -119,7 +121,7 @@ def build(
     """Data, specs, model, optimiser, crop plan and a fresh state, from the config.
 
     A new run's defaults that cannot fit its data are fitted to it (``given``: the settings
-    the user set, kept; ``TrainConfig.fit_data``); a resumed one (``given`` None) keeps its
+    the user set, kept; ``ressl.config.notes.fit_data``); a resumed one (``given`` None) keeps its
     checkpoint's. The order of random draws (weights, queue, generators) is fixed: resumed
     and distributed runs depend on it.
     """
@@ -193,12 +195,12 @@ def _data(
     )
     fitted: list[Note] = []
     if given is not None:
-        config, fitted = config.fit_data(len(data.train), given, world.size)
-    notes = config.check_data(len(data.train), world.size)  # errors first, then the notes
+        config, fitted = fit_data(config, len(data.train), given, world.size)
+    notes = check_data(config, len(data.train), world.size)  # errors first, then the notes
     spec = ModelSpec.of(config, channels=data.channels, image_size=data.image_size)
     _check_memory(spec, config, data, plan, device, amp, world, module)
     if world.main:
-        for note in config.notes() + notes:
+        for note in combination_notes(config) + notes:
             log.warning("%s", note)
         for note in fitted:
             log.info("fitted to the data: %s", note)

@@ -10,7 +10,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ressl.config.settings import TrainConfig, views_seed
+from ressl.config.resuming import from_saved
+from ressl.config.seeds import views_seed
+from ressl.config.settings import TrainConfig
 from ressl.errors import CheckpointError, ConfigError
 from ressl.rules import Note, is_int
 from ressl.runs.checkpoint import load_checkpoint, restore_state
@@ -73,7 +75,7 @@ def read_saved(file: Path, given: dict[str, Any], module: nn.Module | None) -> S
             "ressl.train(resume=..., backbone=module)"
         )
     check_resumable(checked, tensors)
-    config = TrainConfig.from_saved(checked.settings, given).replace(out=str(file.parent))
+    config = from_saved(checked.settings, given).replace(out=str(file.parent))
     _check_not_fewer(config.epochs, int(meta["epoch"]), int(meta["batch_in_epoch"]), file.parent)
     planned = checked.settings.get("epochs", config.epochs)
     row = metadata_json(file, meta, "metrics", dict, default={}) or None
