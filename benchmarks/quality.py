@@ -159,7 +159,7 @@ def evaluate(
     """kNN (k=200, t=0.1) and linear-probe top-1 of a feature function, train -> test, fp32."""
     kw = dict(mean=data.mean, std=data.std, batch_size=512, device=device)
     t0 = time.perf_counter()
-    mem_f, mem_y = extract_features(fn, data.memory, **kw)  # L2-normalised
+    mem_f, mem_y = extract_features(fn, data.labelled, **kw)  # L2-normalised
     test_f, test_y = extract_features(fn, data.test, **kw)
     knn = knn_accuracy(mem_f, mem_y, test_f, test_y, len(data.classes), KNN_K, KNN_T)
     lin = linear_probe(

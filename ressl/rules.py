@@ -222,7 +222,6 @@ MAX_IMAGE_SIZE = 4096
 #: every run, checkpoint and export ressl writes has one in this range.
 IMAGE_SIZE = integer(8, high=MAX_IMAGE_SIZE)
 BOOL = Rule("True or False", lambda v: isinstance(v, bool))
-TEXT = Rule("a string", lambda v: isinstance(v, str))
 #: The longest file or folder name the usual file systems take (ext4, APFS, NTFS), in bytes.
 NAME_MAX = 255
 

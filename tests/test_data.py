@@ -61,7 +61,12 @@ def test_unknown_spec_lists_valid_names() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"subset": 0}, "subset must be"), ({"image_size": 0}, "image_size must be")],
+    [
+        ({"subset": 0}, "subset must be"),
+        ({"image_size": 0}, "image_size must be"),
+        ({"image_size": 7}, r"image_size must be an integer in \[8, 4096\] or None, got 7"),
+        ({"image_size": 4097}, "image_size must be an integer in .* got 4097"),
+    ],
 )
 def test_bad_arguments_name_the_argument(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -103,7 +108,7 @@ def test_fashion_mnist_from_idx_files(tmp_path: Path, gz: bool) -> None:
     assert (d.name, d.channels, d.image_size, len(d.classes)) == ("fashion-mnist", 1, 28, 10)
     assert d.mean == datasets.FASHION_MNIST_MEAN and d.std == datasets.FASHION_MNIST_STD
     assert isinstance(d.train, TensorImages) and isinstance(d.test, TensorImages)
-    assert d.memory is d.train
+    assert d.labelled is d.train
     assert _pixels(d.train).shape == (7, 1, 28, 28) and _pixels(d.train).dtype == torch.uint8
     assert torch.equal(_pixels(d.train)[:, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"]))
     assert d.train.labels.dtype == torch.int64
@@ -115,7 +120,7 @@ def test_fashion_mnist_from_idx_files(tmp_path: Path, gz: bool) -> None:
 def test_fashion_mnist_torchvision_layout_subset_and_resize(tmp_path: Path) -> None:
     arrays = _fake_fmnist(tmp_path / "FashionMNIST" / "raw")
     d = load_dataset("fashion-mnist", root=tmp_path, download=False, subset=4, image_size=14)
-    assert _pixels(d.train).shape == (4, 1, 14, 14) and d.memory is d.train
+    assert _pixels(d.train).shape == (4, 1, 14, 14) and d.labelled is d.train
     assert d.test is not None and _pixels(d.test).shape == (3, 1, 14, 14)  # test is not cut
     assert d.train.labels.tolist() == arrays["train-labels-idx1-ubyte"][:4].tolist()
     full = torch.from_numpy(arrays["train-images-idx3-ubyte"][:4]).unsqueeze(1).float()
@@ -188,7 +193,7 @@ def test_cifar10_batches(tmp_path: Path) -> None:
 
     out = load_dataset("cifar10", root=tmp_path, download=False)
     assert (out.channels, out.image_size, out.mean) == (3, 32, datasets.CIFAR10_MEAN)
-    assert out.classes == [f"c{i}" for i in range(10)] and out.memory is out.train
+    assert out.classes == [f"c{i}" for i in range(10)] and out.labelled is out.train
     images = _pixels(out.train)
     assert images.shape == (10, 3, 32, 32)
     # A row is the R plane, then G, then B, each row-major 32 x 32.
@@ -268,8 +273,8 @@ def test_stl10_orientation_and_splits(stl_root: tuple[Path, dict]) -> None:
     assert torch.equal(x[:4], torch.from_numpy(arrays["unlabeled"]))
     assert torch.equal(x[4:], torch.from_numpy(arrays["train"]))
     assert d.train.labels.tolist() == [-1, -1, -1, -1, 0, 9, 4]
-    assert d.memory is not None and d.memory.labels.tolist() == [0, 9, 4]
-    assert torch.equal(_pixels(d.memory), torch.from_numpy(arrays["train"]))
+    assert d.labelled is not None and d.labelled.labels.tolist() == [0, 9, 4]
+    assert torch.equal(_pixels(d.labelled), torch.from_numpy(arrays["train"]))
     assert d.test is not None and d.test.labels.tolist() == [1, 2]
 
 
@@ -290,7 +295,7 @@ def test_stl10_subset_keeps_first_training_images(
 ) -> None:
     d = load_dataset("stl10", root=stl_root[0], download=False, subset=subset, image_size=96)
     assert d.train.labels.tolist() == labels
-    assert d.memory is not None and len(d.memory) == 3  # the memory bank stays whole
+    assert d.labelled is not None and len(d.labelled) == 3  # the kNN bank stays whole
 
 
 def test_stl10_truncated_file(stl_root: tuple[Path, dict]) -> None:
@@ -332,7 +337,7 @@ def test_folder_with_classes(tmp_path: Path) -> None:
         datasets.IMAGENET_MEAN,
         datasets.IMAGENET_STD,
     )
-    assert isinstance(d.train, TensorImages) and d.memory is d.train and d.test is None
+    assert isinstance(d.train, TensorImages) and d.labelled is d.train and d.test is None
     assert d.train.labels.tolist() == [0, 0, 1, 2]
     assert _pixels(d.train).shape == (4, 3, 8, 8)
     for image, label in zip(_pixels(d.train), d.train.labels):
@@ -379,6 +384,8 @@ def test_a_greyscale_folder_keeps_one_channel_with_its_own_mean_and_std(tmp_path
         [str(p) for p in sorted((root / "train").rglob("*.png"))], [0] * 12, 28, 1
     )
     assert streamed[0][0].shape == (1, 28, 28)
+    with pytest.raises(ValueError, match=r"image_size must be an integer in \[8, 4096\], got 7"):
+        FolderImages([str(root / "train" / "cat" / "a.png")], [0], 7, 1)
 
 
 def test_an_rgb_folder_read_as_one_channel_is_its_luma(tmp_path: Path) -> None:
@@ -433,8 +440,9 @@ def test_a_mode_pil_cannot_convert_is_refused_with_its_name() -> None:
 def test_flat_folder_is_unlabelled(tmp_path: Path) -> None:
     for i, name in enumerate(["b.png", "a.gif", "c.TIFF"]):
         _solid(tmp_path / name, (i * 100, 0, 0))
-    d = load_dataset(f"folder:{tmp_path}", image_size=4)
-    assert d.classes == [] and d.memory is None and d.test is None
+    d = load_dataset(f"folder:{tmp_path}", image_size=8)  # the smallest side (rules.IMAGE_SIZE)
+    assert d.classes == [] and d.labelled is None and d.test is None
+    assert _pixels(d.train).shape == (3, 3, 8, 8)
     assert d.train.labels.tolist() == [-1, -1, -1]
     # Sorted by name: a.gif (100), b.png (0), c.TIFF (200).
     assert _pixels(d.train)[:, 0, 0, 0].tolist() == [100, 0, 200]
@@ -497,7 +505,7 @@ def test_folder_streaming_matches_in_memory(
     monkeypatch.setattr(folders, "MAX_IN_MEMORY_BYTES", 0)
     streamed = load_dataset(f"folder:{tmp_path}", image_size=8)
     assert isinstance(streamed.train, FolderImages) and isinstance(kept.train, TensorImages)
-    assert streamed.skipped == kept.skipped == 1 and streamed.memory is streamed.train
+    assert streamed.skipped == kept.skipped == 1 and streamed.labelled is streamed.train
     assert torch.equal(streamed.train.labels, kept.train.labels)
     for workers in (0, 2):
         args: dict[str, Any] = {"epoch": 3, "seed": 1, "drop_last": False, "num_workers": workers}
@@ -702,7 +710,7 @@ def test_a_new_dataset_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(datasets, "DATASETS", MappingProxyType({**datasets.DATASETS, "toy": entry}))
     d = load_dataset("TOY_SET", image_size=8)
     assert (d.name, d.image_size, d.classes, len(d.train)) == ("toy", 8, ["a", "b"], 5)
-    assert d.memory is d.train and d.mean == (0.5,) * 3
+    assert d.labelled is d.train and d.mean == (0.5,) * 3
     assert TrainConfig(dataset="toy", batch_size=4).queue_size == 64  # its recipe
     assert "toy" in dataset_names()
 

@@ -173,7 +173,7 @@ def test_distributed_trainer_shares_the_queue_and_resumes_in_one_process(tmp_pat
     encoder, saved = load_encoder(run / "last.safetensors")
     data = load_dataset(settings["dataset"], image_size=16)
     kw = dict(mean=saved["mean"], std=saved["std"])
-    mem = extract_features(encoder.eval().features, data.memory, **kw)
+    mem = extract_features(encoder.eval().features, data.labelled, **kw)
     test = extract_features(encoder.features, data.test, **kw)
     knn = knn_accuracy(*mem, *test, len(data.classes), settings["knn_k"], 0.1)
     assert rows[0]["knn_top1"] == pytest.approx(knn["top1"], abs=1e-3)

@@ -125,7 +125,11 @@ def test_split_features_on_a_folder(image_folder: Path):
     tr_f, tr_y, te_f, te_y = split_features(lambda x: x.flatten(1), data, batch_size=5)
     assert tr_f.shape == (36, 3 * 8 * 8) and te_f.shape == (12, 3 * 8 * 8)
     assert torch.allclose(tr_f.norm(dim=1), torch.ones(36), atol=1e-5)
-    assert tr_y.tolist() == data.memory.labels.tolist() and sorted(set(te_y.tolist())) == [0, 1, 2]
+    assert tr_y.tolist() == data.labelled.labels.tolist() and sorted(set(te_y.tolist())) == [
+        0,
+        1,
+        2,
+    ]
     # the folder's classes are distinct colours: kNN on raw pixels gets them all
     assert knn_accuracy(tr_f, tr_y, te_f, te_y, 3, k=5)["top1"] == 100.0
 

@@ -294,7 +294,7 @@ def load_folder(
         )
     size = size or entry.image_size
     train, skipped = _folder_source(files, labels, size, train_dir, channels)
-    memory = train if classes else None
+    labelled_train = train if classes else None
 
     test = None
     if test_dir is not None:
@@ -306,7 +306,7 @@ def load_folder(
     return ImageData(
         f"{entry.name}:{path}",
         train,
-        memory,
+        labelled_train,
         test,
         mean,
         std,

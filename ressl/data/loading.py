@@ -4,7 +4,7 @@
 files with the entry's reader (:mod:`ressl.data.formats`) or as an image folder
 (:mod:`ressl.data.folders`), and returns an :class:`ressl.data.sources.ImageData`: uint8 images
 ``(N, C, S, S)`` with int64 labels, split into the images ReSSL trains on, a labelled
-memory bank for the kNN monitor and a labelled test split, plus the normalisation
+bank for the kNN monitor (``labelled``) and a labelled test split, plus the normalisation
 constants the views need. Augmentation and normalisation happen later, on the device
 (``ressl.views``).
 
@@ -36,6 +36,7 @@ from ressl.data.sources import (
 )
 from ressl.device import device_memory, human_bytes
 from ressl.errors import ConfigError
+from ressl.rules import IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,8 @@ def load_dataset(
         FileNotFoundError: The dataset files are not found (and cannot be downloaded),
             or a folder's path does not exist.
     """
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise ConfigError(f"image_size must be a positive int or None, got {image_size!r}")
+    if image_size is not None and not IMAGE_SIZE.ok(image_size):
+        raise ConfigError(f"image_size must be {IMAGE_SIZE.expect} or None, got {image_size!r}")
     if subset is not None and (not isinstance(subset, int) or subset < 1):
         raise ConfigError(f"subset must be a positive int or None, got {subset!r}")
     if channels is not None and channels not in (1, 3):
@@ -131,7 +132,7 @@ def load_dataset(
         "loaded %s: %d train, %s memory, %s test images of %d px in %.1f s",
         data.name,
         len(data.train),
-        _len(data.memory),
+        _len(data.labelled),
         _len(data.test),
         data.image_size,
         time.perf_counter() - t0,
@@ -161,7 +162,7 @@ def _resized(data: ImageData, size: int) -> ImageData:
     return ImageData(
         data.name,
         train,
-        resize(data.memory),
+        resize(data.labelled),
         resize(data.test),
         data.mean,
         data.std,
@@ -175,12 +176,12 @@ def _resized(data: ImageData, size: int) -> ImageData:
 def _from_splits(entry: DatasetInfo, splits: Splits, size: int) -> ImageData:
     """A built-in dataset's splits as an ImageData (class names from the files, else the entry)."""
     train = TensorImages(*splits.train)
-    memory = TensorImages(*splits.memory) if splits.memory is not None else train
+    labelled = TensorImages(*splits.labelled) if splits.labelled is not None else train
     classes = list(splits.classes) if splits.classes else list(entry.classes)
     return ImageData(
         entry.name,
         train,
-        memory,
+        labelled,
         TensorImages(*splits.test),
         entry.mean,
         entry.std,

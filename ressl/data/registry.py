@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ressl.errors import ConfigError
+from ressl.rules import JITTER_STRENGTHS
 
 if TYPE_CHECKING:
     from ressl.data.formats import Splits
@@ -59,7 +60,7 @@ _SMALL_IMAGES = dict(
     weight_decay=5e-4,
     warmup_epochs=5,
     epochs=200,
-    jitter=(0.4, 0.4, 0.4, 0.1),
+    jitter=JITTER_STRENGTHS,
     blur=0.0,
     decay_exempt="1d",
 )
@@ -82,7 +83,7 @@ IMAGENET_RECIPE = _recipe(
     weight_decay=1e-4,
     warmup_epochs=5,
     epochs=200,
-    jitter=(0.4, 0.4, 0.4, 0.1),
+    jitter=JITTER_STRENGTHS,
     blur=0.5,
     decay_exempt="names",  # the official ImageNet code's rule
 )

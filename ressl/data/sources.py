@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from ressl.data.decode import decode_crops, decode_image, ignore_stop_signals
 from ressl.data.jpegs import EncodedFile, collate_encoded, decode_on_device, read_for_device
 from ressl.errors import ConfigError
-from ressl.rules import DECODE_PLACES
+from ressl.rules import DECODE_PLACES, IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -218,10 +218,6 @@ class TensorImages(ImageSource):
             y = self._device_labels.index_select(0, idx)  # (B,)
             yield x.to(device), y.to(device)  # no-op when already there
 
-    def head(self, n: int) -> TensorImages:
-        """A copy of the first ``n`` images (copied so the rest can be freed)."""
-        return TensorImages(self.images[:n].clone(), self.labels[:n].clone())
-
 
 class FolderImages(ImageSource, Dataset):
     """Image files decoded on demand: RGB (or greyscale), shorter side resized to
@@ -251,8 +247,8 @@ class FolderImages(ImageSource, Dataset):
             raise ValueError(
                 f"labels must have shape ({len(self.files)},), got {tuple(self.labels.shape)}"
             )
-        if image_size < 1:
-            raise ConfigError(f"image_size must be >= 1, got {image_size}")
+        if not IMAGE_SIZE.ok(image_size):
+            raise ConfigError(f"image_size must be {IMAGE_SIZE.expect}, got {image_size!r}")
         if channels not in (1, 3):
             raise ConfigError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
         self.image_size, self.channels = image_size, channels
@@ -403,7 +399,7 @@ class ImageData:
     Attributes:
         name: The dataset, e.g. ``"fashion-mnist"`` or ``"folder:/abs/path"``.
         train: The images ReSSL trains on (labels may be -1 = unlabelled).
-        memory: Labelled images for the kNN monitor's memory bank: the same object as
+        labelled: The labelled training images (the kNN monitor's bank): the same object as
             ``train`` when that is labelled, STL-10's labelled train split, None when
             there are no labels.
         test: Labelled test split for kNN / linear evaluation, None if there is none.
@@ -421,7 +417,7 @@ class ImageData:
 
     name: str
     train: ImageSource
-    memory: ImageSource | None
+    labelled: ImageSource | None
     test: ImageSource | None
     mean: tuple[float, ...]
     std: tuple[float, ...]

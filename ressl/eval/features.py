@@ -97,7 +97,7 @@ def split_features(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Features of a dataset's labelled training split and its test split (the eval protocols' input).
 
-    The training side is ``data.memory`` (the labelled train images: the whole train
+    The training side is ``data.labelled`` (the labelled train images: the whole train
     split for Fashion-MNIST / CIFAR / labelled folders, the 5,000 labelled images for
     STL-10).
 
@@ -116,7 +116,7 @@ def split_features(
     Raises:
         ValueError: if the dataset has no labelled training split or no labelled test split.
     """
-    if data.memory is None or not data.classes:
+    if data.labelled is None or not data.classes:
         raise ConfigError(
             f"dataset {data.name!r} has no labels; kNN and linear evaluation need a labelled train split"
         )
@@ -133,7 +133,7 @@ def split_features(
         autocast_dtype=autocast_dtype,
     )
     report = progress or (lambda done: None)
-    train_f, train_y = extract_features(fn, data.memory, **kw, progress=report)
+    train_f, train_y = extract_features(fn, data.labelled, **kw, progress=report)
     n = len(train_y)
     test_f, test_y = extract_features(fn, data.test, **kw, progress=lambda done: report(n + done))
     return train_f, train_y, test_f, test_y

@@ -34,12 +34,12 @@ def knn_monitor(
 ) -> dict[str, float]:
     """``{"knn_top1": ..., "knn_top5": ...}`` of ``encoder`` on ``data`` (empty without labels).
 
-    The kNN bank is ``data.memory``, the queries ``data.test``; k and t are the
+    The kNN bank is ``data.labelled``, the queries ``data.test``; k and t are the
     config's ``knn_k`` and ``knn_temperature``. The encoder runs in eval mode (BatchNorm
     running statistics: no collectives, so ranks may run different batch sizes) and is
     put back in the mode it was in.
     """
-    if data.memory is None or data.test is None or not data.classes:
+    if data.labelled is None or data.test is None or not data.classes:
         return {}
     was_training = encoder.training
     encoder.eval()
@@ -60,7 +60,7 @@ def knn_monitor(
         f, y = extract_features(encoder.features, part, **kw)
         return all_gather_rows(f), all_gather_rows(y)
 
-    bank_f, bank_y = features(data.memory)
+    bank_f, bank_y = features(data.labelled)
     test_f, test_y = features(data.test)
     encoder.train(was_training)
     k, t = config.knn_k, config.knn_temperature

@@ -230,7 +230,7 @@ def linear_paper(
     from ressl.eval.paper_linear import paper_linear_eval
 
     _check_probe(epochs, lr, probe_batch_size, weight_decay)
-    if data.memory is None or data.test is None or len(data.classes) < 2:
+    if data.labelled is None or data.test is None or len(data.classes) < 2:
         raise ResslError(f"{data.name} has no labelled train and test splits to evaluate on")
     probe: dict[str, Any] = dict(
         epochs=epochs, lr=lr, batch_size=probe_batch_size, weight_decay=weight_decay, seed=seed
@@ -239,7 +239,7 @@ def linear_paper(
     with (progress or silent)("probe epochs", epochs, unit="epochs/s") as report:
         acc = paper_linear_eval(
             source.fn,
-            data.memory,
+            data.labelled,
             data.test,
             len(data.classes),
             mean=source.mean,
@@ -254,7 +254,7 @@ def linear_paper(
         **source.info,
         "features": source.features,
         "dataset": data.name,
-        "train_images": len(data.memory),
+        "train_images": len(data.labelled),
         "test_images": len(data.test),
         **probe,
         **acc,

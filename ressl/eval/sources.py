@@ -137,7 +137,7 @@ def extract(
 
     from ressl.eval.features import split_features
 
-    n_train = len(data.memory) if data.memory is not None else 0
+    n_train = len(data.labelled) if data.labelled is not None else 0
     n_test = len(data.test) if data.test is not None else 0
     heading = (
         f"extracting {source.description} of {n_train} + {n_test} {data.name} images on {device}"

@@ -131,8 +131,8 @@ def build(
     amp = autocast_dtype(config.precision, device)
     config, data, plan, spec = _data(config, world, device, amp, module, given)
     source = data.train.to(device) if isinstance(data.train, TensorImages) else data.train
-    if data.memory is data.train:
-        data.memory = source  # the kNN monitor's memory bank is the training split
+    if data.labelled is data.train:
+        data.labelled = source  # the kNN monitor's bank is the training split
     model, student = _model(spec, config, world, device, module)
     base_lr = config.lr * config.batch_size / 256  # lr is per 256 images
     groups = param_groups(model.student, config.weight_decay, config.decay_exempt)

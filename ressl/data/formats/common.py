@@ -42,14 +42,14 @@ class Splits(NamedTuple):
         test: The labelled test split.
         classes: Class names stored with the files, index = label; None when the files
             store none (the caller supplies them).
-        memory: Labelled training images when ``train`` is partly unlabelled (STL-10);
-            None when ``train`` itself is the labelled memory bank.
+        labelled: Labelled training images when ``train`` is partly unlabelled (STL-10);
+            None when ``train`` itself is labelled.
     """
 
     train: Split
     test: Split
     classes: list[str] | None
-    memory: Split | None = None
+    labelled: Split | None = None
 
 
 def take_subset(split: Split, subset: int | None, name: str) -> Split:

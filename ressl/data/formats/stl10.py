@@ -68,7 +68,7 @@ def read_stl10(
 
     Returns:
         :class:`Splits`: ``train`` is the unlabelled images (label -1) then the labelled
-        train split, ``memory`` the labelled train split, ``classes`` from
+        train split, ``labelled`` the labelled train split, ``classes`` from
         ``class_names.txt`` or None when that file is missing.
 
     Raises:
@@ -112,4 +112,4 @@ def read_stl10(
     images[:k_unl] = _read_stl_images(d / "unlabeled_X.bin", size, k_unl)
     images[k_unl:] = labelled[: keep - k_unl]
     labels = torch.cat([torch.full((k_unl,), -1, dtype=torch.int64), labelled_y])[:keep]
-    return Splits((images, labels), (test_x, test_y), classes, memory=(labelled, labelled_y))
+    return Splits((images, labels), (test_x, test_y), classes, labelled=(labelled, labelled_y))
