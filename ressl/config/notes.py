@@ -27,7 +27,7 @@ FIT_WARMUP = 0.1
 
 
 def combination_notes(config: TrainConfig) -> list[Note]:
-    """``config``'s legal but probably unintended combinations, one sentence each (the trainer logs them)."""
+    """Legal but probably unintended combinations in ``config``, one sentence each (logged)."""
     out = []
     if config.warmup_epochs >= config.epochs:
         out.append(
