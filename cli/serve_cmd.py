@@ -37,24 +37,23 @@ def serve_cmd(
     """Serve embeddings over HTTP: POST /embed, GET /metadata, /healthz, /readyz, /metrics."""
     try:
         import uvicorn
-        from ressl.export.server import ServeSettings, create_app, describe
+        from ressl.export.serve_settings import ServeSettings
+        from ressl.export.server import create_app, describe
     except ImportError as e:
         fail(f"ressl serve needs the serve extra ({e.name} is missing): {INSTALL}")
     existing(model, "file")
-    settings = (
-        ServeSettings(  # each value checked against its range (server.RULES), named as its flag
-            str(model),
-            host=host,
-            port=port,
-            device=device,
-            workers=workers,
-            max_batch=max_batch,
-            max_wait_ms=max_wait_ms,
-            max_upload_mb=max_upload_mb,
-            max_images=max_images,
-            max_pixels=max_pixels,
-            max_request_pixels=max_request_pixels,
-        )
+    settings = ServeSettings(  # each value checked against its range (serve_settings.RULES), named as its flag
+        str(model),
+        host=host,
+        port=port,
+        device=device,
+        workers=workers,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_upload_mb=max_upload_mb,
+        max_images=max_images,
+        max_pixels=max_pixels,
+        max_request_pixels=max_request_pixels,
     )
     app = create_app(settings)  # loads the model: a bad file fails here, in one line
     url = f"http://{host}:{port}"

@@ -14,6 +14,7 @@ does not load it.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from .embedder import Embedder, FileEmbeddings, cuda_device_count, open_session
@@ -25,7 +26,8 @@ from .outputs import load_embeddings, save_embeddings
 if TYPE_CHECKING:
     from ressl.errors import ExportError
 
-    from .exporter import ExportReport, Verification, export_onnx, sample_images
+    from .exporter import ExportReport, export_onnx
+    from .verification import Verification, sample_images
 
 __all__ = [
     # export (needs torch)
@@ -55,12 +57,17 @@ __all__ = [
     "OUTPUT_NAME",
 ]
 
-_EXPORTER = ("export_onnx", "ExportReport", "ExportError", "Verification", "sample_images")
+#: The names that need torch, and the module each is imported from on first use.
+_EXPORTER = {
+    "export_onnx": ".exporter",
+    "ExportReport": ".exporter",
+    "ExportError": "ressl.errors",
+    "Verification": ".verification",
+    "sample_images": ".verification",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTER:
-        from . import exporter
-
-        return getattr(exporter, name)
+        return getattr(importlib.import_module(_EXPORTER[name], __name__), name)
     raise AttributeError(f"module 'ressl.export' has no attribute {name!r}")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ressl.errors import ExportError
 from ressl.eval.sources import FeatureSource
 from ressl.jsontext import parse_json
+from ressl.rules import MAX_IMAGE_SIZE
 
 from .metadata import FORMAT, ModelInfo
 
@@ -36,8 +37,6 @@ def _onnx_input(
 ) -> tuple[int, Any, dict[str, Any]]:
     """``(channels, image size or None, settings)`` of an ONNX model's input. A ressl export's
     metadata is checked as such (and against the graph); any other graph is read as it is."""
-    from ressl.config.settings import MAX_IMAGE_SIZE
-
     if meta.get("format") == FORMAT:
         try:
             info = ModelInfo.from_metadata(meta, str(path))
@@ -52,6 +51,9 @@ def _onnx_input(
     settings = settings if isinstance(settings, dict) else {}
     channels = shape[1] if isinstance(shape[1], int) else settings.get("channels", 3)
     size = shape[2] if isinstance(shape[2], int) else settings.get("image_size")
+    # Not rules.IMAGE_SIZE: a graph ressl did not export is read as it is, and its fixed input
+    # may be smaller than the 8 pixels ressl's backbones need (any side >= 1 is an image);
+    # the upper bound stays, since evaluation decodes every image at this size.
     if not (isinstance(channels, int) and channels >= 1) or not (
         size is None or (isinstance(size, int) and 1 <= size <= MAX_IMAGE_SIZE)
     ):

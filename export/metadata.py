@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ressl.config.settings import MAX_IMAGE_SIZE
 from ressl.errors import ExportError
 from ressl.jsontext import parse_json
+from ressl.rules import IMAGE_SIZE
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "INPUT_NAME", "OUTPUT_NAME", "ModelInfo"]
 
@@ -152,10 +152,10 @@ class ModelInfo:
                 f"{where}: metadata says {self.channels} channels but mean/std have "
                 f"{len(self.mean)}/{len(self.std)} values"
             )
-        if not 1 <= self.image_size <= MAX_IMAGE_SIZE or self.embedding_dim < 1:
+        if not IMAGE_SIZE.ok(self.image_size) or self.embedding_dim < 1:
             raise ExportError(
                 f"{where}: metadata has image_size {self.image_size}, embedding_dim "
-                f"{self.embedding_dim}; they must be in [1, {MAX_IMAGE_SIZE}] and >= 1"
+                f"{self.embedding_dim}; they must be {IMAGE_SIZE.expect} and >= 1"
             )
         if not all(math.isfinite(v) for v in self.mean) or not all(
             math.isfinite(v) and v > 0 for v in self.std

@@ -241,7 +241,8 @@ def model(tmp_path_factory):
 @pytest.fixture
 def service(model):
     """A fresh service for each request (stopping one shuts its thread pools)."""
-    from ressl.export.server import EmbeddingService, ServeSettings
+    from ressl.export.serve_settings import ServeSettings
+    from ressl.export.server import EmbeddingService
 
     return lambda: EmbeddingService(ServeSettings(str(model), device="cpu"))
 

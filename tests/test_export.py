@@ -214,6 +214,8 @@ def test_module_export_needs_its_input_described(tmp_path):
         export_onnx(net, tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="mean and std need 3 values"):
         export_onnx(net, tmp_path / "x.onnx", image_size=16, channels=3, mean=[0.5], std=[0.2])
+    with pytest.raises(ValueError, match=r"image_size must be an integer in \[8, 4096\], got 4"):
+        export_onnx(net, tmp_path / "x.onnx", image_size=4, channels=3, mean=MEAN, std=STD)
     with pytest.raises(ValueError, match="head=True needs an Encoder"):
         export_onnx(
             net.backbone,
@@ -556,3 +558,10 @@ def test_an_onnxruntime_allocation_failure_is_one_clean_error(small_onnx):
     emb.session = Failing("something else broke")  # type: ignore[assignment]
     with pytest.raises(RuntimeError, match="something else broke"):  # a bug keeps its traceback
         emb.run(np.zeros((2, 3, 16, 16), np.float32))
+
+
+def test_an_exported_files_image_size_is_ressls_rule(tmp_path, small_onnx):
+    """A ressl file's metadata takes ``rules.IMAGE_SIZE`` (8 to 4096), as the checkpoints do."""
+    path = _variant(small_onnx, tmp_path / "tiny.onnx", {"image_size": "4"})
+    with pytest.raises(ValueError, match=r"image_size 4, .* must be an integer in \[8, 4096\]"):
+        Embedder(path, device="cpu")

@@ -23,7 +23,8 @@ from PIL import Image
 
 uvicorn = pytest.importorskip("uvicorn")
 from ressl.export import Embedder, export_onnx  # noqa: E402
-from ressl.export.server import ServeSettings, create_app  # noqa: E402
+from ressl.export.serve_settings import ServeSettings  # noqa: E402
+from ressl.export.server import create_app  # noqa: E402
 
 from ressl import train  # noqa: E402
 
@@ -269,7 +270,8 @@ def test_the_batcher_gathers_concurrent_requests_and_never_delays_a_lone_one():
 
 
 def test_images_for_a_model_that_takes_no_image_files_get_a_400(tmp_path, image_folder):
-    from ressl.export.server import BadInput, EmbeddingService
+    from ressl.export.server import EmbeddingService
+    from ressl.export.uploads import BadInput
 
     from ressl import ReSSL
 
@@ -394,7 +396,7 @@ def test_serve_flags_default_to_the_settings_defaults():
 
 
 def test_serve_settings_state_every_range_and_name_the_setting():
-    from ressl.export.server import RULES
+    from ressl.export.serve_settings import RULES
 
     from ressl.errors import ConfigError
 
@@ -528,7 +530,8 @@ def test_a_model_claiming_a_huge_image_size_gets_bounded_requests(tmp_path, mode
     """A graph that takes any size, with metadata asking for 4096x4096: one decoded image is
     192 MiB, so a request holds one and a batch runs one (not --max-images and --max-batch)."""
     import onnx
-    from ressl.export.server import BadInput, EmbeddingService
+    from ressl.export.server import EmbeddingService
+    from ressl.export.uploads import BadInput
 
     proto = onnx.load(str(model))
     for prop in proto.metadata_props:
