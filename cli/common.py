@@ -16,8 +16,11 @@ import typer
 from ressl.errors import ResslError
 
 __all__ = [
+    "DataRootOpt",
     "DeviceOpt",
     "Interrupted",
+    "OnnxModelArg",
+    "OverwriteOpt",
     "UserError",
     "Weights",
     "WeightsOpt",
@@ -27,7 +30,6 @@ __all__ = [
     "fail",
     "launch_rank",
     "new_output",
-    "OverwriteOpt",
 ]
 
 
@@ -64,9 +66,11 @@ WeightsOpt = Annotated[
     Weights, typer.Option(help="Checkpoint weights: the student, or the EMA teacher.")
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
-
-
+DataRootOpt = Annotated[
+    Path | None, typer.Option(help="Where datasets are looked for / downloaded.")
+]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
+OnnxModelArg = Annotated[Path, typer.Argument(help="An ONNX encoder written by `ressl export`.")]
 
 
 def new_output(path: Path, overwrite: bool, flag: str = "-o") -> Path:

@@ -27,7 +27,15 @@ from ressl.eval.protocols import PROTOCOLS, Protocol
 from ressl.eval.sources import FeatureSource, load_eval_data, record, stamped
 from ressl.runs.folder import EVAL_LOG
 
-from .common import DeviceOpt, Weights, WeightsOpt, checkpoint_file, existing, fail
+from .common import (
+    DataRootOpt,
+    DeviceOpt,
+    Weights,
+    WeightsOpt,
+    checkpoint_file,
+    existing,
+    fail,
+)
 
 if TYPE_CHECKING:  # torch is imported by the commands, not by ressl --help
     import torch
@@ -63,9 +71,6 @@ PathArg = Annotated[
 ]
 DatasetOpt = Annotated[
     str | None, typer.Option(help=f"{dataset_choices()} (default: the checkpoint's).")
-]
-DataRootOpt = Annotated[
-    Path | None, typer.Option(help="Where datasets are looked for / downloaded.")
 ]
 BatchOpt = Annotated[int, typer.Option(help="Images per forward pass while extracting features.")]
 RecordOpt = Annotated[

@@ -1,4 +1,4 @@
-"""``ressl export`` and ``ressl embed``, and what ``ressl info`` shows for an ONNX file.
+"""``ressl export`` and ``ressl embed``.
 
 Registered on the app in ``cli/app.py``. Results go to stdout, progress and
 skipped-file notes to stderr.
@@ -9,12 +9,15 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .common import OverwriteOpt, Weights, checkpoint_file, fail, new_output
+from .common import OnnxModelArg, OverwriteOpt, Weights, checkpoint_file, fail, new_output
 from .info_cmd import size_text
+
+if TYPE_CHECKING:  # onnxruntime is imported by the commands, not by ressl --help
+    from ressl.export.embedder import Embedder, FileEmbeddings
 
 
 class Device(str, Enum):
@@ -23,44 +26,76 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+CheckpointArg = Annotated[
+    Path, typer.Argument(help="A ressl checkpoint (.safetensors) or run folder.")
+]
+ExportOutOpt = Annotated[
+    Path,
+    typer.Option(
+        "--out",
+        "-o",
+        help="encoder.onnx: the ONNX encoder; backbone.safetensors: the backbone's plain "
+        "state dict, for fine-tuning in its own library (torchvision, timm).",
+    ),
+]
+ExportWeightsOpt = Annotated[Weights, typer.Option(help="Student weights, or the EMA teacher's.")]
+HeadOpt = Annotated[
+    bool,
+    typer.Option("--head", help="Include the projection head (default: backbone features)."),
+]
+Fp16Opt = Annotated[
+    bool,
+    typer.Option("--fp16", help="Compute in float16, for GPU serving (I/O stays float32)."),
+]
+VerifyOpt = Annotated[
+    bool, typer.Option(help="Check with onnx.checker and onnxruntime against PyTorch.")
+]
+OpsetOpt = Annotated[int, typer.Option(help="ONNX opset.")]
+
+PathsArg = Annotated[
+    list[str],  # str, not Path: Path("") is ".", and '' must not embed the working tree
+    typer.Argument(help="Image files and folders (searched recursively).", metavar="PATH"),
+]
+EmbedOutOpt = Annotated[
+    Path,
+    typer.Option("--out", "-o", help="The .npz file to write (embeddings, paths, skipped)."),
+]
+BatchSizeOpt = Annotated[int, typer.Option(help="Images per onnxruntime run.")]
+EmbedDeviceOpt = Annotated[Device, typer.Option(help="auto: CUDA when a GPU is usable, else CPU.")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option(help="CPU threads per run (default: onnxruntime's, one per core).")
+]
+
+
 def export_cmd(
-    checkpoint: Annotated[
-        Path, typer.Argument(help="A ressl checkpoint (.safetensors) or run folder.")
-    ],
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "-o",
-            help="encoder.onnx: the ONNX encoder; backbone.safetensors: the backbone's plain "
-            "state dict, for fine-tuning in its own library (torchvision, timm).",
-        ),
-    ],
-    weights: Annotated[
-        Weights, typer.Option(help="Student weights, or the EMA teacher's.")
-    ] = Weights.student,
-    head: Annotated[
-        bool,
-        typer.Option("--head", help="Include the projection head (default: backbone features)."),
-    ] = False,
-    fp16: Annotated[
-        bool,
-        typer.Option("--fp16", help="Compute in float16, for GPU serving (I/O stays float32)."),
-    ] = False,
-    verify: Annotated[
-        bool, typer.Option(help="Check with onnx.checker and onnxruntime against PyTorch.")
-    ] = True,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    checkpoint: CheckpointArg,
+    out: ExportOutOpt,
+    weights: ExportWeightsOpt = Weights.student,
+    head: HeadOpt = False,
+    fp16: Fp16Opt = False,
+    verify: VerifyOpt = True,
+    opset: OpsetOpt = 17,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Export a checkpoint's encoder to ONNX (preprocessing and metadata inside, verified
-    against PyTorch), or its backbone's weights to a plain safetensors state dict.
-
-    Long by its options only: Typer declares each in the signature."""
+    against PyTorch), or its backbone's weights to a plain safetensors state dict."""
     if not checkpoint.exists():  # before torch is imported (seconds)
         fail(f"{checkpoint}: no such file or folder")
-    from ressl.export.exporter import export_onnx
+    _check_export_out(checkpoint, out, overwrite)
+    if out.suffix.lower() == ".safetensors":
+        if head or fp16:
+            fail(
+                f"{'--head' if head else '--fp16'} is for ONNX files; -o {out} gets the "
+                "backbone's weights as trained"
+            )
+        _export_weights(checkpoint, out, weights.value)
+    else:
+        _export_onnx(checkpoint, out, weights.value, head, fp16, verify, opset)
 
+
+def _check_export_out(checkpoint: Path, out: Path, overwrite: bool) -> None:
+    """``-o`` is a writable .onnx or .safetensors path, not the checkpoint itself, and new
+    (or ``--overwrite`` given); else a one-line error."""
     from ressl.atomic import check_writable
 
     check_writable(out, "-o")  # a folder or an unwritable place is named as such
@@ -73,16 +108,15 @@ def export_cmd(
     if suffix == ".safetensors" and out.resolve() == checkpoint_file(checkpoint).resolve():
         fail(f"-o {out} is the checkpoint itself; choose another -o")
     new_output(out, overwrite)
-    if suffix == ".safetensors":
-        if head or fp16:
-            fail(
-                f"{'--head' if head else '--fp16'} is for ONNX files; -o {out} gets the "
-                "backbone's weights as trained"
-            )
-        _export_weights(checkpoint, out, weights.value)
-        return
+
+
+def _export_onnx(
+    checkpoint: Path, out: Path, weights: str, head: bool, fp16: bool, verify: bool, opset: int
+) -> None:
+    from ressl.export.exporter import export_onnx
+
     report = export_onnx(
-        checkpoint, out, weights=weights.value, head=head, fp16=fp16, verify=verify, opset=opset
+        checkpoint, out, weights=weights, head=head, fp16=fp16, verify=verify, opset=opset
     )
     typer.echo(f"wrote {report.path} ({size_text(report.size_bytes)}): {report.info.describe()}")
     typer.echo(
@@ -93,28 +127,17 @@ def export_cmd(
 
 
 def embed_cmd(
-    model: Annotated[Path, typer.Argument(help="An ONNX encoder written by `ressl export`.")],
-    paths: Annotated[
-        list[str],  # str, not Path: Path("") is ".", and '' must not embed the working tree
-        typer.Argument(help="Image files and folders (searched recursively).", metavar="PATH"),
-    ],
-    out: Annotated[
-        Path,
-        typer.Option("--out", "-o", help="The .npz file to write (embeddings, paths, skipped)."),
-    ],
-    batch_size: Annotated[int, typer.Option(help="Images per onnxruntime run.")] = 64,
-    device: Annotated[
-        Device, typer.Option(help="auto: CUDA when a GPU is usable, else CPU.")
-    ] = Device.auto,
-    threads: Annotated[
-        int | None, typer.Option(help="CPU threads per run (default: onnxruntime's, one per core).")
-    ] = None,
+    model: OnnxModelArg,
+    paths: PathsArg,
+    out: EmbedOutOpt,
+    batch_size: BatchSizeOpt = 64,
+    device: EmbedDeviceOpt = Device.auto,
+    threads: ThreadsOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Embed image files and folders with an exported encoder; write OUT.npz (see docs/export.md)."""
     from ressl.export.embedder import Embedder
     from ressl.export.images import image_files
-    from ressl.export.outputs import save_embeddings
 
     from ressl.atomic import check_writable
 
@@ -136,6 +159,13 @@ def embed_cmd(
         print(f"ressl: skipped {name}: {reason}", file=sys.stderr)
     if not result.paths:
         fail(f"none of the {len(files)} files could be read as an image; nothing written")
+    _save_embeddings(out, embedder, result)
+
+
+def _save_embeddings(out: Path, embedder: Embedder, result: FileEmbeddings) -> None:
+    """Write the embeddings, their paths and the skipped files to ``out`` and say so."""
+    from ressl.export.outputs import save_embeddings
+
     save_embeddings(
         out,
         result.embeddings,

@@ -79,23 +79,21 @@ def _code_for(path: Path, build: Any, meta: dict[str, str]) -> str:
         return meta.get("code", "")
 
 
-def info_cmd(
-    path: Annotated[
-        Path,
-        typer.Argument(
-            help="A ressl checkpoint (.safetensors), run folder or exported .onnx file "
-            "(default: the current folder, a run folder).",
-            show_default=False,
-        ),
-    ] = Path("."),
-    as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
-) -> None:
+InfoPathArg = Annotated[
+    Path,
+    typer.Argument(
+        help="A ressl checkpoint (.safetensors), run folder or exported .onnx file "
+        "(default: the current folder, a run folder).",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")]
+
+
+def info_cmd(path: InfoPathArg = Path("."), as_json: JsonOpt = False) -> None:
     """Describe a checkpoint (format, versions, progress, metrics, settings) or an exported ONNX encoder."""
     if not path.exists():  # before torch is imported (seconds)
         fail(f"{path}: no such file or folder")
-    from ressl.runs.checks import check_file, metadata_json
-    from ressl.runs.position import Position
-
     if path.suffix.lower() == ".onnx":
         typer.echo(onnx_info(path, as_json))
         return
@@ -103,25 +101,20 @@ def info_cmd(
     if weights is not None:
         typer.echo(_weights_info(path, weights, as_json))
         return
+    typer.echo(_checkpoint_info(path, as_json))
+
+
+def _checkpoint_info(path: Path, as_json: bool) -> str:
+    """What ``ressl info`` prints for a checkpoint or run folder."""
+    from ressl.runs.checks import check_file, metadata_json
+    from ressl.runs.position import Position
+
     checked = check_file(path)
     meta, settings = checked.meta, checked.settings
     metrics = metadata_json(checked.path, meta, "metrics", dict, default={})
     if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "metadata": {
-                        k: v
-                        for k, v in meta.items()
-                        if k not in ("settings", "optimizer", "metrics")
-                    },
-                    "settings": settings,
-                    "metrics": metrics,
-                },
-                indent=2,
-            )
-        )
-        return
+        plain = {k: v for k, v in meta.items() if k not in ("settings", "optimizer", "metrics")}
+        return json.dumps({"metadata": plain, "settings": settings, "metrics": metrics}, indent=2)
     where = Position.from_metadata(meta, settings.get("epochs"))
     lines = [
         f"checkpoint     {path}",
@@ -130,10 +123,13 @@ def info_cmd(
     ]
     if metrics:
         lines.append("last metrics   " + ", ".join(f"{k}={shown(v)}" for k, v in metrics.items()))
-    lines.append("settings")
+    return "\n".join(lines + _settings_lines(settings))
+
+
+def _settings_lines(settings: dict[str, Any]) -> list[str]:
+    """``settings`` and one indented, aligned line per setting, its value as JSON."""
     width = max((len(k) for k in settings), default=0)
-    lines += [f"  {k:<{width}}  {json.dumps(v)}" for k, v in settings.items()]
-    typer.echo("\n".join(lines))
+    return ["settings"] + [f"  {k:<{width}}  {json.dumps(v)}" for k, v in settings.items()]
 
 
 def _verification(meta: dict[str, str], path: Path) -> dict[str, Any] | None:
@@ -156,37 +152,44 @@ def onnx_info(path: Path, as_json: bool) -> str:
     from ressl.export.modelfile import describe_model
 
     d = describe_model(path)
-    info = d["info"]
+    return _onnx_json(d, path) if as_json else "\n".join(_onnx_lines(d, path))
+
+
+def _onnx_json(d: dict[str, Any], path: Path) -> str:
     meta = d["metadata"]
-    if as_json:
-        plain = {k: v for k, v in meta.items() if k not in ("settings", "verification")}
-        return json.dumps(
-            {
-                "file": d["file"],
-                "size_bytes": d["size_bytes"],
-                "opset": d["opset"],
-                "producer": d["producer"],
-                "inputs": d["inputs"],
-                "outputs": d["outputs"],
-                "metadata": plain,
-                "verification": _verification(meta, path),
-                "settings": info.settings,
-            },
-            indent=2,
-        )
+    plain = {k: v for k, v in meta.items() if k not in ("settings", "verification")}
+    return json.dumps(
+        {
+            "file": d["file"],
+            "size_bytes": d["size_bytes"],
+            "opset": d["opset"],
+            "producer": d["producer"],
+            "inputs": d["inputs"],
+            "outputs": d["outputs"],
+            "metadata": plain,
+            "verification": _verification(meta, path),
+            "settings": d["info"].settings,
+        },
+        indent=2,
+    )
 
-    def sig(v: dict[str, Any]) -> str:
-        return f"{v['name']} {v['dtype']} ({', '.join(map(str, v['shape']))})"
 
+def _signature(v: dict[str, Any]) -> str:
+    """An ONNX input or output: ``name dtype (shape)``."""
+    return f"{v['name']} {v['dtype']} ({', '.join(map(str, v['shape']))})"
+
+
+def _onnx_lines(d: dict[str, Any], path: Path) -> list[str]:
+    info, meta = d["info"], d["metadata"]
     mode = {1: "grey", 3: "RGB"}.get(info.channels, f"{info.channels}-channel")
     lines = [
         f"onnx encoder   {path} ({size_text(d['size_bytes'])}, opset {d['opset']}, ressl {info.ressl_version})",
         f"computes       {info.describe()}",
-        f"input          {sig(d['inputs'][0])}, values in [0, 1]; served at {info.image_size}x{info.image_size}"
+        f"input          {_signature(d['inputs'][0])}, values in [0, 1]; served at {info.image_size}x{info.image_size}"
         + (" (any size accepted)" if info.dynamic_spatial else ""),
         f"preprocess     {mode}; {meta.get('preprocess', '')}",
         f"normalise      mean {list(info.mean)} std {list(info.std)} (inside the graph)",
-        f"output         {sig(d['outputs'][0])}, L2-normalised",
+        f"output         {_signature(d['outputs'][0])}, L2-normalised",
     ]
     if info.source:
         progress = (
@@ -201,8 +204,4 @@ def onnx_info(path: Path, as_json: bool) -> str:
             f"verified       max |diff| {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.6f} "
             f"({v['criterion']})"
         )
-    if info.settings:
-        lines.append("settings")
-        width = max(len(k) for k in info.settings)
-        lines += [f"  {k:<{width}}  {json.dumps(v)}" for k, v in info.settings.items()]
-    return "\n".join(lines)
+    return lines + (_settings_lines(info.settings) if info.settings else [])

@@ -21,8 +21,8 @@ from ressl.atomic import write_atomic
 from ressl.jsontext import parse_json
 from ressl.runs.folder import CHECKPOINT, EVAL_LOG, METRICS, read_run_file
 
-from .common import DeviceOpt, Weights, WeightsOpt, fail
-from .eval_cmd import DataRootOpt, load_eval_data, load_source, pick_device
+from .common import DataRootOpt, DeviceOpt, Weights, WeightsOpt, fail
+from .eval_cmd import load_eval_data, load_source, pick_device
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -195,32 +195,38 @@ def plot_tsne(
     return _save(plt, fig, path)
 
 
+RunDirArg = Annotated[
+    Path, typer.Argument(metavar="RUN_DIR", help="A run folder (the --out of ressl train).")
+]
+PlotOutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Folder for the PNGs (default: RUN_DIR).")
+]
+TsneOpt = Annotated[
+    bool, typer.Option("--tsne/--no-tsne", help="Also draw the t-SNE of test-set features.")
+]
+TsnePointsOpt = Annotated[int, typer.Option(help="Test images in the t-SNE (random, fixed seed).")]
+PerplexityOpt = Annotated[float, typer.Option(help="t-SNE perplexity.")]
+IterationsOpt = Annotated[int, typer.Option(help="t-SNE gradient steps.")]
+TsneDatasetOpt = Annotated[
+    str | None, typer.Option(help="Dataset for the t-SNE (default: the run's).")
+]
+SeedOpt = Annotated[int, typer.Option(help="Seed for the choice of t-SNE points.")]
+
+
 def plot_cmd(
-    run_dir: Annotated[
-        Path, typer.Argument(metavar="RUN_DIR", help="A run folder (the --out of ressl train).")
-    ],
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Folder for the PNGs (default: RUN_DIR).")
-    ] = None,
-    tsne: Annotated[
-        bool, typer.Option("--tsne/--no-tsne", help="Also draw the t-SNE of test-set features.")
-    ] = True,
-    tsne_points: Annotated[
-        int, typer.Option(help="Test images in the t-SNE (random, fixed seed).")
-    ] = 2000,
-    perplexity: Annotated[float, typer.Option(help="t-SNE perplexity.")] = 30.0,
-    iterations: Annotated[int, typer.Option(help="t-SNE gradient steps.")] = 1000,
-    dataset: Annotated[
-        str | None, typer.Option(help="Dataset for the t-SNE (default: the run's).")
-    ] = None,
+    run_dir: RunDirArg,
+    out: PlotOutOpt = None,
+    tsne: TsneOpt = True,
+    tsne_points: TsnePointsOpt = 2000,
+    perplexity: PerplexityOpt = 30.0,
+    iterations: IterationsOpt = 1000,
+    dataset: TsneDatasetOpt = None,
     weights: WeightsOpt = Weights.student,
     device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed for the choice of t-SNE points.")] = 0,
+    seed: SeedOpt = 0,
 ) -> None:
-    """Draw a run's curves (curves.png) and a t-SNE of test-set features coloured by class (tsne.png).
-
-    Long by its options only: Typer declares each in the signature."""
+    """Draw a run's curves (curves.png) and a t-SNE of test-set features coloured by class (tsne.png)."""
     rows = read_metrics(run_dir)
     if tsne_points < 4:
         fail(f"--tsne-points must be >= 4, got {tsne_points}")
@@ -229,23 +235,7 @@ def plot_cmd(
     out = out or run_dir
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / CHECKPOINT
-    settings: dict[str, Any] = {}
-    if checkpoint.is_file():
-        from ressl.runs.checkpoint import read_metadata
-        from ressl.runs.checks import metadata_json
-
-        settings = metadata_json(checkpoint, read_metadata(checkpoint), "settings", dict)
-    name = run_dir.name
-    if settings:
-        name += f": {settings.get('backbone', '?')} on {settings.get('dataset', '?')}"
-    knn_title = "kNN monitor"
-    if "knn_k" in settings:
-        knn_title += f" (k {settings['knn_k']}, t {settings['knn_temperature']:g})"
-    from ressl.training.steplog import STEPS, read_steps
-
-    steps, evaluations = read_steps(run_dir / STEPS), read_evaluations(run_dir)
-    curves = plot_curves(plt, rows, name, out / "curves.png", knn_title, steps, evaluations)
-    typer.echo(str(curves))
+    typer.echo(str(_run_curves(plt, run_dir, rows, out / "curves.png")))
     if not tsne:
         return
     if not checkpoint.is_file():
@@ -260,6 +250,32 @@ def plot_cmd(
         plt, source, data, dev, out / "tsne.png", tsne_points, perplexity, iterations, seed
     )
     typer.echo(str(path))
+
+
+def _run_settings(run_dir: Path) -> dict[str, Any]:
+    """The settings stored in the run folder's checkpoint; empty when it has none."""
+    checkpoint = run_dir / CHECKPOINT
+    if not checkpoint.is_file():
+        return {}
+    from ressl.runs.checkpoint import read_metadata
+    from ressl.runs.checks import metadata_json
+
+    return metadata_json(checkpoint, read_metadata(checkpoint), "settings", dict)
+
+
+def _run_curves(plt: Any, run_dir: Path, rows: list[dict[str, Any]], path: Path) -> Path:
+    """``curves.png`` of a run folder, titled with its backbone, dataset and kNN monitor."""
+    from ressl.training.steplog import STEPS, read_steps
+
+    settings = _run_settings(run_dir)
+    name = run_dir.name
+    if settings:
+        name += f": {settings.get('backbone', '?')} on {settings.get('dataset', '?')}"
+    knn_title = "kNN monitor"
+    if "knn_k" in settings:
+        knn_title += f" (k {settings['knn_k']}, t {settings['knn_temperature']:g})"
+    steps, evaluations = read_steps(run_dir / STEPS), read_evaluations(run_dir)
+    return plot_curves(plt, rows, name, path, knn_title, steps, evaluations)
 
 
 def _tsne_figure(

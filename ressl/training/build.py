@@ -26,7 +26,7 @@ from ressl.data.loading import load_dataset
 from ressl.data.sources import FolderImages, ImageData, ImageSource, TensorImages
 from ressl.device import autocast_dtype, select_device
 from ressl.distributed import World, batchnorm_for, convert_batchnorm, wrap_ddp
-from ressl.errors import ConfigError
+from ressl.errors import ConfigError, first_line
 from ressl.models.network import ReSSL
 from ressl.rules import Note
 from ressl.runs.checkpoint import TrainState
@@ -266,10 +266,9 @@ def _check_memory(
     except ValueError as e:  # the backbone's own words: "timm:x needs timm ...", "... cannot take"
         raise ConfigError(f"{{backbone}} {e}", "backbone") from None
     except (RuntimeError, AssertionError) as e:  # a crop side the backbone cannot take
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(
             f"{{backbone}} {config.backbone} cannot take the crops of {{crops}} "
-            f"{', '.join(map(str, sides))}: {first}",
+            f"{', '.join(map(str, sides))}: {first_line(e)}",
             "backbone",
             "crops",
         ) from None

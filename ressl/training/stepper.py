@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ressl.distributed import all_gather_cat, reset_ddp_
+from ressl.errors import first_line
 from ressl.training.build import Run
 from ressl.training.compiled import WARMUP_STEPS, StepSnapshot
 from ressl.training.step import training_step
@@ -130,12 +131,11 @@ class Stepper:
         compiled, run = self.compiled, self.run
         assert compiled is not None
         if run.world.main:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             log.warning(
                 "torch.compile failed at step %d (%s: %s); training eager from its start",
                 run.state.step(run.steps_per_epoch) + 1,
                 type(error).__name__,
-                first,
+                first_line(error, 200),
             )
         before.restore_(run.state)
         reset_ddp_(compiled.eager_student)  # a backward may have failed part-way
