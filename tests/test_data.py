@@ -308,19 +308,19 @@ def test_stl10_truncated_file(stl_root: tuple[Path, dict]) -> None:
 
 # --------------------------------------------------------------------------- folders
 
-COLOURS = {"cat": (255, 0, 0), "dog": (0, 0, 255), "emu": (0, 200, 0)}
+COLORS = {"cat": (255, 0, 0), "dog": (0, 0, 255), "emu": (0, 200, 0)}
 
 
-def _solid(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> None:
+def _solid(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path)
+    Image.new("RGB", size, color).save(path)
 
 
 def _class_tree(root: Path) -> None:
-    _solid(root / "cat" / "a.png", COLOURS["cat"])
-    _solid(root / "cat" / "deep" / "b.JPG", COLOURS["cat"])  # nested, upper-case extension
-    _solid(root / "dog" / "c.bmp", COLOURS["dog"])
-    _solid(root / "emu" / "d.webp", COLOURS["emu"], size=(16, 50))
+    _solid(root / "cat" / "a.png", COLORS["cat"])
+    _solid(root / "cat" / "deep" / "b.JPG", COLORS["cat"])  # nested, upper-case extension
+    _solid(root / "dog" / "c.bmp", COLORS["dog"])
+    _solid(root / "emu" / "d.webp", COLORS["emu"], size=(16, 50))
     (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (root / "dog" / "notes.txt").write_text("not an image")
     (root / "empty_dir").mkdir()
@@ -341,22 +341,22 @@ def test_folder_with_classes(tmp_path: Path) -> None:
     assert d.train.labels.tolist() == [0, 0, 1, 2]
     assert _pixels(d.train).shape == (4, 3, 8, 8)
     for image, label in zip(_pixels(d.train), d.train.labels):
-        colour = torch.tensor(COLOURS[d.classes[label]], dtype=torch.float)
-        assert (image.float().mean(dim=(1, 2)) - colour).abs().max() < 3  # JPEG/WebP loss
+        color = torch.tensor(COLORS[d.classes[label]], dtype=torch.float)
+        assert (image.float().mean(dim=(1, 2)) - color).abs().max() < 3  # JPEG/WebP loss
 
 
 def test_folder_default_size_follows_the_files_and_loose_files_are_ignored(tmp_path: Path) -> None:
-    _solid(tmp_path / "cat" / "a.png", COLOURS["cat"])  # 40 x 30: shorter side 30
-    _solid(tmp_path / "loose.png", COLOURS["dog"])
+    _solid(tmp_path / "cat" / "a.png", COLORS["cat"])  # 40 x 30: shorter side 30
+    _solid(tmp_path / "loose.png", COLORS["dog"])
     d = load_dataset(f"folder:{tmp_path}")
     assert d.image_size == 30 and len(d.train) == 1  # small images are not upscaled
     assert d.classes == ["cat"]
-    _solid(tmp_path / "cat" / "b.png", COLOURS["cat"], size=(300, 200))
-    _solid(tmp_path / "cat" / "c.png", COLOURS["cat"], size=(300, 200))
+    _solid(tmp_path / "cat" / "b.png", COLORS["cat"], size=(300, 200))
+    _solid(tmp_path / "cat" / "c.png", COLORS["cat"], size=(300, 200))
     assert load_dataset(f"folder:{tmp_path}").image_size == folders.DEFAULT_MAX_SIDE == 64
 
 
-def _grey_folder(root: Path) -> Path:
+def _grayscale_folder(root: Path) -> Path:
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("test", 3)):
         for c, level in (("dark", 40), ("light", 200)):
@@ -367,8 +367,8 @@ def _grey_folder(root: Path) -> Path:
     return root
 
 
-def test_a_greyscale_folder_keeps_one_channel_with_its_own_mean_and_std(tmp_path: Path) -> None:
-    root = _grey_folder(tmp_path)
+def test_a_grayscale_folder_keeps_one_channel_with_its_own_mean_and_std(tmp_path: Path) -> None:
+    root = _grayscale_folder(tmp_path)
     d = load_dataset(f"folder:{root}")
     assert (d.channels, d.image_size) == (1, 28)
     assert d.train.images.shape[1:] == (1, 28, 28) and d.test.images.shape[1] == 1
@@ -414,7 +414,7 @@ def test_high_bit_depth_and_float_images_are_scaled_not_clipped(mode, values, wa
     assert got[0].tolist() == want
 
 
-def test_lab_images_are_converted_by_colour_transform(tmp_path: Path) -> None:
+def test_lab_images_are_converted_by_color_transform(tmp_path: Path) -> None:
     from PIL import ImageCms
 
     from ressl.data.imagefiles import as_mode
@@ -426,8 +426,8 @@ def test_lab_images_are_converted_by_colour_transform(tmp_path: Path) -> None:
     lab = ImageCms.applyTransform(rgb, to_lab)
     back = np.asarray(as_mode(lab, "RGB")).astype(int)
     assert np.abs(back - np.asarray(rgb)).mean() < 4  # 8-bit L*a*b* loses a little
-    grey = np.asarray(as_mode(lab, "L")).astype(int)  # PIL's own convert refuses LAB -> L
-    assert np.abs(grey - np.asarray(rgb.convert("L"))).mean() < 4
+    gray = np.asarray(as_mode(lab, "L")).astype(int)  # PIL's own convert refuses LAB -> L
+    assert np.abs(gray - np.asarray(rgb.convert("L"))).mean() < 4
 
 
 def test_a_mode_pil_cannot_convert_is_refused_with_its_name() -> None:
@@ -462,8 +462,8 @@ def test_empty_and_missing_folders(tmp_path: Path) -> None:
 @pytest.mark.parametrize("test_name", ["test", "val"])
 def test_folder_train_test_splits(tmp_path: Path, test_name: str) -> None:
     _class_tree(tmp_path / "train")
-    _solid(tmp_path / test_name / "emu" / "x.png", COLOURS["emu"])
-    _solid(tmp_path / test_name / "cat" / "y.png", COLOURS["cat"])
+    _solid(tmp_path / test_name / "emu" / "x.png", COLORS["emu"])
+    _solid(tmp_path / test_name / "cat" / "y.png", COLORS["cat"])
     d = load_dataset(f"folder:{tmp_path}", image_size=8)
     assert d.classes == ["cat", "dog", "emu"] and len(d.train) == 4 and d.skipped == 1
     assert d.test is not None and d.test.labels.tolist() == [0, 2]  # test uses train's indices
@@ -471,7 +471,7 @@ def test_folder_train_test_splits(tmp_path: Path, test_name: str) -> None:
 
 def test_folder_test_class_unknown_to_train(tmp_path: Path) -> None:
     _class_tree(tmp_path / "train")
-    _solid(tmp_path / "test" / "yak" / "x.png", COLOURS["emu"])
+    _solid(tmp_path / "test" / "yak" / "x.png", COLORS["emu"])
     with pytest.raises(ValueError, match="classes not in .*train: yak"):
         load_dataset(f"folder:{tmp_path}", image_size=8)
 
@@ -541,15 +541,15 @@ def test_decode_crops_cuts_boxes_from_the_full_resolution_file(tmp_path: Path) -
     again = decode_crops(tmp_path / "a.png", crops, torch.Generator().manual_seed(0))
     assert again is not None and all(torch.equal(a, b) for a, b in zip(got, again))
     # small crops of a 200 px wide image are mostly one colour; over many draws both colours occur
-    colours = set()
+    colors = set()
     for seed in range(20):
         small = decode_crops(
             tmp_path / "a.png", [(16, (0.02, 0.03))], torch.Generator().manual_seed(seed)
         )
         assert small is not None
         red, blue = small[0][0].float().mean(), small[0][2].float().mean()
-        colours.add("red" if red > blue else "blue")
-    assert colours == {"red", "blue"}
+        colors.add("red" if red > blue else "blue")
+    assert colors == {"red", "blue"}
     (tmp_path / "bad.jpg").write_bytes(b"nope")
     assert decode_crops(tmp_path / "bad.jpg", crops, torch.Generator()) is None
 

@@ -337,7 +337,7 @@ def test_auto_falls_back_to_the_workers_with_one_line_when_the_probe_fails(monke
     assert "RuntimeError: no JPEG decoder on this device" in caplog.text  # why, in the line
 
 
-def test_the_probe_checks_the_colour_it_decodes(monkeypatch):
+def test_the_probe_checks_the_color_it_decodes(monkeypatch):
     """A decoder that returns black images fails the probe too."""
     black = [torch.zeros(3, 16, 16, dtype=torch.uint8)]
     monkeypatch.setattr("torchvision.io.decode_jpeg", lambda data, **kwargs: black)

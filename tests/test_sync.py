@@ -151,7 +151,7 @@ def test_the_steady_step_never_waits_for_the_device(accelerator_paths, case, sgd
     assert watch.ops == []
 
 
-def test_greyscale_steps_never_wait_either(accelerator_paths):
+def test_grayscale_steps_never_wait_either(accelerator_paths):
     steps = _steps(torch.device("cpu"), **CASES["one crop"], channels=1, sgd={"fused": True})
     next(steps)
     with WouldWait() as watch:

@@ -148,7 +148,7 @@ def test_identical_images_get_independent_views(view, c):
     assert distinct.all()  # no two of the 32 copies got the same crop/flip/jitter
 
 
-def test_strong_view_without_colour_ops_is_the_weak_view():
+def test_strong_view_without_color_ops_is_the_weak_view():
     # Both draw the crop, then the flip, first: so this carries every crop test below
     # over to the strong view.
     x = uint8_images(32, 3, 24, 24)
@@ -162,7 +162,7 @@ def test_strong_view_without_colour_ops_is_the_weak_view():
 
 @pytest.mark.parametrize("view", VIEWS)
 @pytest.mark.parametrize("c", CHANNELS)
-def test_precropped_input_is_only_flipped_then_coloured(view, c):
+def test_precropped_input_is_only_flipped_then_colored(view, c):
     x = uint8_images(64, c, 12, 12)
     mean, std = IDENTITY[c]
     kw = dict(mean=mean, std=std, crop=False)
@@ -288,17 +288,17 @@ def test_random_resized_crop_scale():
 # --------------------------------------------------------------------------- colour
 
 
-def constant_images(colours: torch.Tensor, size: int = 8) -> torch.Tensor:
-    return colours[:, :, None, None].expand(-1, -1, size, size).contiguous()
+def constant_images(colors: torch.Tensor, size: int = 8) -> torch.Tensor:
+    return colors[:, :, None, None].expand(-1, -1, size, size).contiguous()
 
 
 @pytest.mark.parametrize("c", CHANNELS)
-def test_weak_view_keeps_colours(c):
-    colours = torch.randint(0, 256, (16, c), generator=gen(), dtype=torch.uint8)
+def test_weak_view_keeps_colors(c):
+    colors = torch.randint(0, 256, (16, c), generator=gen(), dtype=torch.uint8)
     out = weak_view(
-        constant_images(colours, 16), size=12, mean=[0.0] * c, std=[1.0] * c, generator=gen()
+        constant_images(colors, 16), size=12, mean=[0.0] * c, std=[1.0] * c, generator=gen()
     )
-    torch.testing.assert_close(out, constant_images(colours.float() / 255, 12), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, constant_images(colors.float() / 255, 12), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("c", CHANNELS)
@@ -327,13 +327,13 @@ def test_color_jitter_factor_ranges():
     f = (out[:, 0, 0, 3] - out[:, 0, 0, 0]) / 0.2
     assert f.min() >= 0.6 - 1e-4 and f.max() <= 1.4 + 1e-4 and f.min() < 0.62 and f.max() > 1.38
     # saturation on a colour: the distance to its grey scales by the factor
-    colour = constant_images(torch.tensor([[0.6, 0.4, 0.5]]).expand(n, 3), 2)
-    grey = rgb_to_grayscale(colour)
-    out = color_jitter(colour, jitter=(0.0, 0.0, 0.4, 0.0), **kw)
-    f = ((out - grey)[:, 0] / (colour - grey)[:, 0]).flatten(1)[:, 0]
+    color = constant_images(torch.tensor([[0.6, 0.4, 0.5]]).expand(n, 3), 2)
+    gray = rgb_to_grayscale(color)
+    out = color_jitter(color, jitter=(0.0, 0.0, 0.4, 0.0), **kw)
+    f = ((out - gray)[:, 0] / (color - gray)[:, 0]).flatten(1)[:, 0]
     assert f.min() >= 0.6 - 1e-4 and f.max() <= 1.4 + 1e-4 and f.min() < 0.62 and f.max() > 1.38
     # hue: the HSV hue moves by at most 0.1 turn, and keeps saturation and value
-    out = color_jitter(colour, jitter=(0.0, 0.0, 0.0, 0.1), **kw)[:, :, 0, 0]
+    out = color_jitter(color, jitter=(0.0, 0.0, 0.0, 0.1), **kw)[:, :, 0, 0]
     h0, s0, v0 = colorsys.rgb_to_hsv(0.6, 0.4, 0.5)
     hsv = torch.tensor([colorsys.rgb_to_hsv(*rgb) for rgb in out.tolist()])
     shift = (hsv[:, 0] - h0 + 0.5) % 1.0 - 0.5
@@ -368,7 +368,7 @@ def test_color_jitter_is_adjust_colors_of_sampled_params():
     assert 0 < apply.sum() < 32
 
 
-def test_jitter_leaves_grey_images_grey_on_one_channel():
+def test_jitter_leaves_gray_images_gray_on_one_channel():
     # saturation and hue are no-ops on one channel, contrast on a constant image
     x = torch.full((64, 1, 4, 4), 0.3)
     out = color_jitter(x, jitter=(0.0, 0.4, 0.4, 0.1), generator=gen())
@@ -396,7 +396,7 @@ def test_adjust_colors_equals_torchvision_in_every_order(c):
 
 
 @pytest.mark.parametrize("c", CHANNELS)
-def test_single_colour_ops_equal_torchvision(c):
+def test_single_color_ops_equal_torchvision(c):
     x = float_images(16, c, 9, 9)
     x[:4] = x[:4].round()  # saturated and grey pixels: the HSV edge cases
     x[4:8, :, :, :4] = x[4:8, :1, :, :4]
@@ -411,31 +411,31 @@ def test_single_colour_ops_equal_torchvision(c):
     for ours, theirs, factor in pairs:
         ref = torch.stack([theirs(x[i], factor[i].item()) for i in range(16)])
         torch.testing.assert_close(ours(x, factor), ref, atol=1e-5, rtol=0)
-    grey = rgb_to_grayscale(x)
-    assert grey.shape == (16, 1, 9, 9)
-    torch.testing.assert_close(grey, TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+    gray = rgb_to_grayscale(x)
+    assert gray.shape == (16, 1, 9, 9)
+    torch.testing.assert_close(gray, TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
 
 
 def test_grayscale_probability():
-    colours = torch.tensor([[0.8, 0.2, 0.4]]).expand(2000, 3)
+    colors = torch.tensor([[0.8, 0.2, 0.4]]).expand(2000, 3)
     out = strong_view(
-        constant_images(colours),
+        constant_images(colors),
         size=8,
         mean=[0.0] * 3,
         std=[1.0] * 3,
         generator=gen(),
         jitter_p=0.0,
     )
-    grey = (out.amax(1) - out.amin(1)).amax((1, 2)) < 1e-6
-    assert abs(grey.float().mean() - 0.2) < 0.03
+    gray = (out.amax(1) - out.amin(1)).amax((1, 2)) < 1e-6
+    assert abs(gray.float().mean() - 0.2) < 0.03
     expected = 0.2989 * 0.8 + 0.587 * 0.2 + 0.114 * 0.4
-    torch.testing.assert_close(out[grey], torch.full_like(out[grey], expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[gray], torch.full_like(out[gray], expected), atol=1e-5, rtol=0)
     # the building block on its own, and its no-op on one channel
     x = float_images(1000, 3, 2, 2)
     out = random_grayscale(x, generator=gen(), p=0.5)
-    grey = (out.amax(1) - out.amin(1)).flatten(1).amax(1) < 1e-6
-    assert abs(grey.float().mean() - 0.5) < 0.06
-    assert torch.equal(out[~grey], x[~grey])
+    gray = (out.amax(1) - out.amin(1)).flatten(1).amax(1) < 1e-6
+    assert abs(gray.float().mean() - 0.5) < 0.06
+    assert torch.equal(out[~gray], x[~gray])
     one = float_images(10, 1, 2, 2)
     assert torch.equal(random_grayscale(one, generator=gen(), p=1.0), one)
 

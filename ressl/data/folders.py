@@ -26,7 +26,7 @@ import torch
 
 from ressl.data.decode import decode_images, readable_images
 from ressl.data.imagefiles import (
-    GREY_MODES,
+    GRAYSCALE_MODES,
     IMAGE_EXTENSIONS,
     images_under,
     is_image_name,
@@ -72,9 +72,9 @@ def _headers(files: Sequence[Path]) -> list[tuple[str, int]]:
 
 
 def folder_channels(headers: Sequence[tuple[str, int]]) -> int:
-    """1 when every sampled file is greyscale (``GREY_MODES``), else 3."""
+    """1 when every sampled file is greyscale (``GRAYSCALE_MODES``), else 3."""
     modes = [mode for mode, _ in headers]
-    return 1 if modes and all(m in GREY_MODES for m in modes) else 3
+    return 1 if modes and all(m in GRAYSCALE_MODES for m in modes) else 3
 
 
 def folder_side(headers: Sequence[tuple[str, int]]) -> int:
@@ -84,7 +84,7 @@ def folder_side(headers: Sequence[tuple[str, int]]) -> int:
     return max(8, min(DEFAULT_MAX_SIDE, median))
 
 
-def _grey_stats(source: ImageSource) -> tuple[tuple[float], tuple[float]]:
+def _grayscale_stats(source: ImageSource) -> tuple[tuple[float], tuple[float]]:
     """Mean and std in [0, 1] of greyscale training images (a sample when streamed),
     summed in float64 chunks (never a float copy of the whole split)."""
     if isinstance(source, TensorImages):
@@ -254,6 +254,31 @@ def _folder_source(
     return source, len(bad)
 
 
+def _channels_and_side(
+    files: Sequence[Path],
+    train_dir: Path,
+    entry: DatasetInfo,
+    channels: int | None,
+    size: int | None,
+) -> tuple[int, int]:
+    """The channels and side to train on: as given, else read from the files' headers
+    (channels; the side for ``folder``) or the entry's side."""
+    headers = _headers(files) if channels is None or size is None else []
+    if channels is None:
+        channels = folder_channels(headers)
+        if channels == 1:
+            logger.info("%s: the images are greyscale; training on 1 channel", train_dir)
+    if size is None and entry.name == "folder":
+        size = folder_side(headers)
+        logger.info(
+            "%s: images of %d px (the files' median shorter side, at most %d)",
+            train_dir,
+            size,
+            DEFAULT_MAX_SIDE,
+        )
+    return channels, size or entry.image_size
+
+
 def load_folder(
     path: Path,
     size: int | None,
@@ -279,20 +304,7 @@ def load_folder(
     path, train_dir, test_dir = split_dirs(path)
     files, labels, classes = scan_train(train_dir, subset)
     identity = (len(files), file_list_digest(files, labels, train_dir))
-    headers = _headers(files) if channels is None or size is None else []
-    if channels is None:
-        channels = folder_channels(headers)
-        if channels == 1:
-            logger.info("%s: the images are greyscale; training on 1 channel", train_dir)
-    if size is None and entry.name == "folder":
-        size = folder_side(headers)
-        logger.info(
-            "%s: images of %d px (the files' median shorter side, at most %d)",
-            train_dir,
-            size,
-            DEFAULT_MAX_SIDE,
-        )
-    size = size or entry.image_size
+    channels, size = _channels_and_side(files, train_dir, entry, channels, size)
     train, skipped = _folder_source(files, labels, size, train_dir, channels)
     labelled_train = train if classes else None
 
@@ -302,7 +314,7 @@ def load_folder(
         if labelled is not None:
             test, t_skipped = _folder_source(*labelled, size, test_dir, channels)
             skipped += t_skipped
-    mean, std = (entry.mean, entry.std) if channels == 3 else _grey_stats(train)
+    mean, std = (entry.mean, entry.std) if channels == 3 else _grayscale_stats(train)
     return ImageData(
         f"{entry.name}:{path}",
         train,

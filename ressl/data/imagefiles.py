@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from ressl.errors import DataError
 
 __all__ = [
-    "GREY_MODES",
+    "GRAYSCALE_MODES",
     "IMAGE_EXTENSIONS",
     "EncodedImage",
     "TooManyPixels",
@@ -183,7 +183,7 @@ def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:
 #: Modes whose values go up to 65535 (16-bit PNG and TIFF greyscale): scaled, not clipped.
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 #: Greyscale modes: a folder of these trains on one channel.
-GREY_MODES = ("1", "L", "LA", "La", "I", "F", *_SIXTEEN_BIT)
+GRAYSCALE_MODES = ("1", "L", "LA", "La", "I", "F", *_SIXTEEN_BIT)
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:

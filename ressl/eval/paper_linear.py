@@ -53,6 +53,57 @@ def _test_features(
     return torch.cat(feats), torch.cat(labels)
 
 
+def _check_args(
+    epochs: int,
+    batch_size: int,
+    num_classes: int,
+    lr: float,
+    weight_decay: float,
+    n_train: int,
+    n_test: int,
+) -> None:
+    for name, value, low in (
+        ("epochs", epochs, 1),
+        ("batch_size", batch_size, 1),
+        ("num_classes", num_classes, 2),
+    ):
+        if not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    LEARNING_RATE.check("lr", lr)
+    WEIGHT_DECAY.check("weight_decay", weight_decay)
+    if n_train < 1 or n_test < 1:
+        raise DataError(f"need training and test images, got {n_train} and {n_test}")
+
+
+def _official_layer(
+    features: int, num_classes: int, seed: int, device: torch.device
+) -> torch.nn.Linear:
+    """``nn.Linear(features, num_classes)`` as the official script initialises it:
+    weights N(0, 0.01) from ``seed``, bias 0."""
+    init = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer = torch.nn.Linear(features, num_classes).to(device)
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=init) * 0.01)
+        layer.bias.zero_()
+    return layer
+
+
+@torch.no_grad()
+def _crop_features(
+    fn: Callable[[Tensor], Tensor],
+    images: Tensor,
+    generator: torch.Generator,
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: tuple[float, float],
+) -> Tensor:
+    """``(B, F)`` features of a new RandomResizedCrop + flip of each image."""
+    x = weak_view(images, size=size, mean=mean, std=std, generator=generator, scale=scale)
+    return fn(x).float()
+
+
 def _accuracy(layer: torch.nn.Linear, x: Tensor, y: Tensor) -> float:
     return 100.0 * float((layer(x).argmax(1) == y).float().mean()) if len(y) else math.nan
 
@@ -88,8 +139,8 @@ def paper_linear_eval(
 ) -> dict[str, Any]:
     """Train a linear layer on augmented crops through the frozen ``fn``; test top-1.
 
-    Long by its arguments and their checks; the body is the official protocol in order
-    (features of the test set once, then epochs of crops, SGD steps and a test).
+    The official protocol in order: features of the test set once, then epochs of
+    crops, SGD steps and a test.
 
     Args:
         fn: ``(B, C, H, W)`` normalised images -> ``(B, F)`` backbone features, in eval
@@ -111,24 +162,11 @@ def paper_linear_eval(
     Raises:
         ValueError: on a bad hyper-parameter or too few images.
     """
-    for name, value, low in (
-        ("epochs", epochs, 1),
-        ("batch_size", batch_size, 1),
-        ("num_classes", num_classes, 2),
-    ):
-        if not isinstance(value, int) or value < low:
-            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    LEARNING_RATE.check("lr", lr)
-    WEIGHT_DECAY.check("weight_decay", weight_decay)
-    if len(train) < 1 or len(test) < 1:
-        raise DataError(f"need training and test images, got {len(train)} and {len(test)}")
+    _check_args(epochs, batch_size, num_classes, lr, weight_decay, len(train), len(test))
     device = torch.device(device)
-    init = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         test_x, test_y = _test_features(fn, test, mean, std, batch_size, device)
-        layer = torch.nn.Linear(test_x.shape[1], num_classes).to(device)
-        layer.weight.copy_(torch.randn(layer.weight.shape, generator=init) * 0.01)  # official init
-        layer.bias.zero_()
+    layer = _official_layer(test_x.shape[1], num_classes, seed, device)
     opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     crops = torch.Generator(device=device).manual_seed(seed + 1)
     steps = epochs * math.ceil(len(train) / batch_size)
@@ -137,11 +175,9 @@ def paper_linear_eval(
         for images, y in train.batches(
             batch_size, epoch=epoch, seed=seed, device=device, shuffle=True, drop_last=False
         ):
-            with torch.no_grad():
-                x = weak_view(
-                    images, size=image_size, mean=mean, std=std, generator=crops, scale=crop_scale
-                )
-                features = fn(x).float()
+            features = _crop_features(
+                fn, images, crops, size=image_size, mean=mean, std=std, scale=crop_scale
+            )
             _sgd_step(opt, layer, features, y, cosine_lr(step, steps, lr))
             step += 1
         with torch.no_grad():

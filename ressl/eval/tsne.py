@@ -101,6 +101,41 @@ def _pca(x: Tensor, dims: int) -> Tensor:
     return y
 
 
+def _check_args(
+    x: Tensor, dims: int, iterations: int, exaggeration_iterations: int, perplexity: float
+) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"x must be a (N, F) tensor, got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if n < 4:
+        raise ConfigError(f"t-SNE needs at least 4 points, got {n}")
+    if dims < 1:
+        raise ConfigError(f"dims must be >= 1, got {dims}")
+    if iterations < 1:
+        raise ConfigError.invalid("iterations", ">= 1", iterations)
+    if exaggeration_iterations < 0:
+        raise ConfigError.invalid("exaggeration_iterations", ">= 0", exaggeration_iterations)
+    if not perplexity > 0:
+        raise ConfigError.invalid("perplexity", "> 0", perplexity)
+    if not torch.isfinite(x).all():
+        raise DataError("x contains NaN or infinite values")
+
+
+def _joint_affinities(x: Tensor, perplexity: float) -> Tensor:
+    """``(N, F) -> (N, N)`` float32 joint affinities ``P``: symmetric, summing to 1."""
+    cond = affinities(_squared_distances(x), perplexity)
+    p = cond + cond.T
+    return (p / p.sum()).clamp_min(1e-12).float()
+
+
+def _kl_gradient(y: Tensor, p: Tensor, eye: Tensor) -> Tensor:
+    """``(N, dims)`` gradient of KL(P || Q) at the layout ``y``, Q the Student-t kernel's."""
+    num = (1.0 + _squared_distances(y)).reciprocal_().masked_fill_(eye, 0.0)  # (N, N)
+    q = (num / num.sum()).clamp_min_(1e-12)
+    w = (p - q) * num  # (N, N)
+    return 4.0 * (w.sum(1, keepdim=True) * y - w @ y)
+
+
 @torch.no_grad()
 def tsne(
     x: Tensor,
@@ -116,8 +151,7 @@ def tsne(
     """Embed ``(N, F)`` points in ``dims`` dimensions with exact t-SNE.
 
     Deterministic: PCA initialisation (scaled to std 1e-4 on the first axis), no
-    random numbers. Runs on ``x``'s device. The gradient loop stays in one piece so it
-    reads against van der Maaten's reference algorithm step by step.
+    random numbers. Runs on ``x``'s device.
 
     Args:
         x: ``(N, F)`` points, e.g. backbone features of test images; N >= 4.
@@ -137,26 +171,10 @@ def tsne(
     Raises:
         ValueError: on a bad shape or argument.
     """
-    if x.ndim != 2:
-        raise ValueError(f"x must be a (N, F) tensor, got shape {tuple(x.shape)}")
+    _check_args(x, dims, iterations, exaggeration_iterations, perplexity)
     n = x.shape[0]
-    if n < 4:
-        raise ConfigError(f"t-SNE needs at least 4 points, got {n}")
-    if dims < 1:
-        raise ConfigError(f"dims must be >= 1, got {dims}")
-    if iterations < 1:
-        raise ConfigError.invalid("iterations", ">= 1", iterations)
-    if exaggeration_iterations < 0:
-        raise ConfigError.invalid("exaggeration_iterations", ">= 0", exaggeration_iterations)
-    if not perplexity > 0:
-        raise ConfigError.invalid("perplexity", "> 0", perplexity)
-    if not torch.isfinite(x).all():
-        raise DataError("x contains NaN or infinite values")
     x = x.float()
-    perplexity = min(perplexity, max((n - 1) / 3.0, 1.0))
-    cond = affinities(_squared_distances(x), perplexity)
-    p = cond + cond.T
-    p = (p / p.sum()).clamp_min(1e-12).float()  # (N, N) joint, symmetric
+    p = _joint_affinities(x, min(perplexity, max((n - 1) / 3.0, 1.0)))
     lr = learning_rate if learning_rate is not None else max(n / early_exaggeration / 4.0, 50.0)
 
     y = _pca(x, dims)
@@ -166,17 +184,10 @@ def tsne(
     eye = torch.eye(n, dtype=torch.bool, device=x.device)
     for it in range(iterations):
         early = it < exaggeration_iterations
-        p_eff = p * early_exaggeration if early else p
-        momentum = 0.5 if early else 0.8
-        num = (
-            (1.0 + _squared_distances(y)).reciprocal_().masked_fill_(eye, 0.0)
-        )  # (N, N) Student-t kernel
-        q = (num / num.sum()).clamp_min_(1e-12)
-        w = (p_eff - q) * num  # (N, N)
-        grad = 4.0 * (w.sum(1, keepdim=True) * y - w @ y)  # (N, dims) dKL/dy
+        grad = _kl_gradient(y, p * early_exaggeration if early else p, eye)
         flipped = update * grad < 0  # heading against the last step: grow the gain
         gains = torch.where(flipped, gains + 0.2, gains * 0.8).clamp_min_(0.01)
-        update = momentum * update - lr * gains * grad
+        update = (0.5 if early else 0.8) * update - lr * gains * grad  # momentum 0.5, then 0.8
         y = y + update
         if progress is not None and ((it + 1) % PROGRESS_EVERY == 0 or it + 1 == iterations):
             progress(it + 1)

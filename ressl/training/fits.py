@@ -75,6 +75,11 @@ def _activations_per_image(net: nn.Module, channels: int, side: int) -> int:
     return total[0]
 
 
+def _activations_by_side(net: nn.Module, channels: int, sides: Sequence[int]) -> dict[int, int]:
+    """``_activations_per_image`` for each distinct side in ``sides``."""
+    return {s: _activations_per_image(net, channels, s) for s in set(sides)}
+
+
 def training_memory(
     spec: ModelSpec,
     *,
@@ -101,14 +106,10 @@ def training_memory(
     weights = 4 * (4 * params + 2 * buffers)
     channels, queue_size, embed_dim = spec.channels, spec.queue_size, spec.embed_dim
     try:
-        per_image = {
-            s: _activations_per_image(model.student, channels, s) for s in set(student_sides)
-        }
+        per_image = _activations_by_side(model.student, channels, student_sides)
     except RuntimeError:  # a module holding tensors of its own: counted on a real copy
         model = model_from_spec(shape, backbone=backbone)
-        per_image = {
-            s: _activations_per_image(model.student, channels, s) for s in set(student_sides)
-        }
+        per_image = _activations_by_side(model.student, channels, student_sides)
     activations = batch_per_process * sum(per_image[s] for s in student_sides)
     activations *= 2 if autocast else 4
     inputs = batch_per_process * 4 * channels * sum(s * s for s in student_sides) * 2

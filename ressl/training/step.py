@@ -53,8 +53,6 @@ def training_step(
 ) -> Tensor:
     """One optimisation step; returns the loss (detached, on the device, no host sync).
 
-    Its length is the arguments and this docstring; the body is the official step, in order.
-
     Args:
         model: student, teacher and queue.
         optimizer: over the student's parameters (learning rate already set).

@@ -18,7 +18,7 @@ The horizontal flip is folded into the crop's sampling grid: every later op comm
 with it (colour ops act per pixel or on image means; the blur kernel is symmetric and
 padding reflects), so this is exact and free.
 
-The kernels live in ``geometry`` (crop boxes, resized crops, flips), ``colour``
+The kernels live in ``geometry`` (crop boxes, resized crops, flips), ``color``
 (ColorJitter, grayscale) and ``blur``; ``compose`` builds the two views from them,
 and :class:`WeakView` / :class:`StrongView` are their frozen configs.
 

@@ -74,15 +74,15 @@ def _blend_(
     f = per_image(factor)
     if contrast is None and saturation is None:
         return x.mul_(f).clamp_(0.0, 1.0)
-    grey = rgb_to_grayscale(x)  # (B, 1, H, W); x itself when C == 1
+    gray = rgb_to_grayscale(x)  # (B, 1, H, W); x itself when C == 1
     if x.shape[1] == 1:
         saturation = None  # a grey image is its own grey: nothing to blend
     if contrast is None:
-        ref = grey * per_image(saturation) if saturation is not None else grey.new_zeros(())
+        ref = gray * per_image(saturation) if saturation is not None else gray.new_zeros(())
     else:
-        ref = per_image(grey.mean(dim=(1, 2, 3)) * contrast)  # (B, 1, 1, 1)
-        if saturation is not None:  # masks of 0 and 1: ref + grey s is exact, fused or not
-            ref = torch.addcmul(ref, grey, per_image(saturation))  # (B, 1, H, W)
+        ref = per_image(gray.mean(dim=(1, 2, 3)) * contrast)  # (B, 1, 1, 1)
+        if saturation is not None:  # masks of 0 and 1: ref + gray s is exact, fused or not
+            ref = torch.addcmul(ref, gray, per_image(saturation))  # (B, 1, H, W)
     # lerp: x + (1 - f) (ref - x), one pass instead of two; exactly x where f == 1
     return x.lerp_(ref.expand_as(x), 1.0 - f).clamp_(0.0, 1.0)
 
@@ -262,8 +262,8 @@ def adjust_colors_(
         elif gather_hue and hue_counts[s]:  # gathered: the images whose hue is at position s
             _hue_at_(x, factors, by_step, sum(hue_counts[:s]), hue_counts[s])
         to_mean = None if contrast is None else contrast[:, s]  # (B,) 0 or 1
-        to_grey = None if saturation is None else saturation[:, s]
-        _blend_(x, f[:, s], contrast=to_mean, saturation=to_grey)
+        to_gray = None if saturation is None else saturation[:, s]
+        _blend_(x, f[:, s], contrast=to_mean, saturation=to_gray)
     return x
 
 
@@ -394,5 +394,5 @@ def random_grayscale(images: Tensor, *, generator: torch.Generator, p: float = 0
     p = check_prob("p", p)
     if images.shape[1] == 1 or p == 0:
         return images
-    grey = per_image(coin(images.shape[0], p, generator, images.device))
-    return torch.where(grey, rgb_to_grayscale(images), images)
+    to_gray = per_image(coin(images.shape[0], p, generator, images.device))
+    return torch.where(to_gray, rgb_to_grayscale(images), images)

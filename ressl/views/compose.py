@@ -171,9 +171,7 @@ def strong_view(
     GaussianBlur(sigma uniform in ``blur_sigma`` pixels; PIL's, as the paper's code,
     bit for bit) with probability ``blur_p``; RandomHorizontalFlip(flip_p);
     Normalize(mean, std). The paper blurs with p 0.5 on ImageNet; small datasets
-    usually skip it (the default).
-    Its length is the argument checks and this reference; the composition itself is a
-    dozen lines in torchvision's order, kept together so the draw order stays visible.
+    usually skip it (the default). The random draws follow torchvision's order.
 
     Args:
         images: uint8, or float in [0, 1], (B, C, H, W) with C in {1, 3}.
@@ -183,7 +181,7 @@ def strong_view(
         generator: Source of randomness, on the device of ``images``.
         scale: Crop area fraction range, ``0 < a <= b <= 1``; aspect ratio in [3/4, 4/3].
         jitter: ColorJitter strengths (brightness, contrast, saturation, hue).
-        jitter_p: Probability of colour jitter.
+        jitter_p: Probability of color jitter.
         grayscale_p: Probability of grayscale (nothing to do when C == 1).
         blur_p: Probability of Gaussian blur.
         blur_sigma: Range of the blur's sigma, ``0 < a <= b``.
@@ -214,26 +212,43 @@ def strong_view(
         raise ConfigError(f"blur_mode must be one of {', '.join(BLUR_MODES)}, got {blur_mode!r}")
     check_channel_stats("mean", mean, images.shape[1])
     check_channel_stats("std", std, images.shape[1])
-    b, _, height, width = images.shape
-    device = images.device
-
-    if crop:
-        boxes = sample_crop_boxes(b, height, width, generator=generator, scale=scale)
-        flip = coin(b, flip_p, generator, device)
-        x = resized_crop(images, boxes, size, flip=flip)  # the flip commutes with all below
-    else:
-        x = flipped(images, size, coin(b, flip_p, generator, device))
+    b = images.shape[0]
+    x = _crop_and_flip(images, size, scale, flip_p, crop, generator)
     factors, order = sample_jitter_params(b, generator=generator, jitter=jitter)
-    apply = coin(b, jitter_p, generator, device)
+    apply = coin(b, jitter_p, generator, images.device)
     if jitter_p > 0:
         x = adjust_colors_(x, factors, order, apply, [j > 0 for j in jitter])
     if images.shape[1] == 3 and grayscale_p > 0:
-        to_grey = per_image(coin(b, grayscale_p, generator, device).to(x.dtype))
-        grey = rgb_to_grayscale(x)  # (B, 1, H, W), before x changes
-        # x <- x (1 - m) + grey m: exact for m in {0, 1}, in place, no batch-sized temporary
-        x.mul_(1.0 - to_grey).addcmul_(grey, to_grey)
+        x = _random_grayscale_(x, grayscale_p, generator)
     x = random_blur(x, blur_p, blur_sigma, generator, blur_mode)
     return _normalize_(x, mean, std)
+
+
+def _crop_and_flip(
+    images: Tensor,
+    size: int,
+    scale: tuple[float, float],
+    flip_p: float,
+    crop: bool,
+    generator: torch.Generator,
+) -> Tensor:
+    """float (B, C, size, size) in [0, 1]: a random resized crop (unless ``crop`` is
+    False) and flip of each image."""
+    b, _, height, width = images.shape
+    if not crop:
+        return flipped(images, size, coin(b, flip_p, generator, images.device))
+    boxes = sample_crop_boxes(b, height, width, generator=generator, scale=scale)
+    flip = coin(b, flip_p, generator, images.device)
+    return resized_crop(images, boxes, size, flip=flip)  # the flip commutes with all after it
+
+
+def _random_grayscale_(x: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """Turn each RGB image of float ``x`` (B, 3, H, W) grayscale with probability ``p``,
+    in place."""
+    to_gray = per_image(coin(x.shape[0], p, generator, x.device).to(x.dtype))
+    gray = rgb_to_grayscale(x)  # (B, 1, H, W), before x changes
+    # x <- x (1 - m) + gray m: exact for m in {0, 1}, in place, no batch-sized temporary
+    return x.mul_(1.0 - to_gray).addcmul_(gray, to_gray)
 
 
 @dataclass(frozen=True)
@@ -292,7 +307,7 @@ class StrongView(_View):
 
     Args:
         jitter: ColorJitter strengths (brightness, contrast, saturation, hue).
-        jitter_p: Probability of colour jitter.
+        jitter_p: Probability of color jitter.
         grayscale_p: Probability of grayscale.
         blur_p: Probability of Gaussian blur.
         blur_sigma: Range of the blur's sigma.
