@@ -183,9 +183,9 @@ def plot_tsne(
     for c, name in enumerate(classes):
         sel = ys == c
         if sel.any():
-            colour = cmap(c if len(classes) <= 20 else c / max(len(classes) - 1, 1))
+            color = cmap(c if len(classes) <= 20 else c / max(len(classes) - 1, 1))
             ax.scatter(
-                pts[sel, 0], pts[sel, 1], s=5, color=colour, label=name, alpha=0.8, linewidths=0
+                pts[sel, 0], pts[sel, 1], s=5, color=color, label=name, alpha=0.8, linewidths=0
             )
     ax.set_xticks([])
     ax.set_yticks([])

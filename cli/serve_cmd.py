@@ -13,7 +13,7 @@ import typer
 from .common import Interrupted, OnnxModelArg, existing, fail
 
 if TYPE_CHECKING:  # the serve extra is imported by the command, not by ressl --help
-    from ressl.export.server import ServeSettings
+    from ressl.export.serve_settings import ServeSettings
 
 INSTALL = "pip install 'ressl[serve]'"
 
@@ -50,20 +50,11 @@ def serve_cmd(
     max_request_pixels: MaxRequestPixelsOpt = 100_000_000,
 ) -> None:
     """Serve embeddings over HTTP: POST /embed, GET /metadata, /healthz, /readyz, /metrics."""
-<<<<<<< HEAD
-    try:
-        import uvicorn
-        from ressl.export.serve_settings import ServeSettings
-        from ressl.export.server import create_app, describe
-    except ImportError as e:
-        fail(f"ressl serve needs the serve extra ({e.name} is missing): {INSTALL}")
-    existing(model, "file")
-    settings = ServeSettings(  # each value checked against its range (serve_settings.RULES), named as its flag
-=======
     uvicorn, server = _serve_modules()
     existing(model, "file")
-    settings = server.ServeSettings(  # each value checked against its range (server.RULES)
->>>>>>> wt-rcli
+    from ressl.export.serve_settings import ServeSettings
+
+    settings = ServeSettings(  # each value checked against its range (serve_settings.RULES)
         str(model),
         host=host,
         port=port,
