@@ -1,13 +1,8 @@
-"""Evaluation protocols: feature extraction, the weighted kNN monitor and the linear probe.
+"""Backbone features of a dataset, extracted once for the evaluation protocols.
 
-The protocols of RESSL.md ("Evaluation protocols"), shared by the trainer's monitor,
-``ressl eval knn|linear`` and ``benchmarks/quality.py``:
-
-* kNN (InstDisc / MoCo monitor): L2-normalised backbone features, cosine similarity,
-  the k = 200 nearest training images vote with weight ``exp(sim / 0.1)``.
-* Linear probe: a linear layer trained on frozen backbone features (extracted once,
-  encoder in eval mode so BatchNorm uses its running statistics), SGD with momentum
-  0.9, no weight decay, cosine schedule, 100 epochs; top-1 on the test split.
+The protocols that use them (kNN in :mod:`ressl.eval.knn`, the fast linear probe in
+:mod:`ressl.eval.linear`, the paper's in :mod:`ressl.eval.paper_linear`) are listed once in
+:mod:`ressl.eval.protocols`.
 
 The t-SNE of the paper's qualitative figure is in :mod:`ressl.eval.tsne` (``ressl.tsne``).
 """
