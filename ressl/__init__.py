@@ -20,7 +20,7 @@ from ressl._version import __version__
 
 # The public API, each name listed once: the module that defines it -> its public names.
 # ``__all__`` follows from it; the type checkers' imports below are checked equal to it by
-# tests/test_api.py.
+# tests/core/test_api.py.
 _PUBLIC: dict[str, tuple[str, ...]] = {
     "functional": (
         "sharpen",

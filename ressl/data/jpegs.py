@@ -345,7 +345,7 @@ def _decode_jpegs(data: list[Tensor], device: torch.device, channels: int) -> li
 #: factors above about 94 (a 4000-px box to a 32-px crop is 125); 32 leaves a margin of
 #: 3. Evidence: smooth boxes of 1,000 to 4,000 px cut to 24 and 32 px came within 0.2
 #: levels of 255 of the direct resize on average, 1.3 at most (integer pooling with
-#: partial windows: 0.5 and 3); tests/test_jpegs.py checks a 4000-px box.
+#: partial windows: 0.5 and 3); tests/data/test_jpegs.py checks a 4000-px box.
 MAX_RESIZE_FACTOR = 32
 
 

@@ -49,7 +49,9 @@ def test_defaults_are_fitted_to_a_small_folder_said_and_recorded(capsys, tmp_pat
 
 
 def test_info_and_eval_agree_on_where_an_interrupted_run_is(capsys):
-    fixture = Path(__file__).parent / "fixtures" / "v2-run"  # stopped 1 of 3 batches into epoch 2
+    fixture = (
+        Path(__file__).parents[1] / "fixtures" / "v2-run"
+    )  # stopped 1 of 3 batches into epoch 2
     code, out, err = run_cli(capsys, "info", fixture)
     assert code == 0, err
     assert "progress       epoch 2 of 2, 33% done (1.33 epochs), step 4" in out
@@ -128,7 +130,7 @@ def test_path_and_setting_errors_come_before_torch_is_imported(args):
 def test_the_dataset_aliases_are_documented():
     from ressl.data.registry import DATASETS
 
-    options = (Path(__file__).resolve().parents[1] / "docs" / "options.md").read_text()
+    options = (Path(__file__).resolve().parents[2] / "docs" / "options.md").read_text()
     for entry in DATASETS.values():
         for alias in entry.aliases:
             assert f"`{alias}`" in options, alias

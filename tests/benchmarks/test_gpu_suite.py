@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
 SECTIONS = ["machine", "nvjpeg", "cuda_tests", "eager", "compiled", "train", "jpeg"]
 
@@ -139,7 +139,7 @@ def test_the_finder_maps_the_package_dirs():
 @pytest.mark.slow
 def test_one_marker_selects_the_cuda_tests():
     collect = ["-m", "cuda", "--collect-only", "-q", "-p", "no:cacheprovider"]
-    files = ["tests/test_jpegs.py", "tests/test_views.py"]
+    files = ["tests/data/test_jpegs.py", "tests/views/test_views.py"]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", *collect, *files],
         capture_output=True,
@@ -148,8 +148,8 @@ def test_one_marker_selects_the_cuda_tests():
         timeout=300,
     )
     selected = [line for line in done.stdout.splitlines() if "::" in line]
-    assert "tests/test_jpegs.py::test_nvjpeg_decodes_what_the_cpu_decodes" in selected
-    assert "tests/test_views.py::test_determinism[weak_view-1-cuda]" in selected
+    assert "tests/data/test_jpegs.py::test_nvjpeg_decodes_what_the_cpu_decodes" in selected
+    assert "tests/views/test_views.py::test_determinism[weak_view-1-cuda]" in selected
     assert not any(line.endswith("-cpu]") for line in selected)
 
 

@@ -157,9 +157,9 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_stays_up(server,
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), np.uint8)).save(
         noise, format="PNG"
     )
-    grey = io.BytesIO()
-    Image.new("L", (800, 800), 80).save(grey, format="PNG")  # 640,000 pixels each, under max_pixels
-    grey_800 = grey.getvalue()
+    gray = io.BytesIO()
+    Image.new("L", (800, 800), 80).save(gray, format="PNG")  # 640,000 pixels each, under max_pixels
+    gray_800 = gray.getvalue()
     cases = [
         (_multipart([("notes.txt", b"not an image")]), 400, "notes.txt is not an image"),
         (_multipart([("empty.png", b"")]), 400, "empty.png is empty"),
@@ -168,7 +168,7 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_stays_up(server,
         (_multipart([("big.png", noise.getvalue())]), 413, "exceeds the limit of 300000"),
         (_multipart([(f"{i}.png", png) for i in range(6)]), 413, "6 images; the limit is 5"),
         (
-            _multipart([(f"{i}.png", grey_800) for i in range(4)]),
+            _multipart([(f"{i}.png", gray_800) for i in range(4)]),
             413,
             "the request's 4 images hold 2,560,000+ pixels as decoded, over the limit of 2,000,000",
         ),
@@ -185,7 +185,7 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_stays_up(server,
     assert _request(url, "/healthz")[0] == 200
     metrics = _request(url, "/metrics")[2].decode()
     assert 'ressl_errors_total{status="413"} 4' in metrics
-    three = _multipart([(f"{i}.png", grey_800) for i in range(3)])  # 1,920,000: within the budget
+    three = _multipart([(f"{i}.png", gray_800) for i in range(3)])  # 1,920,000: within the budget
     assert _request(url, "/embed", *three)[0] == 200
     assert "ressl_embed_seconds_count" in metrics and "ressl_images_total" in metrics
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: Installed names of the three top-level packages (cli/ and export/ install as ressl.cli and
 #: ressl.export, see pyproject.toml).
 PACKAGES = {"ressl": ROOT / "ressl", "ressl.cli": ROOT / "cli", "ressl.export": ROOT / "export"}
@@ -202,3 +202,15 @@ def test_modules_and_functions_stay_small():
                     long_functions.append(f"{module}.{node.name}: {n} lines of code")
     assert long_modules == [], "\n".join(long_modules)
     assert long_functions == [], "\n".join(long_functions)
+
+
+def test_the_tests_mirror_the_packages():
+    """A test lives in the folder of the package it tests: ressl's sub-packages, ``core`` for
+    the top-level modules, ``cli``, ``export`` and ``benchmarks``; none at the top."""
+    tests = ROOT / "tests"
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    packages = {p.name for p in (ROOT / "ressl").iterdir() if (p / "__init__.py").is_file()}
+    assert folders == packages | {"core", "cli", "export", "benchmarks"}
+    assert not list(tests.glob("test_*.py"))
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names))  # pytest imports them by their base name

@@ -210,7 +210,7 @@ def test_source_part_and_gather_of_uneven_rows():
         source_part(source, 5, 11)
 
 
-def test_source_part_of_a_greyscale_folder_keeps_one_channel(tmp_path):
+def test_source_part_of_a_grayscale_folder_keeps_one_channel(tmp_path):
     files = []
     for i in range(4):
         files.append(tmp_path / f"{i}.png")

@@ -137,7 +137,7 @@ def test_readme_and_options_doc_are_generated_from_the_config():
 
     from ressl.cli.train_cmd import README_BEGIN, README_END, options_summary, options_table
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     readme = (root / "README.md").read_text()
     block = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip()
     assert block == options_summary(), "README option list is stale: python -m ressl.cli.train_cmd"
@@ -162,7 +162,7 @@ def test_every_flag_the_readme_mentions_exists():
 
     commands = [typer.main.get_command(app), *_commands().values()]  # ressl --version, -q too
     known = {o for cmd in commands for p in cmd.params for o in p.opts + p.secondary_opts}
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", readme))
     assert mentioned - known - torchrun - other == set()
 

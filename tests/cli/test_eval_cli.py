@@ -187,7 +187,7 @@ def test_eval_reads_a_folder_with_the_encoders_channels_and_refuses_other_counts
         eval_cmd.load_eval_data(source, None, None)
 
 
-def test_a_greyscale_folder_trains_and_evaluates_on_one_channel(capsys, tmp_path: Path):
+def test_a_grayscale_folder_trains_and_evaluates_on_one_channel(capsys, tmp_path: Path):
     from PIL import Image
 
     rng = np.random.default_rng(0)

@@ -322,14 +322,14 @@ def test_embed_files_skips_unreadable(tmp_path, small_onnx):
         emb.embed([bad])
 
 
-def test_grey_model_takes_files_and_2d_arrays(tmp_path):
+def test_gray_model_takes_files_and_2d_arrays(tmp_path):
     path, _, _ = make_checkpoint(tmp_path / "grey.safetensors", channels=1)
     report = export_onnx(path, tmp_path / "grey.onnx")
     emb = Embedder(report.path, device="cpu")
     assert emb.info.channels == 1
     rgb = _photos(tmp_path / "photos")[1]
-    grey = np.asarray(Image.open(rgb).convert("L"))  # (H, W)
-    np.testing.assert_array_equal(emb.embed(rgb), emb.embed(grey))
+    gray = np.asarray(Image.open(rgb).convert("L"))  # (H, W)
+    np.testing.assert_array_equal(emb.embed(rgb), emb.embed(gray))
     with pytest.raises(ValueError, match=r"1-channel images .*\(3 channels"):
         emb.embed(np.asarray(Image.open(rgb)))
 

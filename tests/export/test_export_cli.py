@@ -16,7 +16,7 @@ from ressl import SmallCNN
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Path:
-    """One epoch of the tiny CLI run (see tests/test_cli.py)."""
+    """One epoch of the tiny CLI run (see tests/cli/test_cli.py)."""
     from ressl.cli.app import main as cli_main
 
     run = tmp_path_factory.mktemp("run") / "run"

@@ -21,7 +21,7 @@ from cli_helpers import run_cli
 
 from ressl import load_checkpoint, load_encoder, read_metadata, train
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 VERSIONS = ["v1", "v2"]
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(
