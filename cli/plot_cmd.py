@@ -2,7 +2,7 @@
 
 Writes ``curves.png`` (loss and learning rate per progress window from ``steps.jsonl``,
 epoch means from ``metrics.jsonl``, the kNN monitor and the evaluations recorded in
-``eval.jsonl``, against epochs) and
+``eval.jsonl``, the label-free health measures and the monitor's RankMe, against epochs) and
 ``tsne.png`` (exact t-SNE of test-set backbone features coloured by class, the
 paper's qualitative figure). Needs matplotlib: ``pip install 'ressl[plot]'``.
 """
@@ -97,12 +97,15 @@ def plot_curves(
     ``eval.jsonl``) against epochs, side by side."""
     steps, evaluations = steps or [], evaluations or []
     knn = [r for r in rows if "knn_top1" in r]
-    panels = 3 if knn or evaluations else 2
+    health = any("std_ratio" in r for r in steps) or any("rankme" in r for r in rows)
+    panels = 2 + bool(knn or evaluations) + health
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), constrained_layout=True)
     _loss_panel(axes[0], rows, steps)
     _lr_panel(axes[1], rows, steps)
-    if panels == 3:
+    if knn or evaluations:
         _accuracy_panel(axes[2], knn, evaluations, knn_title)
+    if health:
+        _health_panel(axes[-1], rows, steps)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
@@ -169,6 +172,32 @@ def _accuracy_panel(
         ax.scatter([r["epoch"] for r in group], [r["top1"] for r in group], marker="s", label=label)
     ax.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
     ax.legend(frameon=False, fontsize="small")
+
+
+#: The label-free measures drawn per progress window (all in [0, 1] or about 1 when healthy).
+HEALTH_LINES = {
+    "std_ratio": "embedding std / healthy",
+    "teacher_entropy_ratio": "target entropy / max",
+    "agreement": "student-teacher agreement",
+    "queue_similarity": "queue similarity",
+}
+
+
+def _health_panel(ax: Any, rows: list[dict[str, Any]], steps: list[dict[str, Any]]) -> None:
+    """The health measures per progress window, and the monitor's RankMe (right axis)."""
+    for key, label in HEALTH_LINES.items():
+        points = [(r["epoch"], r[key]) for r in steps if key in r]
+        if points:
+            ax.plot(*zip(*points), linewidth=0.9, label=label)
+    ax.set(xlabel="epoch", ylabel="measure", title="health (no labels)")
+    ranks = [(r["epoch"], r["rankme"]) for r in rows if "rankme" in r]
+    if ranks:
+        right = ax.twinx()
+        right.plot(*zip(*ranks), marker="o", color="black", label="RankMe (features)")
+        right.set_ylabel("RankMe")
+        right.legend(frameon=False, fontsize="small", loc="lower right")
+    if steps:
+        ax.legend(frameon=False, fontsize="small", loc="upper left")
 
 
 def plot_tsne(

@@ -22,6 +22,16 @@ if TYPE_CHECKING:
     from ressl.training.loop import TrainEvent
 
 
+def health_text(health: dict[str, float] | None) -> str:
+    """``  std x0.39  target entropy 0.89``: the collapse alarm's measures of a window (the
+    embeddings' std as a multiple of its healthy value, the teacher relation's entropy as a
+    fraction of its maximum); empty without them."""
+    h = health or {}
+    if "std_ratio" not in h or "teacher_entropy_ratio" not in h:
+        return ""
+    return f"  std x{h['std_ratio']:.2f}  target entropy {h['teacher_entropy_ratio']:.2f}"
+
+
 def duration(seconds: float) -> str:
     """``3725 -> "1h02m"``, ``75 -> "1m15s"``, ``8 -> "8s"``."""
     seconds = max(int(round(seconds)), 0)
@@ -53,7 +63,7 @@ class TrainProgress:
             TextColumn("[bold]epoch {task.fields[epoch]}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[ips]} img/s  loss {task.fields[loss]}"),
+            TextColumn("{task.fields[ips]} img/s  loss {task.fields[loss]}{task.fields[health]}"),
             TimeRemainingColumn(),
             console=self.console,
             transient=True,
@@ -78,6 +88,7 @@ class TrainProgress:
             epoch=f"{event.epoch + 1}/{event.epochs}",
             ips="-",
             loss="-",
+            health="",
         )
 
     def _plain_line(self, event: TrainEvent) -> None:
@@ -96,6 +107,7 @@ class TrainProgress:
             f"step {event.step}/{total} ({100 * event.step / max(total, 1):.0f}%, epoch "
             f"{event.epoch + 1}/{event.epochs})  {event.images_per_second or 0:,.0f} img/s  "
             f"loss {event.loss if event.loss is not None else float('nan'):.4f}"
+            + health_text(event.health)
             + (f"  ETA {duration(eta)}" if eta is not None else ""),
             highlight=False,
         )
@@ -116,10 +128,12 @@ class TrainProgress:
                 completed=event.batch_in_epoch,
                 ips=f"{event.images_per_second:,.0f}",
                 loss=f"{event.loss:.4f}",
+                health=health_text(event.health),
             )
         elif event.kind == "epoch":
             m = event.metrics or {}
             knn = f"  knn top-1 {m['knn_top1']:.2f}%" if "knn_top1" in m else ""
+            knn += f"  rankme {m['rankme']:.1f}" if "rankme" in m else ""
             self.console.print(
                 f"epoch {event.epoch}/{event.epochs}  loss {m.get('loss', float('nan')):.4f}  lr {m.get('lr', 0):.4f}  "
                 f"{m.get('images_per_second', 0):,.0f} img/s  {m.get('epoch_seconds', 0):.1f} s{knn}",

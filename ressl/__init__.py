@@ -60,6 +60,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "ConfigError",
         "CheckpointError",
         "DivergedError",
+        "CollapseError",
         "RunInUseError",
         "ExportError",
     ),
@@ -99,6 +100,7 @@ if TYPE_CHECKING:
     from ressl.distributed import CrossRankBatchNorm, all_gather_cat, convert_batchnorm
     from ressl.errors import (
         CheckpointError,
+        CollapseError,
         ConfigError,
         DivergedError,
         ExportError,

@@ -11,6 +11,7 @@ Every kind is a :class:`ResslError` (a ``ValueError``)::
     ├── RunFileError      a run folder's file that is a link or not a regular file
     ├── RunInUseError     another process trains in the run folder
     ├── DivergedError     a loss or weight went non-finite
+    ├── CollapseError     the embeddings collapsed to nearly one point
     └── ExportError       an ONNX model file, or an export that failed its checks
 
 The rule: anything a user's file, flag, request or keyword can reach raises one of these.
@@ -32,6 +33,7 @@ from typing import Any
 
 __all__ = [
     "CheckpointError",
+    "CollapseError",
     "ConfigError",
     "DataError",
     "DataNotFoundError",
@@ -125,6 +127,12 @@ class RunInUseError(ResslError):
 class DivergedError(ResslError):
     """Training diverged: a loss or a weight is not finite. Nothing of it was saved: the run
     folder keeps its last checkpoint and metrics as they were."""
+
+
+class CollapseError(ResslError):
+    """Training collapsed: the health measures say every image maps to nearly one point
+    (``ressl.training.vitals``). Nothing of it was saved: the run folder keeps its last
+    checkpoint and metrics as they were."""
 
 
 class ExportError(ResslError):

@@ -2,8 +2,8 @@
 
 Each field of :class:`TrainConfig` declares, once, its type, default, help text and
 valid range, whether the per-dataset recipe fills it (:mod:`ressl.data.registry`), and
-whether ``--resume`` may change it. Validation lives here, including the rules that
-tie settings together. ``ressl train``'s options are generated from these fields
+whether ``--resume`` may change it. Validation lives here; the rules that tie settings
+together are :mod:`ressl.config.together`. ``ressl train``'s options are generated from these fields
 (``ressl.cli.train_cmd``), and ``ressl.train(**keywords)`` builds one from its
 keywords, so a new setting is one field, its use, and a test. Beside it:
 :mod:`ressl.config.fields` (what fields are made of), :mod:`ressl.config.resuming`
@@ -47,6 +47,7 @@ from ressl.config.fields import (
     setting_field,
 )
 from ressl.config.seeds import SEED
+from ressl.config.together import check_together
 from ressl.data.registry import recipe_for, spec_problem
 from ressl.errors import ConfigError
 from ressl.rules import (
@@ -79,6 +80,12 @@ from ressl.rules import (
     numbers_text,
     ranges_text,
     sides_text,
+)
+
+COLLAPSE_HELP = (
+    "The collapse alarm on each progress window's health measures (every image mapped to "
+    "nearly one point, or a flat target): stop the run like a divergence, warn once an "
+    "epoch, or off."
 )
 
 __all__ = [
@@ -299,6 +306,9 @@ class TrainConfig:
         integer(1),
         resumable=True,
     )
+    collapse: Literal["stop", "warn", "off"] = setting_field(
+        MONITOR, "stop", COLLAPSE_HELP, choice("stop", "warn", "off"), resumable=True, legacy="off"
+    )
     log: Literal["none", "tensorboard"] = setting_field(
         MONITOR,
         "none",
@@ -355,40 +365,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             if not (value is None and meta.optional) and not meta.rule.ok(value):
                 raise ConfigError.invalid(f.name, meta.rule.expect, value)
-        self._check_together()
-
-    def _check_together(self) -> None:
-        per_step = self.batch_size * (2 if self.symmetric else 1)  # enqueued per step
-        if self.queue_size < per_step:
-            why = " ({per_step}: symmetric enqueues both crops' teacher embeddings)"
-            expect = (
-                f">= 2 x {{batch_size}}{why.format(per_step=per_step)}"
-                if self.symmetric
-                else f">= {{batch_size}} ({per_step})"
-            )
-            raise ConfigError(
-                f"{{queue_size}} must be {expect}, got {self.queue_size}",
-                "queue_size",
-                "batch_size",
-            )
-        if self.nesterov and self.sgd_momentum == 0:
-            raise ConfigError("{nesterov} needs {sgd_momentum} > 0", "nesterov", "sgd_momentum")
-        if self.symmetric and self.crops is not None and len(self.crops) > 1:
-            raise ConfigError(
-                "{symmetric} (2x backprop) and multi-crop ({crops}) cannot be combined; "
-                "drop one of them",
-                "symmetric",
-                "crops",
-            )
-        if self.crop_scales is not None and (
-            self.crops is None or len(self.crop_scales) != len(self.crops)
-        ):
-            raise ConfigError(
-                "{crop_scales} must be one (lo, hi) range per crop in {crops}: "
-                f"{len(self.crops or ())} crop(s), got {len(self.crop_scales)} range(s)",
-                "crop_scales",
-                "crops",
-            )
+        check_together(self)
 
     @classmethod
     def from_keywords(cls, **keywords: Any) -> TrainConfig:

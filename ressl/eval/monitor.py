@@ -1,4 +1,8 @@
-"""The kNN monitor a training run reports: weighted kNN on the student's backbone features.
+"""The monitor a training run reports at its kNN-monitor points, on the student's backbone
+features: weighted kNN accuracy when the data has labels, and RankMe (the effective rank,
+``ressl.eval.health.rankme``) of the features of a fixed sample of ``MONITOR_SAMPLE``
+images, labels or not: the first images of the test split, or of the training images when
+there is no test split.
 
 Distributed, each rank extracts the features of its contiguous part of each split and
 the parts are gathered in rank order, so every rank computes the same accuracy as one
@@ -15,13 +19,17 @@ from torch import Tensor
 from ressl.data.sources import ImageData, ImageSource, source_part
 from ressl.distributed import World, all_gather_rows
 from ressl.eval.features import extract_features
+from ressl.eval.health import rankme
 from ressl.eval.knn import knn_accuracy
 from ressl.models.network import Encoder
 
 if TYPE_CHECKING:
     from ressl.config.settings import TrainConfig
 
-__all__ = ["knn_monitor"]
+__all__ = ["MONITOR_SAMPLE", "knn_monitor"]
+
+#: Images whose features RankMe measures at each monitor point.
+MONITOR_SAMPLE = 4096
 
 
 def knn_monitor(
@@ -32,15 +40,14 @@ def knn_monitor(
     amp: torch.dtype | None,
     world: World,
 ) -> dict[str, float]:
-    """``{"knn_top1": ..., "knn_top5": ...}`` of ``encoder`` on ``data`` (empty without labels).
+    """``{"knn_top1", "knn_top5", "rankme"}`` of ``encoder`` on ``data`` (``rankme`` alone
+    without labels).
 
     The kNN bank is ``data.labelled``, the queries ``data.test``; k and t are the
     config's ``knn_k`` and ``knn_temperature``. The encoder runs in eval mode (BatchNorm
     running statistics: no collectives, so ranks may run different batch sizes) and is
     put back in the mode it was in.
     """
-    if data.labelled is None or data.test is None or not data.classes:
-        return {}
     was_training = encoder.training
     encoder.eval()
     kw: dict[str, Any] = dict(
@@ -60,9 +67,18 @@ def knn_monitor(
         f, y = extract_features(encoder.features, part, **kw)
         return all_gather_rows(f), all_gather_rows(y)
 
-    bank_f, bank_y = features(data.labelled)
-    test_f, test_y = features(data.test)
-    encoder.train(was_training)
+    try:
+        if data.labelled is None or data.test is None or not data.classes:
+            sample = data.test if data.test is not None else data.train
+            sample = source_part(sample, 0, min(len(sample), MONITOR_SAMPLE))
+            f, _ = extract_features(encoder.features, sample, **kw)  # every rank the same
+            return {"rankme": round(float(rankme(f)), 4)}
+        bank_f, bank_y = features(data.labelled)
+        test_f, test_y = features(data.test)
+    finally:
+        encoder.train(was_training)
     k, t = config.knn_k, config.knn_temperature
     acc = knn_accuracy(bank_f, bank_y, test_f, test_y, len(data.classes), k, t)
-    return {f"knn_{name}": round(v, 4) for name, v in acc.items()}
+    row = {f"knn_{name}": round(v, 4) for name, v in acc.items()}
+    row["rankme"] = round(float(rankme(test_f[:MONITOR_SAMPLE])), 4)
+    return row

@@ -31,7 +31,7 @@ from ressl.models.network import ReSSL, model_from_spec
 from ressl.rules import is_number
 from ressl.runs.checks import CheckedFile, check_file, check_finite
 from ressl.runs.folder import resolve_checkpoint
-from ressl.runs.metadata import FORMAT, FORMAT_VERSION, read_metadata
+from ressl.runs.metadata import EMPTY_HEALTH, FORMAT, FORMAT_VERSION, read_metadata
 
 if TYPE_CHECKING:
     from ressl.distributed import World
@@ -163,6 +163,9 @@ class TrainState:
         batch_in_epoch: Finished batches of the epoch in progress.
         loss_sum: Sum of the losses of those batches (for the epoch's mean).
         loss_count: How many losses ``loss_sum`` holds.
+        health_sum: Per health measure, its window means times their steps, summed over the
+            windows of the epoch in progress (``ressl.training.vitals``).
+        health_steps: The steps ``health_sum`` covers.
         rows: The ``metrics.jsonl`` rows of the finished epochs.
     """
 
@@ -173,6 +176,8 @@ class TrainState:
     batch_in_epoch: int = 0
     loss_sum: float = 0.0
     loss_count: int = 0
+    health_sum: dict[str, float] = field(default_factory=dict)
+    health_steps: int = 0
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def step(self, steps_per_epoch: int) -> int:
@@ -184,6 +189,7 @@ class TrainState:
         self.rows.append(row)
         self.epoch += 1
         self.batch_in_epoch, self.loss_sum, self.loss_count = 0, 0.0, 0
+        self.health_sum, self.health_steps = {}, 0
 
 
 def _generator_tensors(views: torch.Generator, world: World) -> dict[str, Tensor]:
@@ -227,6 +233,7 @@ def save_state(
         "steps_per_epoch": str(steps_per_epoch),  # where the run is: ressl.runs.position
         "epoch_loss_sum": repr(state.loss_sum),
         "epoch_loss_count": str(state.loss_count),
+        "epoch_health": json.dumps({"steps": state.health_steps, "sum": state.health_sum}),
         "metrics": json.dumps(state.rows[-1] if state.rows else {}),
         "rng_device": torch.device(state.views.device).type,
     }
@@ -258,6 +265,9 @@ def restore_state(
     _set_generators(state, tensors, meta, world=world, reseed=reseed)
     state.epoch, state.batch_in_epoch = int(meta["epoch"]), int(meta["batch_in_epoch"])
     state.loss_sum, state.loss_count = float(meta["epoch_loss_sum"]), int(meta["epoch_loss_count"])
+    health = json.loads(meta.get("epoch_health", EMPTY_HEALTH))  # absent before ressl 0.4
+    state.health_sum = {k: float(v) for k, v in health["sum"].items()}
+    state.health_steps = int(health["steps"])
 
 
 def _set_generators(

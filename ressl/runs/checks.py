@@ -189,6 +189,22 @@ def check_finite(path: Path, tensors: Mapping[str, Tensor], prefix: str = "model
             )
 
 
+def _check_health(path: Path, meta: Mapping[str, str], batches: int) -> None:
+    """``epoch_health``: ``{"steps": 0..batches, "sum": {measure: finite number}}``."""
+    health = metadata_json(path, meta, "epoch_health", dict, default={"steps": 0, "sum": {}})
+    steps, sums = health.get("steps"), health.get("sum")
+    finite = isinstance(sums, dict) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in sums.values()
+    )
+    if not (is_int(steps) and 0 <= steps <= batches and finite):
+        raise _fail(
+            path,
+            'its metadata \'epoch_health\' is not {"steps": 0 to batch_in_epoch, "sum": '
+            "{measure: finite number}}",
+        )
+
+
 def check_resumable(checked: CheckedFile, tensors: Mapping[str, Tensor]) -> None:
     """Check what a resume uses beyond the model: counters, generators, optimiser, queue."""
     path, meta, settings = checked.path, checked.meta, checked.settings
@@ -206,6 +222,7 @@ def check_resumable(checked: CheckedFile, tensors: Mapping[str, Tensor]) -> None
         loss_sum = math.nan
     if not math.isfinite(loss_sum):
         raise _fail(path, "its metadata 'epoch_loss_sum' is not a finite number")
+    _check_health(path, meta, batches)
     count(path, meta, "world_size", low=1)
     metadata_json(path, meta, "optimizer", dict)
     metrics = metadata_json(path, meta, "metrics", dict)

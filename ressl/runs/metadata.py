@@ -17,10 +17,12 @@ from ressl.errors import CheckpointError
 from ressl.jsontext import parse_json
 from ressl.runs.folder import resolve_checkpoint
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "count", "metadata_json", "read_metadata"]
+__all__ = ["EMPTY_HEALTH", "FORMAT", "FORMAT_VERSION", "count", "metadata_json", "read_metadata"]
 
 FORMAT = "ressl-checkpoint"
 FORMAT_VERSION = "1"
+#: ``epoch_health`` of an epoch with no health measures yet (and of checkpoints before 0.4).
+EMPTY_HEALTH = '{"steps": 0, "sum": {}}'
 
 
 def _fail(path: Path, problem: str) -> CheckpointError:

@@ -36,8 +36,9 @@ from ressl.runs.position import Position
 from ressl.training.build import Run, build
 from ressl.training.resume import open_folder, read_saved, restore, saved_device
 from ressl.training.steplog import RunLog
-from ressl.training.stepper import Stepper, Stopwatch
+from ressl.training.stepper import Meter, Stepper, Stopwatch
 from ressl.training.stopping import StopAgreement, Stopped
+from ressl.training.vitals import MEASURES, StepHealth, alarm
 
 __all__ = ["train", "DivergedError", "TrainEvent"]
 
@@ -59,6 +60,7 @@ class TrainEvent:
     loss: float | None = None
     images_per_second: float | None = None
     metrics: dict[str, Any] | None = None
+    health: dict[str, float] | None = None
 
 
 def train(
@@ -201,7 +203,7 @@ def _epoch(
     """The batches of one epoch, or None when a stop came first."""
     c, state, world = run.config, run.state, run.world
     state.model.train()
-    epoch, window = _Meter(step.watch), _Window(step.watch)
+    epoch, window = Meter(step.watch), _Window(step.watch)
     lr = momentum = 0.0
     for images, labels in run.batches():
         at = state.step(run.steps_per_epoch)
@@ -213,33 +215,15 @@ def _epoch(
         ends = len(window.losses) >= c.progress_every or state.batch_in_epoch == run.steps_per_epoch
         if ends or stop.flush_now:  # distributed ranks end windows together, and agree there
             stop.agree()
-            _flush(run, window, lr, momentum, logs, notify)
+            _flush(run, window, step, lr, momentum, logs, notify)
         if stop.after_step():
             break
     if window.losses:  # a stop that came between the window check and the break
-        _flush(run, window, lr, momentum, logs, notify)
+        _flush(run, window, step, lr, momentum, logs, notify)
     if state.batch_in_epoch < run.steps_per_epoch:
         return None
     seen, seconds = epoch.measure()
     return _EpochEnd(seen, seconds, lr, momentum)
-
-
-class _Meter:
-    """Images and seconds since the last ``measure``, the compile warm-up's held out."""
-
-    def __init__(self, watch: Stopwatch) -> None:
-        self.watch, self.images = watch, 0
-        self.start, self.held = watch.now(), watch.held_images
-
-    def add(self, images: int) -> None:
-        self.images += images
-
-    def measure(self) -> tuple[int, float]:
-        """``(images, seconds)`` since the start; then a new start."""
-        now, held = self.watch.now(), self.watch.held_images
-        out = (self.images - (held - self.held), now - self.start)
-        self.images, self.start, self.held = 0, now, held
-        return out
 
 
 class _Window:
@@ -247,55 +231,88 @@ class _Window:
 
     def __init__(self, watch: Stopwatch) -> None:
         self.losses: list[Tensor] = []
-        self.meter = _Meter(watch)
+        self.meter = Meter(watch)
 
     def add(self, loss: Tensor, images: int) -> None:
         self.losses.append(loss)
         self.meter.add(images)
 
-    def flush(self, run: Run) -> tuple[float, float, float]:
-        """Add the window's losses to the epoch's; ``(last loss, mean loss, images per second)``.
+    def flush(self, run: Run, health: StepHealth) -> _Read:
+        """Add the window's losses (and health measures) to the epoch's and read them.
 
         Raises:
             DivergedError: a loss is not finite (on any rank, when distributed).
         """
-        state = run.state
-        losses = torch.stack(self.losses).tolist()  # the one host sync per window
+        state, n = run.state, len(self.losses)
+        measured = health.take()
+        values = torch.stack(self.losses)
+        if measured is not None:
+            values = torch.cat([values.float(), measured])
+        read = values.tolist()  # the one host sync per window
+        losses = read[:n]
         bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
         if any_rank(bad is not None, run.device):  # every rank stops together
             if bad is None:
                 raise diverged(run, "the loss is not finite on another process")
-            step = state.step(run.steps_per_epoch) - len(losses) + bad + 1
+            step = state.step(run.steps_per_epoch) - n + bad + 1
             raise diverged(
                 run,
                 f"the loss is {losses[bad]} at step {step} (epoch {state.epoch + 1}, batch "
-                f"{state.batch_in_epoch - len(losses) + bad + 1})",
+                f"{state.batch_in_epoch - n + bad + 1})",
             )
         state.loss_sum += sum(losses)
-        state.loss_count += len(losses)
+        state.loss_count += n
+        measures = dict(zip(MEASURES, read[n:]))
+        if measures and all(math.isfinite(v) for v in measures.values()):
+            for key, value in measures.items():
+                state.health_sum[key] = state.health_sum.get(key, 0.0) + value * n
+            state.health_steps += n
         images, seconds = self.meter.measure()
         self.losses = []
-        return losses[-1], sum(losses) / len(losses), images / max(seconds, 1e-9)
+        return _Read(losses[-1], sum(losses) / n, images / max(seconds, 1e-9), measures)
+
+
+@dataclass(frozen=True)
+class _Read:
+    """A window as read: its last and mean loss, images/s and health measures' means."""
+
+    loss: float
+    mean: float
+    images_per_second: float
+    health: dict[str, float]
 
 
 def _flush(
-    run: Run, window: _Window, lr: float, momentum: float, logs: RunLog | None, notify: Notify
+    run: Run,
+    window: _Window,
+    step: Stepper,
+    lr: float,
+    momentum: float,
+    logs: RunLog | None,
+    notify: Notify,
 ) -> None:
-    """A progress window's end: its losses checked, its row logged, the progress event."""
-    loss, mean, ips = window.flush(run)
+    """A progress window's end: its losses checked, its row logged, the progress event, and
+    the collapse alarm on its health measures."""
+    read = window.flush(run, step.health)
+    s = run.state
+    at = s.step(run.steps_per_epoch)
+    health = {key: round(v, 6) for key, v in read.health.items()}
     if logs is not None:
-        s = run.state
         logs.window(
             {
-                "step": s.step(run.steps_per_epoch),
+                "step": at,
                 "epoch": round(s.epoch + s.batch_in_epoch / run.steps_per_epoch, 6),
-                "loss": mean,
+                "loss": read.mean,
                 "lr": lr,
                 "ema_momentum": momentum,
-                "images_per_second": round(ips, 2),
+                "images_per_second": round(read.images_per_second, 2),
+                **health,
             }
         )
-    notify(_event(run, "step", loss=loss, images_per_second=ips))
+    notify(
+        _event(run, "step", loss=read.loss, images_per_second=read.images_per_second, health=health)
+    )
+    alarm(run, step.health, read.health, at)
 
 
 def _end_epoch(run: Run, done: _EpochEnd, logs: RunLog | None, notify: Notify) -> None:
@@ -310,6 +327,7 @@ def _end_epoch(run: Run, done: _EpochEnd, logs: RunLog | None, notify: Notify) -
         "ema_momentum": done.momentum,
         "images_per_second": round(done.images / max(done.seconds, 1e-9), 2),
         "epoch_seconds": round(done.seconds, 3),
+        **{k: round(v / state.health_steps, 6) for k, v in state.health_sum.items()},
     }
     every = c.knn_every
     if every >= 0 and ((every and epoch % every == 0) or epoch == c.epochs):

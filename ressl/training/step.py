@@ -50,6 +50,7 @@ def training_step(
     gather: Callable[[Tensor], Tensor] | None = None,
     teacher_bn: str = "own",
     teacher: Callable[[Tensor], Tensor] | None = None,
+    observe: Callable[[Tensor, Tensor, Tensor], None] | None = None,
 ) -> Tensor:
     """One optimisation step; returns the loss (detached, on the device, no host sync).
 
@@ -71,6 +72,10 @@ def training_step(
         teacher_bn: ``"own"``: the teacher's BatchNorm statistics follow its own
             forward passes (the official code); ``"student"``: copied from the student.
         teacher: the teacher forward; default ``model.teacher`` (pass a compiled one).
+        observe: called as ``observe(z_student, z_teacher, queue)`` after the loss and before
+            the enqueue, with the first student crop's embeddings, the teacher embeddings
+            whose relation it learns, and the queue the loss used (the training-time health
+            measures, ``ressl.training.vitals``); it must not sync or change them.
     """
     device_type = model.queue.device.type
     forward = student if student is not None else EncodeCrops(model.student)
@@ -93,6 +98,8 @@ def training_step(
             )
         else:  # one crop, or multi-crop sharing the teacher relation
             loss = relation_loss(z_s, z_t[0], model.queue, student_temperature, teacher_temperature)
+    if observe is not None:  # outside autocast; symmetric: crop a learns teacher crop b's relation
+        observe(z_s[0].detach(), z_t[1 if symmetric else 0], model.queue)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

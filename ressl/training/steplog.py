@@ -3,14 +3,16 @@
 ``steps.jsonl`` gets one JSON object per progress window (``--progress-every``
 steps): ``step`` (the global step at the window's end), ``epoch`` (fractional:
 2.5 is half-way through the third epoch), ``loss`` (the window's mean), ``lr``,
-``ema_momentum`` and ``images_per_second``. Rows are appended as they come; a
+``ema_momentum``, ``images_per_second`` and the window's means of the health measures
+(``ressl.training.vitals.MEASURES``: ``alignment``, ``uniformity``, ``std_ratio``,
+``teacher_entropy_ratio``, ``agreement``, ``queue_similarity``). Rows are appended as they come; a
 resumed run first drops the rows after its checkpoint's step, so each step is
 logged once, as for ``metrics.jsonl``.
 
-With ``--log tensorboard`` the same values, and each epoch's row (loss, kNN
-accuracy), go to TensorBoard event files in ``RUN/tensorboard`` (the
-``tensorboard`` extra); a resumed run's writer purges the steps after its
-checkpoint's.
+With ``--log tensorboard`` the same values (the measures as ``health/NAME``), and each
+epoch's row (loss, kNN accuracy, RankMe, the epoch's health means), go to TensorBoard
+event files in ``RUN/tensorboard`` (the ``tensorboard`` extra); a resumed run's writer
+purges the steps after its checkpoint's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ressl.atomic import write_atomic
 from ressl.errors import ConfigError
 from ressl.jsontext import parse_json
 from ressl.runs.folder import STEPS, TENSORBOARD, append_run_file, check_run_folder, read_run_file
+from ressl.training.vitals import MEASURES
 
 __all__ = ["STEPS", "TENSORBOARD", "RunLog", "read_steps", "require_tensorboard"]
 
@@ -90,12 +93,16 @@ class RunLog:
             for key in ("loss", "lr", "ema_momentum", "images_per_second"):
                 if key in clean:
                     self.writer.add_scalar(f"train/{key}", clean[key], row["step"])
+            for key in MEASURES:
+                if key in clean:
+                    self.writer.add_scalar(f"health/{key}", clean[key], row["step"])
 
     def epoch(self, row: dict[str, Any]) -> None:
-        """An epoch's ``metrics.jsonl`` row: its loss and kNN accuracy go to TensorBoard."""
+        """An epoch's ``metrics.jsonl`` row: its loss, kNN accuracy, RankMe and health means go
+        to TensorBoard."""
         if self.writer is None:
             return
-        for key in ("loss", "knn_top1", "knn_top5", "epoch_seconds"):
+        for key in ("loss", "knn_top1", "knn_top5", "rankme", "epoch_seconds", *MEASURES):
             if key in row:
                 self.writer.add_scalar(f"epoch/{key}", row[key], row["step"])
         self.writer.flush()

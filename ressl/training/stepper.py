@@ -21,8 +21,9 @@ from ressl.errors import first_line
 from ressl.training.build import Run
 from ressl.training.compiled import WARMUP_STEPS, StepSnapshot
 from ressl.training.step import training_step
+from ressl.training.vitals import StepHealth
 
-__all__ = ["Stepper", "Stopwatch"]
+__all__ = ["Meter", "Stepper", "Stopwatch"]
 
 log = logging.getLogger("ressl")
 
@@ -43,13 +44,33 @@ class Stopwatch:
         self.held_images += images
 
 
+class Meter:
+    """Images and seconds since the last ``measure``, the compile warm-up's held out."""
+
+    def __init__(self, watch: Stopwatch) -> None:
+        self.watch, self.images = watch, 0
+        self.start, self.held = watch.now(), watch.held_images
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def measure(self) -> tuple[int, float]:
+        """``(images, seconds)`` since the start; then a new start."""
+        now, held = self.watch.now(), self.watch.held_images
+        out = (self.images - (held - self.held), now - self.start)
+        self.images, self.start, self.held = 0, now, held
+        return out
+
+
 class Stepper:
     """``stepper(batch, lr, momentum, images)``: one optimisation step of ``run`` on a batch
-    (whole images, or crops cut in the workers) of ``images`` images over all processes."""
+    (whole images, or crops cut in the workers) of ``images`` images over all processes.
+    Each step's health measures wait on the device in ``health`` until the window reads them."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
         self.watch = Stopwatch()
+        self.health = StepHealth(run.config.teacher_temperature)
         self.compiled = run.compiled  # until its warm-up ends or fails
         self.student: Any = run.student if self.compiled is None else self.compiled.student
         self.teacher: Any = None if self.compiled is None else self.compiled.teacher
@@ -99,19 +120,21 @@ class Stepper:
             gather=all_gather_cat if run.world.distributed else None,
             teacher_bn=c.teacher_bn,
             teacher=self.teacher,
+            observe=self.health.observe,
         )
 
     def _warmup_step(self, batch: Tensor | list[Tensor], lr: float, momentum: float) -> Tensor:
         """A warm-up step; its failure sends the run back to eager from the step's start."""
         compiled, state = self.compiled, self.run.state
         assert compiled is not None
-        before = StepSnapshot.take(state)
+        before, measured = StepSnapshot.take(state), len(self.health.steps)
         t = time.perf_counter()
         try:
             loss = self._step(batch, lr, momentum)
             float(loss)  # the compiled graphs have run
         except Exception as e:  # noqa: BLE001 - dynamo, inductor and CUDA graphs raise many kinds
             self._fall_back(e, before)
+            self.health.forget(measured)
             return self._step(batch, lr, momentum)
         compiled.seconds += time.perf_counter() - t
         compiled.warmup_left -= 1

@@ -10,6 +10,7 @@ import pytest
 
 from ressl import ConfigError, train
 from ressl.training.steplog import STEPS, TENSORBOARD, read_steps
+from ressl.training.vitals import MEASURES
 
 
 def _steps(run: Path) -> list[int]:
@@ -23,8 +24,9 @@ def test_every_progress_window_is_a_row(tmp_path, tiny_settings):
     # 36 images, batch 8: 4 steps per epoch, windows of 2 steps
     assert [r["step"] for r in rows] == [2, 4, 6, 8]
     assert [r["epoch"] for r in rows] == [0.5, 1.0, 1.5, 2.0]
-    assert set(rows[0]) == {"step", "epoch", "loss", "lr", "ema_momentum", "images_per_second"}
-    assert all(r["loss"] > 0 for r in rows)
+    logged = {"step", "epoch", "loss", "lr", "ema_momentum", "images_per_second"}
+    assert set(rows[0]) == logged | set(MEASURES)  # and the window's health measures
+    assert all(r["loss"] > 0 and 0 < r["std_ratio"] and r["uniformity"] < 0 for r in rows)
 
 
 def test_a_resume_logs_each_step_once(tmp_path, tiny_settings):
@@ -62,6 +64,12 @@ def test_tensorboard_gets_loss_lr_momentum_speed_and_knn(tmp_path, tiny_settings
     scalars = _scalars(run / TENSORBOARD)
     for tag in ("train/loss", "train/lr", "train/ema_momentum", "train/images_per_second"):
         assert tag in scalars, sorted(scalars)
+    for name in MEASURES:
+        assert [s for s, _ in scalars[f"health/{name}"]] == [1, 2, 3, 4, 9, 10, 11, 12]
+    assert scalars["health/std_ratio"][-1][1] == pytest.approx(
+        read_steps(run / STEPS)[-1]["std_ratio"]
+    )
+    assert [s for s, _ in scalars["epoch/rankme"]] == [4, 12]
     assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4, 9, 10, 11, 12]
     steps = read_steps(run / STEPS)
     assert scalars["train/lr"][-1][1] == pytest.approx(steps[-1]["lr"])
