@@ -129,7 +129,7 @@ def load_dataset(
         if data.image_size != size:
             data = _resized(data, size)
     logger.info(
-        "loaded %s: %d train (%s), %s test images of %d px in %.1f s",
+        "loaded %s: %d train%s, %s test images of %d px in %.1f s",
         data.name,
         len(data.train),
         _labels(data),
@@ -141,10 +141,11 @@ def load_dataset(
 
 
 def _labels(data: ImageData) -> str:
-    """Which training images have labels: all, some (STL-10's), or none (a flat folder)."""
+    """Which training images have labels: all, some (STL-10's), or none (a flat folder,
+    where nothing needs saying)."""
     if data.labelled is None:
-        return "unlabelled"
-    return "labelled" if data.labelled is data.train else f"{len(data.labelled)} of them labelled"
+        return ""
+    return " (labelled)" if data.labelled is data.train else f" ({len(data.labelled)} labelled)"
 
 
 def _resized(data: ImageData, size: int) -> ImageData:
