@@ -35,6 +35,7 @@ from ressl.views import normalize, resized_crop, sample_crop_boxes
 
 __all__ = ["VIEW_SCALE", "health_sample", "sample_health"]
 
+_SEED_MASK = 0xFFFF_FFFF_FFFF_FFFF  # any int seed, negative or huge, is a valid torch seed
 #: The weak views' crop area range, ReSSL's teacher view (Zheng et al., 2021).
 VIEW_SCALE = (0.2, 1.0)
 
@@ -65,14 +66,14 @@ def health_sample(data: ImageData, count: int, seed: int) -> tuple[ImageSource, 
         raise DataError(f"{data.name}'s {split} split has {n} image(s); health needs at least 2")
     if n <= count:
         return source, split
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed & _SEED_MASK)
     index = torch.randperm(n, generator=g)[:count].sort().values
     return _subset(source, index), split
 
 
 def _views(n: int, side: int, seed: int) -> tuple[tuple[Tensor, Tensor], ...]:
     """Two weak views' ``(boxes (n, 4), flips (n,))`` for ``n`` images of ``side`` px."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed & _SEED_MASK)
     views = []
     for _ in range(2):
         boxes = sample_crop_boxes(n, side, side, generator=g, scale=VIEW_SCALE)

@@ -90,6 +90,8 @@ def test_deterministic_for_a_seed_whatever_the_batch_size():
     measures = ("rankme", "std", "uniformity", "alignment")
     for key in measures:
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    for seed in (-1, 2**80):  # any int is a seed
+        assert run_health(fn, data, images=64, seed=seed)["seed"] == seed
     c = run_health(fn, data, images=64, seed=6)
     assert any(abs(a[key] - c[key]) > 1e-6 for key in measures)  # another sample, other views
 
