@@ -1,10 +1,11 @@
-"""``ressl eval knn`` and ``ressl eval linear``: the evaluation protocols on a trained encoder.
+"""``ressl eval knn|linear|health``: the evaluation protocols on a trained encoder.
 
 One sub-command per command of :data:`ressl.eval.protocols.PROTOCOLS`, generated from
 it: a flag per option of the protocol's function, ``--protocol`` where a command runs
 several (``linear``: ``fast`` or ``paper``). Each takes a ressl checkpoint (a
-``.safetensors`` file or a run folder) or an ONNX model exported from one, extracts
-features of a dataset's labelled train split and its test split, and runs the protocol.
+``.safetensors`` file or a run folder) or an ONNX model exported from one and runs the
+protocol on a dataset's features: kNN and the probes on its labelled train and test
+splits, ``health`` on a sample of any images, labelled or not.
 Results go to stdout and, for a checkpoint, one JSON line is appended to ``eval.jsonl`` in
 its run folder (the run's history, which ``ressl plot`` draws). An ONNX model is a file that
 may sit anywhere (a working folder, a read-only release): its result is recorded, next to
@@ -214,9 +215,8 @@ def eval_commands() -> typer.Typer:
     """``ressl eval``: one sub-command per command of :data:`PROTOCOLS`, as the table is now."""
     app = typer.Typer(
         name="eval",
-        help="Evaluate a trained encoder on a dataset's train -> test split: "
-        + ", ".join(dict.fromkeys(p.sub_command for p in PROTOCOLS.values()))
-        + ".",
+        help="Evaluate a trained encoder on a dataset (each command's --help says what it "
+        "needs): " + ", ".join(dict.fromkeys(p.sub_command for p in PROTOCOLS.values())) + ".",
         no_args_is_help=True,
     )
     commands: dict[str, list[Protocol]] = {}

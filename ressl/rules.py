@@ -23,6 +23,8 @@ from ressl.errors import ConfigError, render
 __all__ = [
     "BACKBONE",
     "CHANNELS",
+    "HEALTH_IMAGES",
+    "HEALTH_SAMPLE",
     "IMAGE_SIZE",
     "MAX_IMAGE_SIZE",
     "BACKBONE_FAMILIES",
@@ -245,6 +247,12 @@ JITTER_P = 0.8
 #: training images vote with weight exp(similarity / KNN_TEMPERATURE).
 KNN_K = 200
 KNN_TEMPERATURE = 0.1
+#: ``ressl eval health``'s sample: HEALTH_IMAGES images by default, more than the widest
+#: backbone's features (ResNet-50: 2048) so RankMe is not capped by the sample; HEALTH_SAMPLE
+#: the sizes one may ask for, at least 32 so the measures average over something, at most
+#: 8192 so uniformity's N x N fp32 Gram matrix stays within 256 MiB.
+HEALTH_IMAGES = 4096
+HEALTH_SAMPLE = integer(32, high=8192)
 JITTER = Rule(
     "four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)",
     lambda v: (

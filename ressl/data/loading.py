@@ -129,19 +129,23 @@ def load_dataset(
         if data.image_size != size:
             data = _resized(data, size)
     logger.info(
-        "loaded %s: %d train, %s memory, %s test images of %d px in %.1f s",
+        "loaded %s: %d train%s, %s test images of %d px in %.1f s",
         data.name,
         len(data.train),
-        _len(data.labelled),
-        _len(data.test),
+        _labels(data),
+        "no" if data.test is None else len(data.test),
         data.image_size,
         time.perf_counter() - t0,
     )
     return data
 
 
-def _len(source: ImageSource | None) -> str:
-    return "no" if source is None else str(len(source))
+def _labels(data: ImageData) -> str:
+    """Which training images have labels: all, some (STL-10's), or none (a flat folder,
+    where nothing needs saying)."""
+    if data.labelled is None:
+        return ""
+    return " (labelled)" if data.labelled is data.train else f" ({len(data.labelled)} labelled)"
 
 
 def _resized(data: ImageData, size: int) -> ImageData:

@@ -17,13 +17,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ressl.errors import ConfigError
+from ressl.errors import DataError
 from ressl.views import normalize
 
 if TYPE_CHECKING:
     from ressl.data.sources import ImageData, ImageSource
 
-__all__ = ["extract_features", "split_features", "topk_accuracy"]
+__all__ = ["extract_features", "require_labels", "split_features", "topk_accuracy"]
+
+#: What the refusals of the protocols that need labels point at instead.
+WITHOUT_LABELS = "`ressl eval health` measures the features without labels"
+
+
+def require_labels(data: ImageData, what: str) -> tuple[ImageSource, ImageSource]:
+    """``(data.labelled, data.test)``, or a one-line refusal saying that ``what`` (e.g.
+    ``"kNN evaluation"``) needs them and pointing at the health protocol.
+
+    Raises:
+        DataError: the dataset has no labels, or no labelled test split.
+    """
+    if data.labelled is None or not data.classes:
+        raise DataError(
+            f"{data.name} has no labels (class sub-folders), which {what} needs; " + WITHOUT_LABELS
+        )
+    if data.test is None:
+        raise DataError(
+            f"{data.name} has no labelled test split, which {what} needs (a folder needs test/ "
+            f"or val/ with the same class sub-folders as train/); {WITHOUT_LABELS}"
+        )
+    return data.labelled, data.test
 
 
 @torch.no_grad()
@@ -109,17 +131,9 @@ def split_features(
         features L2-normalised float32 on ``device``.
 
     Raises:
-        ValueError: if the dataset has no labelled training split or no labelled test split.
+        DataError: if the dataset has no labelled training split or no labelled test split.
     """
-    if data.labelled is None or not data.classes:
-        raise ConfigError(
-            f"dataset {data.name!r} has no labels; kNN and linear evaluation need a labelled train split"
-        )
-    if data.test is None:
-        raise ConfigError(
-            f"dataset {data.name!r} has no labelled test split (a folder needs test/ or val/ "
-            "with the same class sub-folders as train/)"
-        )
+    labelled, test = require_labels(data, "kNN and linear evaluation")
     kw: dict[str, Any] = dict(
         mean=data.mean if mean is None else mean,
         std=data.std if std is None else std,
@@ -128,9 +142,9 @@ def split_features(
         autocast_dtype=autocast_dtype,
     )
     report = progress or (lambda done: None)
-    train_f, train_y = extract_features(fn, data.labelled, **kw, progress=report)
+    train_f, train_y = extract_features(fn, labelled, **kw, progress=report)
     n = len(train_y)
-    test_f, test_y = extract_features(fn, data.test, **kw, progress=lambda done: report(n + done))
+    test_f, test_y = extract_features(fn, test, **kw, progress=lambda done: report(n + done))
     return train_f, train_y, test_f, test_y
 
 

@@ -10,6 +10,11 @@ protocol is one function and one :func:`register_protocol` (timm's ``register_mo
 * ``knn``: weighted kNN on L2-normalised features, the train split as the bank.
 * ``linear``: the fast probe, a linear layer on features extracted once.
 * ``linear-paper``: the paper's protocol, augmented crops through the frozen backbone.
+* ``health``: label-free measures (RankMe, std, uniformity, alignment) on a fixed sample,
+  for any dataset, labelled or not; the default on data without labels.
+
+kNN and the probes need labels; on data without them they refuse in one line that points
+at ``health`` (:func:`ressl.eval.features.require_labels`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ressl.errors import ConfigError, ResslError
+from ressl.eval.health_protocol import encoder_health, health_report
 from ressl.eval.sources import FeatureSource, Progress, extract, silent
-from ressl.rules import KNN_K, KNN_TEMPERATURE, LEARNING_RATE, WEIGHT_DECAY
+from ressl.rules import HEALTH_SAMPLE, KNN_K, KNN_TEMPERATURE, LEARNING_RATE, WEIGHT_DECAY
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PROTOCOLS",
     "Protocol",
+    "default_protocol",
     "evaluate",
     "knn",
     "linear",
@@ -117,8 +124,10 @@ def knn(
     (and top-5) on the test split."""
     import torch
 
+    from ressl.eval.features import require_labels
     from ressl.eval.knn import knn_accuracy
 
+    require_labels(data, "kNN evaluation")
     _at_least_one(k=k)
     if not temperature > 0:
         raise ConfigError(f"{{temperature}} must be > 0, got {temperature}", "temperature")
@@ -173,8 +182,10 @@ def linear(
     test split."""
     import torch
 
+    from ressl.eval.features import require_labels
     from ressl.eval.linear import linear_probe
 
+    require_labels(data, "linear evaluation")
     _check_probe(epochs, lr, probe_batch_size, weight_decay)
     t0 = time.perf_counter()
     feats = extract(source, data, torch.device(device), batch_size, progress)
@@ -227,11 +238,13 @@ def linear_paper(
     """The paper's protocol: new random crops and flips through the frozen backbone every
     epoch; top-1 of the final epoch on the test split (``batch_size`` is unused: the
     backbone sees ``probe_batch_size`` crops per step)."""
+    from ressl.eval.features import require_labels
     from ressl.eval.paper_linear import paper_linear_eval
 
+    labelled, test = require_labels(data, "linear evaluation")
     _check_probe(epochs, lr, probe_batch_size, weight_decay)
-    if data.labelled is None or data.test is None or len(data.classes) < 2:
-        raise ResslError(f"{data.name} has no labelled train and test splits to evaluate on")
+    if len(data.classes) < 2:
+        raise ResslError(f"{data.name} has {len(data.classes)} class; a probe needs at least 2")
     probe: dict[str, Any] = dict(
         epochs=epochs, lr=lr, batch_size=probe_batch_size, weight_decay=weight_decay, seed=seed
     )
@@ -239,8 +252,8 @@ def linear_paper(
     with (progress or silent)("probe epochs", epochs, unit="epochs/s") as report:
         acc = paper_linear_eval(
             source.fn,
-            data.labelled,
-            data.test,
+            labelled,
+            test,
             len(data.classes),
             mean=source.mean,
             std=source.std,
@@ -254,8 +267,8 @@ def linear_paper(
         **source.info,
         "features": source.features,
         "dataset": data.name,
-        "train_images": len(data.labelled),
-        "test_images": len(data.test),
+        "train_images": len(labelled),
+        "test_images": len(test),
         **probe,
         **acc,
         "seconds": round(time.perf_counter() - t0, 2),
@@ -317,6 +330,18 @@ PROTOCOLS: dict[str, Protocol] = {
             command="linear",
             variant="paper",
         ),
+        Protocol(
+            "health",
+            encoder_health,
+            "Label-free health of the features on a fixed sample, labels or not: RankMe, "
+            "std against its healthy value, uniformity, alignment of two weak views.",
+            {
+                "images": "Images in the sample: up to this many of the test split (the train "
+                f"split when there is none), {HEALTH_SAMPLE.expect}.",
+                "seed": "Which images are sampled, and the crops and flips of their two views.",
+            },
+            health_report,
+        ),
     )
 }
 
@@ -339,14 +364,36 @@ def register_protocol(protocol: Protocol) -> None:
 
 def unregister_protocol(name: str) -> None:
     """Remove a protocol added by :func:`register_protocol` (ressl's own stay)."""
-    if name in ("knn", "linear", "linear-paper"):
+    if name in ("knn", "linear", "linear-paper", "health"):
         raise ValueError(f"{name!r} is one of ressl's own evaluation protocols")
     PROTOCOLS.pop(name, None)
 
 
+def _protocol(name: str, options: dict[str, Any]) -> Protocol:
+    """``PROTOCOLS[name]``, checked to take ``options``."""
+    entry = PROTOCOLS.get(name)
+    if entry is None:
+        raise ConfigError(
+            f"{{protocol}} must be one of {', '.join(PROTOCOLS)}, got {name!r}", "protocol"
+        )
+    unknown = [key for key in options if key not in entry.options]
+    if unknown:
+        raise ConfigError(
+            f"{name} takes the options {', '.join(entry.options)}; got {', '.join(unknown)}"
+        )
+    return entry
+
+
+def default_protocol(data: ImageData) -> str:
+    """``knn`` on a dataset with labelled train and test splits, else ``health`` (the one
+    protocol that needs no labels)."""
+    labelled = data.labelled is not None and bool(data.classes) and data.test is not None
+    return "knn" if labelled else "health"
+
+
 def evaluate(
     source: FeatureSource | str | Path,
-    protocol: str = "knn",
+    protocol: str | None = None,
     data: ImageData | str | None = None,
     *,
     weights: str = "student",
@@ -362,7 +409,8 @@ def evaluate(
     Args:
         source: a :class:`FeatureSource`, or a checkpoint file or run folder (its
             ``weights``' backbone features).
-        protocol: ``knn``, ``linear``, ``linear-paper`` or a registered one.
+        protocol: ``knn``, ``linear``, ``linear-paper``, ``health`` or a registered one;
+            None: :func:`default_protocol` of the data (``knn``, or ``health`` without labels).
         data: a loaded dataset, a dataset name, or None for the one the source was trained on.
         data_root: where built-in datasets are found.
         device, batch_size, progress: where and how features are computed.
@@ -375,21 +423,14 @@ def evaluate(
 
     from ressl.eval.sources import checkpoint_source, load_eval_data
 
-    entry = PROTOCOLS.get(protocol)
-    if entry is None:
-        raise ConfigError(
-            f"{{protocol}} must be one of {', '.join(PROTOCOLS)}, got {protocol!r}", "protocol"
-        )
-    unknown = [name for name in options if name not in entry.options]
-    if unknown:
-        raise ConfigError(
-            f"{protocol} takes the options {', '.join(entry.options)}; got {', '.join(unknown)}"
-        )
+    if protocol is not None:  # before the checkpoint and the data are read (seconds)
+        _protocol(protocol, options)
     device = torch.device(device)
     if not isinstance(source, FeatureSource):
         source = checkpoint_source(Path(source), weights, device)
     if data is None or isinstance(data, str):
         data = load_eval_data(source, data, Path(data_root) if data_root is not None else None)
+    entry = _protocol(protocol or default_protocol(data), options)
     return entry.run(
         source, data, device=device, batch_size=batch_size, progress=progress, **options
     )

@@ -103,6 +103,7 @@ def _base(command: str, s: Setup, tmp: Path) -> tuple[list[str], dict[str, str]]
         "serve": ([str(s.model)], {"--device": "cpu"}),
         "eval knn": ([str(s.run)], {**quick_eval, "--k": "5"}),
         "eval linear": ([str(s.run)], {**quick_eval, "--epochs": "2", "--probe-batch-size": "8"}),
+        "eval health": ([str(s.run)], {**quick_eval, "--images": "32"}),
     }
     assert command in table, f"add a valid, seconds-long invocation of `ressl {command}` to _BASE"
     return table[command]
@@ -208,9 +209,17 @@ def test_flag_value(capsys, tmp_path, monkeypatch, setup, served, command, flag,
 
 def test_every_command_is_fuzzed():
     """The app's commands, read from Typer; each needs a valid invocation above."""
-    assert {"train", "info", "export", "embed", "plot", "serve", "eval knn", "eval linear"} <= set(
-        COMMANDS
-    )
+    assert {
+        "train",
+        "info",
+        "export",
+        "embed",
+        "plot",
+        "serve",
+        "eval knn",
+        "eval linear",
+        "eval health",
+    } <= set(COMMANDS)
     setup = Setup(Path("run"), Path("m.onnx"), Path("images"))
     for command in COMMANDS:
         _base(command, setup, Path("tmp"))
