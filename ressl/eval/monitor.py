@@ -22,14 +22,15 @@ from ressl.eval.features import extract_features
 from ressl.eval.health import rankme
 from ressl.eval.knn import knn_accuracy
 from ressl.models.network import Encoder
+from ressl.rules import HEALTH_IMAGES
 
 if TYPE_CHECKING:
     from ressl.config.settings import TrainConfig
 
 __all__ = ["MONITOR_SAMPLE", "knn_monitor"]
 
-#: Images whose features RankMe measures at each monitor point.
-MONITOR_SAMPLE = 4096
+#: Images whose features RankMe measures at each monitor point (``ressl eval health``'s).
+MONITOR_SAMPLE = HEALTH_IMAGES
 
 
 def knn_monitor(
