@@ -203,12 +203,15 @@ def _health_panel(ax: Any, rows: list[dict[str, Any]], steps: list[dict[str, Any
 def plot_tsne(
     plt: Any, points: torch.Tensor, labels: torch.Tensor, classes: list[str], title: str, path: Path
 ) -> Path:
-    """Scatter of a 2-d embedding coloured by class, with the class names in the legend."""
+    """Scatter of a 2-d embedding coloured by class, with the class names in the legend (one
+    colour when there are no classes)."""
     cmap = plt.get_cmap(
         "tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo"
     )
     fig, ax = plt.subplots(figsize=(7.2, 6.4), constrained_layout=True)
     pts, ys = points.cpu().numpy(), labels.cpu().numpy()
+    if not classes:  # images without labels: one colour
+        ax.scatter(pts[:, 0], pts[:, 1], s=5, color="tab:blue", alpha=0.8, linewidths=0)
     for c, name in enumerate(classes):
         sel = ys == c
         if sel.any():
@@ -219,7 +222,7 @@ def plot_tsne(
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title)
-    if len(classes) <= 20:
+    if 0 < len(classes) <= 20:
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=3, frameon=False)
     return _save(plt, fig, path)
 
@@ -272,9 +275,6 @@ def plot_cmd(
         return
     source = load_source(checkpoint, weights.value, dev)
     data = load_eval_data(source, dataset, data_root)
-    if data.test is None or not data.classes:
-        typer.echo(f"no t-SNE: {data.name} has no labelled test split", err=True)
-        return
     path = _tsne_figure(
         plt, source, data, dev, out / "tsne.png", tsne_points, perplexity, iterations, seed
     )
@@ -318,7 +318,8 @@ def _tsne_figure(
     iterations: int,
     seed: int,
 ) -> Path:
-    """t-SNE of ``points`` random test images' features, drawn to ``path``."""
+    """t-SNE of ``points`` random test images' features (of the training images when there
+    is no test split), coloured by class when there are classes, drawn to ``path``."""
     import torch
 
     from ressl.eval.features import extract_features
@@ -326,11 +327,12 @@ def _tsne_figure(
 
     from .progress import CountProgress
 
-    n = len(data.test)
-    heading = f"extracting {source.description} of {n} {data.name} test images on {device}"
+    images, split = (data.test, "test") if data.test is not None else (data.train, "training")
+    n = len(images)
+    heading = f"extracting {source.description} of {n} {data.name} {split} images on {device}"
     with torch.no_grad(), CountProgress("extract", n, heading=heading) as progress:
         feats, labels = extract_features(
-            source.fn, data.test, mean=source.mean, std=source.std, device=device, progress=progress
+            source.fn, images, mean=source.mean, std=source.std, device=device, progress=progress
         )
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:points].sort().values
     heading = (
@@ -345,5 +347,5 @@ def _tsne_figure(
             progress=progress,
         )
     where = f", {source.position}" if source.position else ""
-    title = f"t-SNE of {len(idx)} {data.name} test images\n{source.description}{where}"
+    title = f"t-SNE of {len(idx)} {data.name} {split} images\n{source.description}{where}"
     return plot_tsne(plt, emb, labels[idx.to(labels.device)], data.classes, title, path)

@@ -36,3 +36,20 @@ def test_the_gpu_benchmark_runs_on_a_cpu_with_tiny_sizes():
     assert len(jpeg) == 2  # the JPEG folder decoded in the workers, and on the device
     for row in jpeg:
         assert all(float(v.strip(" |").replace(",", "")) > 0 for v in row.split(" | ")[1:])
+
+
+@pytest.mark.slow
+def test_the_health_cost_benchmark_prints_a_row_per_backbone():
+    args = ["--steps", "2", "--rounds", "1", "--batch", "8", "--queue", "32", "--window", "2"]
+    out = subprocess.run(
+        [sys.executable, "health_cost.py", *args, "--backbones", "small"],
+        cwd=BENCHMARKS,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| small")]
+    assert len(rows) == 1
+    _, off, on, share = rows[0].strip(" |").split(" | ")
+    assert float(off) > 0 and float(on) > 0 and share.endswith("%")

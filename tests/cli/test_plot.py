@@ -131,3 +131,32 @@ def test_plot_draws_the_step_stream_and_the_recorded_evaluations(
         "epoch"
     ] == 1
     assert_png(run / "curves.png")
+
+
+def test_plot_of_an_unlabelled_run_draws_its_health_and_an_uncoloured_tsne(
+    capsys, tmp_path: Path, image_folder: Path
+):
+    pytest.importorskip("matplotlib")
+    from ressl.cli import plot_cmd
+
+    flat = tmp_path / "images"
+    flat.mkdir()
+    for i, f in enumerate(sorted((image_folder / "train").rglob("*.png"))):
+        shutil.copy(f, flat / f"{i}.png")
+    run = tmp_path / "run"
+    train(dataset=f"folder:{flat}", out=str(run), **dict(TINY, epochs=2))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("rankme" in r and "knn_top1" not in r for r in rows)  # the monitor, no labels
+    panels = []
+    real = plot_cmd._health_panel
+    plot_cmd._health_panel = lambda ax, rows, steps: (
+        panels.append(len(steps)) or real(ax, rows, steps)
+    )
+    try:
+        code, out, err = run_cli(capsys, "plot", run, "--tsne-points", "20", "--iterations", "20")
+    finally:
+        plot_cmd._health_panel = real
+    assert code == 0, err
+    assert panels == [8] and "no t-SNE" not in err  # 36 images / batch 8: 4 steps an epoch
+    assert_png(run / "curves.png")
+    assert_png(run / "tsne.png")
