@@ -1,8 +1,9 @@
 """The monitor a training run reports at its kNN-monitor points, on the student's backbone
 features: weighted kNN accuracy when the data has labels, and RankMe (the effective rank,
-``ressl.eval.health.rankme``) of the features of a fixed sample of ``MONITOR_SAMPLE``
-images, labels or not: the first images of the test split, or of the training images when
-there is no test split.
+``ressl.eval.health.rankme``) of the raw features of a fixed sample of ``MONITOR_SAMPLE``
+images, labels or not: the sample and the measure of ``ressl eval health`` with its default
+seed (``ressl.eval.sampled_health``), so the last monitor point and an evaluation of the
+final checkpoint agree.
 
 Distributed, each rank extracts the features of its contiguous part of each split and
 the parts are gathered in rank order, so every rank computes the same accuracy as one
@@ -19,8 +20,8 @@ from torch import Tensor
 from ressl.data.sources import ImageData, ImageSource, source_part
 from ressl.distributed import World, all_gather_rows
 from ressl.eval.features import extract_features
-from ressl.eval.health import rankme
 from ressl.eval.knn import knn_accuracy
+from ressl.eval.sampled_health import health_sample, sample_health
 from ressl.models.network import Encoder
 from ressl.rules import HEALTH_IMAGES
 
@@ -68,18 +69,24 @@ def knn_monitor(
         f, y = extract_features(encoder.features, part, **kw)
         return all_gather_rows(f), all_gather_rows(y)
 
+    row: dict[str, float] = {}
     try:
-        if data.labelled is None or data.test is None or not data.classes:
-            sample = data.test if data.test is not None else data.train
-            sample = source_part(sample, 0, min(len(sample), MONITOR_SAMPLE))
-            f, _ = extract_features(encoder.features, sample, **kw)  # every rank the same
-            return {"rankme": round(float(rankme(f)), 4)}
-        bank_f, bank_y = features(data.labelled)
-        test_f, test_y = features(data.test)
+        if data.labelled is not None and data.test is not None and data.classes:
+            bank_f, bank_y = features(data.labelled)
+            test_f, test_y = features(data.test)
+            k, t = config.knn_k, config.knn_temperature
+            acc = knn_accuracy(bank_f, bank_y, test_f, test_y, len(data.classes), k, t)
+            row.update({f"knn_{name}": round(v, 4) for name, v in acc.items()})
+        sample, _ = health_sample(data, MONITOR_SAMPLE, seed=0)  # every rank the same
+        measured = sample_health(
+            encoder.features,
+            sample,
+            mean=data.mean,
+            std=data.std,
+            side=data.image_size,
+            device=device,
+        )
     finally:
         encoder.train(was_training)
-    k, t = config.knn_k, config.knn_temperature
-    acc = knn_accuracy(bank_f, bank_y, test_f, test_y, len(data.classes), k, t)
-    row = {f"knn_{name}": round(v, 4) for name, v in acc.items()}
-    row["rankme"] = round(float(rankme(test_f[:MONITOR_SAMPLE])), 4)
+    row["rankme"] = round(float(measured["rankme"]), 4)
     return row

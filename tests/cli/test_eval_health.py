@@ -67,6 +67,8 @@ def test_health_on_an_unlabelled_run_measures_its_folder(capsys, flat_run: Path)
     assert "label" not in err.lower()  # nothing about labels when none are needed
     again = ressl.evaluate(flat_run, "health", device="cpu")  # the same images and views
     assert again["rankme"] == pytest.approx(printed["rankme"], rel=1e-4)
+    monitor = json.loads((flat_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert monitor["rankme"] == pytest.approx(printed["rankme"], abs=1e-4)  # its last point
     assert again["alignment"] == pytest.approx(printed["alignment"], rel=1e-4, abs=1e-6)
 
 
