@@ -6,7 +6,9 @@ of 3. ``v1-final.safetensors`` is the same run trained straight to its end by th
 release; resuming the folder with today's code must arrive there. ``v2-run`` and
 ``v2-final.safetensors`` are the same run written by the code just before 0.2 (with
 the metrics row and the fault checks, before the backbone record and the settings
-whose legacy values old runs keep: teacher BatchNorm, warm-up start, blur).
+whose legacy values old runs keep: teacher BatchNorm, warm-up start, blur). ``v3-run``
+(with its ``steps.jsonl``) and ``v3-final.safetensors`` are the same run written by ressl
+0.3.0, before the health measures (no ``epoch_health`` metadata, no ``collapse`` setting).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from cli_helpers import run_cli
 from ressl import load_checkpoint, load_encoder, read_metadata, train
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
-VERSIONS = ["v1", "v2"]
+VERSIONS = ["v1", "v2", "v3"]
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(
     not REAL_FMNIST.is_dir(), reason="dataset-fashion-mnist not installed"
