@@ -166,3 +166,17 @@ def test_cli_default_is_the_library_default():
 
     default = inspect.signature(export_cmd).parameters["calibration_images"].default
     assert default == quantization.CALIBRATION_IMAGES
+
+
+def test_serve_says_int8(models):
+    pytest.importorskip("uvicorn")  # the serve extra
+    import asyncio
+
+    from ressl.export.serve_settings import ServeSettings
+    from ressl.export.server import EmbeddingService, describe
+
+    settings = ServeSettings(str(models["int8"]), device="cpu")
+    service = EmbeddingService(settings)
+    assert "-> 32-d embedding, int8)" in describe(settings, service, "http://127.0.0.1:0")
+    response = asyncio.run(service.metadata(None))  # type: ignore[arg-type]  # the request is unused
+    assert json.loads(response.body)["precision"] == "int8"
