@@ -5,7 +5,10 @@ backbone -> L2-normalised features, for ResNet-18 (small-image stem) and the
 small CNN (width 32) at 32 px RGB, randomly initialised (speed does not depend
 on the weights). PyTorch runs fp32 eager under ``inference_mode``;
 onnxruntime runs the file ``export_onnx`` wrote, through ``Embedder.run``, on
-the CPU, with its default options and with the variants tried while tuning.
+the CPU, with its default options and with the variants tried while tuning, and
+the int8 file ``export_onnx(..., int8=True)`` would write (``quantize_graph``,
+calibrated on 256 ``sample_images``; speed does not depend on the calibration),
+whose rows also give the ratio to the fp32 file at the same thread setting.
 
 Timing: each configuration runs one untimed warm-up batch, then the
 configurations take turns for ``--rounds`` rounds of ``--images`` images (so
@@ -33,6 +36,7 @@ import torch
 from common import cpu_model, write_block  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from ressl.export import Embedder, export_onnx, sample_images
 from ressl.export.exporter import ServingEncoder
+from ressl.export.quantization import quantize_graph
 
 from ressl import ReSSL
 
@@ -76,6 +80,20 @@ def _export_bare(backbone: torch.nn.Module, path: Path) -> Path:
             dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
         )
     return path
+
+
+def _int8_file(path: Path) -> Path:
+    """The int8 file of an fp32 export, as ``ressl export --int8`` quantises it."""
+    int8 = path.with_name(path.stem + "-int8.onnx")
+    int8.write_bytes(quantize_graph(path.read_bytes(), sample_images(256, 3, 32, seed=1).numpy()))
+    return int8
+
+
+#: int8 rows -> the fp32 row they are compared with (same thread setting).
+INT8_BASELINE = {
+    "onnxruntime int8 (Embedder defaults)": "onnxruntime (Embedder defaults)",
+    "onnxruntime int8, intra_op threads 1": "onnxruntime, intra_op threads 1",
+}
 
 
 def _bare_runner(path: Path) -> Runner:
@@ -137,7 +155,7 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     load_before = os.getloadavg()[0]
-    rows: list[tuple[str, int, str, float, float]] = []
+    rows: list[tuple[str, int, str, float, float, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for backbone, label in (
             ("resnet18", "ResNet-18 (small-image stem)"),
@@ -150,6 +168,7 @@ def main() -> None:
                 encoder, path, image_size=32, channels=3, mean=MEAN, std=STD, backbone=backbone
             )
             served = ServingEncoder(encoder.backbone, MEAN, STD).eval()
+            int8 = _int8_file(path)
             runners = {
                 f"PyTorch eager fp32, {threads} threads": (_torch_runner(served), threads),
                 "PyTorch eager fp32, 1 thread": (_torch_runner(served), 1),
@@ -174,15 +193,26 @@ def main() -> None:
                     ),
                     threads,
                 ),
+                "onnxruntime int8 (Embedder defaults)": (
+                    _ort_runner(int8, None, None),
+                    threads,
+                ),
+                "onnxruntime int8, intra_op threads 1": (
+                    _ort_runner(int8, None, 1),
+                    threads,
+                ),
             }
             for batch_size in args.batch_sizes:
                 batch = sample_images(batch_size, 3, 32).numpy()
                 result = bench(runners, batch, max(1, args.images // batch_size), args.rounds)
                 base = max(eps for name, eps in result.items() if name.startswith("PyTorch"))
                 for name, eps in result.items():
-                    rows.append((label, batch_size, name, eps, eps / base))
+                    fp32 = INT8_BASELINE.get(name)
+                    vs_fp32 = f"{eps / result[fp32]:.2f}x" if fp32 else ""
+                    rows.append((label, batch_size, name, eps, eps / base, vs_fp32))
                     print(
-                        f"{label:30s} {batch_size:4d} {name:42s} {eps:10.1f} emb/s  {eps / base:.2f}x",
+                        f"{label:30s} {batch_size:4d} {name:42s} {eps:10.1f} emb/s  "
+                        f"{eps / base:.2f}x {vs_fp32}",
                         flush=True,
                     )
 
@@ -194,13 +224,15 @@ def main() -> None:
         f"onnxruntime {ort.__version__}; 1-minute load average {load_before:.1f} before and "
         f"{os.getloadavg()[0]:.1f} after (the CPU is shared with other jobs). Both compute normalisation -> "
         "backbone -> L2 norm on the same inputs; ratios are against the faster PyTorch eager fp32 row of the "
-        "same encoder and batch size.",
+        "same encoder and batch size; int8 rows also against the onnxruntime fp32 file at the same "
+        "thread setting.",
         "",
-        "| encoder | batch | runtime | embeddings/s | vs best PyTorch eager |",
-        "|---|---:|---|---:|---:|",
+        "| encoder | batch | runtime | embeddings/s | vs best PyTorch eager | int8 vs fp32 |",
+        "|---|---:|---|---:|---:|---:|",
     ]
     lines += [
-        f"| {enc} | {b} | {name} | {eps:,.1f} | {ratio:.2f}x |" for enc, b, name, eps, ratio in rows
+        f"| {enc} | {b} | {name} | {eps:,.1f} | {ratio:.2f}x | {vs} |"
+        for enc, b, name, eps, ratio, vs in rows
     ]
     lines += ["", f"Command: `{cmd}`"]
     table = "\n".join(lines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -47,8 +47,26 @@ Fp16Opt = Annotated[
     bool,
     typer.Option("--fp16", help="Compute in float16, for GPU serving (I/O stays float32)."),
 ]
+Int8Opt = Annotated[
+    bool,
+    typer.Option(
+        "--int8",
+        help="Quantise statically to int8, for CPU serving (I/O stays float32): calibrated on "
+        "the run's training images, checked against fp32 on held-out ones (docs/export.md).",
+    ),
+]
+CalibrationOpt = Annotated[
+    int,
+    typer.Option(
+        help="--int8: training images (a seeded sample) that calibrate the int8 ranges, 16 to 4096."
+    ),
+]
 VerifyOpt = Annotated[
-    bool, typer.Option(help="Check with onnx.checker and onnxruntime against PyTorch.")
+    bool,
+    typer.Option(
+        help="Check with onnx.checker and onnxruntime against PyTorch (--int8: and the int8 "
+        "graph against fp32; --no-verify writes it unchecked)."
+    ),
 ]
 OpsetOpt = Annotated[int, typer.Option(help="ONNX opset.")]
 
@@ -73,6 +91,8 @@ def export_cmd(
     weights: ExportWeightsOpt = Weights.student,
     head: HeadOpt = False,
     fp16: Fp16Opt = False,
+    int8: Int8Opt = False,
+    calibration_images: CalibrationOpt = 256,
     verify: VerifyOpt = True,
     opset: OpsetOpt = 17,
     overwrite: OverwriteOpt = False,
@@ -83,14 +103,17 @@ def export_cmd(
         fail(f"{checkpoint}: no such file or folder")
     _check_export_out(checkpoint, out, overwrite)
     if out.suffix.lower() == ".safetensors":
-        if head or fp16:
+        onnx_only = [
+            name for name, given in (("--head", head), ("--fp16", fp16), ("--int8", int8)) if given
+        ]
+        if onnx_only:
             fail(
-                f"{'--head' if head else '--fp16'} is for ONNX files; -o {out} gets the "
-                "backbone's weights as trained"
+                f"{onnx_only[0]} is for ONNX files; -o {out} gets the backbone's weights as trained"
             )
         _export_weights(checkpoint, out, weights.value)
     else:
-        _export_onnx(checkpoint, out, weights.value, head, fp16, verify, opset)
+        precision = dict(fp16=fp16, int8=int8, calibration_images=calibration_images)
+        _export_onnx(checkpoint, out, weights.value, head, precision, verify, opset)
 
 
 def _check_export_out(checkpoint: Path, out: Path, overwrite: bool) -> None:
@@ -111,13 +134,24 @@ def _check_export_out(checkpoint: Path, out: Path, overwrite: bool) -> None:
 
 
 def _export_onnx(
-    checkpoint: Path, out: Path, weights: str, head: bool, fp16: bool, verify: bool, opset: int
+    checkpoint: Path,
+    out: Path,
+    weights: str,
+    head: bool,
+    precision: dict[str, Any],
+    verify: bool,
+    opset: int,
 ) -> None:
     from ressl.export.exporter import export_onnx
 
     report = export_onnx(
-        checkpoint, out, weights=weights, head=head, fp16=fp16, verify=verify, opset=opset
+        checkpoint, out, weights=weights, head=head, verify=verify, opset=opset, **precision
     )
+    calibration = report.info.metadata.get("calibration")
+    if calibration:
+        from ressl.export.quantization import Calibration
+
+        typer.echo(f"calibrated: {Calibration.from_json(calibration).describe()}")
     typer.echo(f"wrote {report.path} ({size_text(report.size_bytes)}): {report.info.describe()}")
     typer.echo(
         f"verified: {report.verification.describe()}"

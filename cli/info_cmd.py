@@ -147,6 +147,34 @@ def _verification(meta: dict[str, str], path: Path) -> dict[str, Any] | None:
     return {**v, "criterion": str(v.get("criterion", "?"))} if numbers else None
 
 
+def _calibration(text: str, path: Path) -> str:
+    """An int8 file's calibration entry in words (as exported: images, dataset, seed, method)."""
+    c = parse_json(text, f"{path}: metadata 'calibration'")
+    if not isinstance(c, dict):
+        return str(c)
+    per = "per-channel" if c.get("per_channel") else "per-tensor"
+    return (
+        f"{c.get('format', '?')} {per} int8; {c.get('method', '?')} ranges from "
+        f"{c.get('images', '?')} {c.get('dataset', '?')} training images (seed {c.get('seed', '?')})"
+    )
+
+
+def _int8_check(v: dict[str, Any]) -> str:
+    """An int8 file's own check against its fp32 graph, in one line."""
+    knn = ""
+    if isinstance(v.get("knn_fp32"), (int, float)) and isinstance(v.get("knn_int8"), (int, float)):
+        knn = (
+            f"; kNN top-1 {v['knn_fp32']:.2f}% -> {v['knn_int8']:.2f}% "
+            f"({v['knn_int8'] - v['knn_fp32']:+.2f} points)"
+        )
+    mean = v.get("mean_cosine")
+    mean_text = f", mean {mean:.5f}" if isinstance(mean, (int, float)) else ""
+    return (
+        f"int8 vs fp32 on {v.get('images', '?')} {v.get('held_out', 'images')}: min cosine "
+        f"{v['min_cosine']:.5f}{mean_text}{knn} ({v['criterion']})"
+    )
+
+
 def onnx_info(path: Path, as_json: bool) -> str:
     """What ``ressl info`` prints for an exported ONNX file."""
     from ressl.export.modelfile import describe_model
@@ -199,7 +227,11 @@ def _onnx_lines(d: dict[str, Any], path: Path) -> list[str]:
         )
         lines.append(f"source         {info.source} (sha256 {info.source_sha256}{progress})")
     v = _verification(meta, path)
-    if v is not None:
+    if meta.get("calibration"):
+        lines.append(f"calibrated     {_calibration(meta['calibration'], path)}")
+    if v is not None and v.get("against") == "fp32 export":
+        lines.append(f"verified       {_int8_check(v)}")
+    elif v is not None:
         lines.append(
             f"verified       max |diff| {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.6f} "
             f"({v['criterion']})"

@@ -37,13 +37,24 @@ from ressl.atomic import check_writable, write_atomic
 from ressl.errors import ConfigError, ExportError, first_line
 from ressl.views import normalize
 
+from .int8_check import Int8Check, check_int8
 from .metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
+from .quantization import (
+    CALIBRATION,
+    CALIBRATION_IMAGES,
+    CALIBRATION_SEED,
+    Calibration,
+    quantize_graph,
+    run_dataset,
+)
+from .quantization import calibration_images as calibration_images_of
 from .source import resolve_source
 from .verification import Verification, check_graph, sample_images
 
 __all__ = ["DEFAULT_OPSET", "ExportReport", "ServingEncoder", "export_onnx"]
 
 DEFAULT_OPSET = 17
+EXPORTER = f"torch {torch.__version__} (TorchScript-based torch.onnx.export)"
 
 
 class ServingEncoder(nn.Module):
@@ -84,7 +95,7 @@ class ExportReport:
     path: Path
     info: ModelInfo
     size_bytes: int
-    verification: Verification | None = field(default=None)
+    verification: Verification | Int8Check | None = field(default=None)
 
 
 def export_onnx(
@@ -94,6 +105,8 @@ def export_onnx(
     weights: str | None = None,
     head: bool = False,
     fp16: bool = False,
+    int8: bool = False,
+    calibration_images: int = CALIBRATION_IMAGES,
     verify: bool = True,
     opset: int = DEFAULT_OPSET,
     backbone: str | None = None,
@@ -119,6 +132,10 @@ def export_onnx(
         head: include the projection head (output dim ``embed_dim``); default:
             backbone features, what kNN and linear evaluation use.
         fp16: compute in float16 (for GPU serving); inputs and outputs stay float32.
+        int8: quantise statically to int8 (for CPU serving; ``ressl.export.quantization``),
+            calibrated on ``calibration_images`` of the run's training images (checkpoints
+            only) and checked against the fp32 graph on held-out images
+            (``ressl.export.int8_check``); inputs and outputs stay float32.
         verify: run ``onnx.checker`` and compare onnxruntime with PyTorch:
             max |diff| <= 1e-4 (fp32) or per-row cosine >= 0.999 (fp16).
         opset: ONNX opset.
@@ -132,7 +149,8 @@ def export_onnx(
     Raises:
         ValueError: bad arguments, or ``CheckpointError`` for a bad checkpoint file.
         TypeError: a module given without ``image_size``/``channels``/``mean``/``std``.
-        ExportError: the check failed; nothing is written.
+        ExportError: the check failed (int8: beyond ``int8_check``'s tolerances); nothing is
+            written.
 
     Example:
         >>> report = export_onnx("runs/fmnist", "encoder.onnx")        # doctest: +SKIP
@@ -140,6 +158,7 @@ def export_onnx(
         True
     """
     _check_arguments(weights, opset)
+    _check_int8(source, int8, fp16, calibration_images)
     out = check_writable(out, "ONNX file")
     net, fields, extra = resolve_source(
         source,
@@ -152,10 +171,7 @@ def export_onnx(
         std=std,
     )
     reference, served, example, dim, other_size = _prepare(net, fields, fp16)
-    extra.update(
-        opset=str(opset),
-        exporter=f"torch {torch.__version__} (TorchScript-based torch.onnx.export)",
-    )
+    extra.update(opset=str(opset), exporter=EXPORTER)
     info = ModelInfo(
         embedding_dim=dim,
         head=head,
@@ -166,9 +182,12 @@ def export_onnx(
         **fields,
     )
     retrace = partial(_graph, served, example, opset)
-    proto, verification = retrace(info), None
+    proto = retrace(info)
+    verification: Verification | Int8Check | None = None
     if verify:
         proto, info, verification = _verified(proto, info, retrace, reference, fp16, other_size)
+    if int8:
+        proto, info, verification = _quantized(proto, info, calibration_images, verify)
     return _write(out, proto, info, verification)
 
 
@@ -177,6 +196,51 @@ def _check_arguments(weights: str | None, opset: int) -> None:
         raise ConfigError(f"weights must be 'student' or 'teacher', got {weights!r}")
     if not 9 <= opset <= 20:
         raise ConfigError.invalid("opset", "in [9, 20] (the TorchScript exporter's range)", opset)
+
+
+def _check_int8(source: object, int8: bool, fp16: bool, calibration_images: int) -> None:
+    """An int8 export's arguments: not fp16 too, a checkpoint, a calibration count in range."""
+    if not int8:
+        return
+    if fp16:
+        raise ConfigError("int8 and fp16 are two precisions; ask for one of them")
+    if isinstance(source, nn.Module):
+        raise ConfigError(
+            "int8 export calibrates on the run's training images, which a module does not "
+            "name; export a ressl checkpoint or run folder"
+        )
+    CALIBRATION.check("calibration_images", calibration_images)
+
+
+def _quantized(
+    proto: onnx.ModelProto, info: ModelInfo, calibration_images: int, verify: bool
+) -> tuple[onnx.ModelProto, ModelInfo, Int8Check | None]:
+    """``(int8 graph, its info, its check against the fp32 graph or None)``: the fp32 graph
+    calibrated on a seeded sample of the run's training images (:mod:`.quantization`).
+
+    Raises:
+        ExportError: quantisation failed, or the int8 graph is beyond the check's tolerances.
+    """
+    data = run_dataset(info.settings, info.channels, info.image_size)
+    images = calibration_images_of(data, calibration_images)
+    fp32 = proto.SerializeToString()
+    int8 = quantize_graph(fp32, images)
+    calibration = Calibration(len(images), CALIBRATION_SEED, data.name)
+    metadata = {**info.metadata, "calibration": calibration.to_json()}
+    metadata.pop("verification", None)  # the fp32 graph's; the int8 file records its own
+    check = None
+    if verify:
+        check = check_int8(fp32, int8, data, len(images))
+        if not check.passed:
+            raise ExportError(f"int8 verification failed, nothing written: {check.describe()}")
+        metadata["verification"] = check.to_json()
+    quantized = onnx.load_from_string(int8)
+    quantized.producer_name, quantized.producer_version = (
+        proto.producer_name,
+        proto.producer_version,
+    )
+    quantized.doc_string = proto.doc_string.replace(f", {info.precision}", ", int8")
+    return quantized, dataclasses.replace(info, precision="int8", metadata=metadata), check
 
 
 def _verified(
@@ -212,7 +276,10 @@ def _verified(
 
 
 def _write(
-    out: Path, proto: onnx.ModelProto, info: ModelInfo, verification: Verification | None
+    out: Path,
+    proto: onnx.ModelProto,
+    info: ModelInfo,
+    verification: Verification | Int8Check | None,
 ) -> ExportReport:
     """Write the graph with ``info`` as its metadata, atomically."""
     del proto.metadata_props[:]
