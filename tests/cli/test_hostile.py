@@ -49,6 +49,7 @@ def _checkpoint_cases(tensors, meta):
             "world_size",
             "metrics",
             "backbone_build",
+            "epoch_health",  # absent before 0.4: the epoch's health starts empty
             "steps_per_epoch",
         )
         uses = all_commands if key in ("format", "format_version", "settings") else ("resume",)
